@@ -1,0 +1,140 @@
+"""The ``monosemantic`` command: one subcommand per pipeline stage.
+
+Each stage module exposes ``add_arguments(parser)`` and ``run(args) -> int | None``; this file only
+lists them (imported lazily, so ``--help`` is fast) and turns a :class:`~monosemantic.config.UserError`
+into one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+from .config import PROFILES, UserError
+
+# (subcommand, module that implements it, one-line help). A stage adds its row here.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("cache", "monosemantic.cli", "list and verify the result cache"),
+    ("book", "monosemantic.book", "build the book (HTML site + PDF) from the committed cache"),
+]
+
+
+def _add_profile(p: argparse.ArgumentParser, default: str = "cpu") -> None:
+    p.add_argument("--profile", choices=PROFILES, default=default,
+                   help=f"scale of the run: tiny (seconds, CI), cpu (laptop, committed), gpu (one H100); "
+                        f"default {default}")
+
+
+# --- `monosemantic cache` --------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="cache_command", required=True, metavar="{list,verify}")
+    ls = sub.add_parser("list", help="a table of every artifact: stage, profile, size, metrics, age")
+    ls.add_argument("--stage", help="only this stage")
+    v = sub.add_parser("verify", help="check every artifact's files against its manifest")
+    v.add_argument("--skip-work", action="store_true", help="do not hash the large files in cache/work/")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _age(created: str | None) -> str:
+    import datetime as dt
+
+    if not created:
+        return "?"
+    seconds = (dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(created)).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _short_metrics(metrics: dict, limit: int = 4) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v) if not isinstance(v, (dict, list)) else "..."
+    items = [f"{k}={fmt(v)}" for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    return " ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import store
+
+    if args.cache_command == "list":
+        arts = store.list_artifacts(args.stage)
+        if not arts:
+            print(f"the cache ({store.cache_dir()}) holds no artifacts")
+            return 0
+        rows = [("stage", "profile", "name", "size", "work", "age", "metrics")]
+        for a in arts:
+            work = a.size_bytes("work")
+            rows.append((a.stage, a.profile, a.name, _human_bytes(a.size_bytes("cache")),
+                         _human_bytes(work) if work else "-", _age(a.manifest.get("created")),
+                         _short_metrics(a.metrics)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+        total = sum(a.size_bytes("cache") for a in arts)
+        print(f"{len(arts)} artifacts, {_human_bytes(total)} committed")
+        return 0
+    bad = 0
+    results = store.verify_all(check_work=not args.skip_work)
+    for art, problems in results:
+        if problems:
+            bad += 1
+            print(f"FAIL {art.key}: {'; '.join(problems)} -> regenerate with `{art.command}`")
+        else:
+            print(f"ok   {art.key}")
+    print(f"{len(results) - bad} of {len(results)} artifacts intact")
+    return 1 if bad else 0
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="monosemantic",
+        description="Sparse autoencoders and monosemantic features: every stage of the book's pipeline.")
+    parser.add_argument("--version", action="version", version=f"monosemantic {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module, help_text in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        # stage modules are imported only for the subcommand asked for, so --help stays fast
+        if argv[:1] == [name]:
+            mod = importlib.import_module(module)
+            if name != "cache":
+                _add_profile(p, default=getattr(mod, "DEFAULT_PROFILE", "cpu"))
+            mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    start = time.perf_counter()
+    try:
+        status = importlib.import_module(args._module).run(args)
+    except UserError as e:
+        print(f"monosemantic {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"monosemantic {args.command}: interrupted after {time.perf_counter() - start:.0f} s; "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

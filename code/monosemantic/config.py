@@ -1,0 +1,103 @@
+"""Stage configurations and where the project's files live.
+
+Every stage (corpus, lm, sae, ...) describes its run by one frozen dataclass that subclasses
+:class:`StageConfig`. The dataclass is the only place numbers such as batch sizes live; its
+:meth:`~StageConfig.config_hash` is what the cache records, so an artifact made by another config is
+detected as stale. ``VERSION`` is bumped by hand when a stage's code changes what it writes, which
+makes old artifacts stale too.
+
+The three profiles (``tiny``, ``cpu``, ``gpu``) are assembled in :mod:`monosemantic.profiles`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+PROFILES = ("tiny", "cpu", "gpu")
+
+
+class UserError(Exception):
+    """Bad input or state that the user can fix. The message is one line and says what to do; the CLI
+    prints it without a traceback. Every error class meant for users subclasses this."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value that cannot work; the message says which field and why."""
+
+
+def _to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        # 1.0 and 1 must hash alike whichever way a profile spells them
+        return int(value)
+    return value
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """sha256 of the canonical JSON form of ``obj`` (sorted keys, no whitespace), truncated."""
+    text = json.dumps(_to_jsonable(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """Base of every stage's config: a frozen dataclass with a stable hash.
+
+    Subclasses set ``STAGE`` (the cache folder, e.g. ``"lm"``) and may bump ``VERSION``.
+    """
+
+    STAGE: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_jsonable(self)
+
+    def config_hash(self) -> str:
+        return stable_hash({"stage": self.STAGE, "class": type(self).__name__,
+                            "version": self.VERSION, "fields": self.to_dict()})
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (validation runs again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def check_profile(name: str) -> str:
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}")
+    return name
+
+
+def project_root() -> Path:
+    """The repository root: $MONOSEMANTIC_ROOT, else the nearest parent holding pyproject.toml and
+    cache/ (so an installed package run from inside a checkout finds it), else the current folder."""
+    env = os.environ.get("MONOSEMANTIC_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path(__file__).resolve()
+    for parent in [Path.cwd().resolve(), *Path.cwd().resolve().parents, *here.parents]:
+        if (parent / "pyproject.toml").is_file() and (parent / "code" / "monosemantic").is_dir():
+            return parent
+    return Path.cwd().resolve()
+
+
+def cache_dir() -> Path:
+    """Committed results (``cache/``); ``$MONOSEMANTIC_CACHE`` overrides (tests use a temp folder)."""
+    env = os.environ.get("MONOSEMANTIC_CACHE")
+    return Path(env).resolve() if env else project_root() / "cache"
+
+
+def work_dir() -> Path:
+    """Large, ignored intermediates: corpora, token shards, activations, checkpoints, big weights."""
+    return cache_dir() / "work"
