@@ -1,0 +1,174 @@
+"""The result cache: atomic writes, verified loads, and one clear error naming the command to run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from monosemantic import cli, store
+from monosemantic.config import ConfigError, StageConfig, stable_hash
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig(StageConfig):
+    STAGE = "lm"
+    width: int = 4
+    lr: float = 1e-3
+
+
+def make(cfg=DemoConfig(), name="model", payload=b"weights", work_payload=None, inputs=None):
+    with store.write("lm", "tiny", name, config=cfg, command="monosemantic train-lm --profile tiny",
+                     inputs=inputs) as w:
+        (w.dir / "weights.bin").write_bytes(payload)
+        if work_payload is not None:
+            (w.work_dir / "big.bin").write_bytes(work_payload)
+        w.metrics["val_loss"] = 3.25
+    return store.load("lm", "tiny", name, config=cfg)
+
+
+def test_round_trip_records_the_manifest(tmp_cache):
+    art = make()
+    m = art.manifest
+    assert art.path == tmp_cache / "lm" / "tiny-model"
+    assert m["config"] == {"width": 4, "lr": 0.001}
+    assert m["config_hash"] == DemoConfig().config_hash()
+    assert m["metrics"] == {"val_loss": 3.25}
+    assert m["files"]["weights.bin"]["bytes"] == 7
+    assert m["command"] == "monosemantic train-lm --profile tiny"
+    for key in ("package_version", "git_commit", "created", "wall_time_s", "hardware"):
+        assert key in m
+    assert art.file("weights.bin").read_bytes() == b"weights"
+
+
+def test_config_hash_is_stable_and_sensitive():
+    assert DemoConfig().config_hash() == DemoConfig(width=4, lr=0.001).config_hash()
+    assert DemoConfig().config_hash() != DemoConfig(width=5).config_hash()
+    assert stable_hash({"a": 1.0}) == stable_hash({"a": 1})
+    assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
+
+
+def test_missing_artifact_names_the_command(tmp_cache):
+    with pytest.raises(store.CacheError, match=r"not in the cache.*`monosemantic train-lm --profile cpu`"):
+        store.load("lm", "cpu", "model")
+
+
+def test_tampered_file_is_detected(tmp_cache):
+    art = make()
+    (art.path / "weights.bin").write_bytes(b"weightz")
+    with pytest.raises(store.CacheError, match=r"corrupt: weights.bin does not match its sha256.*train-lm"):
+        store.load("lm", "tiny", "model")
+
+
+def test_truncated_file_is_detected(tmp_cache):
+    art = make()
+    (art.path / "weights.bin").write_bytes(b"wei")
+    with pytest.raises(store.CacheError, match=r"corrupt: weights.bin has 3 bytes.*truncated"):
+        store.load("lm", "tiny", "model")
+
+
+def test_deleted_file_and_broken_manifest(tmp_cache):
+    art = make()
+    (art.path / "weights.bin").unlink()
+    with pytest.raises(store.CacheError, match="weights.bin is missing"):
+        store.load("lm", "tiny", "model")
+    (art.path / "manifest.json").write_text("{not json")
+    with pytest.raises(store.CacheError, match="not valid JSON.*regenerate"):
+        store.load("lm", "tiny", "model")
+
+
+def test_changed_config_is_stale(tmp_cache):
+    make()
+    with pytest.raises(store.CacheError, match=r"stale.*width: 4 -> 8.*train-lm --profile tiny"):
+        store.load("lm", "tiny", "model", config=DemoConfig(width=8))
+
+
+def test_incompatible_format_is_stale(tmp_cache):
+    art = make()
+    manifest = json.loads((art.path / "manifest.json").read_text())
+    manifest["format"] = store.FORMAT + 1
+    (art.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(store.CacheError, match="cache format"):
+        store.load("lm", "tiny", "model")
+
+
+def test_stage_version_bump_makes_old_artifacts_stale(tmp_cache):
+    make()
+
+    @dataclasses.dataclass(frozen=True)
+    class DemoConfigV2(DemoConfig):
+        VERSION = 2
+
+    assert DemoConfigV2().config_hash() != DemoConfig().config_hash()
+
+
+def test_changed_upstream_makes_downstream_stale(tmp_cache):
+    up = make(name="upstream")
+    make(name="downstream", inputs=[up])
+    store.load("lm", "tiny", "downstream")
+    make(name="upstream", payload=b"retrained")
+    with pytest.raises(store.CacheError, match=r"stale: it was made from a different lm/tiny-upstream"):
+        store.load("lm", "tiny", "downstream")
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_artifact(tmp_cache):
+    make()
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.write("lm", "tiny", "model", config=DemoConfig()) as w:
+            (w.dir / "weights.bin").write_bytes(b"half")
+            raise RuntimeError("boom")
+    assert store.load("lm", "tiny", "model").file("weights.bin").read_bytes() == b"weights"
+    assert [p.name for p in (tmp_cache / "lm").iterdir()] == ["tiny-model"]
+
+
+def test_non_finite_metric_is_refused(tmp_cache):
+    with pytest.raises(store.CacheError, match="non-finite"):
+        with store.write("lm", "tiny", "model", config=DemoConfig()) as w:
+            w.metrics["val_loss"] = float("nan")
+    assert not (tmp_cache / "lm" / "tiny-model").exists()
+
+
+def test_work_files_are_hashed_but_optional(tmp_cache):
+    art = make(work_payload=b"large activations")
+    assert art.manifest["files"]["big.bin"]["location"] == "work"
+    assert art.file("big.bin").read_bytes() == b"large activations"
+    art.file("big.bin").unlink()  # a fresh clone has no cache/work/
+    art = store.load("lm", "tiny", "model")  # the committed part still loads
+    with pytest.raises(store.CacheError, match=r"big.bin is missing from cache/work/.*train-lm"):
+        art.file("big.bin")
+
+
+def test_find_prefers_the_largest_profile(tmp_cache):
+    make()
+    assert store.find("lm", "model").profile == "tiny"
+    with pytest.raises(store.CacheError, match="no sae/\\*-model artifact"):
+        store.find("sae", "model")
+
+
+def test_unknown_profile(tmp_cache):
+    with pytest.raises(ConfigError, match="unknown profile 'huge'"):
+        store.load("lm", "huge", "model")
+
+
+def test_cache_cli_list_and_verify(tmp_cache, capsys):
+    art = make()
+    assert cli.main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "lm" in out and "tiny" in out and "val_loss=3.25" in out and "1 artifacts" in out
+    assert cli.main(["cache", "verify"]) == 0
+    assert "1 of 1 artifacts intact" in capsys.readouterr().out
+    (art.path / "weights.bin").write_bytes(b"x")
+    assert cli.main(["cache", "verify"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL lm/tiny-model" in out and "train-lm --profile tiny" in out
+
+
+def test_cli_user_error_is_one_line(tmp_cache, capsys, monkeypatch):
+    def boom(args):
+        raise store.CacheError("lm/cpu-model is not in the cache; make it with `x`")
+
+    monkeypatch.setattr(cli, "run", boom)
+    assert cli.main(["cache", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: lm/cpu-model is not in the cache" in err
