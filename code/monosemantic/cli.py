@@ -17,7 +17,12 @@ from .config import PROFILES, UserError
 # (subcommand, module that implements it, one-line help). A stage adds its row here.
 COMMANDS: list[tuple[str, str, str]] = [
     ("cache", "monosemantic.cli", "list and verify the result cache"),
+    ("corpus", "monosemantic.corpus", "build the text corpus and its token shards"),
     ("book", "monosemantic.book", "build the book (HTML site + PDF) from the committed cache"),
+    ("train-lm", "monosemantic.lm_train", "train the one-layer language model (resumes from its checkpoint)"),
+    ("bench", "monosemantic.bench", "throughput and MFU side by side with the anchor's code (cache/bench/)"),
+    ("toy", "monosemantic.toy", "synthetic superposition and SAE dictionary recovery with known answers (chapter 2)"),
+    ("llama", "monosemantic.llama", "Llama-family models (SmolLM2, L3-8B-Stheno): activations, harvest, SAE, cost"),
 ]
 
 

@@ -13,12 +13,20 @@ from __future__ import annotations
 import dataclasses
 
 from .config import check_profile
+from .corpus import CorpusConfig
+from .llama import LlamaConfig
+from .lm import LMConfig
+from .toy import RecoveryConfig, SuperpositionConfig, ToyConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
     name: str
+    toy: ToyConfig  # chapter 2's synthetic experiments (superposition, dictionary recovery)
     # one field per stage, added as stages land (each a StageConfig subclass)
+    corpus: CorpusConfig  # the text corpus and its token shards
+    llama: LlamaConfig  # Llama-family models (SmolLM2 here, Stheno on a rented GPU)
+    lm: LMConfig  # the one-layer language model and its training
 
 
 def get(name: str) -> Profile:
@@ -28,15 +36,84 @@ def get(name: str) -> Profile:
 
 
 def _tiny() -> Profile:
-    return Profile(name="tiny")
+    return Profile(name="tiny", toy=_toy_tiny(), llama=LlamaConfig(
+        model="random:tiny", dtype="float32", seq_len=32, batch_size=4, harvest_tokens=2048, shard_tokens=512,
+        expansion=4, k=4, sae_batch=128, sae_epochs=2, eval_tokens=256, top_examples=3), corpus=_corpus_tiny(),
+        lm=LMConfig(context_length=32, d_model=32, n_heads=4, d_mlp=128, steps=40, batch_size=8, lr=3e-3,
+                    lr_final=3e-4, warmup_steps=5, eval_interval=20, eval_batches=2, checkpoint_interval=20,
+                    compile=False))  # seconds
 
 
 def _cpu() -> Profile:
-    return Profile(name="cpu")
+    return Profile(name="cpu", toy=_toy_cpu(), llama=LlamaConfig(  # SmolLM2-135M-Instruct: ~20 min on 2 cores
+        model="smollm2", seq_len=256, batch_size=8, harvest_tokens=200_000, shard_tokens=32_768,
+        expansion=8, k=32, sae_batch=2048, sae_epochs=2, eval_tokens=8_192), corpus=_corpus_cpu(),
+        # the anchor's model on 0.6% of its tokens (4.9M: ~20 min on 2 quiet cores, an hour or more on a busy
+        # machine), so a 4x higher lr, dropped 10x later (at 3/4, where the anchor drops at 1/4)
+        lm=LMConfig(steps=1_200, lr=2e-3, lr_final=2e-4, lr_drop_at=0.75, eval_interval=200,
+                    checkpoint_interval=100))
 
 
 def _gpu() -> Profile:
-    return Profile(name="gpu")
+    return Profile(name="gpu", toy=_toy_gpu(), llama=LlamaConfig(  # L3-8B-Stheno on one rented H100: ~230 GB of shards
+        model="Sao10K/L3-8B-Stheno-v3.2", seq_len=1024, batch_size=16, harvest_tokens=8_000_000,
+        shard_tokens=32_768, store_dtype="bfloat16", expansion=8, k=64, sae_batch=4096, sae_epochs=2,
+        eval_tokens=65_536), corpus=_corpus_gpu(),
+        lm=LMConfig(steps=200_000, batch_size=32, lr=5e-4, lr_final=5e-5, lr_drop_at=0.25, eval_interval=2_000,
+                    checkpoint_interval=10_000, loss_chunk=4096))  # the anchor's 819M tokens and schedule
+
+
+def _toy_tiny() -> ToyConfig:
+    return ToyConfig(
+        superposition=SuperpositionConfig(n_features=10, n_hidden=3, densities=(1.0, 0.1, 0.01), n_seeds=1,
+                                          batch_size=256, n_steps=300),
+        recovery=RecoveryConfig(d=16, n_true=48, mean_active=3.0, n_train=8192, n_eval=2048, widths=(1, 3, 6),
+                                l1_coeffs=(3e-3,), ks=(4,), n_steps=100, batch_size=256, lr=3e-3,
+                                resample_every=50, dead_window=4096))
+
+
+def _toy_cpu() -> ToyConfig:  # about 5 minutes on 2 cores
+    return ToyConfig(
+        superposition=SuperpositionConfig(densities=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.01, 0.005, 0.002),
+                                          n_seeds=2, n_steps=8000),
+        recovery=RecoveryConfig(n_steps=2000))
+
+
+def _toy_gpu() -> ToyConfig:  # synthetic and small: the GPU profile only trains longer
+    return ToyConfig(
+        superposition=SuperpositionConfig(densities=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03, 0.01, 0.005, 0.002,
+                                                     0.001), n_seeds=5, n_steps=20_000),
+        recovery=RecoveryConfig(n_train=1_048_576, n_steps=10_000))
+
+
+def _corpus_tiny() -> CorpusConfig:  # files of pinned packages already installed: no download, seconds
+    return CorpusConfig(sources=(("tqdm-code", 0), ("numpy-docs", 150_000), ("licences-installed", 0)),
+                        val_fraction=0.05)
+
+
+# (source, max GPT-2 tokens; 0 = all of it): the cpu mix, 110.6M tokens; by kind (built): English 28%, technical
+# 17%, code 24%, LaTeX 5%, non-English 23%, legal 4% (the survey's reachable 100M mix, shared/CORPUS.md)
+_CPU_MIX = (
+    ("gcide", 15_000_000), ("wordnet", 8_000_000), ("foldoc", 0), ("jargon", 0), ("shakespeare", 0), ("sotu", 0),
+    ("moby-dick", 0), ("brown", 0), ("fortunes-en", 0),
+    ("linux-docs", 10_000_000), ("python-docs", 0), ("perl-docs", 0), ("rust-docs", 2_000_000),
+    ("linux-code", 9_000_000), ("gcc-code", 5_000_000), ("java-code", 3_000_000), ("go-code", 3_000_000),
+    ("rust-code", 3_000_000), ("python-code", 3_000_000),
+    ("latex", 0), ("sympy-docs", 0),
+    ("manpages-l10n", 5_000_000), ("libreoffice-help", 4_000_000), ("debian-handbook", 3_000_000),
+    ("gcc-po", 2_000_000), ("chinese-poetry", 2_500_000), ("quran-arabic", 0), ("udhr", 0), ("fortunes-l10n", 0),
+    ("licences", 4_000_000), ("spdx", 0),
+)
+
+
+def _corpus_cpu() -> CorpusConfig:
+    return CorpusConfig(sources=_CPU_MIX)
+
+
+def _corpus_gpu() -> CorpusConfig:  # all the sources hold, code capped: 439M tokens (built 04:40), 65% code
+    bigger = {"linux-code": 120_000_000, "gcc-code": 60_000_000, "java-code": 40_000_000, "go-code": 30_000_000,
+              "rust-code": 30_000_000, "python-code": 0, "chinese-poetry": 20_000_000}
+    return CorpusConfig(sources=tuple((n, bigger.get(n, 0)) for n, _ in _CPU_MIX) + (("libreoffice-ui", 0),))
 
 
 _PROFILES = {"tiny": _tiny, "cpu": _cpu, "gpu": _gpu}

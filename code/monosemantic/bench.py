@@ -1,0 +1,273 @@
+"""``monosemantic bench`` (``make bench``): our throughput side by side with the anchor's, same machine,
+same run, plus this machine's matmul peak and each step's model FLOPs utilisation (MFU).
+
+Each group of measurements is a function in :data:`BENCHES` returning rows
+``{name, unit, ours, anchor, ratio, ...}`` (``ratio`` = ours / anchor, > 1 is faster); a group is written
+as one artifact, ``cache/bench/<hardware slug>/<profile>-<group>/results.json`` (profile = ``cpu`` or
+``gpu``, the kind of machine). To add a group, write ``def bench_xxx(ctx: BenchContext) -> list[dict]``
+and append ``("xxx", bench_xxx)`` to :data:`BENCHES`.
+
+Timing: ours and the anchor's step alternate (ours, anchor, ours, anchor, ...) after warm-up steps, and
+each side's median step time is reported, so a machine that gets busier during the run slows both.
+
+FLOPs: a training token costs 6 N + 12 L d T model FLOPs (PaLM appendix B / nanoGPT), a forward token a
+third of that; N = parameters in matrix multiplies (the attention, MLP and unembedding weights, no
+embeddings, biases or norms), L = layers, d = d_model, T = context. At vocab 50,304 the unembedding is
+97% of N. MFU = model FLOPs per second / the best bf16 matmul rate this machine reaches at the step's
+shapes (measured here, below); the anchor's fp32 step is divided by the same bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+DEFAULT_PROFILE = "cpu"
+
+
+@dataclasses.dataclass
+class BenchContext:
+    quick: bool
+    device: torch.device
+    threads: int
+    peaks: dict[str, float] = dataclasses.field(default_factory=dict)  # FLOP/s by dtype name
+
+    @property
+    def bf16_peak(self) -> float:
+        return self.peaks.get("bfloat16") or measure_peaks(self)["bfloat16"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def time_pair(ours: Callable[[], Any], anchor: Callable[[], Any], device: torch.device, repeat: int,
+              warmup: int = 1) -> tuple[float, float]:
+    """Median seconds of two functions timed alternately (so both see the same machine)."""
+    for _ in range(warmup):
+        ours()
+        anchor()
+    a, b = [], []
+    for _ in range(repeat):
+        for f, out in ((ours, a), (anchor, b)):
+            _sync(device)
+            t = time.perf_counter()
+            f()
+            _sync(device)
+            out.append(time.perf_counter() - t)
+    return statistics.median(a), statistics.median(b)
+
+
+def matmul_shapes(tokens: int = 4096, d: int = 128, vocab: int = 50304) -> dict[str, tuple[int, int, int]]:
+    """(M, K, N) of the LM step's three unembedding products, which are 97% of its FLOPs."""
+    return {"logits x W^T": (tokens, d, vocab), "dx = G W": (tokens, vocab, d), "dW = G^T x": (vocab, tokens, d)}
+
+
+def measure_peaks(ctx: BenchContext) -> dict[str, float]:
+    """Best matmul FLOP/s per dtype over the step's shapes (and a square 2048^3 for reference)."""
+    if ctx.peaks:
+        return ctx.peaks
+    tokens = 1024 if ctx.quick else 4096
+    shapes = {**matmul_shapes(tokens), "square 2048": (2048, 2048, 2048)}
+    out: dict[str, float] = {}
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        best = 0.0
+        for label, (m, k, n) in shapes.items():
+            a = torch.randn(m, k, dtype=dtype, device=ctx.device)
+            b = torch.randn(k, n, dtype=dtype, device=ctx.device)
+            seconds = time_call(lambda a=a, b=b: a @ b, ctx.device, repeat=2 if ctx.quick else 3)
+            rate = 2 * m * k * n / seconds
+            rows.append((str(dtype).removeprefix("torch."), label, rate))
+            best = max(best, rate)
+        out[str(dtype).removeprefix("torch.")] = best
+    ctx.peaks.update(out)
+    ctx.peak_rows = rows  # type: ignore[attr-defined]
+    return out
+
+
+def model_flops_per_token(model: nn.Module, d_model: int, context: int, n_layers: int = 1,
+                          train: bool = True) -> int:
+    """6 N + 12 L d T (training) or a third of it (forward), N = nn.Linear weights."""
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    fwd_bwd = 6 * n + 12 * n_layers * d_model * context
+    return fwd_bwd if train else fwd_bwd // 3
+
+
+def _row(name: str, unit: str, ours: float, anchor: float | None, **extra: Any) -> dict[str, Any]:
+    row = {"name": name, "unit": unit, "ours": float(f"{ours:.4g}"),
+           "anchor": None if anchor is None else float(f"{anchor:.4g}"),
+           "ratio": None if not anchor else round(ours / anchor, 2)}
+    row.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in extra.items()})
+    return row
+
+
+# --- the LM group -----------------------------------------------------------------------------------
+
+def bench_matmul(ctx: BenchContext) -> list[dict[str, Any]]:
+    measure_peaks(ctx)
+    return [_row(f"matmul {dtype} {label}", "TFLOP/s", rate / 1e12, None)
+            for dtype, label, rate in ctx.peak_rows]  # type: ignore[attr-defined]
+
+
+def bench_lm(ctx: BenchContext) -> list[dict[str, Any]]:
+    """LM training step and forward-only harvest, ours (bf16, fused unembedding + CE) against the anchor's
+    faithful fp32 re-creation, at the anchor's config (vocab 50,304, context 128, batch 32 and more)."""
+    rows = []
+    for i, batch in enumerate((32,) if ctx.quick else (32, 64)):
+        rows += _bench_lm_batch(ctx, batch, forward_too=i == 0)
+    return rows
+
+
+def _bench_lm_batch(ctx: BenchContext, batch: int, forward_too: bool) -> list[dict[str, Any]]:
+    from .anchor_reference import AnchorTransformer, anchor_train_step
+    from .lm import LMConfig, Transformer
+
+    peak = ctx.bf16_peak
+    repeat = 2 if ctx.quick else 3
+    torch.manual_seed(0)
+    # the anchor's exact architecture (its quirks: no W_O, 1/sqrt(d_model)); the standard form adds 0.25% FLOPs
+    cfg = LMConfig(batch_size=batch, anchor_quirks=True, loss_chunk=batch * 128 if ctx.device.type == "cuda" else 128)
+    ours = Transformer(cfg).to(ctx.device)
+    ours_opt = torch.optim.AdamW(ours.parameters(), lr=5e-4, fused=True)
+    anchor = AnchorTransformer().to(ctx.device)
+    anchor_opt = torch.optim.AdamW(anchor.parameters(), lr=5e-4)
+    x = torch.randint(0, 50257, (batch, 128), device=ctx.device)
+    y = torch.randint(0, 50257, (batch, 128), device=ctx.device)
+
+    def ours_step() -> float:
+        loss = ours(x, y).loss
+        loss.backward()
+        ours_opt.step()
+        ours_opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    ours_step()  # compiles the fused softmax kernel (cached on disk afterwards)
+    t_ours, t_anchor = time_pair(ours_step, lambda: anchor_train_step(anchor, anchor_opt, x, y), ctx.device,
+                                 repeat=repeat)
+    tokens = batch * 128
+    f_ours, f_anchor = ours.flops_per_token(), model_flops_per_token(anchor, 128, 128)
+    rows = [_row(f"lm train step, batch {batch}", "tokens/s", tokens / t_ours, tokens / t_anchor,
+                 ours_mfu=tokens / t_ours * f_ours / peak, anchor_mfu=tokens / t_anchor * f_anchor / peak,
+                 ours_dtype="bfloat16", anchor_dtype="float32", flops_per_token=f_ours)]
+    if forward_too and not ctx.quick:
+        # where the gain comes from: the same model with autocast bf16 but the plain logits + F.cross_entropy
+        plain = Transformer(cfg.replace(loss_chunk=0)).to(ctx.device)
+        plain_opt = torch.optim.AdamW(plain.parameters(), lr=5e-4, fused=True)
+
+        def plain_step() -> float:
+            loss = plain(x, y).loss
+            loss.backward()
+            plain_opt.step()
+            plain_opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        t_plain, t_anchor2 = time_pair(plain_step, lambda: anchor_train_step(anchor, anchor_opt, x, y), ctx.device,
+                                       repeat=repeat)
+        rows.append(_row(f"lm train step, batch {batch}, bf16 without the fused loss", "tokens/s", tokens / t_plain,
+                         tokens / t_anchor2, ours_mfu=tokens / t_plain * f_ours / peak,
+                         anchor_mfu=tokens / t_anchor2 * f_anchor / peak, ours_dtype="bfloat16",
+                         anchor_dtype="float32", note="ablation: autocast bf16, logits + F.cross_entropy"))
+        del plain, plain_opt
+    if forward_too:
+        ours.eval()
+        anchor.eval()
+        with torch.no_grad():
+            t_ours, t_anchor = time_pair(lambda: ours.run_with_cache(x, ["blocks.0.mlp.hook_post"]),
+                                         lambda: anchor.forward_embedding(x), ctx.device, repeat=repeat + 2)
+            rows.append(_row(f"lm forward to MLP activations (harvest), batch {batch}", "tokens/s",
+                             tokens / t_ours, tokens / t_anchor, ours_dtype="bfloat16", anchor_dtype="float32",
+                             note="stops after blocks.0.mlp.hook_post; no unembedding"))
+            t_ours, t_anchor = time_pair(lambda: ours(x, y), lambda: anchor(x, y), ctx.device, repeat=repeat)
+        f_fwd, f_fwd_anchor = ours.flops_per_token(train=False), model_flops_per_token(anchor, 128, 128, train=False)
+        rows.append(_row(f"lm forward with loss, batch {batch}", "tokens/s", tokens / t_ours, tokens / t_anchor,
+                         ours_mfu=tokens / t_ours * f_fwd / peak, anchor_mfu=tokens / t_anchor * f_fwd_anchor / peak,
+                         ours_dtype="bfloat16", anchor_dtype="float32"))
+    return rows
+
+
+# Groups of rows, each written as one artifact. Add yours here.
+BENCHES: list[tuple[str, Callable[[BenchContext], list[dict[str, Any]]]]] = [
+    ("matmul", bench_matmul),
+    ("lm", bench_lm),
+]
+
+
+def write_results(group: str, rows: list[dict[str, Any]], ctx: BenchContext, seconds: float) -> str:
+    import json
+
+    from . import hardware, store
+
+    profile = "gpu" if ctx.device.type == "cuda" else "cpu"
+    name = group + ("-quick" if ctx.quick else "")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    with store.write(f"bench/{hardware.slug()}", profile, name, command="make bench",
+                     config={"group": group, "quick": ctx.quick, "threads": ctx.threads,
+                             "device": str(ctx.device)}) as w:
+        (w.dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+        w.metrics.update({f"{r['name']} ratio": r["ratio"] for r in rows if r.get("ratio") is not None})
+        w.info.update({"load_average_at_start": load, "seconds": round(seconds, 1),
+                       "peaks_tflops": {k: round(v / 1e12, 3) for k, v in ctx.peaks.items()}})
+    return str(store.artifact_path(f"bench/{hardware.slug()}", profile, name))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and sizes (under a minute)")
+    p.add_argument("--only", help="comma-separated groups to run (default: all: "
+                   + ", ".join(g for g, _ in BENCHES) + ")")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
+    p.add_argument("--no-write", action="store_true", help="print the rows, write nothing")
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        extra = "  ".join(f"{k}={v}" for k, v in r.items() if k not in ("name", "unit", "ours", "anchor", "ratio"))
+        anchor = "" if r["anchor"] is None else f"  anchor {r['anchor']:>10,.4g}  ratio {r['ratio']:>5}"
+        print(f"  {r['name']:<52} ours {r['ours']:>10,.4g} {r['unit']:<9}{anchor}  {extra}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import UserError
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = BenchContext(quick=args.quick, device=device, threads=torch.get_num_threads())
+    groups = dict(BENCHES)
+    chosen = args.only.split(",") if args.only else list(groups)
+    unknown = [g for g in chosen if g not in groups]
+    if unknown:
+        raise UserError(f"unknown bench group(s) {', '.join(unknown)}; known: {', '.join(groups)}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    print(f"bench on {device} ({ctx.threads} threads), load average {load:.2f}"
+          + ("  (the machine is busy: ratios hold, absolute numbers are low)" if load > ctx.threads * 0.5 else ""))
+    for group in chosen:
+        start = time.perf_counter()
+        rows = groups[group](ctx)
+        print(f"{group}:")
+        _print_rows(rows)
+        if not args.no_write:
+            print(f"  -> {write_results(group, rows, ctx, time.perf_counter() - start)}")
+    return 0

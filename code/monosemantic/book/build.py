@@ -1,0 +1,313 @@
+"""Building the book: execute each chapter (through jupyter-cache), convert with pandoc, number and
+resolve cross-references, write the HTML site and the PDF.
+
+The pipeline, per chapter: ``.qmd`` -> cells and markdown (:mod:`.qmd`) -> executed outputs
+(:mod:`.execute`) -> markdown with outputs (:mod:`.assemble`) -> pandoc JSON AST -> numbered
+(:mod:`.crossref`); then, with every chapter's labels known, each chapter is resolved and written
+as an HTML page (:mod:`.html`), and all of them together as one typst document (:mod:`.pdf`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nbformat
+
+from ..config import project_root
+from . import ast as A
+from . import crossref, execute, html, pandoc, pdf, project, qmd, quarto_options
+from .assemble import align_columns, chapter_markdown, embed_tables
+from .crossref import CrossrefError
+
+FIGURES = "figures"  # cell outputs, under the output folder
+IMAGES = "images"  # images the markdown itself refers to, copied in
+NOTEBOOKS = "notebooks"
+REFERENCES_PAGE = "references.html"
+
+
+@dataclasses.dataclass
+class ChapterReport:
+    source: str
+    cells: int  # evaluated cells
+    executed: int  # of which run in a kernel this build
+    cache_hit: bool
+    seconds: float
+
+
+@dataclasses.dataclass
+class BuildReport:
+    chapters: list[ChapterReport]
+    site: Path | None
+    pdf: Path | None
+    seconds: float
+
+    @property
+    def executed(self) -> int:
+        return sum(c.executed for c in self.chapters)
+
+
+@dataclasses.dataclass
+class _Chapter:
+    file: project.ChapterFile
+    doc: qmd.Qmd
+    blocks: list[A.Node]
+    api: list[int]  # pandoc's AST version, handed back to it with the blocks
+    number: str | None = None
+    title: str = ""
+    notebook: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every chapter's execution shares."""
+
+    root: Path
+    jupyter_cache: Path
+    setup: str  # the hidden first cell (keys the cache on the result cache's manifests and the profile)
+    env: dict[str, str]
+    documented_cells: frozenset[str]
+
+
+def build(root: Path | None = None, *, profile: str | None = None, html_site: bool = True, pdf_book: bool = True,
+          log: Callable[[str], None] = print) -> BuildReport:
+    """Build the book in ``root`` (default: the checkout) into its ``_book/``; returns what was done.
+
+    Raises a :class:`~monosemantic.config.UserError` (one line) for invalid sources, a failing cell or an
+    unresolved reference."""
+    start = time.perf_counter()
+    root = (root or project_root()).resolve()
+    proj = project.load(root)
+    out = proj.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in (FIGURES, IMAGES, NOTEBOOKS):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    cache = Path(os.environ.get("MONOSEMANTIC_CACHE") or root / "cache")
+    package_parent = str(Path(__file__).resolve().parents[2])  # so the kernel imports this very package
+    env = {"MONOSEMANTIC_ROOT": str(root), "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
+    if profile:
+        env["MONOSEMANTIC_PROFILE"] = profile
+    run = _Run(root, root / ".jupyter_cache", execute.setup_source(execute.artifacts_key(cache), profile), env,
+               frozenset(quarto_options.load()["cell"]))
+    docs = [qmd.parse(f.path) for f in proj.chapters]
+    invalid = quarto_options.check_config(proj.config)
+    for file, doc in zip(proj.chapters, docs, strict=True):
+        invalid += quarto_options.check_front_matter(doc.front_matter, file.source)
+    if invalid:
+        raise project.ProjectError("not valid Quarto: " + "; ".join(invalid))
+    log(f"book: {len(proj.chapters)} files from {root / '_quarto.yml'}")
+
+    reports: list[ChapterReport] = []
+    chapters: list[_Chapter] = []
+    numbering = crossref.Numbering()
+    for file, doc in zip(proj.chapters, docs, strict=True):
+        chapter, report = _prepare_chapter(proj, file, doc, run, numbering)
+        chapters.append(chapter)
+        reports.append(report)
+        status = ("no code" if report.cells == 0 and not report.executed and not report.cache_hit
+                  else "cache hit" if report.cache_hit else f"executed {report.executed} cells")
+        log(f"  {file.source:<32} {status:<20} {report.seconds:5.1f} s")
+
+    # every reference resolved for both outputs before anything is written
+    problems: list[str] = []
+    bib_keys = _bibliography_keys(proj.bibliography)
+    for ch in chapters:
+        problems += [f"{ch.file.source}: citation @{key} is not in the bibliography"
+                     for key in sorted(crossref.cited_keys(ch.blocks) - bib_keys)]
+    resolved: dict[str, dict[str, list[A.Node]]] = {"html": {}, "typst": {}}
+    for target, found in (("html", problems), ("typst", [])):  # each problem is reported once
+        for ch in chapters:
+            resolved[target][ch.file.page] = crossref.resolve(
+                json.loads(json.dumps(ch.blocks)), numbering.labels, page=ch.file.page, target=target,
+                where=ch.file.source, problems=found)
+    if problems:
+        raise CrossrefError(f"{len(problems)} unresolved reference(s): " + "; ".join(dict.fromkeys(problems)))
+
+    api = chapters[0].api
+    site = _write_site(proj, chapters, resolved["html"], api, with_pdf=pdf_book) if html_site else None
+    pdf_path = _write_book_pdf(proj, chapters, resolved["typst"], api) if pdf_book else None
+    seconds = time.perf_counter() - start
+    done = ", ".join(str(p.relative_to(root)) for p in (site, pdf_path) if p)
+    log(f"book: {done or 'checked'} in {seconds:.1f} s "
+        f"({sum(r.executed for r in reports)} cells executed, {sum(r.cache_hit for r in reports)} chapters from cache)")
+    return BuildReport(reports, site, pdf_path, seconds)
+
+
+def _prepare_chapter(proj: project.Project, file: project.ChapterFile, doc: qmd.Qmd, run: _Run,
+                     numbering: crossref.Numbering) -> tuple[_Chapter, ChapterReport]:
+    """Execute one chapter (or take it from the cache), read it into pandoc's AST and number it."""
+    t0 = time.perf_counter()
+    out = proj.output_dir
+    # execution options: _quarto.yml's execute:, the chapter's execute:, its top-level echo: and the like
+    front = doc.front_matter
+    defaults = [proj.execute, front.get("execute") or {},
+                {k: v for k, v in front.items() if k in qmd.DOCUMENT_EXECUTE_KEYS}]
+    for cell in doc.cells:
+        qmd.check_cell_options(file.path.relative_to(proj.root), cell, run.documented_cells)
+    evaluated = [c for c in doc.cells if qmd.effective_options(c, *defaults)["eval"] is not False]
+    chapter_eval = {k: v for d in defaults for k, v in d.items()}.get("eval", True) is not False
+    inline = doc.inline_expressions if chapter_eval else []
+    outputs: dict[int, list[dict[str, Any]]] = {}
+    values: list[str] = []
+    executed, hit = 0, False
+    if evaluated or inline:
+        ran = execute.execute_chapter(file.source, evaluated, jupyter_cache=run.jupyter_cache, cwd=run.root,
+                                      setup=run.setup, inline=inline, env=run.env)
+        outputs, values, executed, hit = ran.outputs, ran.inline, ran.executed, ran.cache_hit
+    parsed = _read_chapter(file, doc, outputs, values, defaults, out)
+    blocks = align_columns(crossref.normalise(_relocate_images(parsed["blocks"], file, out)))
+    if front.get("title") and not any(b["t"] == "Header" and b["c"][0] == 1 for b in blocks):
+        # a chapter titled in its front matter (Quarto allows either); its heading is made from it
+        title_blocks = pandoc.read(str(front["title"]), pandoc.READER, f"{file.source} (title)")["blocks"]
+        inlines = title_blocks[0]["c"] if title_blocks else A.text(str(front["title"]))
+        blocks.insert(0, {"t": "Header", "c": [1, A.attr(), inlines]})
+    chapter = _Chapter(file, doc, blocks, api=parsed["pandoc-api-version"])
+    chapter.number, chapter.title = numbering.number_chapter(blocks, file.page, file.appendix, file.source)
+    chapter.notebook = _write_notebook(doc, outputs, out, file.stem)
+    cells = len(evaluated) + (1 if inline and not evaluated else 0)
+    return chapter, ChapterReport(file.source, cells, executed, hit, time.perf_counter() - t0)
+
+
+def _read_chapter(file: project.ChapterFile, doc: qmd.Qmd, outputs: dict[int, list[dict[str, Any]]],
+                  inline: list[str], defaults: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """The chapter, its outputs in place, as pandoc's JSON AST (table outputs read from their HTML)."""
+    assembled = chapter_markdown(doc, outputs, defaults, out / FIGURES, inline)
+    parsed = pandoc.read(assembled.markdown, pandoc.READER, file.source)
+    if assembled.html_tables:
+        wrapped = "".join(f'<div id="{k}">{v}</div>' for k, v in assembled.html_tables.items())
+        tables_doc = pandoc.read(wrapped, "html", f"{file.source} (table outputs)")
+        # keep the tables, drop the <style> pandas puts before them (raw HTML the PDF cannot use)
+        tables = {b["c"][0][0]: [x for x in b["c"][1] if x["t"] != "RawBlock"]
+                  for b in tables_doc["blocks"] if b["t"] == "Div"}
+        parsed["blocks"] = embed_tables(parsed["blocks"], tables)
+    return parsed
+
+
+def _relocate_images(blocks: list[A.Node], file: project.ChapterFile, out: Path) -> list[A.Node]:
+    """Cell outputs (absolute paths under the output folder) become relative; images the markdown refers
+    to (relative to the chapter) are copied into ``images/``."""
+
+    def fix(node: A.Node):
+        if node["t"] != "Image":
+            return None
+        target = node["c"][2][0]
+        if "://" in target or target.startswith("data:"):
+            return None
+        path = Path(target)
+        if path.is_absolute() and path.is_relative_to(out):
+            node["c"][2][0] = path.relative_to(out).as_posix()
+            return node
+        source = (file.path.parent / path).resolve()
+        if not source.is_file():
+            raise CrossrefError(f"{file.source}: image {target} does not exist ({source})")
+        dest = out / IMAGES / source.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+        node["c"][2][0] = f"{IMAGES}/{source.name}"
+        return node
+
+    return A.walk(blocks, fix)
+
+
+def _write_notebook(doc: qmd.Qmd, outputs: dict[int, list[dict[str, Any]]], out: Path, stem: str) -> str:
+    """The chapter as a notebook a reader can run: its markdown and its cells, with their outputs."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": execute.KERNEL, "display_name": "Python 3", "language": "python"}
+    for part in doc.parts:
+        if isinstance(part, str):
+            if part.strip():
+                nb.cells.append(nbformat.v4.new_markdown_cell(part.strip("\n")))
+        else:
+            cell = nbformat.v4.new_code_cell(part.source)
+            cell.outputs = [nbformat.from_dict(o) for o in outputs.get(part.index, [])]
+            nb.cells.append(cell)
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"{stem}-{i}"
+    path = out / NOTEBOOKS / f"{stem}.ipynb"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return f"{NOTEBOOKS}/{stem}.ipynb"
+
+
+def _bibliography_keys(paths: list[Path]) -> set[str]:
+    import re
+
+    keys: set[str] = set()
+    for p in paths:
+        if p.is_file():
+            keys |= set(re.findall(r"@\w+\s*\{\s*([^,\s]+)\s*,", p.read_text(encoding="utf-8")))
+    return keys
+
+
+def _citeproc_args(proj: project.Project) -> list[str]:
+    bibs = [b for b in proj.bibliography if b.is_file()]
+    if not bibs:
+        return []
+    return ["--citeproc", *[f"--bibliography={b}" for b in bibs], "-M", "link-citations=true"]
+
+
+def _nav(chapters: list[_Chapter]) -> list[html.NavEntry]:
+    return [html.NavEntry(c.file.page, c.number, c.title, c.file.appendix) for c in chapters]
+
+
+def _write_site(proj: project.Project, chapters: list[_Chapter], resolved: dict[str, list[A.Node]],
+                api: list[int], with_pdf: bool) -> Path:
+    out = proj.output_dir
+    (out / html.CSS_NAME).write_text(html.stylesheet(pandoc.highlighting_css()), encoding="utf-8")
+    authors = proj.book.get("author") or []
+    authors = [authors] if isinstance(authors, str) else [str(a) for a in authors]
+    header = html.title_block(proj.title, proj.book.get("subtitle"), authors)
+    cite_args = _citeproc_args(proj)
+    version = pandoc.run(["--version"], "", "pandoc --version").split("\n")[0]
+    pdf_name = proj.pdf_name if with_pdf else None
+    all_keys = set().union(*(crossref.cited_keys(b) for b in resolved.values()))
+    nav = _nav(chapters)
+    if all_keys and cite_args:
+        nav.append(html.NavEntry(REFERENCES_PAGE, None, "References", False))
+    for ch in chapters:
+        blocks = resolved[ch.file.page]
+        args = ["--mathml", "--wrap=none"]
+        if crossref.cited_keys(blocks) and cite_args:
+            args += cite_args + ["-M", "reference-section-title=References"]
+        body = pandoc.write(pandoc.document(blocks, api=api), "html5", ch.file.source, args)
+        (out / ch.file.page).write_text(
+            html.page(book_title=proj.title, title=ch.title, body=body, nav=nav, current=ch.file.page,
+                      pdf=pdf_name, notebook=ch.notebook, generator=version, toc=html.page_toc(blocks),
+                      header=header if ch is chapters[0] else ""),
+            encoding="utf-8")
+    if all_keys and cite_args:
+        # every work cited anywhere in the book, on one page (each chapter also lists its own at its end)
+        text = ("---\nnocite: |\n  " + ", ".join(f"@{k}" for k in sorted(all_keys)) + "\n---\n\n"
+                "# References {.unnumbered}\n\n::: {#refs}\n:::\n")
+        body = pandoc.run(["-f", "markdown", "-t", "html5", "--mathml", "--wrap=none", *cite_args], text,
+                          "the references page")
+        (out / REFERENCES_PAGE).write_text(
+            html.page(book_title=proj.title, title="References", body=body, nav=nav,
+                      current=REFERENCES_PAGE, pdf=pdf_name, notebook=None, generator=version), encoding="utf-8")
+    written = {ch.file.page for ch in chapters} | ({REFERENCES_PAGE} if all_keys and cite_args else set())
+    for stale in out.glob("*.html"):  # pages of chapters no longer in _quarto.yml
+        if stale.name not in written:
+            stale.unlink()
+    return out / chapters[0].file.page
+
+
+def _write_book_pdf(proj: project.Project, chapters: list[_Chapter], resolved: dict[str, list[A.Node]],
+                    api: list[int]) -> Path:
+    blocks = [b for ch in chapters for b in resolved[ch.file.page]]
+    meta: dict[str, Any] = {"title": pandoc.meta_string(proj.title)}
+    for key in ("subtitle", "date"):
+        if proj.book.get(key):
+            meta[key] = pandoc.meta_string(str(proj.book[key]))
+    authors = proj.book.get("author") or []
+    if authors:
+        authors = [authors] if isinstance(authors, str) else authors
+        meta["author"] = {"t": "MetaList", "c": [pandoc.meta_string(str(a)) for a in authors]}
+    bibs = [b for b in proj.bibliography if b.is_file()]
+    return pdf.write_pdf(blocks, meta, out_dir=proj.output_dir, name=proj.pdf_name, bibliography=bibs, api=api)

@@ -1,0 +1,535 @@
+"""Sparse autoencoders: one module, two architectures, one trainer.
+
+An SAE rewrites an activation vector ``x`` (``d_in`` numbers) as a sparse, non-negative combination of
+``n_features`` learned directions (the rows of ``W_dec``) plus a bias::
+
+    f     = act(W_enc^T (x - b_dec) + b_enc)        (n_features,)  sparse latents
+    x_hat = f @ W_dec + b_dec                        (d_in,)
+
+``architecture`` picks ``act``:
+
+- ``"relu"``: ReLU, and sparsity comes from an L1 penalty. This is the recipe of Bricken et al. 2023 as
+  the anchor (jnward/monosemanticity-repro) implements it: pre-encoder bias = ``b_dec`` subtracted from the
+  input, decoder rows renormalised to unit norm after every step, loss = MSE + ``l1_coeff`` * (sum over
+  features of |f|, mean over the batch), where MSE is ``F.mse_loss``, i.e. the mean over batch *and*
+  ``d_in``; dead features are resampled every ``resample_every`` steps (:func:`resample_dead`).
+- ``"topk"``: keep the ``k`` largest pre-activations (then ReLU), no L1 (Gao et al. 2024). Dead latents
+  are pushed back to life by the AuxK loss (:func:`auxk_loss`): the ``aux_k`` largest dead latents must
+  reconstruct the residual the live ones left, weighted 1/32 (Gao et al. 2024, appendix A.2).
+
+Weights use SAELens names and shapes (``W_enc`` (d_in, n_features), ``b_enc``, ``W_dec`` (n_features,
+d_in), ``b_dec``); :func:`save` writes SAELens's on-disk format (``cfg.json`` + ``sae_weights.safetensors``)
+so other tools can read our SAEs.
+
+>>> cfg = SAEConfig(d_in=512, n_features=4096)
+>>> sae, history = train(cfg, activations)      # activations: (N, 512) tensor or iterator of batches
+>>> out = sae(x)                                 # SAEOutput(recon, latents, pre_acts, loss, mse, l1, aux)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import hardware
+from .config import ConfigError, StageConfig
+
+Architecture = Literal["relu", "topk"]
+ARCHITECTURES = ("relu", "topk")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+DTYPES = ("float32", "bfloat16", "auto")
+DECODES = ("auto", "sparse", "dense")
+
+# SAELens's on-disk file names (sae_lens/constants.py), so its SAE.load_from_disk reads our folders.
+SAE_CFG_FILENAME = "cfg.json"
+SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
+
+# Anthropic's resampling recipe ("Towards Monosemanticity", appendix "Neuron resampling"): the new encoder
+# row is the sampled input direction scaled to 0.2 x the mean norm of the live encoder rows.
+RESAMPLE_ENCODER_SCALE = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig(StageConfig):
+    """Everything that defines an SAE and its training run. Frozen; validated on construction."""
+
+    STAGE: ClassVar[str] = "sae"
+
+    d_in: int = 512
+    """Width of the activations the SAE reads (512 for the one-layer model's MLP, 14,336 for Llama-3-8B)."""
+    n_features: int = 4096
+    """Dictionary size (SAELens: ``d_sae``). Wider than ``d_in``: see chapter 2 for why."""
+    architecture: Architecture = "relu"
+    """``"relu"`` (L1 penalty, Bricken et al. 2023) or ``"topk"`` (k largest kept, Gao et al. 2024)."""
+    k: int = 32
+    """TopK only: latents kept per input (the L0 of every input)."""
+    l1_coeff: float = 3e-3
+    """ReLU only: weight of the L1 term (sum over features, mean over batch). The anchor's value is 3e-3."""
+    lr: float = 1e-4
+    """Adam learning rate (the anchor: 1e-4)."""
+    batch_size: int = 896
+    """Activations per step (the anchor: 896)."""
+    n_steps: int = 100_000
+    """Optimizer steps; ``n_activations`` = ``n_steps * batch_size`` (the anchor: 100,000 steps, ~90M)."""
+    resample_every: int = 1000
+    """Resample dead features every this many steps (0: never). The anchor: every 1,000 steps."""
+    resample_until: float = 0.5
+    """Stop resampling after this fraction of the steps, so the last resampled features can settle."""
+    resample_pool: int = 16_384
+    """How many recent inputs are scored to choose the new directions of dead features."""
+    dead_window: int = 1_000_000
+    """A latent that has not fired in this many activations counts as dead (Gao et al.: 10M tokens)."""
+    aux_k: int = 512
+    """TopK only: dead latents used by the AuxK loss (Gao et al. 2024: 512; at most ``n_features``)."""
+    aux_coeff: float = 1 / 32
+    """TopK only: weight of the AuxK loss (Gao et al. 2024, appendix A.2: 1/32). 0 turns AuxK off."""
+    init_encoder_transpose: bool = True
+    """Initialise ``W_enc`` as the transpose of ``W_dec`` (Gao et al. 2024, section 2.4)."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """Initial ``b_dec`` from the first batch: its geometric median (Bricken et al.), mean, or zeros."""
+    decode: Literal["auto", "sparse", "dense"] = "auto"
+    """TopK only: decode with the k active rows (``embedding_bag``) or a dense matmul; ``auto`` picks the
+    sparse path when ``k`` is under 1/8 of ``n_features``. Both give the same numbers (a test says so)."""
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    """Compute dtype of the matmuls (autocast; weights and Adam state stay float32). ``auto``: bfloat16 on
+    a GPU or on a CPU with bf16 units (AMX, AVX512-BF16), else float32."""
+    seed: int = 0
+    """Seed of the initial weights and of the batch order of a tensor source: same seed, same SAE."""
+    log_every: int = 100
+    """Steps per logged interval of the training curve."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"SAEConfig: {msg}")
+
+        for name in ("d_in", "n_features", "batch_size", "n_steps", "k", "aux_k", "dead_window",
+                     "resample_pool", "log_every"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{name} must be a positive integer, got {value!r}")
+        need(self.architecture in ARCHITECTURES,
+             f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        need(self.b_dec_init in B_DEC_INITS, f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, "
+             f"got {self.b_dec_init!r}")
+        need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        need(self.decode in DECODES, f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
+        need(self.architecture != "topk" or self.k <= self.n_features,
+             f"k = {self.k} is larger than n_features = {self.n_features}")
+        need(self.l1_coeff >= 0, f"l1_coeff must be >= 0, got {self.l1_coeff}")
+        need(self.aux_coeff >= 0, f"aux_coeff must be >= 0, got {self.aux_coeff}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        need(isinstance(self.resample_every, int) and self.resample_every >= 0,
+             f"resample_every must be an integer >= 0 (0: never), got {self.resample_every!r}")
+        need(0 <= self.resample_until <= 1, f"resample_until must be in [0, 1], got {self.resample_until}")
+
+    @property
+    def n_activations(self) -> int:
+        """Activations seen in training."""
+        return self.n_steps * self.batch_size
+
+    def with_activations(self, n_activations: int) -> SAEConfig:
+        """A copy that trains on (about) ``n_activations`` activations at this batch size."""
+        return self.replace(n_steps=max(1, round(n_activations / self.batch_size)))
+
+    @property
+    def sparse_decode(self) -> bool:
+        if self.architecture != "topk" or self.decode == "dense":
+            return False
+        return self.decode == "sparse" or self.k * 8 <= self.n_features
+
+    def compute_dtype(self, device: torch.device | str = "cpu") -> torch.dtype:
+        if self.dtype == "auto":
+            on_gpu = torch.device(device).type == "cuda"
+            return torch.bfloat16 if on_gpu or hardware.cpu_bf16_unit() else torch.float32
+        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+
+
+class SAEOutput(NamedTuple):
+    """What :meth:`SAE.forward` returns. The losses are scalars; ``loss`` is what training minimises."""
+
+    recon: Tensor  # (B, d_in) the reconstruction x_hat
+    latents: Tensor  # (B, n_features) the feature activations f (for TopK: zero outside the k kept)
+    pre_acts: Tensor  # (B, n_features) encoder output before the activation function
+    loss: Tensor  # mse + l1_coeff * l1 (relu) or mse + aux_coeff * aux (topk)
+    mse: Tensor  # mean over batch and d_in of (x_hat - x)^2, as F.mse_loss (the anchor's reconstruction term)
+    l1: Tensor  # mean over batch of sum over features |f| (unweighted; for TopK only logged)
+    aux: Tensor  # AuxK loss (MSE of the residual's reconstruction by dead latents); 0 when unused
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder; ``cfg.architecture`` selects ReLU + L1 or TopK (+ AuxK)."""
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        # Decoder rows: random unit directions. Encoder: their transpose (Gao et al. 2024, sec. 2.4), which
+        # starts the SAE near a (scaled) identity on the span of the dictionary and avoids early dead latents.
+        w_dec = F.normalize(torch.randn(cfg.n_features, cfg.d_in, generator=gen), dim=1)
+        if cfg.init_encoder_transpose:
+            w_enc = w_dec.t().contiguous()  # a copy, stored row-major like every other weight
+        else:
+            bound = 1 / math.sqrt(cfg.d_in)  # nn.Linear's default for a d_in -> n_features layer
+            w_enc = (torch.rand(cfg.d_in, cfg.n_features, generator=gen) * 2 - 1) * bound
+        self.W_enc = nn.Parameter(w_enc)  # (d_in, n_features)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_features))  # (n_features,)
+        self.W_dec = nn.Parameter(w_dec)  # (n_features, d_in), unit-norm rows
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))  # (d_in,)
+        if device is not None:
+            self.to(device)
+
+    # --- the maths ---------------------------------------------------------------------------------------
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """(B, d_in) -> (B, n_features): the encoder before its non-linearity (b_dec subtracted first)."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Dense latents (B, n_features), and for TopK the kept (values, indices), each (B, k)."""
+        if self.cfg.architecture == "relu":
+            return F.relu(pre), None, None
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)  # (B, k)
+        values = F.relu(values)
+        latents = torch.zeros_like(pre).scatter(-1, indices, values)
+        return latents, values, indices
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(B, d_in) -> (B, n_features) feature activations."""
+        return self.activate(self.pre_activations(x))[0]
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, n_features) -> (B, d_in), dense: latents @ W_dec + b_dec."""
+        return latents @ self.W_dec + self.b_dec
+
+    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        """(B, k) values at (B, k) feature indices -> (B, d_in), touching only those k rows of W_dec."""
+        out = F.embedding_bag(indices, self.W_dec, per_sample_weights=values.to(self.W_dec.dtype), mode="sum")
+        return out + self.b_dec
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        """Encode, decode and score ``x`` (B, d_in). ``dead_mask`` (n_features,) bool switches on the AuxK
+        loss for TopK (the trainer passes its dead-latent tracker's mask)."""
+        pre = self.pre_activations(x)  # (B, n_features)
+        latents, values, indices = self.activate(pre)
+        if values is not None and self.cfg.sparse_decode:
+            recon = self.decode_sparse(values, indices)
+        else:
+            recon = self.decode(latents)
+        recon = recon.to(x.dtype)
+        mse = F.mse_loss(recon.float(), x.float())
+        l1 = latents.float().abs().sum(-1).mean()
+        if self.cfg.architecture == "relu":
+            aux = mse.new_zeros(())
+            loss = mse + self.cfg.l1_coeff * l1
+        else:
+            use_aux = dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any())
+            aux = auxk_loss(self, x, recon, pre, dead_mask) if use_aux else mse.new_zeros(())
+            loss = mse + self.cfg.aux_coeff * aux
+        return SAEOutput(recon, latents, pre, loss, mse, l1, aux)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row (one feature's direction) to unit L2 norm, so the L1 penalty cannot be
+        dodged by shrinking f and growing its direction. (The anchor's code normalises its
+        ``nn.Linear(n_features, d_in).weight``, shape (d_in, n_features), along dim 1: each *input
+        coordinate* across features, not each feature's direction; we follow Bricken et al., who normalise
+        the features' directions.)"""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+
+def auxk_loss(sae: SAE, x: Tensor, recon: Tensor, pre: Tensor, dead_mask: Tensor) -> Tensor:
+    """AuxK (Gao et al. 2024, appendix A.2): reconstruct the residual ``e = x - x_hat`` from the
+    ``aux_k`` largest pre-activations among the dead latents only; returns the MSE of that reconstruction
+    (mean over batch and d_in, the same scale as the main MSE term, so the 1/32 weight means what it does
+    in the paper, where both terms are normalised alike). The residual is a fixed target (detached), so
+    the gradient reaches only the dead latents' encoder and decoder rows: they learn to explain what the
+    live ones miss.
+
+    x, recon: (B, d_in); pre: (B, n_features) pre-activations; dead_mask: (n_features,) bool.
+    """
+    n_dead = int(dead_mask.sum())
+    if n_dead == 0:
+        return pre.new_zeros((), dtype=torch.float32)
+    k_aux = min(sae.cfg.aux_k, n_dead)
+    residual = (x - recon).detach().float()  # (B, d_in)
+    masked = pre.masked_fill(~dead_mask, float("-inf"))  # only dead latents compete
+    values, indices = masked.topk(k_aux, dim=-1, sorted=False)  # (B, k_aux)
+    values = F.relu(values)
+    e_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values.to(sae.W_dec.dtype), mode="sum")
+    return F.mse_loss(e_hat.float(), residual)
+
+
+@torch.no_grad()
+def resample_dead(sae: SAE, optimizer: torch.optim.Optimizer, inputs: Tensor, dead_mask: Tensor,
+                  generator: torch.Generator | None = None) -> int:
+    """Give dead features new directions (Bricken et al. 2023, "Neuron resampling"); returns how many.
+
+    For each dead feature, draw an input with probability proportional to its squared reconstruction loss
+    under the current SAE; its unit direction becomes the decoder row, and the encoder column is the same
+    direction scaled to ``0.2 x`` the mean norm of the live features' encoder columns; the encoder bias is
+    0. Adam's moments for exactly those rows and columns are zeroed; live features are not touched.
+
+    inputs: (N, d_in) a pool of recent activations; dead_mask: (n_features,) bool.
+    """
+    dead = dead_mask.nonzero().squeeze(1)
+    n_dead = dead.numel()
+    if n_dead == 0:
+        return 0
+    inputs = inputs.to(sae.W_dec.device, torch.float32)
+    losses = []
+    for chunk in inputs.split(4096):
+        losses.append((sae(chunk).recon.float() - chunk).pow(2).sum(-1))
+    weights = torch.cat(losses).pow(2).cpu().double()  # probability ~ squared loss
+    if not torch.isfinite(weights).all() or weights.sum() <= 0:
+        weights = torch.ones_like(weights)
+    replace = n_dead > int((weights > 0).sum())
+    picked = torch.multinomial(weights, n_dead, replacement=replace, generator=generator)
+    directions = F.normalize(inputs[picked.to(inputs.device)], dim=1)  # (n_dead, d_in)
+
+    live = ~dead_mask
+    enc_norms = sae.W_enc.norm(dim=0)  # (n_features,)
+    scale = enc_norms[live].mean() if bool(live.any()) else enc_norms.new_tensor(1.0)
+    sae.W_dec[dead] = directions
+    sae.W_enc[:, dead] = directions.t() * (RESAMPLE_ENCODER_SCALE * scale)
+    sae.b_enc[dead] = 0.0
+
+    # Adam's running moments for the changed rows would carry the dead features' old gradients: reset them.
+    for param, index in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if key in state:
+                state[key][index] = 0.0
+    return n_dead
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, n_iter: int = 50, eps: float = 1e-6) -> Tensor:
+    """The point minimising the sum of Euclidean distances to the rows of ``x`` (N, d) (Weiszfeld)."""
+    x = x.double()
+    median = x.mean(0)
+    for _ in range(n_iter):
+        dist = (x - median).norm(dim=1).clamp_min(eps)
+        w = 1 / dist
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - median).norm() < eps * (1 + median.norm()):
+            median = new
+            break
+        median = new
+    return median.float()
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+class TrainResult(NamedTuple):
+    sae: SAE
+    history: list[dict[str, float]]  # one row per logged interval: step, n_activations, loss, mse, l1,
+    #                                  l0, fvu, aux, dead_fraction, resampled, seconds
+
+
+def _batches(source: Tensor | Iterable[Tensor], batch_size: int, gen: torch.Generator) -> Iterator[Tensor]:
+    """Batches of exactly ``batch_size`` rows. A tensor is walked in shuffled epochs (seeded); an iterable's
+    chunks of any size are re-cut, and it may be endless (a streaming activation buffer)."""
+    if isinstance(source, Tensor):
+        if source.ndim != 2 or source.shape[0] == 0:
+            raise ConfigError(f"activations must be a non-empty (N, d_in) tensor, got shape {tuple(source.shape)}")
+        n = source.shape[0]
+        while True:
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n - batch_size + 1, batch_size):
+                yield source[order[start:start + batch_size]]
+            if n < batch_size:  # tiny sources: sample with replacement
+                yield source[torch.randint(n, (batch_size,), generator=gen)]
+    else:
+        pending: list[Tensor] = []
+        have = 0
+        for chunk in source:
+            chunk = chunk.reshape(-1, chunk.shape[-1])
+            pending.append(chunk)
+            have += chunk.shape[0]
+            while have >= batch_size:
+                flat = torch.cat(pending)
+                yield flat[:batch_size]
+                rest = flat[batch_size:]
+                pending, have = ([rest] if rest.shape[0] else []), rest.shape[0]
+
+
+def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor], *, device: torch.device | str | None = None,
+          progress: bool = True, sae: SAE | None = None, desc: str | None = None) -> TrainResult:
+    """Train an SAE on ``source``: an (N, d_in) tensor (shuffled epochs) or an iterable of (*, d_in)
+    batches (e.g. a streaming activation buffer). Adam, decoder rows renormalised after every step, dead
+    latents tracked over ``cfg.dead_window`` activations and handled by resampling (``resample_every``) or
+    AuxK (TopK). Deterministic on CPU for a given ``cfg.seed`` and source. Returns the SAE and the curve.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    sae = sae if sae is not None else SAE(cfg)
+    sae.to(device)
+    batches = _batches(source, cfg.batch_size, gen)
+
+    first = next(batches, None)
+    if first is None:
+        raise ConfigError(f"the activation source gave fewer than batch_size = {cfg.batch_size} rows")
+    first = first.to(device, torch.float32)
+    if first.shape[1] != cfg.d_in:
+        raise ConfigError(f"activations have width {first.shape[1]} but SAEConfig.d_in is {cfg.d_in}")
+    with torch.no_grad():
+        if cfg.b_dec_init == "geometric_median":
+            sae.b_dec.copy_(geometric_median(first))
+        elif cfg.b_dec_init == "mean":
+            sae.b_dec.copy_(first.mean(0))
+
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    compute_dtype = cfg.compute_dtype(device)
+    autocast = compute_dtype != torch.float32
+    since_fired = torch.zeros(cfg.n_features, dtype=torch.long, device=device)  # activations since last fire
+    pool: collections.deque[Tensor] = collections.deque()
+    pool_rows = 0
+    resample_stop = int(cfg.n_steps * cfg.resample_until)
+
+    history: list[dict[str, float]] = []
+    sums: dict[str, float] = collections.defaultdict(float)
+    n_in_interval, resampled, start = 0, 0, time.perf_counter()
+    bar = tqdm(range(cfg.n_steps), desc=desc or f"SAE {cfg.architecture} {cfg.d_in}->{cfg.n_features}",
+               disable=not progress, mininterval=1.0, leave=False)
+    batch = first
+    for step in bar:
+        if step > 0:
+            batch = next(batches, None)
+            if batch is None:  # a finite stream ran out: stop here, the curve says where
+                break
+            batch = batch.to(device, torch.float32)
+        if cfg.resample_every and cfg.architecture == "relu":
+            pool.append(batch)
+            pool_rows += batch.shape[0]
+            while pool_rows - pool[0].shape[0] >= cfg.resample_pool:
+                pool_rows -= pool.popleft().shape[0]
+        dead_mask = since_fired >= cfg.dead_window
+        with torch.autocast(device.type, dtype=compute_dtype, enabled=autocast):
+            out = sae(batch, dead_mask if cfg.architecture == "topk" else None)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        sae.normalize_decoder()
+
+        with torch.no_grad():
+            fired = (out.latents > 0)
+            since_fired += batch.shape[0]
+            since_fired[fired.any(0)] = 0
+            resid = (batch - out.recon.float()).pow(2).sum()
+            total = (batch - batch.mean(0)).pow(2).sum().clamp_min(1e-12)
+            for name, value in (("loss", out.loss), ("mse", out.mse), ("l1", out.l1), ("aux", out.aux),
+                                ("l0", fired.sum(-1).float().mean()), ("fvu", resid / total)):
+                sums[name] += float(value)
+        n_in_interval += 1
+
+        if (cfg.resample_every and cfg.architecture == "relu" and (step + 1) % cfg.resample_every == 0
+                and step + 1 <= resample_stop and step + 1 < cfg.n_steps):
+            dead_now = since_fired >= min(cfg.dead_window, cfg.resample_every * cfg.batch_size)
+            n = resample_dead(sae, optimizer, torch.cat(list(pool)), dead_now, generator=gen)
+            since_fired[dead_now] = 0
+            resampled += n
+
+        last = step + 1 == cfg.n_steps
+        if (step + 1) % cfg.log_every == 0 or last:
+            row = {"step": step + 1, "n_activations": (step + 1) * cfg.batch_size}
+            row.update({k: v / n_in_interval for k, v in sums.items()})
+            row["dead_fraction"] = float((since_fired >= cfg.dead_window).float().mean())
+            row["resampled"] = resampled
+            row["seconds"] = time.perf_counter() - start
+            history.append(row)
+            bar.set_postfix(mse=f"{row['mse']:.4g}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+            sums.clear()
+            n_in_interval, resampled = 0, 0
+    if n_in_interval:  # the stream ended between two logged intervals
+        history.append({"step": step, "n_activations": step * cfg.batch_size,
+                        **{k: v / n_in_interval for k, v in sums.items()},
+                        "dead_fraction": float((since_fired >= cfg.dead_window).float().mean()),
+                        "resampled": resampled, "seconds": time.perf_counter() - start})
+    bar.close()
+    sae.eval()
+    return TrainResult(sae, history)
+
+
+# --- evaluation helpers -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(sae: SAE, x: Tensor, batch_size: int = 4096) -> dict[str, Any]:
+    """Reconstruction and sparsity of ``sae`` on ``x`` (N, d_in): mse (as in training), fvu (fraction of
+    variance unexplained), l0 (mean active latents), l1, dead_fraction (latents that never fire on x)
+    and the per-latent firing frequency (a (n_features,) tensor, under ``"frequency"``)."""
+    resid = total = l0 = l1 = 0.0
+    fires = torch.zeros(sae.cfg.n_features, device=sae.W_dec.device)
+    mean = x.float().mean(0).to(sae.W_dec.device)
+    for chunk in x.split(batch_size):
+        chunk = chunk.to(sae.W_dec.device, torch.float32)
+        out = sae(chunk)
+        resid += float((out.recon.float() - chunk).pow(2).sum())
+        total += float((chunk - mean).pow(2).sum())
+        active = out.latents > 0
+        l0 += float(active.sum())
+        l1 += float(out.latents.abs().sum())
+        fires += active.sum(0)
+    n = x.shape[0]
+    return {"mse": resid / (n * sae.cfg.d_in), "fvu": resid / max(total, 1e-12), "l0": l0 / n, "l1": l1 / n,
+            "dead_fraction": float((fires == 0).float().mean()), "frequency": (fires / n).cpu()}
+
+
+# --- save / load (SAELens's format, plus our full config) ---------------------------------------------
+
+def save(sae: SAE, folder: str | Path, *, dtype: torch.dtype = torch.float16,
+         metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``cfg.json`` + ``sae_weights.safetensors`` (weights in ``dtype``, fp16 for the cache) in the
+    layout SAELens's ``SAE.load_from_disk`` reads; our own :class:`SAEConfig` goes under ``"monosemantic"``.
+    ``metadata`` (e.g. ``{"hook_name": "blocks.0.mlp.hook_post", "model_name": ...}``) is recorded too."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = sae.cfg
+    tensors = {name: getattr(sae, name).detach().to("cpu", dtype).contiguous()
+               for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    save_file(tensors, str(folder / SAE_WEIGHTS_FILENAME))
+    saelens = {
+        "d_in": cfg.d_in,
+        "d_sae": cfg.n_features,
+        "architecture": "standard" if cfg.architecture == "relu" else "topk",
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "metadata": dict(metadata or {}),
+        "monosemantic": cfg.to_dict(),
+    }
+    if cfg.architecture == "topk":
+        saelens["k"] = cfg.k
+    (folder / SAE_CFG_FILENAME).write_text(json.dumps(saelens, indent=2) + "\n")
+    return folder
+
+
+def load(folder: str | Path, device: torch.device | str = "cpu") -> SAE:
+    """Read an SAE written by :func:`save` (weights upcast to float32)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = json.loads((folder / SAE_CFG_FILENAME).read_text())
+    fields = {f.name for f in dataclasses.fields(SAEConfig)}
+    cfg = SAEConfig(**{k: v for k, v in meta["monosemantic"].items() if k in fields})
+    sae = SAE(cfg)
+    weights = load_file(str(folder / SAE_WEIGHTS_FILENAME))
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            getattr(sae, name).copy_(tensor.float())
+    return sae.to(device).eval()

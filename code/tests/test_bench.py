@@ -1,0 +1,37 @@
+"""The benchmark's plumbing (the measurements themselves run in `make bench`, not in the tests)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from monosemantic import bench, hardware, store
+from monosemantic.anchor_reference import AnchorTransformer, anchor_train_step
+
+
+def test_rows_carry_the_ratio_and_are_written_as_an_artifact(tmp_cache):
+    row = bench._row("lm train step, batch 32", "tokens/s", 3000.0, 1500.0, ours_mfu=0.4)
+    assert row["ratio"] == 2.0 and row["ours_mfu"] == 0.4
+    assert bench._row("matmul", "TFLOP/s", 0.2, None)["ratio"] is None
+    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1, peaks={"bfloat16": 1e11})
+    path = bench.write_results("lm", [row], ctx, seconds=1.0)
+    assert path.endswith("cpu-lm-quick")
+    art = store.load(f"bench/{hardware.slug()}", "cpu", "lm-quick")
+    assert json.loads(art.file("results.json").read_text()) == [row]
+    assert all(callable(fn) for _, fn in bench.BENCHES)
+
+
+def test_the_anchor_recreation_has_its_quirks_and_trains():
+    torch.manual_seed(0)
+    model = AnchorTransformer(vocab_size=64, context_length=16)
+    assert len(model.h[0].attn.heads) == 8 and not hasattr(model.h[0].attn, "out")
+    n_linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert n_linear == 3 * 128 * 128 + 2 * 128 * 512 + 128 * 64  # Q, K, V, MLP, unembedding; no W_O
+    assert model.forward_embedding(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 512)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 64, (4, 16))
+    first = anchor_train_step(model, opt, x, x)
+    for _ in range(5):
+        last = anchor_train_step(model, opt, x, x)
+    assert last < first

@@ -1,0 +1,357 @@
+"""The book's preview builder on throwaway books in tmp_path: cell execution and its cache, cell
+options, cross-reference numbering. Each test that runs code starts a Jupyter kernel (~1.5 s)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from monosemantic.book import build as build_book
+from monosemantic.book.crossref import CrossrefError
+from monosemantic.book.execute import CellError
+from monosemantic.book.qmd import QmdError
+
+# a 1x1 PNG, for markdown figures
+PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
+                         "AAAABJRU5ErkJggg==")
+
+
+def make_book(root: Path, chapters: dict[str, str], appendices: dict[str, str] | None = None,
+              execute: str = "") -> Path:
+    """A book in ``root``: ``chapters`` maps file names (under report/) to their text."""
+    (root / "report").mkdir(parents=True, exist_ok=True)
+    (root / "cache").mkdir(exist_ok=True)
+    for name, text in {**chapters, **(appendices or {})}.items():
+        (root / "report" / name).write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    (root / "report" / "references.bib").write_text(
+        "@article{known2020,\n  title = {A Known Paper},\n  author = {Known, Ann},\n  journal = {J},\n"
+        "  year = {2020}\n}\n", encoding="utf-8")
+    lines = ["project:", "  type: book", "book:", "  title: Test Book", "  output-file: test", "  chapters:"]
+    lines += [f"    - report/{n}" for n in chapters]
+    if appendices:
+        lines += ["  appendices:"] + [f"    - report/{n}" for n in appendices]
+    lines += ["bibliography: report/references.bib", execute]
+    (root / "_quarto.yml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def book_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MONOSEMANTIC_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+# --- cross-references (no code: no kernel) ----------------------------------------------------------------
+
+CROSSREF_BOOK = {
+    "index.qmd": """
+        # Preface {.unnumbered}
+
+        See @sec-second and @fig-two; cited [@known2020].
+        """,
+    "01-first.qmd": """
+        # First chapter {#sec-first}
+
+        ## A section {#sec-a}
+
+        ![One](pixel.png){#fig-one}
+
+        ![Two](pixel.png){#fig-two}
+
+        | a | b |
+        |---|---|
+        | 1 | 2 |
+
+        : A table {#tbl-t}
+
+        $$ E = mc^2 $$ {#eq-energy}
+
+        As @eq-energy shows, and [-@fig-one] too.
+        """,
+    "02-second.qmd": """
+        # Second chapter {#sec-second}
+
+        @fig-two is in @sec-first; @tbl-t and @eq-energy too; @sec-a is a section. @sec-app, @fig-app. @Fig-one.
+
+        ![Second chapter's first](pixel.png){#fig-three}
+
+        ::: {#fig-div}
+        ![](pixel.png)
+
+        A figure in Quarto's div syntax.
+        :::
+
+        See @fig-div.
+        """,
+    "03-third.qmd": """
+        ---
+        title: "Titled in front matter"
+        ---
+
+        ![Third chapter's first](pixel.png){#fig-four}
+        """,
+}
+APPENDIX = {"appendix.qmd": """
+    # Extra {#sec-app}
+
+    ![Appendix figure](pixel.png){#fig-app}
+    """}
+
+
+def test_cross_references_are_numbered_as_quarto_numbers_them(book_env):
+    root = make_book(book_env, CROSSREF_BOOK, APPENDIX)
+    (root / "report" / "pixel.png").write_bytes(PIXEL)
+    report = build_book(root, pdf_book=False, log=quiet)
+    assert report.executed == 0
+    first = (root / "_book" / "01-first.html").read_text()
+    second = (root / "_book" / "02-second.html").read_text()
+    index = (root / "_book" / "index.html").read_text()
+    appendix = (root / "_book" / "appendix.html").read_text()
+    assert "Figure 1.1: One" in first and "Figure 1.2: Two" in first and "Table 1.1: A table" in first
+    assert '<span class="header-section-number">1.1</span> A section' in first
+    assert '<span class="eq-number">(1.1)</span>' in first
+    assert '<a href="#eq-energy" class="quarto-xref">Equation\u00a01.1</a>' in first
+    assert '<a href="#fig-one" class="quarto-xref">1.1</a>' in first  # [-@fig-one]: number only
+    # across chapters: the link goes to the other page
+    assert '<a href="01-first.html#fig-two" class="quarto-xref">Figure\u00a01.2</a>' in second
+    assert '<a href="01-first.html#sec-first" class="quarto-xref">Chapter\u00a01</a>' in second
+    assert '<a href="01-first.html#sec-a" class="quarto-xref">Section\u00a01.1</a>' in second
+    assert ">Table\u00a01.1<" in second and ">Equation\u00a01.1<" in second
+    assert "Figure 2.1: Second chapter" in second and '01-first.html#fig-one" class="quarto-xref">Figure' in second
+    assert "Figure 2.2: A figure in Quarto" in second and ">Figure\u00a02.2</a>" in second
+    third = (root / "_book" / "03-third.html").read_text()
+    assert "Figure 3.1: Third" in third and '<span class="header-section-number">3</span> Titled in front' in third
+    assert ">Appendix\u00a0A<" in second and ">Figure\u00a0A.1<" in second and "Figure A.1: Appendix" in appendix
+    # the unnumbered index does not take chapter 1; citations go through citeproc, crossrefs do not
+    assert '02-second.html#sec-second" class="quarto-xref">Chapter\u00a02<' in index
+    assert "Known" in index and "?" not in index.split("<main")[1].split("Known")[0][-20:]
+    assert "Known, Ann" in (root / "_book" / "references.html").read_text()
+    # sidebar and prev/next
+    assert 'href="02-second.html" rel="next"' in first and 'href="index.html" rel="prev"' in first
+    assert all(f'href="{p}"' in appendix for p in ("index.html", "01-first.html", "02-second.html"))
+
+
+def test_pdf_uses_quarto_numbers(book_env):
+    root = make_book(book_env, CROSSREF_BOOK, APPENDIX)
+    (root / "report" / "pixel.png").write_bytes(PIXEL)
+    report = build_book(root, html_site=False, log=quiet)
+    assert report.pdf == root / "_book" / "test.pdf" and report.pdf.read_bytes()[:5] == b"%PDF-"
+    typ = (root / "_book" / "test.typ").read_text()
+    assert "#set figure(numbering: none)" in typ
+    assert "Figure 1.2: Two" in typ and "#link(<fig-two>)[Figure" in typ and "<eq-energy>" in typ
+    assert "(fig-" not in typ and "#cite(<fig" not in typ
+
+
+def test_unknown_reference_fails_naming_the_chapter(book_env):
+    root = make_book(book_env, {"01-a.qmd": "# A {#sec-a}\n\nSee @fig-missing and [@nobody1999].\n"})
+    with pytest.raises(CrossrefError, match=r"report/01-a.qmd: @fig-missing refers to no label") as err:
+        build_book(root, pdf_book=False, log=quiet)
+    assert "nobody1999" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_cell_options_are_refused(book_env):
+    root = make_book(book_env, {"01-a.qmd": "# A\n\n```{python}\n#| colour: red\n1\n```\n"})
+    with pytest.raises(QmdError, match="not a Quarto cell option"):
+        build_book(root, pdf_book=False, log=quiet)
+    (root / "report" / "01-a.qmd").write_text("# A\n\n```{python}\n#| code-fold: true\n1\n```\n")
+    with pytest.raises(QmdError, match="Quarto knows but the preview builder does not honour"):
+        build_book(root, pdf_book=False, log=quiet)
+
+
+# --- executing cells (each build that runs code starts a kernel) --------------------------------------------
+
+def test_a_failing_cell_fails_the_build_naming_chapter_and_cell(book_env):
+    root = make_book(book_env, {"01-a.qmd": """
+        # A
+
+        ```{python}
+        x = 1
+        ```
+
+        ```{python}
+        #| label: broken
+        y = x + 1
+        raise ValueError(f"boom {y}")
+        ```
+        """})
+    with pytest.raises(CellError) as err:
+        build_book(root, pdf_book=False, log=quiet)
+    message = str(err.value)
+    assert "report/01-a.qmd" in message and "broken" in message and "y = x + 1" in message
+    assert "ValueError: boom 2" in message and "\n" not in message
+
+
+def chapter_with_cells(name: str, log: Path, extra: str = "") -> str:
+    return f"""
+        # Chapter {name}
+
+        ```{{python}}
+        #| echo: true
+        open({str(log)!r}, "a").write("{name}-shown\\n")
+        print("printed-{name}")
+        ```
+
+        ```{{python}}
+        open({str(log)!r}, "a").write("{name}-hidden-code\\n")
+        print("output-only-{name}")
+        ```
+
+        ```{{python}}
+        #| include: false
+        open({str(log)!r}, "a").write("{name}-include-false\\n")
+        print("invisible-{name}")
+        ```
+
+        ```{{python}}
+        #| eval: false
+        #| echo: true
+        open({str(log)!r}, "a").write("{name}-never\\n")
+        ```
+        {extra}
+        """
+
+
+FIGURE_CELL = """
+        ```{python}
+        #| label: fig-line
+        #| fig-cap: "A line on [0, 1: $y = x$."
+        #| fig-alt: "A rising line."
+        from monosemantic import style
+        fig, ax = style.figure("half")
+        ax.plot([0, 1], [0, 1])
+        ```
+
+        ```{python}
+        #| label: tbl-frame
+        #| tbl-cap: "A frame."
+        answer = 21
+        import pandas as pd
+        pd.DataFrame({"a": [1, 2], "b": [3.5, 4.5]}).rename_axis("row")
+        ```
+
+        ```{python}
+        #| label: tbl-markdown
+        #| tbl-cap: "A markdown table."
+        style.table(pd.DataFrame({"name": ["`x`"], "v": [1.5]}))
+        ```
+
+        @fig-line and @tbl-frame; the answer is `{python} answer * 2`.
+"""
+
+
+def test_cell_options_and_selective_reexecution(book_env):
+    log = book_env / "executions.log"
+    root = make_book(book_env, {"01-a.qmd": chapter_with_cells("a", log, FIGURE_CELL),
+                                "02-b.qmd": chapter_with_cells("b", log)}, execute="execute:\n  echo: false")
+
+    def runs() -> list[str]:
+        return log.read_text().split() if log.exists() else []
+
+    report = build_book(root, pdf_book=False, log=quiet)
+    assert sorted(runs()) == sorted(f"{c}-{w}" for c in "ab" for w in ("shown", "hidden-code", "include-false"))
+    assert [r.executed for r in report.chapters] == [6, 3]  # eval: false cells never reach the kernel
+    page = (root / "_book" / "01-a.html").read_text()
+    assert "printed-a" in page and "a-shown" in page  # echo: true shows code and output
+    assert "output-only-a" in page and "a-hidden-code" not in page  # execute: echo: false from _quarto.yml
+    assert "invisible-a" not in page and "a-include-false" not in page  # include: false hides both
+    assert "a-never" in page  # eval: false shows the code (echo: true) without running it
+    assert "Figure 1.1: A line on [0, 1: <math" in page and 'alt="A rising line."' in page  # unbalanced [ is fine
+    assert "Table 1.1: A frame." in page and "<table" in page
+    assert re.search(r"<thead>\s*<tr[^>]*>\s*<th[^>]*>row</th>", page)  # pandas' index-name row merged into one
+    assert "Table 1.2: A markdown table." in page and "<code>x</code>" in page  # style.table: markdown cells
+    assert "@" not in page.split("A frame.")[-1].split("</main>")[0]  # the references resolved
+    assert "the answer is 42." in page  # inline expressions, evaluated after the cells
+    png = root / "_book" / "figures" / "01-a-fig-line-1.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and 'src="figures/01-a-fig-line-1.png"' in page
+    notebook = json.loads((root / "_book" / "notebooks" / "01-a.ipynb").read_text())
+    assert any("printed-a" in "".join(o.get("text", "")) for c in notebook["cells"] for o in c.get("outputs", []))
+    assert 'href="notebooks/01-a.ipynb"' in page
+
+    # unchanged: everything from the cache
+    report = build_book(root, pdf_book=False, log=quiet)
+    assert report.executed == 0 and all(r.cache_hit for r in report.chapters) and len(runs()) == 6
+
+    # edit one chapter's code: only that chapter runs again; edit markdown only: nothing runs
+    b = root / "report" / "02-b.qmd"
+    b.write_text(b.read_text().replace('print("printed-b")', 'print("printed-b, edited")'))
+    a = root / "report" / "01-a.qmd"
+    a.write_text(a.read_text().replace("# Chapter a", "# Chapter a, retitled"))
+    before = len(runs())
+    report = build_book(root, pdf_book=False, log=quiet)
+    assert [r.executed for r in report.chapters] == [0, 3]
+    assert sorted(runs()[before:]) == ["b-hidden-code", "b-include-false", "b-shown"]
+    assert "printed-b, edited" in (root / "_book" / "02-b.html").read_text()
+    assert "Chapter a, retitled" in (root / "_book" / "01-a.html").read_text()
+
+    # a changed artifact in the result cache re-runs the chapters (jupyter-cache cannot see data files)
+    artifact = root / "cache" / "lm" / "tiny-model"
+    artifact.mkdir(parents=True)
+    (artifact / "manifest.json").write_text('{"stage": "lm"}')
+    report = build_book(root, pdf_book=False, log=quiet)
+    assert [r.executed for r in report.chapters] == [6, 3]
+
+
+def test_style_sizes_and_palette(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from monosemantic import style
+
+    assert len(set(style.PALETTE)) == 8 and style.PALETTE[-1] == "#F0E442"  # yellow last: faint in print
+    fig, ax = style.figure("half")
+    assert tuple(fig.get_size_inches()) == style.SIZES["half"]
+    assert matplotlib.rcParams["axes.prop_cycle"].by_key()["color"][0] == style.PALETTE[0]
+    ax.plot([0, 1])
+    assert style.savefig(fig, "check", folder=tmp_path) is None  # a cell ending with it prints nothing
+    assert style.figure_path("check", tmp_path).read_bytes()[:4] == b"\x89PNG"
+    with style.context():
+        assert matplotlib.rcParams["font.size"] == style.FONT_SIZE
+
+
+def test_style_table_is_markdown_with_aligned_columns():
+    import pandas as pd
+
+    from monosemantic import style
+
+    frame = pd.DataFrame({"hook": ["`hook_embed`", "a|b"], "value": [0.123456, 2.0]}).set_index("hook")
+    assert style.table(frame).data.splitlines() == [
+        "| hook | value |", "|:---|---:|", "| `hook_embed` | 0.123 |", "| a\\|b | 2 |"]
+
+
+def test_qmd_splitting_keeps_fenced_examples_as_text(tmp_path):
+    from monosemantic.book import qmd
+
+    text = textwrap.dedent('''
+        ---
+        title: T
+        ---
+        Value `{python} 1 + 1` here.
+
+        ````markdown
+        ```{python}
+        not_a_cell()
+        ```
+        and `{python} not_inline` either
+        ````
+
+        ```{python}
+        #| label: real
+        #| echo: false
+        x = 1
+        ```
+        ''').lstrip()
+    doc = qmd.parse(tmp_path / "c.qmd", text)
+    assert doc.front_matter == {"title": "T"}
+    assert [(c.index, c.options, c.code) for c in doc.cells] == [(1, {"label": "real", "echo": False}, "x = 1")]
+    assert doc.inline_expressions == ["1 + 1"]
+    assert "not_a_cell()" in doc.parts[0] and "`{python} not_inline`" in doc.parts[0]
+    assert qmd.substitute_inline(doc.parts[0], iter(["2"])).startswith("Value 2 here.")

