@@ -22,6 +22,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train-lm", "monosemantic.lm_train", "train the one-layer language model (resumes from its checkpoint)"),
     ("bench", "monosemantic.bench", "throughput and MFU side by side with the anchor's code (cache/bench/)"),
     ("toy", "monosemantic.toy", "synthetic superposition and SAE dictionary recovery with known answers (chapter 2)"),
+    ("readme", "monosemantic.readme", "write the README's headline numbers from the cache"),
+    ("reproduce", "monosemantic.pipeline", "run every stage of the pipeline in order for one profile"),
     ("llama", "monosemantic.llama", "Llama-family models (SmolLM2, L3-8B-Stheno): activations, harvest, SAE, cost"),
 ]
 

@@ -736,6 +736,10 @@ class Shards:
     def rows(self) -> int:
         return sum(r for _, r in self.files)
 
+    def harvest_seconds(self) -> float:
+        """Wall time of the harvest (the slowest process, summed over resumed runs)."""
+        return max((sum(r["seconds"] for r in ix.get("runs", [])) for ix in self.indexes), default=0.0)
+
     def tokens_per_s(self) -> float:
         """Forward throughput of the harvest, all processes together (each rank's tokens / its seconds)."""
         total = 0.0
@@ -1120,10 +1124,13 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
     if source.width(hook) != out.sae.cfg.d_in:
         raise LlamaError(f"the SAE reads {out.sae.cfg.d_in} numbers but {hook} of {cfg.model} has "
                          f"{source.width(hook)}: the shards and the model do not match")
+    eval_start = time.perf_counter()
     ev = evaluate(cfg, source, out.sae, eval_windows(cfg, source, profile, texts() if texts else None),
                   progress=progress)
+    eval_seconds = time.perf_counter() - eval_start
     name = artifact_name(cfg, out.sae.cfg.n_features)
     with store.write("llama", profile, name, config=cfg) as w:
+        w.wall_time_s = shards.harvest_seconds() + out.seconds + eval_seconds
         big = out.sae.cfg.d_in * out.sae.cfg.n_features * 2 * 2 > 20e6
         sae_mod.save(out.sae, (w.work_dir if big else w.dir) / "sae",
                      metadata={"hook_name": hook, "model_name": cfg.model})
@@ -1135,7 +1142,8 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
                           "harvest_tokens_per_s": round(shards.tokens_per_s(), 2),
                           "sae_acts_per_s": round(out.acts_per_s, 2),
                           "sae_steps_per_s": round(out.acts_per_s / cfg.sae_batch, 4),
-                          "sae_train_seconds": round(out.seconds, 1)})
+                          "sae_train_seconds": round(out.seconds, 1), "eval_seconds": round(eval_seconds, 1),
+                          "harvest_seconds": round(shards.harvest_seconds(), 1)})
         w.info.update({"hook": hook, "model": source.info(), "memory_plan": out.plan._asdict(),
                        "processes": d.world, "sae_config": out.sae.cfg.to_dict()})
     print(f"llama: wrote llama/{profile}-{name}: " + ", ".join(

@@ -204,62 +204,88 @@ def sample_completions(model: Transformer, tokenizer, prompts=SAMPLE_PROMPTS, ne
 
 @torch.no_grad()
 def neuron_statistics(model: Transformer, split: TokenSplit, tokenizer, n_tokens: int = 262_144, top_k: int = 20,
-                      before: int = 16, after: int = 4, batch_size: int = 64) -> dict[str, Any]:
+                      before: int = 16, after: int = 4, batch_size: int = 64, eot_id: int = 50256) -> dict[str, Any]:
     """How the MLP neurons fire on held-out text, for the book (which never runs the model on the corpus).
 
-    The text is ``n_tokens`` of the split in consecutive windows of the model's context. Returns tables:
-    ``top_contexts`` (neuron, rank, activation, the text before the token, the token, the text after:
-    within the window, so exactly what the model saw), ``summary`` (per neuron: firing frequency, mean and
-    max activation, distinct tokens among its top contexts) and ``histogram`` (activations of every neuron
-    at every token, zeros counted apart)."""
+    The text is ``n_tokens`` of the split, in windows of the model's context spread evenly over it. Returns
+    tables: ``top_contexts`` (neuron, rank, activation, document, the text before the token, the token,
+    the text after: all within the window, so exactly what the model saw), keeping the strongest
+    activation of each *document* only, so that a neuron's list shows the breadth of what excites it and
+    not one long document over and over; ``random_contexts``, a uniform random sample of the tokens each
+    neuron fires on (what it does most of the time, not only at its peak); ``summary`` (per neuron: firing
+    frequency, mean and max activation, distinct tokens among its top contexts); ``histogram`` (every
+    neuron's activation at every token; bin 0 counts the exact zeros)."""
     import pandas as pd
 
-    T = model.config.context_length
+    T, d_mlp = model.config.context_length, model.config.d_mlp
     hook = model.default_hook
-    n_windows = max(1, min(n_tokens, len(split) - 1) // T)
-    starts = np.arange(n_windows, dtype=np.int64) * T
+    n_windows = max(1, min(n_tokens // T, (len(split) - 1) // T))
+    starts = np.linspace(0, len(split) - T - 1, n_windows).astype(np.int64)  # (W,)
+    eots = np.flatnonzero(np.asarray(split.tokens) == eot_id)  # document boundaries
     edges = np.concatenate([[0.0], np.geomspace(1e-3, 100, 61)])  # bin 0: exact zeros; then log-spaced
     hist = np.zeros(len(edges) - 1, dtype=np.int64)
     zeros = 0
-    fired = torch.zeros(model.config.d_mlp, dtype=torch.int64)
-    total = torch.zeros(model.config.d_mlp, dtype=torch.float64)
-    best_v = torch.full((top_k, model.config.d_mlp), -1.0)  # (k, d_mlp)
-    best_i = torch.zeros((top_k, model.config.d_mlp), dtype=torch.int64)  # global token index
+    fired = torch.zeros(d_mlp, dtype=torch.int64)
+    total = torch.zeros(d_mlp, dtype=torch.float64)
+    pool = 8 * top_k  # candidates per neuron, thinned to one per document at the end
+    best_v = torch.full((pool, d_mlp), -1.0)  # (pool, d_mlp)
+    best_i = torch.zeros((pool, d_mlp), dtype=torch.int64)  # window * T + position
+    # a uniform random sample of the tokens each neuron fires on: the largest random keys among them
+    gen = torch.Generator().manual_seed(0)
+    rand_k = torch.full((top_k, d_mlp), -1.0)
+    rand_i = torch.zeros((top_k, d_mlp), dtype=torch.int64)
+    rand_v = torch.zeros((top_k, d_mlp))
     for b in range(0, n_windows, batch_size):
         x, _ = split.windows(starts[b:b + batch_size], T)  # (B, T)
-        acts = model.run_with_cache(x, [hook])[hook].reshape(-1, model.config.d_mlp)  # (B*T, d_mlp)
+        acts = model.run_with_cache(x, [hook])[hook].reshape(-1, d_mlp)  # (B*T, d_mlp)
         fired += (acts > 0).sum(0)
         total += acts.sum(0, dtype=torch.float64)
         zeros += int((acts == 0).sum())
         positive = np.clip(acts[acts > 0].numpy(), edges[1], edges[-1] * (1 - 1e-9))  # tails into end bins
         hist[1:] += np.histogram(positive, bins=edges[1:])[0]
         index = torch.arange(b * T, b * T + acts.shape[0])[:, None].expand_as(acts)  # (B*T, d_mlp)
-        v, i = torch.topk(torch.cat([best_v, acts]), top_k, dim=0)
-        best_i = torch.gather(torch.cat([best_i, index]), 0, i)
-        best_v = v
+        v, i = torch.topk(torch.cat([best_v, acts]), min(pool, len(acts) + pool), dim=0)
+        best_i, best_v = torch.gather(torch.cat([best_i, index]), 0, i), v
+        keys = torch.where(acts > 0, torch.rand(acts.shape, generator=gen), -1.0)  # (B*T, d_mlp)
+        k, i = torch.topk(torch.cat([rand_k, keys]), min(top_k, len(acts) + top_k), dim=0)
+        rand_v = torch.gather(torch.cat([rand_v, acts]), 0, i)
+        rand_i, rand_k = torch.gather(torch.cat([rand_i, index]), 0, i), k
     n_seen = n_windows * T
-    ids = np.asarray(split.tokens[:n_seen], dtype=np.int64)
-    rows = []
-    for n in range(model.config.d_mlp):
-        for rank in range(top_k):
-            value, g = float(best_v[rank, n]), int(best_i[rank, n])
-            if value <= 0:
+    def context(g: int) -> dict[str, Any]:
+        w0 = int(starts[g // T])  # where the window starts in the split
+        p = w0 + g % T  # the token's position in the split
+        ids = np.asarray(split.tokens[max(w0, p - before):min(w0 + T, p + 1 + after)], dtype=np.int64)
+        k = p - max(w0, p - before)
+        strings = tokenizer.token_strings(ids)
+        return {"document": int(np.searchsorted(eots, p)), "before": "".join(strings[:k]), "token": strings[k],
+                "after": "".join(strings[k + 1:])}
+
+    rows, random_rows = [], []
+    for n in range(d_mlp):
+        docs_seen: set[int] = set()
+        for value, g in zip(best_v[:, n].tolist(), best_i[:, n].tolist(), strict=True):
+            if value <= 0 or len(docs_seen) == top_k:
                 break
-            w0 = g - g % T
-            pre = tokenizer.token_strings(ids[max(w0, g - before):g])
-            post = tokenizer.token_strings(ids[g + 1:min(w0 + T, g + 1 + after)])
-            rows.append({"neuron": n, "rank": rank, "activation": value, "before": "".join(pre),
-                         "token": tokenizer.token_strings([ids[g]])[0], "after": "".join(post)})
+            ctx = context(g)
+            if ctx["document"] in docs_seen:
+                continue
+            docs_seen.add(ctx["document"])
+            rows.append({"neuron": n, "rank": len(docs_seen) - 1, "activation": value, **ctx})
+        for j, (key, value, g) in enumerate(zip(rand_k[:, n].tolist(), rand_v[:, n].tolist(), rand_i[:, n].tolist(),
+                                                 strict=True)):
+            if key >= 0:
+                random_rows.append({"neuron": n, "sample": j, "activation": value, **context(g)})
     top = pd.DataFrame(rows)
     distinct = top.groupby("neuron")["token"].agg(lambda t: t.str.strip().str.lower().nunique())
-    summary = pd.DataFrame({"neuron": np.arange(model.config.d_mlp),
+    summary = pd.DataFrame({"neuron": np.arange(d_mlp),
                             "density": (fired.double() / n_seen).numpy(),
                             "mean_activation": (total / n_seen).numpy(),
                             "max_activation": best_v[0].clamp(min=0).numpy()})
     summary["distinct_top_tokens"] = summary["neuron"].map(distinct).fillna(0).astype(int)
     histogram = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": hist})
     histogram.loc[0, "count"] = zeros  # the first bin holds the exact zeros (the ReLU's)
-    return {"top_contexts": top, "summary": summary, "histogram": histogram, "tokens": n_seen}
+    return {"top_contexts": top, "random_contexts": pd.DataFrame(random_rows), "summary": summary,
+            "histogram": histogram, "tokens": n_seen}
 
 
 def checkpoint_path(profile: str) -> Path:
@@ -281,6 +307,7 @@ def write_artifact(profile: str, cfg: LMConfig, result: TrainResult, tokenizer, 
         if val_split is not None:
             stats = neuron_statistics(result.model, val_split, tokenizer, n_tokens=neuron_tokens)
             stats["top_contexts"].to_parquet(w.dir / "neuron_top_contexts.parquet", index=False)
+            stats["random_contexts"].to_parquet(w.dir / "neuron_random_contexts.parquet", index=False)
             stats["summary"].to_parquet(w.dir / "neuron_summary.parquet", index=False)
             stats["histogram"].to_parquet(w.dir / "mlp_activation_histogram.parquet", index=False)
             w.metrics["mlp_zero_fraction"] = round(float(stats["histogram"]["count"].iloc[0]
@@ -331,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg, TokenSplit(train_ds.tokens, "train"), TokenSplit(val_ds.tokens, "val"), checkpoint=ckpt,
                    progress=not args.no_progress)
     path = write_artifact(args.profile, cfg, result, tokenizer.load(), inputs, TokenSplit(val_ds.tokens, "val"),
-                          neuron_tokens=min(262_144, 64 * cfg.tokens_per_step))
+                          neuron_tokens=min(524_288, 128 * cfg.tokens_per_step))
     print(f"val loss {result.val_loss:.3f} nats after {cfg.train_tokens / 1e6:.1f}M tokens "
           f"({result.tokens_per_s:,.0f} tokens/s, {result.train_seconds / 60:.1f} min); wrote {path}")
     if not math.isfinite(result.val_loss):

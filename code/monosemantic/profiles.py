@@ -45,7 +45,7 @@ def _tiny() -> Profile:
 
 
 def _cpu() -> Profile:
-    return Profile(name="cpu", toy=_toy_cpu(), llama=LlamaConfig(  # SmolLM2-135M-Instruct: ~20 min on 2 cores
+    return Profile(name="cpu", toy=_toy_cpu(), llama=LlamaConfig(  # SmolLM2-135M: ~50 min on 2 shared cores
         model="smollm2", seq_len=256, batch_size=8, harvest_tokens=200_000, shard_tokens=32_768,
         expansion=8, k=32, sae_batch=2048, sae_epochs=2, eval_tokens=8_192), corpus=_corpus_cpu(),
         # the anchor's model on 0.6% of its tokens (4.9M: ~20 min on 2 quiet cores, an hour or more on a busy

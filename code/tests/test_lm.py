@@ -214,7 +214,9 @@ def test_neuron_statistics_find_the_top_contexts():
 
     torch.manual_seed(0)
     model = Transformer(LMConfig(context_length=16, d_model=16, n_heads=2, d_mlp=8, compile=False)).eval()
-    split = TokenSplit(patterned_tokens(2_000, 50_000), "val")
+    tokens = patterned_tokens(2_000, 50_000)
+    tokens[::50] = 50256  # documents of 50 tokens
+    split = TokenSplit(tokens[:641], "val")  # exactly 40 windows of 16, as consecutive as can be
     stats = neuron_statistics(model, split, tokenizer.load(), n_tokens=640, top_k=3, before=4, after=2)
     assert stats["tokens"] == 640
     summary, top, hist = stats["summary"], stats["top_contexts"], stats["histogram"]
@@ -226,4 +228,7 @@ def test_neuron_statistics_find_the_top_contexts():
         rows = top[top.neuron == n].sort_values("rank")
         if len(rows):
             assert rows["activation"].iloc[0] == pytest.approx(acts[:, n].max().item(), rel=1e-5)
-            assert rows["activation"].is_monotonic_decreasing
+            assert rows["activation"].is_monotonic_decreasing and rows["document"].is_unique
+            sampled = stats["random_contexts"][stats["random_contexts"].neuron == n]
+            assert len(sampled) == min(3, int((acts[:, n] > 0).sum())) and (sampled.activation > 0).all()
+            assert len(rows.iloc[0].before) > 0 or rows.iloc[0].token

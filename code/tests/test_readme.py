@@ -1,0 +1,23 @@
+"""The README's headline numbers come from the cache and stay in step with it."""
+
+from __future__ import annotations
+
+import pytest
+
+from monosemantic import readme
+from monosemantic.config import UserError, project_root
+
+
+def test_readme_headline_matches_the_cache():
+    text = (project_root() / "README.md").read_text()
+    assert readme.render(text) == text, "README.md is stale: run `monosemantic readme`"
+
+
+def test_headline_says_what_is_missing(tmp_cache):
+    block = readme.headline_markdown()
+    assert "Not yet in the cache: corpus/minipile, lm/model" in block
+
+
+def test_readme_without_markers_is_refused():
+    with pytest.raises(UserError, match="no <!-- headline:start -->"):
+        readme.render("# a README without the block\n")
