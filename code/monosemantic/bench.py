@@ -3,8 +3,8 @@ same run, plus this machine's matmul peak and each step's model FLOPs utilisatio
 
 Each group of measurements is a function in :data:`BENCHES` returning rows
 ``{name, unit, ours, anchor, ratio, ...}`` (``ratio`` = ours / anchor, > 1 is faster); a group is written
-as one artifact, ``cache/bench/<hardware slug>/<profile>-<group>/results.json`` (profile = ``cpu`` or
-``gpu``, the kind of machine). To add a group, write ``def bench_xxx(ctx: BenchContext) -> list[dict]``
+into one artifact per machine, ``cache/bench/<hardware slug>/results.json`` (the slug starts with
+``cpu-`` or ``gpu-``). To add a group, write ``def bench_xxx(ctx: BenchContext) -> list[dict]``
 and append ``("xxx", bench_xxx)`` to :data:`BENCHES`.
 
 Timing: ours and the anchor's step alternate (ours, anchor, ours, anchor, ...) after warm-up steps, and
@@ -217,21 +217,34 @@ BENCHES: list[tuple[str, Callable[[BenchContext], list[dict[str, Any]]]]] = [
 
 
 def write_results(group: str, rows: list[dict[str, Any]], ctx: BenchContext, seconds: float) -> str:
+    """Merge this group's rows into the machine's one artifact, ``cache/bench/<hardware slug>/results.json``
+    (the slug starts with ``cpu-`` or ``gpu-``, which the store reads as the profile): rows of other groups,
+    measured in earlier runs, are kept; this group's old rows are replaced."""
     import json
 
     from . import hardware, store
 
-    profile = "gpu" if ctx.device.type == "cuda" else "cpu"
-    name = group + ("-quick" if ctx.quick else "")
+    profile, name = hardware.slug().split("-", 1)
+    group = group + ("-quick" if ctx.quick else "")
+    kept, info = [], {}
+    try:
+        old = store.load("bench", profile, name)
+        kept = [r for r in json.loads(old.file("results.json").read_text()) if r.get("group") != group]
+        info = old.manifest.get("info", {})
+    except store.CacheError:
+        pass  # first bench on this machine, or a damaged one: start afresh
+    rows = kept + [{"group": group, **r} for r in rows]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    with store.write(f"bench/{hardware.slug()}", profile, name, command="make bench",
-                     config={"group": group, "quick": ctx.quick, "threads": ctx.threads,
-                             "device": str(ctx.device)}) as w:
+    groups = sorted({r["group"] for r in rows})
+    with store.write("bench", profile, name, command="make bench",
+                     config={"groups": groups, "threads": ctx.threads, "device": str(ctx.device)}) as w:
         (w.dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
         w.metrics.update({f"{r['name']} ratio": r["ratio"] for r in rows if r.get("ratio") is not None})
-        w.info.update({"load_average_at_start": load, "seconds": round(seconds, 1),
-                       "peaks_tflops": {k: round(v / 1e12, 3) for k, v in ctx.peaks.items()}})
-    return str(store.artifact_path(f"bench/{hardware.slug()}", profile, name))
+        info.setdefault("groups", {})[group] = {
+            "load_average_at_start": load, "seconds": round(seconds, 1),
+            "peaks_tflops": {k: round(v / 1e12, 3) for k, v in ctx.peaks.items()}}
+        w.info.update(info)
+    return str(store.artifact_path("bench", profile, name))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

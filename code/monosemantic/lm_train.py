@@ -256,9 +256,9 @@ def neuron_statistics(model: Transformer, split: TokenSplit, tokenizer, n_tokens
         p = w0 + g % T  # the token's position in the split
         ids = np.asarray(split.tokens[max(w0, p - before):min(w0 + T, p + 1 + after)], dtype=np.int64)
         k = p - max(w0, p - before)
-        strings = tokenizer.token_strings(ids)
-        return {"document": int(np.searchsorted(eots, p)), "before": "".join(strings[:k]), "token": strings[k],
-                "after": "".join(strings[k + 1:])}
+        # decode each span's bytes together: a character split over byte-level tokens stays whole
+        return {"document": int(np.searchsorted(eots, p)), "before": tokenizer.decode(ids[:k]),
+                "token": tokenizer.decode(ids[k:k + 1]), "after": tokenizer.decode(ids[k + 1:])}
 
     rows, random_rows = [], []
     for n in range(d_mlp):

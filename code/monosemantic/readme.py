@@ -46,12 +46,30 @@ def _recovery(a: store.Artifact) -> str:
             f"{m['recovery_pca_best']:.1%}.")
 
 
+def _smollm2(a: store.Artifact) -> str:
+    m = a.metrics
+    return (f"Llama-family extension (`{a.key}`): a TopK SAE ({m['n_features']:,} features, k={m['k']}) on "
+            f"SmolLM2-135M's last-layer MLP ({m['d_in']:,} dims) recovers {m['ce_loss_recovered']:.1%} of the CE "
+            f"loss (zero-ablation baseline) at FVU {m['fvu']:.2f}; {m['dead_fraction']:.0%} of its features are "
+            f"dead after {m['train_activations'] / 1e3:.0f}k training activations (undertrained on CPU).")
+
+
+def _bench(a: store.Artifact) -> str:
+    import json
+
+    rows = [r for r in json.loads(a.file("results.json").read_text())
+            if r.get("ratio") is not None and r["name"].startswith("lm train step")]
+    parts = [f"{r['name']}: {r['ratio']:.2f}x ({r['ours']:,.0f} vs {r['anchor']:,.0f} {r['unit']})" for r in rows]
+    return f"Speed against the anchor's code, same machine, same run (`{a.key}`): " + "; ".join(parts) + "."
+
+
 # (stage, artifact name, line writer), in the order the book tells the story
 HEADLINES: list[tuple[str, str, Callable[[store.Artifact], str]]] = [
     ("corpus", "minipile", _corpus),
     ("lm", "model", _lm),
     ("toy", "superposition", _superposition),
     ("toy", "recovery", _recovery),
+    ("llama", "smollm2-L-1-mlp-hook_post-topk32-12288", _smollm2),
 ]
 
 
@@ -66,6 +84,8 @@ def headline_markdown() -> str:
             missing.append(f"{stage}/{name}")
             continue
         lines.append(f"- {line(art)}")
+    for bench in store.list_artifacts("bench"):  # one per machine kind measured
+        lines.append(f"- {_bench(store.load(bench.stage, bench.profile, bench.name))}")
     if missing:
         lines.append(f"- Not yet in the cache: {', '.join(missing)}.")
     return "\n".join(lines)

@@ -16,9 +16,16 @@ def test_rows_carry_the_ratio_and_are_written_as_an_artifact(tmp_cache):
     assert bench._row("matmul", "TFLOP/s", 0.2, None)["ratio"] is None
     ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1, peaks={"bfloat16": 1e11})
     path = bench.write_results("lm", [row], ctx, seconds=1.0)
-    assert path.endswith("cpu-lm-quick")
-    art = store.load(f"bench/{hardware.slug()}", "cpu", "lm-quick")
-    assert json.loads(art.file("results.json").read_text()) == [row]
+    assert path.endswith(hardware.slug())
+    profile, name = hardware.slug().split("-", 1)
+    read = lambda: json.loads(store.load("bench", profile, name).file("results.json").read_text())  # noqa: E731
+    assert read() == [{"group": "lm-quick", **row}]
+    # a second group is merged beside the first; re-running a group replaces only its rows
+    other = bench._row("sae train step", "activations/s", 10.0, 5.0)
+    bench.write_results("sae", [other], ctx, seconds=1.0)
+    bench.write_results("lm", [{**row, "ours": 4000.0}], ctx, seconds=1.0)
+    rows = read()
+    assert [r["group"] for r in rows] == ["sae-quick", "lm-quick"] and rows[1]["ours"] == 4000.0
     assert all(callable(fn) for _, fn in bench.BENCHES)
 
 

@@ -355,3 +355,11 @@ def test_qmd_splitting_keeps_fenced_examples_as_text(tmp_path):
     assert doc.inline_expressions == ["1 + 1"]
     assert "not_a_cell()" in doc.parts[0] and "`{python} not_inline`" in doc.parts[0]
     assert qmd.substitute_inline(doc.parts[0], iter(["2"])).startswith("Value 2 here.")
+
+
+def test_obsolete_typst_symbols_from_pandoc_are_renamed():
+    from monosemantic.book.pdf import modernise_symbols
+
+    assert modernise_symbols("a dot.circle b") == "a dot.o b"
+    assert modernise_symbols("x dot.circle.big y") == "x dot.circle.big y"  # a different, longer name
+    assert modernise_symbols("$(dot.circle)$") == "$(dot.o)$"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,11 @@ from typing import Any
 from ..config import UserError
 from . import ast as A
 from . import pandoc
+
+# Symbol names pandoc 3.9's typst writer still emits but the typst compiler bundled with the `typst` package
+# has removed (typst 0.13 renamed them); the right-hand names are accepted by both.
+RENAMED_SYMBOLS = {"dot.circle": "dot.o", "plus.circle": "plus.o", "minus.circle": "minus.o",
+                   "times.circle": "times.o", "div.circle": "div.o"}
 
 WIDE_TABLE_COLUMNS = 9  # from this many columns on, a table is set in smaller type
 WIDE_TABLE_TEXT = "6.5pt"
@@ -31,6 +37,13 @@ def fit_tables(blocks: list[A.Node]) -> list[A.Node]:
     return A.walk(blocks, fit)
 
 
+def modernise_symbols(source: str) -> str:
+    """Rename the typst symbols of :data:`RENAMED_SYMBOLS` (only whole names, e.g. not ``dot.circle.big``)."""
+    for old, new in RENAMED_SYMBOLS.items():
+        source = re.sub(rf"(?<![\w.]){re.escape(old)}(?![\w.])", new, source)
+    return source
+
+
 def write_pdf(blocks: list[A.Node], meta: dict[str, Any], *, out_dir: Path, name: str,
               bibliography: list[Path], api: list[int] | None = None) -> Path:
     """Typeset ``blocks`` (all chapters, references resolved for typst) to ``out_dir/name``."""
@@ -42,12 +55,14 @@ def write_pdf(blocks: list[A.Node], meta: dict[str, Any], *, out_dir: Path, name
         args += ["--citeproc", *[f"--bibliography={b}" for b in bibliography],
                  "-M", "reference-section-title=References", "-M", "link-citations=true"]
     source = pandoc.write(pandoc.document(fit_tables(blocks), meta, api), "typst", "the book (typst)", args)
+    source = modernise_symbols(source)
     typ = out_dir / (Path(name).stem + ".typ")
     typ.write_text(source, encoding="utf-8")
     pdf = out_dir / name
     try:
         typst.compile(str(typ), output=str(pdf), root=str(out_dir))
     except Exception as e:  # typst raises its own TypstError with a multi-line report
-        first = " ".join(str(e).split())[:500]
+        diagnostic = getattr(e, "diagnostic", None) or str(e)  # includes the line and column
+        first = " ".join(str(diagnostic).split())[:500]
         raise TypstError(f"typst could not compile {typ.name}: {first}") from e
     return pdf
