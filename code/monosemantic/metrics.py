@@ -1,0 +1,165 @@
+"""How good is an SAE? Reconstruction, sparsity, feature density, and the language model's loss with the
+SAE spliced in, all on held-out tokens (the val split) that training never saw.
+
+The measures (Bricken et al. 2023, "Towards Monosemanticity", section "Sparse autoencoder evaluation"):
+
+- ``mse``: mean over tokens and ``d_in`` of (x_hat - x)^2, the training loss's reconstruction term.
+- ``fvu``: fraction of variance unexplained, sum (x_hat - x)^2 / sum (x - mean x)^2 (0 is perfect).
+- ``l0``: features active per token (mean).
+- ``dead_fraction``: features that never fire on the eval tokens.
+- ``ultralow_fraction``: features with density (fraction of tokens they fire on) < 1e-5, dead included;
+  it only differs from ``dead_fraction`` when there are more than 1e5 eval tokens.
+- ``ce_loss_orig``, ``ce_loss_sae``, ``ce_loss_zero``, ``ce_loss_mean``: the model's next-token loss
+  (nats) as it is, with the MLP hidden activations (``blocks.0.mlp.hook_post``, before the
+  down-projection, as the anchor's ``forward_ablated``) replaced by the SAE's reconstruction, by zeros,
+  and by their mean over the eval tokens.
+- ``ce_loss_recovered`` = (L_zero - L_sae) / (L_zero - L_orig): 1 when the SAE loses nothing, 0 when it
+  is as bad as deleting the MLP's hidden layer; ``ce_loss_recovered_mean_ablation`` takes the
+  mean-ablated loss as the baseline instead, a stricter one (Anthropic report both).
+
+>>> windows = harvest.sequential_windows(TokenDataset.open("cpu", "val").tokens, 128, n_windows=256)
+>>> evaluate(model, sae, windows)
+{'mse': ..., 'fvu': ..., 'l0': ..., 'ce_loss_recovered': ..., ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .config import UserError
+from .harvest import HOOK, ForwardDtype, forward_dtype, resolve_dtype
+from .sae import SAE
+
+ULTRALOW_DENSITY = 1e-5
+"""Density under which a feature counts as ultra-low (Bricken et al.'s "ultralow density cluster")."""
+
+METRIC_NAMES = ("mse", "fvu", "l0", "dead_fraction", "ultralow_fraction", "ce_loss_recovered",
+                "ce_loss_recovered_mean_ablation", "ce_loss_orig", "ce_loss_sae", "ce_loss_zero", "ce_loss_mean",
+                "n_features", "eval_tokens")
+
+
+class MetricsError(UserError, ValueError):
+    """An SAE that does not fit the activations, or activations that are not numbers; one line."""
+
+
+class DensityHistogram(NamedTuple):
+    """Histogram of log10(feature density) over the live features; dead ones (log10 0 = -inf) counted apart."""
+
+    edges: Tensor  # (bins + 1,) log10 density bin edges
+    counts: Tensor  # (bins,) int64 live features per bin
+    n_dead: int  # features that never fired
+
+
+class Evaluation(NamedTuple):
+    metrics: dict[str, float]  # exactly METRIC_NAMES
+    density: Tensor  # (n_features,) fraction of eval tokens each feature fires on
+    histogram: DensityHistogram
+
+
+def density_histogram(density: Tensor, bins: int = 50, low: float = -10.0) -> DensityHistogram:
+    """log10 of the live features' densities in ``bins`` equal bins from ``low`` to 0 (lower values are
+    clipped into the first bin); dead features are counted in ``n_dead``."""
+    live = density[density > 0].double()
+    logd = live.log10().clamp(low, 0.0)
+    counts = torch.histc(logd, bins=bins, min=low, max=0.0).long() if live.numel() else torch.zeros(bins).long()
+    return DensityHistogram(torch.linspace(low, 0.0, bins + 1), counts, int((density == 0).sum()))
+
+
+def _recovered(l_baseline: float, l_sae: float, l_orig: float) -> float:
+    gap = l_baseline - l_orig
+    return (l_baseline - l_sae) / gap if gap != 0 else float("nan")
+
+
+@torch.no_grad()
+def run_evaluation(model: torch.nn.Module, sae: SAE, windows: Sequence[tuple[Tensor, Tensor]], *,
+                   hook: str = HOOK, dtype: ForwardDtype = "float32", bins: int = 50) -> Evaluation:
+    """Evaluate ``sae`` (trained on ``hook`` of ``model``) on ``windows``, a list of ``(x, y)`` token batches
+    (B, T) with next-token targets (:func:`monosemantic.harvest.sequential_windows` of the val split).
+
+    Two passes: the first reads the activations (stopping at the hook), checks they are finite and fit the
+    SAE and takes their mean; the second runs four forward passes per batch (as is, SAE-spliced, zeroed,
+    mean-ablated), measuring the reconstruction on the way. The SAE runs in float32; ``dtype`` is the
+    model's autocast (float32 by default, so that the losses differ only by what the splice changes).
+    """
+    windows = list(windows)
+    if not windows:
+        raise MetricsError("no eval windows given; pass at least one (x, y) batch of held-out tokens")
+    device = next(model.parameters()).device
+    sae_device = sae.W_dec.device
+    cast = resolve_dtype(dtype, device)
+
+    # pass 1: the activations' width, finiteness, mean and total variance (float64 sums)
+    n_tok, total, sq = 0, None, None
+    with forward_dtype(model, cast):
+        for x, _ in windows:
+            acts = model.run_with_cache(x.to(device), [hook])[hook]  # (B, T, d)
+            if acts.shape[-1] != sae.cfg.d_in:
+                raise MetricsError(f"the SAE reads {sae.cfg.d_in} numbers (d_in) but {hook} has "
+                                   f"{acts.shape[-1]}; evaluate it on the hook it was trained on")
+            if not torch.isfinite(acts).all():
+                raise MetricsError(f"activations at {hook} contain NaN or inf; check the model's weights")
+            flat = acts.reshape(-1, acts.shape[-1]).double()  # (B*T, d)
+            total = flat.sum(0) if total is None else total + flat.sum(0)
+            sq = flat.pow(2).sum() if sq is None else sq + flat.pow(2).sum()
+            n_tok += flat.shape[0]
+    mean = total / n_tok  # (d,)
+    variance_sum = float(sq - n_tok * mean.pow(2).sum())  # sum over tokens of |x - mean|^2
+    mean_act = mean.float().to(device)
+
+    # pass 2: the losses, and the reconstruction measured inside the spliced forward pass
+    stats = {"resid": 0.0, "active": 0.0}
+    fires = torch.zeros(sae.cfg.n_features, dtype=torch.long, device=sae_device)
+
+    def splice(h: Tensor, name: str) -> Tensor:
+        flat = h.reshape(-1, h.shape[-1]).to(sae_device, torch.float32)  # (B*T, d)
+        with torch.autocast(sae_device.type, enabled=False):
+            out = sae(flat)
+        recon = out.recon.float()
+        if not torch.isfinite(recon).all():
+            raise MetricsError("the SAE's reconstruction contains NaN or inf; check its weights")
+        stats["resid"] += float((recon - flat).double().pow(2).sum())
+        active = out.latents > 0  # (B*T, n_features)
+        stats["active"] += float(active.sum())
+        fires.add_(active.sum(0))
+        return recon.to(h.device, h.dtype).reshape(h.shape)
+
+    losses = {"orig": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}
+    replace = {"orig": None, "sae": splice, "zero": lambda h, name: torch.zeros_like(h),
+               "mean": lambda h, name: mean_act.to(h.dtype).expand_as(h)}
+    with forward_dtype(model, cast):
+        for x, y in windows:
+            x, y = x.to(device), y.to(device)
+            for key, fn in replace.items():
+                with model.hooks({hook: fn} if fn else {}):
+                    losses[key] += float(model(x, y).loss) * x.numel()
+    losses = {k: v / n_tok for k, v in losses.items()}
+
+    density = (fires.double() / n_tok).cpu()
+    metrics = {
+        "mse": stats["resid"] / (n_tok * sae.cfg.d_in),
+        "fvu": stats["resid"] / variance_sum if variance_sum > 0 else float("nan"),
+        "l0": stats["active"] / n_tok,
+        "dead_fraction": float((fires == 0).double().mean()),
+        "ultralow_fraction": float((density < ULTRALOW_DENSITY).double().mean()),
+        "ce_loss_recovered": _recovered(losses["zero"], losses["sae"], losses["orig"]),
+        "ce_loss_recovered_mean_ablation": _recovered(losses["mean"], losses["sae"], losses["orig"]),
+        "ce_loss_orig": losses["orig"],
+        "ce_loss_sae": losses["sae"],
+        "ce_loss_zero": losses["zero"],
+        "ce_loss_mean": losses["mean"],
+        "n_features": sae.cfg.n_features,
+        "eval_tokens": n_tok,
+    }
+    assert tuple(metrics) == METRIC_NAMES
+    return Evaluation(metrics, density, density_histogram(density, bins=bins))
+
+
+def evaluate(model: torch.nn.Module, sae: SAE, windows: Sequence[tuple[Tensor, Tensor]], *, hook: str = HOOK,
+             dtype: ForwardDtype = "float32") -> dict[str, float]:
+    """The metrics dict of :func:`run_evaluation` (keys :data:`METRIC_NAMES`)."""
+    return run_evaluation(model, sae, windows, hook=hook, dtype=dtype).metrics
+

@@ -1,0 +1,125 @@
+"""SAE evaluation: known answers for perfect and empty reconstructions, the splice, and one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monosemantic.harvest import HOOK, sequential_windows
+from monosemantic.lm import LMConfig, Transformer
+from monosemantic.metrics import METRIC_NAMES, MetricsError, density_histogram, evaluate, run_evaluation
+from monosemantic.sae import SAE, SAEConfig, SAEOutput
+
+SEQ, D_MLP, VOCAB = 16, 64, 97
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = LMConfig(vocab_size=VOCAB, context_length=SEQ, d_model=32, n_heads=4, d_mlp=D_MLP, compile=False,
+                   dtype="float32")
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # a larger MLP output than GPT-2's init, so that ablating it changes the loss
+        model.blocks[0].mlp.fc_out.weight.mul_(20)
+    return model
+
+
+def windows(n_windows: int = 6, seed: int = 1):
+    toks = np.random.default_rng(seed).integers(0, VOCAB, size=n_windows * SEQ + 1).astype(np.uint16)
+    return sequential_windows(toks, SEQ, n_windows, batch=4)
+
+
+class IdentitySAE(SAE):
+    """Reconstructs its input exactly; its latents are the ordinary ReLU encoder's."""
+
+    def forward(self, x, dead_mask=None):
+        pre = self.pre_activations(x)
+        zero = x.new_zeros(())
+        return SAEOutput(x.clone(), F.relu(pre), pre, zero, zero, zero, zero)
+
+
+class ZeroSAE(SAE):
+    """Reconstructs everything as zeros, with no latent ever active."""
+
+    def forward(self, x, dead_mask=None):
+        pre = self.pre_activations(x)
+        zero = x.new_zeros(())
+        return SAEOutput(torch.zeros_like(x), torch.zeros_like(pre), pre, zero, zero, zero, zero)
+
+
+def cfg(**kw) -> SAEConfig:
+    return SAEConfig(**{"d_in": D_MLP, "n_features": 128, **kw})
+
+
+def test_metric_names_are_exactly_the_agreed_ones():
+    m = evaluate(tiny_model(), SAE(cfg()), windows())
+    assert tuple(m) == METRIC_NAMES
+    assert m["n_features"] == 128 and m["eval_tokens"] == 6 * SEQ
+    assert all(np.isfinite(v) for v in m.values())
+
+
+def test_perfect_reconstruction_recovers_all_of_the_loss():
+    model = tiny_model()
+    m = evaluate(model, IdentitySAE(cfg()), windows())
+    assert m["ce_loss_zero"] - m["ce_loss_orig"] > 1e-3  # the baseline gap is real
+    assert m["ce_loss_sae"] == m["ce_loss_orig"]
+    assert m["ce_loss_recovered"] == 1.0 and m["ce_loss_recovered_mean_ablation"] == 1.0
+    assert m["mse"] == 0.0 and m["fvu"] == 0.0
+
+
+def test_zero_reconstruction_recovers_none_and_nothing_fires():
+    m = evaluate(tiny_model(), ZeroSAE(cfg()), windows())
+    assert m["ce_loss_sae"] == m["ce_loss_zero"]
+    assert m["ce_loss_recovered"] == 0.0
+    assert m["l0"] == 0.0 and m["dead_fraction"] == 1.0 and m["ultralow_fraction"] == 1.0
+    assert m["fvu"] > 1.0  # zeros are worse than predicting the mean
+
+
+def test_reconstruction_numbers_match_a_direct_computation():
+    model, sae, w = tiny_model(), SAE(cfg(seed=2)), windows()
+    result = run_evaluation(model, sae, w)
+    acts = torch.cat([model.run_with_cache(x, [HOOK])[HOOK].reshape(-1, D_MLP) for x, _ in w])  # (N, d)
+    with torch.no_grad():
+        out = sae(acts)
+    m = result.metrics
+    torch.testing.assert_close(m["mse"], F.mse_loss(out.recon, acts).item(), rtol=1e-5, atol=0)
+    fvu = ((out.recon - acts) ** 2).sum() / ((acts - acts.mean(0)) ** 2).sum()
+    torch.testing.assert_close(m["fvu"], fvu.item(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(m["l0"], (out.latents > 0).sum(-1).float().mean().item(), rtol=1e-6, atol=0)
+    density = (out.latents > 0).double().mean(0)
+    torch.testing.assert_close(result.density, density)
+    assert m["dead_fraction"] == pytest.approx(float((density == 0).double().mean()))
+    # the mean-ablated loss uses the mean activation over the eval tokens
+    mean = acts.mean(0)
+    with torch.no_grad(), model.hooks({HOOK: lambda h, name: mean.expand_as(h)}):
+        expected = sum(float(model(x, y).loss) * x.numel() for x, y in w) / acts.shape[0]
+    assert m["ce_loss_mean"] == pytest.approx(expected, rel=1e-5)
+    assert result.histogram.counts.sum() + result.histogram.n_dead == 128
+
+
+def test_density_histogram_counts_live_features_in_log10_bins_and_dead_apart():
+    hist = density_histogram(torch.tensor([0.0, 0.0, 1e-3, 1e-3, 0.5, 1.0]), bins=10, low=-10)
+    assert hist.n_dead == 2 and int(hist.counts.sum()) == 4
+    assert int(hist.counts[7]) == 2  # log10 1e-3 = -3: bin [-3, -2), the 8th of 10 from -10
+    assert int(hist.counts[9]) == 2  # 0.5 and 1.0 in the last bin, [-1, 0]
+
+
+def test_width_mismatch_is_a_one_line_error():
+    with pytest.raises(MetricsError, match="d_in") as err:
+        evaluate(tiny_model(), SAE(cfg(d_in=32)), windows())
+    assert "\n" not in str(err.value)
+
+
+def test_nan_activations_are_a_one_line_error():
+    model = tiny_model()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc_in.bias[3] = float("nan")
+    with pytest.raises(MetricsError, match="NaN or inf") as err:
+        evaluate(model, SAE(cfg()), windows())
+    assert "\n" not in str(err.value)
+
+
+def test_no_windows_is_an_error():
+    with pytest.raises(MetricsError, match="no eval windows"):
+        evaluate(tiny_model(), SAE(cfg()), [])
