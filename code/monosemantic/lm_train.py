@@ -19,6 +19,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -94,12 +96,33 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def _load_checkpoint(path: Path | None, cfg: LMConfig, log) -> dict[str, Any] | None:
     if path is None or not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or not {"step", "model", "optimizer", "rng"} <= state.keys():
+            raise ValueError("some of its parts are missing")
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({reason}); delete it or run with --fresh") from None
     if state.get("config_hash") != cfg.config_hash():
         log(f"ignoring {path}: it was made with another lm config ({state.get('config_hash')}, "
             f"now {cfg.config_hash()}); starting afresh")
         return None
     return state
+
+
+def _catch_stop_signals(flag: list[int]) -> dict[int, Any]:
+    """Make SIGINT and SIGTERM append to ``flag`` instead of stopping at once; returns the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signal handlers can only be set from the main thread
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, lambda signum, frame: flag.append(signum))
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, checkpoint: Path | None = None,
@@ -131,7 +154,7 @@ def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, chec
             _save_checkpoint(checkpoint, {
                 "config": cfg.to_dict(), "config_hash": cfg.config_hash(), "step": step,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
-                "train_seconds": train_seconds, "tokens": step * cfg.tokens_per_step,
+                "train_seconds": train_seconds, "tokens": step * cfg.tokens_per_step, "losses": losses,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}})
 
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -141,8 +164,12 @@ def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, chec
 
         bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=2.0)
     model.train()
-    losses: list[float] = []
+    losses: list[float] = list(state.get("losses", [])) if state else []  # since the last logged interval
     interval_start = time.perf_counter()
+    # Ctrl-C and SIGTERM only raise a flag, honoured between steps: a signal that lands inside
+    # optimizer.step() must not checkpoint an update under the previous step's number.
+    stop_signal: list[int] = []
+    previous = _catch_stop_signals(stop_signal)
     try:
         while step < end:
             t0 = time.perf_counter()
@@ -175,10 +202,11 @@ def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, chec
                                 if train_seconds else "?", refresh=False)
             if step % cfg.checkpoint_interval == 0 or step == end:
                 save()
-    except KeyboardInterrupt:
-        save()
-        raise
+            if stop_signal:
+                save()
+                raise KeyboardInterrupt(f"signal {stop_signal[0]} at step {step}")
     finally:
+        _restore_signals(previous)
         if bar is not None:
             bar.close()
     val_loss = history[-1]["val_loss"] if history and history[-1]["step"] == step else \
