@@ -158,13 +158,16 @@ def _bench_lm_batch(ctx: BenchContext, batch: int, forward_too: bool) -> list[di
     x = torch.randint(0, 50257, (batch, 128), device=ctx.device)
     y = torch.randint(0, 50257, (batch, 128), device=ctx.device)
 
-    def ours_step() -> float:
-        loss = ours(x, y).loss
-        loss.backward()
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
-        return loss.item()
+    def train_step(model: Transformer, opt: torch.optim.Optimizer) -> Callable[[], float]:
+        def step() -> float:
+            loss = model(x, y).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+        return step
 
+    ours_step = train_step(ours, ours_opt)
     ours_step()  # compiles the fused softmax kernel (cached on disk afterwards)
     t_ours, t_anchor = time_pair(ours_step, lambda: anchor_train_step(anchor, anchor_opt, x, y), ctx.device,
                                  repeat=repeat)
@@ -176,22 +179,14 @@ def _bench_lm_batch(ctx: BenchContext, batch: int, forward_too: bool) -> list[di
     if forward_too and not ctx.quick:
         # where the gain comes from: the same model with autocast bf16 but the plain logits + F.cross_entropy
         plain = Transformer(cfg.replace(loss_chunk=0)).to(ctx.device)
-        plain_opt = torch.optim.AdamW(plain.parameters(), lr=5e-4, fused=True)
-
-        def plain_step() -> float:
-            loss = plain(x, y).loss
-            loss.backward()
-            plain_opt.step()
-            plain_opt.zero_grad(set_to_none=True)
-            return loss.item()
-
+        plain_step = train_step(plain, torch.optim.AdamW(plain.parameters(), lr=5e-4, fused=True))
         t_plain, t_anchor2 = time_pair(plain_step, lambda: anchor_train_step(anchor, anchor_opt, x, y), ctx.device,
                                        repeat=repeat)
         rows.append(_row(f"lm train step, batch {batch}, bf16 without the fused loss", "tokens/s", tokens / t_plain,
                          tokens / t_anchor2, ours_mfu=tokens / t_plain * f_ours / peak,
                          anchor_mfu=tokens / t_anchor2 * f_anchor / peak, ours_dtype="bfloat16",
                          anchor_dtype="float32", note="ablation: autocast bf16, logits + F.cross_entropy"))
-        del plain, plain_opt
+        del plain, plain_step  # the step holds its optimizer
     if forward_too:
         ours.eval()
         anchor.eval()
