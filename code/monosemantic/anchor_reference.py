@@ -11,7 +11,10 @@ The anchor is "Monosemanticity at Home" (jnward/monosemanticity-repro): ``transf
 - PyTorch's default initialisation, ``torch.optim.AdamW(lr=...)`` with its defaults, and the step
   ``loss = model(x, y); optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()``.
 
-Nothing here is used to train the book's model; :mod:`monosemantic.lm` is that.
+The SAE (``autoencoder.py``, ``train_autoencoder.py``) is re-created the same way at the end: nn.Linear
+encoder and decoder, pre-encoder bias, ReLU, MSE + 3e-3 L1, Adam lr 1e-4, its decoder normalisation.
+
+Nothing here is used to train the book's model or SAE; :mod:`monosemantic.lm` and :mod:`monosemantic.sae` are.
 """
 
 from __future__ import annotations
@@ -120,3 +123,51 @@ def anchor_train_step(model: AnchorTransformer, optimizer: torch.optim.Optimizer
     loss.backward()
     optimizer.step()
     return value
+
+
+# --- the anchor's SAE (autoencoder.py, and the step of train_autoencoder.py) -------------------------------
+
+class AnchorSparseAutoencoder(nn.Module):
+    """512 -> 4096 -> 512, as the anchor builds it: ``nn.Linear`` encoder and decoder (PyTorch's default
+    initialisation, fp32), the decoder's bias subtracted from the input before encoding (the pre-encoder
+    bias), ReLU, loss = ``F.mse_loss`` + l1_coeff * (sum over features of |f|, mean over the batch)."""
+
+    def __init__(self, d_in: int = 512, n_features: int = 4096, l1_coeff: float = 3e-3):
+        super().__init__()
+        self.l1_coeff = l1_coeff
+        self.encoder = nn.Linear(d_in, n_features)
+        self.relu = nn.ReLU()
+        self.decoder = nn.Linear(n_features, d_in)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_hat, recon loss, weighted L1 loss); the anchor returns the L1 unweighted, its loop weights it."""
+        f = self.relu(self.encoder(x - self.decoder.bias))  # (B, n_features)
+        x_hat = self.decoder(f)  # (B, d_in)
+        return x_hat, F.mse_loss(x_hat, x), self.l1_coeff * f.abs().sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        # As the anchor's code has it: decoder.weight is (d_in, n_features) and it is normalised along dim=1,
+        # i.e. each *input coordinate*'s row across the features, not each feature's direction (a column).
+        # Kept as it is: the cost is the same either way, and this is a re-creation, not our recipe.
+        self.decoder.weight.copy_(F.normalize(self.decoder.weight, dim=1))
+
+
+def make_anchor_sae(d_in: int = 512, n_features: int = 4096, lr: float = 1e-4
+                    ) -> tuple[AnchorSparseAutoencoder, torch.optim.Optimizer]:
+    sae = AnchorSparseAutoencoder(d_in, n_features)
+    return sae, torch.optim.Adam(sae.parameters(), lr=lr)
+
+
+def anchor_sae_step(sae: AnchorSparseAutoencoder, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    """One SAE step as train_autoencoder.py takes it (batch 896 in its setting): zero_grad, forward,
+    backward, Adam, decoder normalisation, and its three losses read back for its progress bar."""
+    optimizer.zero_grad()
+    _, recon_loss, reg_loss = sae(x)
+    loss = recon_loss + reg_loss
+    loss.backward()
+    optimizer.step()
+    sae.normalize_decoder()
+    recon_loss.item()
+    reg_loss.item()
+    return loss.item()

@@ -1,8 +1,8 @@
 """The ``monosemantic`` command: one subcommand per pipeline stage.
 
-Each stage module exposes ``add_arguments(parser)`` and ``run(args) -> int | None``; this file only
-lists them (imported lazily, so ``--help`` is fast) and turns a :class:`~monosemantic.config.UserError`
-into one line on stderr and exit status 2, never a traceback.
+Each stage module (or an object in it, ``module:attr``) exposes ``add_arguments(parser)`` and
+``run(args) -> int | None``; this file only lists them (imported lazily, so ``--help`` is fast) and turns
+a :class:`~monosemantic.config.UserError` into one line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("toy", "monosemantic.toy", "synthetic superposition and SAE dictionary recovery with known answers (chapter 2)"),
     ("readme", "monosemantic.readme", "write the README's headline numbers from the cache"),
     ("reproduce", "monosemantic.pipeline", "run every stage of the pipeline in order for one profile"),
+    ("harvest", "monosemantic.sae_train", "the one-layer model's MLP activations for the SAEs (cache/work/)"),
+    ("train-sae", "monosemantic.sae_train:TrainCommand",
+     "SAEs on the MLP activations: the anchor's recipe, TopK, frontiers, width sweep (resumes)"),
+    ("export-sae", "monosemantic.sae_train:ExportCommand", "write a committed SAE in SAELens's on-disk format"),
     ("llama", "monosemantic.llama", "Llama-family models (SmolLM2, L3-8B-Stheno): activations, harvest, SAE, cost"),
 ]
 
@@ -107,6 +111,13 @@ def run(args: argparse.Namespace) -> int:
 
 # --- the command ------------------------------------------------------------------------------------
 
+def _implementation(spec: str):
+    """The module (or ``module:attr`` object) that implements a subcommand."""
+    module, _, attr = spec.partition(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, attr) if attr else mod
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     from . import __version__
 
@@ -120,9 +131,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         p.set_defaults(_module=module)
         # stage modules are imported only for the subcommand asked for, so --help stays fast
         if argv[:1] == [name]:
-            mod = importlib.import_module(module)
+            mod = _implementation(module)
             if name != "cache":
-                _add_profile(p, default=getattr(mod, "DEFAULT_PROFILE", "cpu"))
+                _add_profile(p, default=getattr(importlib.import_module(module.partition(":")[0]),
+                                                "DEFAULT_PROFILE", "cpu"))
             mod.add_arguments(p)
     return parser
 
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     start = time.perf_counter()
     try:
-        status = importlib.import_module(args._module).run(args)
+        status = _implementation(args._module).run(args)
     except UserError as e:
         print(f"monosemantic {args.command}: error: {e}", file=sys.stderr)
         return 2

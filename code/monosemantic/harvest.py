@@ -16,16 +16,27 @@ Each served row is one (window, position) of the token stream; with ``track=True
 that address for every row (``buffer.last_origin``, (batch, 2) int64), which the tests use to check that
 what is served is exactly what the model computes. Same model, tokens and seed: same batches.
 
-The buffer lives in memory (``capacity x d_in x 4`` bytes: 512 MiB for 2^18 rows of 512). Spilling it to
-fp16 ``.npy`` memmaps in ``cache/work/`` for buffers that do not fit is a follow-up. Measured on this
-2-core CPU with a random full-size model (d_model 128, 512 neurons, T = 128): about 40k activations/s
-served, fp32 or bf16 (the LM forward stops at the hook, so the unembedding is never computed).
+The buffer lives in memory (``capacity x d_in x 4`` bytes: 512 MiB for 2^18 rows of 512). Measured on
+this 2-core CPU with a random full-size model (d_model 128, 512 neurons, T = 128): about 40k
+activations/s served, fp32 or bf16 (the LM forward stops at the hook, so the unembedding is never
+computed).
+
+For many SAEs trained on the same activations (the sweeps of chapter 3), harvesting once to disk is
+cheaper than running the model again for each: :func:`harvest_to_disk` writes ``N`` rows as an fp16
+``(N, d_in)`` memmap in ``cache/work/`` (resumable: it restarts where an interrupted run stopped), and
+:class:`ArraySource` serves it in seeded, shuffled epochs where batch ``i`` is a function of ``i`` alone,
+so an interrupted SAE run resumes on exactly the batches it would have seen::
+
+    harvest_to_disk(model, tokens, n_rows=6_000_000, path=work / "acts.f16")
+    source = ArraySource(open_rows(work / "acts.f16", d_in=512), batch_size=896, seed=0)
+    source.batch(0)                                  # (896, 512) float32, rows from ~890 different windows
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -100,6 +111,105 @@ def sequential_windows(tokens: np.ndarray, seq_len: int, n_windows: int, batch: 
     x = block[:-1].view(n_windows, seq_len)  # (n_windows, seq_len)
     y = block[1:].view(n_windows, seq_len)
     return list(zip(x.split(batch), y.split(batch), strict=True))
+
+
+def open_rows(path: Path, d_in: int, n_rows: int | None = None) -> np.ndarray:
+    """The fp16 ``(N, d_in)`` memmap written by :func:`harvest_to_disk` (read-only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarvestError(f"harvested activations {path} are missing; make them with `monosemantic harvest`")
+    size = path.stat().st_size
+    row_bytes = d_in * np.dtype(np.float16).itemsize
+    if size % row_bytes or (n_rows is not None and size != n_rows * row_bytes):
+        raise HarvestError(f"{path} holds {size} bytes, not {n_rows or 'a whole number of'} rows of {d_in} fp16 "
+                           f"numbers (an interrupted harvest?); rerun `monosemantic harvest`")
+    return np.memmap(path, dtype=np.float16, mode="r", shape=(size // row_bytes, d_in))
+
+
+def harvest_to_disk(model: torch.nn.Module, tokens: np.ndarray, n_rows: int, path: Path, *, seq_len: int,
+                    seed: int = 0, batch: int = 64, hook: str = HOOK, dtype: ForwardDtype = "float32",
+                    progress: bool = True) -> np.ndarray:
+    """Run random windows of ``tokens`` through ``model`` and write the first ``n_rows`` activations at
+    ``hook`` (every position of every window, in window order) to ``path`` as an fp16 ``(n_rows, d)``
+    memmap. A partial file from an interrupted run is continued: the windows are a function of ``seed``, so
+    the windows already written are skipped without running the model. Returns the memmap (read-only)."""
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cast = resolve_dtype(dtype, next(model.parameters()).device)
+    windows = random_windows(tokens, seq_len, seed=seed, batch=batch)
+    rows_per_batch = batch * seq_len
+    with torch.no_grad():  # the width, from one window
+        d = model.run_with_cache(torch.from_numpy(np.asarray(tokens[:seq_len]).astype(np.int64))[None], [hook])[hook]
+    d_in = d.shape[-1]
+    row_bytes = d_in * 2
+    done = path.stat().st_size // row_bytes if path.exists() else 0
+    done = min(done, n_rows) // rows_per_batch * rows_per_batch  # restart at a whole batch of windows
+    with open(path, "r+b" if path.exists() else "w+b") as f:
+        f.truncate(n_rows * row_bytes)
+    out = np.memmap(path, dtype=np.float16, mode="r+", shape=(n_rows, d_in))
+    device = next(model.parameters()).device
+    bar = tqdm(total=n_rows, initial=done, desc=f"harvest {hook}", unit="act", unit_scale=True,
+               disable=not progress, mininterval=1.0)
+    pos = 0
+    with torch.no_grad(), forward_dtype(model, cast):
+        while pos < n_rows:
+            ids, _ = next(windows)
+            if pos + rows_per_batch <= done:  # written by an earlier run
+                pos += rows_per_batch
+                continue
+            acts = model.run_with_cache(ids.to(device), [hook])[hook]  # (B, T, d)
+            rows = acts.reshape(-1, d_in).float()
+            if not torch.isfinite(rows).all():
+                raise HarvestError(f"activations at {hook} contain NaN or inf; check the model's weights")
+            take = min(rows.shape[0], n_rows - pos)
+            out[pos:pos + take] = rows[:take].cpu().numpy().astype(np.float16)
+            pos += take
+            bar.update(take)
+    bar.close()
+    out.flush()
+    del out
+    return open_rows(path, d_in, n_rows)
+
+
+class ArraySource:
+    """Batches of an ``(N, d)`` array (an fp16 memmap from :func:`harvest_to_disk`, or a tensor) in shuffled
+    epochs: batch ``step`` is rows ``[step*B, (step+1)*B)`` of the endless sequence of epoch permutations,
+    each seeded by ``(seed, epoch)``. :meth:`batch` is a pure function of ``step``, so training can resume
+    exactly; iterating yields ``batch(0), batch(1), ...``. Rows are returned as float32 tensors."""
+
+    def __init__(self, rows: np.ndarray | Tensor, batch_size: int, seed: int = 0):
+        if rows.ndim != 2 or rows.shape[0] < batch_size:
+            raise HarvestError(f"need an (N, d) array with N >= batch_size = {batch_size}, got shape "
+                               f"{tuple(rows.shape)}; harvest more activations")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.n = rows.shape[0]
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=gen).numpy(), epoch
+        return self._perm
+
+    def batch(self, step: int) -> Tensor:
+        start = step * self.batch_size
+        parts = []
+        while len(parts) == 0 or sum(len(p) for p in parts) < self.batch_size:
+            epoch, offset = divmod(start, self.n)
+            take = min(self.batch_size - sum(len(p) for p in parts), self.n - offset)
+            parts.append(self._permutation(epoch)[offset:offset + take])
+            start += take
+        index = np.sort(np.concatenate(parts))  # sorted reads are kinder to a memmap; order within a batch is moot
+        rows = self.rows[index]
+        return torch.as_tensor(np.asarray(rows, dtype=np.float32))
+
+    def __iter__(self) -> Iterator[Tensor]:
+        step = 0
+        while True:
+            yield self.batch(step)
+            step += 1
 
 
 class ActivationBuffer:

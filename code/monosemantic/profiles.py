@@ -16,6 +16,8 @@ from .config import check_profile
 from .corpus import CorpusConfig
 from .llama import LlamaConfig
 from .lm import LMConfig
+from .sae import SAEConfig
+from .sae_train import HarvestConfig, SAEStageConfig
 from .toy import RecoveryConfig, SuperpositionConfig, ToyConfig
 
 
@@ -27,6 +29,7 @@ class Profile:
     corpus: CorpusConfig  # the text corpus and its token shards
     llama: LlamaConfig  # Llama-family models (SmolLM2 here, Stheno on a rented GPU)
     lm: LMConfig  # the one-layer language model and its training
+    sae: SAEStageConfig  # SAEs on the one-layer model's MLP: harvest, two recipes, frontiers, width sweep
 
 
 def get(name: str) -> Profile:
@@ -41,17 +44,17 @@ def _tiny() -> Profile:
         expansion=4, k=4, sae_batch=128, sae_epochs=2, eval_tokens=256, top_examples=3), corpus=_corpus_tiny(),
         lm=LMConfig(context_length=32, d_model=32, n_heads=4, d_mlp=128, steps=40, batch_size=8, lr=3e-3,
                     lr_final=3e-4, warmup_steps=5, eval_interval=20, eval_batches=2, checkpoint_interval=20,
-                    compile=False))  # seconds
+                    compile=False), sae=_sae_tiny())  # seconds
 
 
 def _cpu() -> Profile:
     return Profile(name="cpu", toy=_toy_cpu(), llama=LlamaConfig(  # SmolLM2-135M: ~50 min on 2 shared cores
         model="smollm2", seq_len=256, batch_size=8, harvest_tokens=200_000, shard_tokens=32_768,
         expansion=8, k=32, sae_batch=2048, sae_epochs=2, eval_tokens=8_192), corpus=_corpus_cpu(),
-        # the anchor's model on 0.6% of its tokens (4.9M: ~20 min on 2 quiet cores, an hour or more on a busy
+        # the anchor's model on 2% of its tokens (16.4M: ~50 min on 2 quiet cores, two hours or more on a busy
         # machine), so a 4x higher lr, dropped 10x later (at 3/4, where the anchor drops at 1/4)
-        lm=LMConfig(steps=1_200, lr=2e-3, lr_final=2e-4, lr_drop_at=0.75, eval_interval=200,
-                    checkpoint_interval=100))
+        lm=LMConfig(steps=4_000, lr=2e-3, lr_final=2e-4, lr_drop_at=0.75, eval_interval=250,
+                    checkpoint_interval=100), sae=_sae_cpu())
 
 
 def _gpu() -> Profile:
@@ -60,7 +63,40 @@ def _gpu() -> Profile:
         shard_tokens=32_768, store_dtype="bfloat16", expansion=8, k=64, sae_batch=4096, sae_epochs=2,
         eval_tokens=65_536), corpus=_corpus_gpu(),
         lm=LMConfig(steps=200_000, batch_size=32, lr=5e-4, lr_final=5e-5, lr_drop_at=0.25, eval_interval=2_000,
-                    checkpoint_interval=10_000, loss_chunk=4096))  # the anchor's 819M tokens and schedule
+                    checkpoint_interval=10_000, loss_chunk=4096),  # the anchor's 819M tokens and schedule
+        sae=_sae_gpu())
+
+
+def _sae_tiny() -> SAEStageConfig:  # the tiny LM: 128 neurons, context 32
+    relu = SAEConfig(d_in=128, n_features=512, batch_size=128, n_steps=64, resample_every=20, resample_pool=1024,
+                     dead_window=2048, log_every=16)
+    topk = relu.replace(architecture="topk", k=8, aux_k=64, lr=1e-3)
+    return SAEStageConfig(harvest=HarvestConfig(train_activations=8192, val_activations=2048, seq_len=32),
+                          anchor=relu, topk=topk, l1_coeffs=(1e-3, 1e-2), ks=(4, 8), widths=(256, 512),
+                          sweep_activations=4096, eval_windows=8)
+
+
+# The anchor's SAE recipe: ReLU, 3e-3 L1, Adam 1e-4, batch 896, resampling every 1,000 steps; we keep its
+# numbers and compute in bf16 where the machine has bf16 units. Ours: TopK k = 24 (L0 under the issue's 30)
+# with AuxK, Adam 4e-4 (Gao et al.'s 2e-4 / sqrt(n / 2^14) at 4,096 latents), batch 1,024.
+_ANCHOR_SAE = SAEConfig(architecture="relu", l1_coeff=3e-3, lr=1e-4, batch_size=896, dtype="auto")
+_TOPK_SAE = SAEConfig(architecture="topk", k=24, lr=4e-4, batch_size=1024, dtype="auto", resample_every=0)
+
+
+def _sae_cpu() -> SAEStageConfig:  # 6M activations (0.4 epoch of the 16M LM tokens): ~1 hour for all 19 runs
+    n = 6_000_000
+    return SAEStageConfig(harvest=HarvestConfig(train_activations=n, val_activations=1_000_000),
+                          anchor=_ANCHOR_SAE.with_activations(n), topk=_TOPK_SAE.with_activations(n),
+                          sweep_activations=2_000_000, eval_windows=256)
+
+
+def _sae_gpu() -> SAEStageConfig:  # the anchor's ~90M activations (3 epochs of 30M harvested: 31 GB of fp16)
+    n = 90_000_000
+    return SAEStageConfig(harvest=HarvestConfig(train_activations=30_000_000, val_activations=10_000_000),
+                          anchor=_ANCHOR_SAE.replace(dead_window=10_000_000).with_activations(n),
+                          topk=_TOPK_SAE.replace(dead_window=10_000_000).with_activations(n),
+                          widths=(512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
+                          sweep_activations=30_000_000, eval_windows=2048)
 
 
 def _toy_tiny() -> ToyConfig:

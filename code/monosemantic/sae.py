@@ -32,10 +32,13 @@ import collections
 import dataclasses
 import json
 import math
+import os
+import signal
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +170,65 @@ class SAEOutput(NamedTuple):
     aux: Tensor  # AuxK loss (MSE of the residual's reconstruction by dead latents); 0 when unused
 
 
+
+class TrainOutput(NamedTuple):
+    """What :meth:`SAE.training_forward` returns: the losses of :class:`SAEOutput` and what the trainer
+    logs, without the dense (B, n_features) tensors."""
+
+    loss: Tensor  # as SAEOutput.loss
+    mse: Tensor
+    l1: Tensor
+    aux: Tensor
+    recon: Tensor  # (B, d_in) float32, detached
+    fired: Tensor  # (n_features,) bool: the latent was > 0 on some input of the batch
+    l0: Tensor  # mean over the batch of the number of latents > 0
+
+
+class _DenseEncoder(torch.autograd.Function):
+    """pre = (x - b_dec) @ W_enc + b_enc, with x a constant (no input gradient): the backward computes
+    dW_enc = (x - b_dec)^T G and, for b_dec, only the matrix-vector product -W_enc (sum_b G_b)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dtype: torch.dtype) -> Tensor:
+        xc = (x - b_dec).to(dtype)  # (B, d_in)
+        ctx.save_for_backward(xc, W_enc)
+        return torch.addmm(b_enc.to(dtype), xc, W_enc.to(dtype))  # (B, n_features)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xc, W_enc = ctx.saved_tensors
+        grad_w = (xc.t() @ grad.to(xc.dtype)).float()  # (d_in, n_features)
+        grad_b_enc = grad.float().sum(0)  # (n_features,)
+        return None, grad_w, grad_b_enc, -(W_enc @ grad_b_enc), None
+
+
+class _GatheredEncoder(torch.autograd.Function):
+    """The pre-activations ``pre`` (B, n_features) gathered at ``indices`` (B, m), differentiable as
+    ((x - b_dec) @ W_enc + b_enc) would be there. Only B * m entries carry gradient, so dW_enc = (x - b_dec)^T G
+    is a sparse-dense product with a (n_features, B) COO matrix of B * m entries: O(B m d_in), not
+    O(B n_features d_in). An index may repeat in a row (a dead latent both kept and in AuxK's set): its
+    gradients add up, as they would densely."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, pre: Tensor,
+                indices: Tensor) -> Tensor:
+        ctx.save_for_backward(x - b_dec, W_enc, indices)
+        return pre.gather(1, indices).float()  # pre: (B, n_features), computed without autograd
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xc, W_enc, indices = ctx.saved_tensors
+        n_batch, m = indices.shape
+        n_features = W_enc.shape[1]
+        grad = grad.float().reshape(-1)  # (B * m,)
+        rows = indices.reshape(-1)  # feature of each entry
+        cols = torch.arange(n_batch, device=xc.device).repeat_interleave(m)  # its input
+        g = torch.sparse_coo_tensor(torch.stack([rows, cols]), grad, (n_features, n_batch), check_invariants=False)
+        grad_w = torch.sparse.mm(g, xc).t()  # (d_in, n_features)
+        grad_b_enc = torch.zeros(n_features, device=xc.device).index_add_(0, rows, grad)
+        return None, grad_w, grad_b_enc, -(W_enc @ grad_b_enc), None, None
+
+
 class SAE(nn.Module):
     """A sparse autoencoder; ``cfg.architecture`` selects ReLU + L1 or TopK (+ AuxK)."""
 
@@ -247,6 +309,59 @@ class SAE(nn.Module):
         the features' directions.)"""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
+
+    # --- the training step's fast path ------------------------------------------------------------------
+
+    def training_forward(self, x: Tensor, dead_mask: Tensor | None = None,
+                         dtype: torch.dtype = torch.float32) -> TrainOutput:
+        """The loss of :meth:`forward` (same value, same gradients; a test says so), computed the cheap way
+        for training; ``dtype`` is the matmuls' compute dtype (weights and gradients stay float32).
+
+        - The pre-encoder bias's gradient is ``-W_enc @ (sum over the batch of dL/dpre)``: a matrix-vector
+          product instead of the (B, d_in) input gradient a plain autograd backward computes (x needs none).
+        - TopK never builds the dense (B, n_features) latents: the k kept (and the AuxK latents) are gathered
+          from a pre-activation computed without autograd, decoded with ``embedding_bag``, and the encoder's
+          backward touches only those B * (k + aux_k) entries (a sparse product, O(B k d_in), not O(B n d_in)).
+        """
+        if self.cfg.architecture == "relu":
+            pre = _DenseEncoder.apply(x, self.W_enc, self.b_enc, self.b_dec, dtype)  # (B, n_features)
+            latents = F.relu(pre)
+            recon = (latents @ self.W_dec.to(dtype)).float() + self.b_dec  # (B, d_in)
+            mse = F.mse_loss(recon, x)
+            l1 = latents.float().sum(-1).mean()  # |f| = f after the ReLU
+            with torch.no_grad():
+                active = latents > 0
+                fired, l0 = active.any(0), active.sum(-1).float().mean()
+            return TrainOutput(mse + self.cfg.l1_coeff * l1, mse, l1, mse.new_zeros(()), recon.detach(), fired, l0)
+
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc.to(dtype), (x - self.b_dec).to(dtype), self.W_enc.to(dtype))
+            top_pre, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)  # (B, k)
+            use_aux = dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any())
+            if use_aux:
+                k_aux = min(self.cfg.aux_k, int(dead_mask.sum()))
+                aux_indices = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False)[1]
+                indices = torch.cat([indices, aux_indices], dim=1)  # (B, k + k_aux)
+        gathered = _GatheredEncoder.apply(x, self.W_enc, self.b_enc, self.b_dec, pre, indices)  # (B, m) float32
+        del pre, top_pre
+        k = self.cfg.k
+        values = F.relu(gathered[:, :k])  # (B, k)
+        recon = F.embedding_bag(indices[:, :k], self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+        mse = F.mse_loss(recon, x)
+        with torch.no_grad():
+            l1 = values.sum(-1).mean()
+            live = values > 0
+            fired = torch.zeros(self.cfg.n_features, dtype=torch.bool, device=x.device)
+            fired[indices[:, :k][live]] = True
+            l0 = live.sum(-1).float().mean()
+        if use_aux:
+            residual = (x - recon).detach()  # (B, d_in) a fixed target, as in auxk_loss
+            aux_values = F.relu(gathered[:, k:])  # (B, k_aux)
+            e_hat = F.embedding_bag(indices[:, k:], self.W_dec, per_sample_weights=aux_values, mode="sum")
+            aux = F.mse_loss(e_hat, residual)
+        else:
+            aux = mse.new_zeros(())
+        return TrainOutput(mse + self.cfg.aux_coeff * aux, mse, l1, aux, recon.detach(), fired, l0)
 
 def auxk_loss(sae: SAE, x: Tensor, recon: Tensor, pre: Tensor, dead_mask: Tensor) -> Tensor:
     """AuxK (Gao et al. 2024, appendix A.2): reconstruct the residual ``e = x - x_hat`` from the
@@ -364,12 +479,59 @@ def _batches(source: Tensor | Iterable[Tensor], batch_size: int, gen: torch.Gene
                 pending, have = ([rest] if rest.shape[0] else []), rest.shape[0]
 
 
-def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor], *, device: torch.device | str | None = None,
-          progress: bool = True, sae: SAE | None = None, desc: str | None = None) -> TrainResult:
-    """Train an SAE on ``source``: an (N, d_in) tensor (shuffled epochs) or an iterable of (*, d_in)
-    batches (e.g. a streaming activation buffer). Adam, decoder rows renormalised after every step, dead
-    latents tracked over ``cfg.dead_window`` activations and handled by resampling (``resample_every``) or
-    AuxK (TopK). Deterministic on CPU for a given ``cfg.seed`` and source. Returns the SAE and the curve.
+@runtime_checkable
+class IndexedSource(Protocol):
+    """A source whose batches are a function of the step (e.g. ``harvest.ArraySource``: seeded shuffled
+    epochs over a memmap), which is what makes a resumed run see the batches an uninterrupted one sees."""
+
+    def batch(self, step: int) -> Tensor:
+        """The (batch_size, d_in) batch of optimizer step ``step`` (0-based)."""
+        ...
+
+
+def _catch_stop_signals(flag: list[int]) -> dict[int, Any]:
+    """SIGINT and SIGTERM append to ``flag`` (honoured between steps) instead of stopping at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # handlers can only be set from the main thread
+    return {sig: signal.signal(sig, lambda signum, frame: flag.append(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint or the new one, never half of one
+
+
+def _load_checkpoint(path: Path, cfg: SAEConfig) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or not {"step", "sae", "optimizer", "generator"} <= state.keys():
+            raise ValueError("some of its parts are missing")
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        raise ConfigError(f"{path} is not a readable SAE checkpoint ({reason}); delete it to start afresh") from None
+    if state.get("config_hash") != cfg.config_hash():
+        raise ConfigError(f"{path} is a checkpoint of another SAE config ({state.get('config_hash')}, this one is "
+                          f"{cfg.config_hash()}); delete it to start afresh")
+    return state
+
+
+def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
+          device: torch.device | str | None = None, progress: bool = True, sae: SAE | None = None,
+          desc: str | None = None, checkpoint: Path | None = None, checkpoint_every: int = 500,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train an SAE on ``source``: an :class:`IndexedSource` (``source.batch(step)``), an (N, d_in) tensor
+    (shuffled epochs) or an iterable of (*, d_in) batches (e.g. a streaming activation buffer). Adam, decoder
+    rows renormalised after every step, dead latents tracked over ``cfg.dead_window`` activations and
+    handled by resampling (``resample_every``) or AuxK (TopK). Deterministic on CPU for a given
+    ``cfg.seed`` and source. Returns the SAE and the curve.
+
+    ``checkpoint``: a file written (atomically) every ``checkpoint_every`` steps and when SIGINT or SIGTERM
+    arrives (then training stops with ``KeyboardInterrupt``), deleted when training completes. With an
+    indexed source a run finds its checkpoint and resumes exactly: same weights, same curve as a run never
+    stopped. Other sources cannot replay their batches, so they are checkpointed but never resumed.
     """
     from tqdm.auto import tqdm
 
@@ -377,88 +539,147 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor], *, device: torch.de
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     sae = sae if sae is not None else SAE(cfg)
     sae.to(device)
-    batches = _batches(source, cfg.batch_size, gen)
+    indexed = isinstance(source, IndexedSource) and not isinstance(source, Tensor)
+    if indexed:
+        def next_batch(step: int) -> Tensor | None:
+            return source.batch(step)
+    else:
+        batches = _batches(source, cfg.batch_size, gen)
 
-    first = next(batches, None)
-    if first is None:
-        raise ConfigError(f"the activation source gave fewer than batch_size = {cfg.batch_size} rows")
-    first = first.to(device, torch.float32)
-    if first.shape[1] != cfg.d_in:
-        raise ConfigError(f"activations have width {first.shape[1]} but SAEConfig.d_in is {cfg.d_in}")
-    with torch.no_grad():
-        if cfg.b_dec_init == "geometric_median":
-            sae.b_dec.copy_(geometric_median(first))
-        elif cfg.b_dec_init == "mean":
-            sae.b_dec.copy_(first.mean(0))
+        def next_batch(step: int) -> Tensor | None:
+            return next(batches, None)
 
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    # fused: one pass over the parameters and both moments instead of a dozen; at batch 896 the update of
+    # 4.2M parameters is a large share of the step
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True)
     compute_dtype = cfg.compute_dtype(device)
-    autocast = compute_dtype != torch.float32
     since_fired = torch.zeros(cfg.n_features, dtype=torch.long, device=device)  # activations since last fire
     pool: collections.deque[Tensor] = collections.deque()
     pool_rows = 0
     resample_stop = int(cfg.n_steps * cfg.resample_until)
-
     history: list[dict[str, float]] = []
     sums: dict[str, float] = collections.defaultdict(float)
-    n_in_interval, resampled, start = 0, 0, time.perf_counter()
-    bar = tqdm(range(cfg.n_steps), desc=desc or f"SAE {cfg.architecture} {cfg.d_in}->{cfg.n_features}",
-               disable=not progress, mininterval=1.0, leave=False)
-    batch = first
-    for step in bar:
-        if step > 0:
-            batch = next(batches, None)
-            if batch is None:  # a finite stream ran out: stop here, the curve says where
-                break
-            batch = batch.to(device, torch.float32)
-        if cfg.resample_every and cfg.architecture == "relu":
-            pool.append(batch)
-            pool_rows += batch.shape[0]
-            while pool_rows - pool[0].shape[0] >= cfg.resample_pool:
-                pool_rows -= pool.popleft().shape[0]
-        dead_mask = since_fired >= cfg.dead_window
-        with torch.autocast(device.type, dtype=compute_dtype, enabled=autocast):
-            out = sae(batch, dead_mask if cfg.architecture == "topk" else None)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        sae.normalize_decoder()
+    n_in_interval, resampled, seconds, step = 0, 0, 0.0, 0
 
+    state = None
+    if checkpoint is not None and checkpoint.is_file():
+        if indexed:
+            state = _load_checkpoint(checkpoint, cfg)
+        else:
+            log(f"not resuming from {checkpoint}: resuming needs an indexed source (one with .batch(step)); "
+                "starting afresh")
+    if state is not None:
+        sae.load_state_dict(state["sae"])
+        sae.to(device)
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        since_fired = state["since_fired"].to(device)
+        pool = collections.deque(t.to(device) for t in state["pool"])
+        pool_rows = sum(t.shape[0] for t in pool)
+        history, step, seconds = state["history"], state["step"], state["seconds"]
+        sums.update(state["sums"])
+        n_in_interval, resampled = state["n_in_interval"], state["resampled"]
+        log(f"resuming SAE training from {checkpoint} at step {step:,}")
+
+    def save_checkpoint() -> None:
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, {
+                "config": cfg.to_dict(), "config_hash": cfg.config_hash(), "step": step,
+                "sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+                "since_fired": since_fired.cpu(), "pool": [t.cpu() for t in pool], "history": history,
+                "sums": dict(sums), "n_in_interval": n_in_interval, "resampled": resampled,
+                "seconds": seconds + time.perf_counter() - start})
+
+    batch = next_batch(step) if step < cfg.n_steps else None
+    if batch is None and state is None:
+        raise ConfigError(f"the activation source gave fewer than batch_size = {cfg.batch_size} rows")
+    if batch is not None:
+        batch = batch.to(device, torch.float32)
+        if batch.shape[1] != cfg.d_in:
+            raise ConfigError(f"activations have width {batch.shape[1]} but SAEConfig.d_in is {cfg.d_in}")
+    if state is None:
         with torch.no_grad():
-            fired = (out.latents > 0)
-            since_fired += batch.shape[0]
-            since_fired[fired.any(0)] = 0
-            resid = (batch - out.recon.float()).pow(2).sum()
-            total = (batch - batch.mean(0)).pow(2).sum().clamp_min(1e-12)
-            for name, value in (("loss", out.loss), ("mse", out.mse), ("l1", out.l1), ("aux", out.aux),
-                                ("l0", fired.sum(-1).float().mean()), ("fvu", resid / total)):
-                sums[name] += float(value)
-        n_in_interval += 1
+            if cfg.b_dec_init == "geometric_median":
+                sae.b_dec.copy_(geometric_median(batch))
+            elif cfg.b_dec_init == "mean":
+                sae.b_dec.copy_(batch.mean(0))
 
-        if (cfg.resample_every and cfg.architecture == "relu" and (step + 1) % cfg.resample_every == 0
-                and step + 1 <= resample_stop and step + 1 < cfg.n_steps):
-            dead_now = since_fired >= min(cfg.dead_window, cfg.resample_every * cfg.batch_size)
-            n = resample_dead(sae, optimizer, torch.cat(list(pool)), dead_now, generator=gen)
-            since_fired[dead_now] = 0
-            resampled += n
+    bar = tqdm(total=cfg.n_steps, initial=step, desc=desc or f"SAE {cfg.architecture} {cfg.d_in}->{cfg.n_features}",
+               disable=not progress, mininterval=1.0, leave=False)
+    stop_signal: list[int] = []
+    # Ctrl-C and SIGTERM only raise a flag, honoured between steps, so a checkpoint never holds half a step
+    previous = _catch_stop_signals(stop_signal) if checkpoint is not None else {}
+    start = time.perf_counter()
+    try:
+        while step < cfg.n_steps:
+            if batch is None:
+                try:
+                    batch = next_batch(step)
+                except KeyboardInterrupt:  # raised by the source between steps: the state is whole
+                    save_checkpoint()
+                    raise
+                if batch is None:  # a finite stream ran out: stop here, the curve says where
+                    break
+                batch = batch.to(device, torch.float32)
+            if cfg.resample_every and cfg.architecture == "relu":
+                pool.append(batch)
+                pool_rows += batch.shape[0]
+                while pool_rows - pool[0].shape[0] >= cfg.resample_pool:
+                    pool_rows -= pool.popleft().shape[0]
+            dead_mask = since_fired >= cfg.dead_window
+            out = sae.training_forward(batch, dead_mask if cfg.architecture == "topk" else None, compute_dtype)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            sae.normalize_decoder()
 
-        last = step + 1 == cfg.n_steps
-        if (step + 1) % cfg.log_every == 0 or last:
-            row = {"step": step + 1, "n_activations": (step + 1) * cfg.batch_size}
-            row.update({k: v / n_in_interval for k, v in sums.items()})
-            row["dead_fraction"] = float((since_fired >= cfg.dead_window).float().mean())
-            row["resampled"] = resampled
-            row["seconds"] = time.perf_counter() - start
-            history.append(row)
-            bar.set_postfix(mse=f"{row['mse']:.4g}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
-            sums.clear()
-            n_in_interval, resampled = 0, 0
+            with torch.no_grad():
+                since_fired += batch.shape[0]
+                since_fired[out.fired] = 0
+                resid = (batch - out.recon).pow(2).sum()
+                total = (batch - batch.mean(0)).pow(2).sum().clamp_min(1e-12)
+                for name, value in (("loss", out.loss), ("mse", out.mse), ("l1", out.l1), ("aux", out.aux),
+                                    ("l0", out.l0), ("fvu", resid / total)):
+                    sums[name] += float(value)
+            n_in_interval += 1
+            step += 1
+            batch = None
+            bar.update(1)
+
+            if (cfg.resample_every and cfg.architecture == "relu" and step % cfg.resample_every == 0
+                    and step <= resample_stop and step < cfg.n_steps):
+                dead_now = since_fired >= min(cfg.dead_window, cfg.resample_every * cfg.batch_size)
+                n = resample_dead(sae, optimizer, torch.cat(list(pool)), dead_now, generator=gen)
+                since_fired[dead_now] = 0
+                resampled += n
+
+            if step % cfg.log_every == 0 or step == cfg.n_steps:
+                row = {"step": step, "n_activations": step * cfg.batch_size}
+                row.update({k: v / n_in_interval for k, v in sums.items()})
+                row["dead_fraction"] = float((since_fired >= cfg.dead_window).float().mean())
+                row["resampled"] = resampled
+                row["seconds"] = seconds + time.perf_counter() - start
+                history.append(row)
+                bar.set_postfix(mse=f"{row['mse']:.4g}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
+                sums.clear()
+                n_in_interval, resampled = 0, 0
+            if stop_signal:
+                save_checkpoint()
+                raise KeyboardInterrupt(f"SAE training stopped at step {step:,}"
+                                        + (f"; {checkpoint} resumes it" if checkpoint is not None else ""))
+            if step % checkpoint_every == 0 and step < cfg.n_steps:
+                save_checkpoint()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        bar.close()
     if n_in_interval:  # the stream ended between two logged intervals
         history.append({"step": step, "n_activations": step * cfg.batch_size,
                         **{k: v / n_in_interval for k, v in sums.items()},
                         "dead_fraction": float((since_fired >= cfg.dead_window).float().mean()),
-                        "resampled": resampled, "seconds": time.perf_counter() - start})
-    bar.close()
+                        "resampled": resampled, "seconds": seconds + time.perf_counter() - start})
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     sae.eval()
     return TrainResult(sae, history)
 

@@ -42,6 +42,7 @@ STAGE_COMMANDS: dict[str, str] = {
     "corpus": "monosemantic corpus --profile {profile}",
     "tokens": "monosemantic corpus --profile {profile}",
     "lm": "monosemantic train-lm --profile {profile}",
+    "activations": "monosemantic harvest --profile {profile}",
     "sae": "monosemantic train-sae --profile {profile}",
     "toy": "monosemantic toy --profile {profile}",
     "analysis": "monosemantic analyze --profile {profile}",

@@ -186,3 +186,105 @@ def test_finite_stream_stops_training_early():
     x, _ = _synthetic(n=256 * 5 + 100)
     sae, history = S.train(_cfg(n_steps=50, log_every=2), iter(x.split(256)), progress=False)
     assert history[-1]["step"] == 5 and history[-1]["n_activations"] == 5 * 256
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+@pytest.mark.parametrize("aux", [False, True])
+def test_training_forward_matches_forward(arch, aux):
+    # the trainer's fast path (sparse TopK encoder backward, matrix-vector b_dec gradient) computes the
+    # same loss and the same gradients as the plain forward that evaluation uses
+    cfg = _cfg(architecture=arch, k=4, n_features=64, aux_k=16)
+    plain = S.SAE(cfg)
+    with torch.no_grad():
+        plain.b_dec.normal_()
+        plain.b_enc.normal_()
+        plain.b_enc[:20] -= 5.0  # some latents rarely fire
+    fast = S.SAE(cfg)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(50, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    mask = dead if aux else None
+    a, b = plain(x, mask), fast.training_forward(x, mask)
+    for name in ("loss", "mse", "l1", "aux"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name).detach(), atol=1e-6, rtol=1e-5)
+    if arch == "topk" and aux:
+        assert a.aux > 0
+    torch.testing.assert_close(b.recon, a.recon.detach())
+    assert torch.equal(b.fired, (a.latents > 0).any(0))
+    torch.testing.assert_close(b.l0, (a.latents > 0).sum(-1).float().mean())
+    a.loss.backward()
+    b.loss.backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(fast, name).grad, getattr(plain, name).grad, atol=1e-6, rtol=1e-5)
+
+
+class _Indexed:
+    """A source whose batch is a function of the step; it 'crashes' once at ``stop_at`` by raising
+    KeyboardInterrupt, or by sending this process SIGINT (which the trainer honours after that step)."""
+
+    def __init__(self, x, batch_size, stop_at=None, how="raise"):
+        self.x, self.batch_size, self.stop_at, self.how = x, batch_size, stop_at, how
+        self.calls = []
+
+    def batch(self, step):
+        self.calls.append(step)
+        if step == self.stop_at:
+            self.stop_at = None
+            if self.how == "raise":
+                raise KeyboardInterrupt
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+        g = torch.Generator().manual_seed(step)
+        return self.x[torch.randint(self.x.shape[0], (self.batch_size,), generator=g)]
+
+
+@pytest.mark.parametrize("arch,how", [("relu", "signal"), ("topk", "raise")])
+def test_interrupted_training_resumes_exactly(tmp_path, arch, how):
+    x, _ = _synthetic()
+    # relu: resampling every 5 steps, so the resample pool, the dead tracker and the generator are resumed;
+    # topk: a short dead window so AuxK runs
+    cfg = _cfg(architecture=arch, n_steps=24, log_every=4, resample_every=5 if arch == "relu" else 0,
+               dead_window=256 * 3, l1_coeff=0.3)
+
+    def half_dead():
+        sae = S.SAE(cfg)
+        with torch.no_grad():
+            sae.b_enc[:32] = -50.0  # half the dictionary starts dead: resampling and AuxK have work
+        return sae
+
+    straight, h_straight = S.train(cfg, _Indexed(x, cfg.batch_size), progress=False, sae=half_dead())
+
+    ckpt = tmp_path / "sae.ckpt"
+    source = _Indexed(x, cfg.batch_size, stop_at=11, how=how)
+    with pytest.raises(KeyboardInterrupt):
+        S.train(cfg, source, progress=False, sae=half_dead(), checkpoint=ckpt, checkpoint_every=4)
+    assert ckpt.is_file()
+    source.calls.clear()
+    resumed, h_resumed = S.train(cfg, source, progress=False, checkpoint=ckpt, checkpoint_every=4)
+    assert source.calls[0] == (11 if how == "raise" else 12)  # nothing is redone, nothing skipped
+    assert not ckpt.exists()  # a finished run leaves no checkpoint behind
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(straight, name), getattr(resumed, name)), name
+    drop = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert drop(h_straight) == drop(h_resumed)
+    if arch == "relu":
+        assert sum(row["resampled"] for row in h_straight) > 0
+    else:
+        assert any(row["aux"] > 0 for row in h_straight)
+
+
+def test_checkpoint_of_another_config_is_one_clear_line(tmp_path):
+    x, _ = _synthetic()
+    cfg = _cfg(n_steps=6)
+    ckpt = tmp_path / "sae.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        S.train(cfg, _Indexed(x, cfg.batch_size, stop_at=3), progress=False, checkpoint=ckpt)
+    with pytest.raises(ConfigError, match="delete it") as err:
+        S.train(cfg.replace(lr=1e-3), _Indexed(x, cfg.batch_size), progress=False, checkpoint=ckpt)
+    assert "\n" not in str(err.value)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable SAE checkpoint"):
+        S.train(cfg, _Indexed(x, cfg.batch_size), progress=False, checkpoint=ckpt)

@@ -1,0 +1,135 @@
+"""Chapter 3's pipeline on the tiny profile: harvest to disk, train the recipes and sweeps, export to SAELens."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from monosemantic import cli, corpus, harvest, metrics, profiles, sae_train, store
+from monosemantic import sae as sae_mod
+from monosemantic.harvest import HOOK, ArraySource, HarvestError, harvest_to_disk, open_rows
+from monosemantic.lm import LMConfig, Transformer
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """A cache with the tiny corpus, LM, harvest and every SAE of the tiny profile (about 20 s)."""
+    cache = tmp_path_factory.mktemp("sae_train") / "cache"
+    cache.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MONOSEMANTIC_CACHE", str(cache))
+        corpus.build(profiles.get("tiny").corpus, "tiny", workers=1, threads=1, command="test")
+        for argv in (["train-lm", "--threads", "1", "--no-progress"], ["harvest", "--no-progress"],
+                     ["train-sae", "--no-progress"]):
+            assert cli.main([*argv, "--profile", "tiny"]) == 0
+    return cache
+
+
+@pytest.fixture
+def in_tiny_cache(tiny_cache, monkeypatch):
+    monkeypatch.setenv("MONOSEMANTIC_CACHE", str(tiny_cache))
+    return tiny_cache
+
+
+def test_artifacts_carry_the_issue_metric_names_and_the_sweep_table(in_tiny_cache):
+    stage = profiles.get("tiny").sae
+    for recipe in ("anchor", "topk"):
+        art = store.load("sae", "tiny", recipe, config=stage)
+        assert set(metrics.METRIC_NAMES) | {"train_activations", "density_tokens"} <= set(art.metrics)
+        assert art.metrics["n_features"] == 512 and art.metrics["train_activations"] > 0
+        assert 0 <= art.metrics["dead_fraction"] <= art.metrics["ultralow_fraction"] <= 1
+    sweep = store.load("sae", "tiny", "sweep", config=stage)
+    import pandas as pd
+
+    table = pd.read_parquet(sweep.file("sweep.parquet"))
+    names = [r.name for r in sae_train.plan(stage)]
+    assert list(table["run"]) == names
+    assert set(table["family"]) == {"main", "l1", "k", "width"}
+    topk = table[table["architecture"] == "topk"]
+    assert np.allclose(topk["l0"], topk["k"], atol=0.5)  # TopK fires exactly k (or fewer, if some are <= 0)
+    curves = pd.read_parquet(sweep.file("training_curves.parquet"))
+    assert set(curves["run"]) == set(names)
+
+
+def test_rerun_reuses_staged_runs_and_a_fresh_run_is_bit_identical(in_tiny_cache, capsys):
+    before = store.load("sae", "tiny", "topk").file(sae_mod.SAE_WEIGHTS_FILENAME).read_bytes()
+    assert cli.main(["train-sae", "--profile", "tiny", "--recipe", "topk", "--no-progress"]) == 0
+    again = store.load("sae", "tiny", "topk").file(sae_mod.SAE_WEIGHTS_FILENAME).read_bytes()
+    assert again == before
+    assert cli.main(["train-sae", "--profile", "tiny", "--recipe", "topk", "--no-progress", "--fresh"]) == 0
+    fresh = store.load("sae", "tiny", "topk").file(sae_mod.SAE_WEIGHTS_FILENAME).read_bytes()
+    assert fresh == before  # same seed, same activations: the same SAE
+
+
+def test_export_round_trips_and_the_saelens_formula_reproduces_our_encoder(in_tiny_cache, tmp_path):
+    for recipe in ("anchor", "topk"):
+        out = tmp_path / recipe
+        assert cli.main(["export-sae", "--profile", "tiny", "--recipe", recipe, "--out", str(out)]) == 0
+        cfg = json.loads((out / "cfg.json").read_text())
+        assert {"d_in", "d_sae", "architecture", "dtype", "apply_b_dec_to_input", "normalize_activations"} <= set(cfg)
+        assert cfg["metadata"]["hook_name"] == HOOK
+        w = {k: v.float() for k, v in load_file(str(out / "sae_weights.safetensors")).items()}
+        assert w["W_enc"].shape == (cfg["d_in"], cfg["d_sae"]) and w["W_dec"].shape == (cfg["d_sae"], cfg["d_in"])
+        ours = sae_mod.load(out)
+        x = torch.randn(64, cfg["d_in"]).relu()
+        # SAELens: hidden_pre = (x - b_dec) @ W_enc + b_enc (apply_b_dec_to_input); standard: ReLU;
+        # topk: keep the k largest of hidden_pre, ReLU them; decode: f @ W_dec + b_dec
+        pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+        if cfg["architecture"] == "standard":
+            f = pre.relu()
+        else:
+            assert cfg["architecture"] == "topk"
+            vals, idx = pre.topk(cfg["k"], dim=-1)
+            f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        with torch.no_grad():
+            torch.testing.assert_close(ours.encode(x), f, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ours(x).recon, f @ w["W_dec"] + w["b_dec"], rtol=1e-4, atol=1e-4)
+    assert cli.main(["export-sae", "--profile", "tiny", "--recipe", "topk", "--out", str(tmp_path / "topk")]) == 2
+
+
+def test_training_without_a_harvest_is_one_line_naming_the_command(tmp_cache, capsys):
+    assert cli.main(["train-sae", "--profile", "tiny", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "monosemantic" in err
+
+
+# --- harvesting to disk and the indexed source (no cache needed) -------------------------------------
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(LMConfig(vocab_size=97, context_length=16, d_model=32, n_heads=4, d_mlp=64, compile=False,
+                                dtype="float32")).eval()
+
+
+def test_harvested_rows_are_the_models_activations_and_an_interrupted_harvest_resumes(tmp_path):
+    model = _model()
+    toks = np.random.default_rng(0).integers(0, 97, size=5000).astype(np.uint16)
+    rows = harvest_to_disk(model, toks, 1000, tmp_path / "a.f16", seq_len=16, batch=8, progress=False)
+    ids, _ = next(harvest.random_windows(toks, 16, seed=0, batch=8))
+    expected = model.run_with_cache(ids, [HOOK])[HOOK].reshape(-1, 64)  # the first 128 rows
+    np.testing.assert_allclose(rows[:128].astype(np.float32), expected.numpy(), rtol=1e-3, atol=1e-3)
+    full = (tmp_path / "a.f16").read_bytes()
+    with open(tmp_path / "b.f16", "wb") as f:  # an interrupted run: the first 3 batches of windows, then junk
+        f.write(full[:3 * 128 * 64 * 2] + b"\x00" * 100)
+    harvest_to_disk(model, toks, 1000, tmp_path / "b.f16", seq_len=16, batch=8, progress=False)
+    assert (tmp_path / "b.f16").read_bytes() == full
+    with pytest.raises(HarvestError, match="monosemantic harvest"):
+        open_rows(tmp_path / "a.f16", d_in=64, n_rows=999)
+
+
+def test_array_source_batches_are_a_function_of_the_step_and_each_epoch_is_a_permutation():
+    rows = torch.arange(40, dtype=torch.float32)[:, None].repeat(1, 3)  # row i holds i
+    src = ArraySource(rows, batch_size=8, seed=3)
+    first = [src.batch(s)[:, 0] for s in range(10)]  # 80 rows = 2 epochs
+    epoch0 = torch.cat(first[:5]).sort().values
+    assert torch.equal(epoch0, torch.arange(40, dtype=torch.float32))
+    assert torch.equal(ArraySource(rows, 8, seed=3).batch(7), src.batch(7))  # pure in the step
+    assert not torch.equal(torch.cat(first[:5]), torch.cat(first[5:]))  # a new shuffle each epoch
+    odd = ArraySource(rows, batch_size=12, seed=0)  # batches straddle the epoch boundary
+    assert torch.cat([odd.batch(s)[:, 0] for s in range(10)]).shape == (120,)
+    with pytest.raises(HarvestError):
+        ArraySource(rows[:4], batch_size=8)
