@@ -204,10 +204,70 @@ def _bench_lm_batch(ctx: BenchContext, batch: int, forward_too: bool) -> list[di
     return rows
 
 
+# --- the SAE group ----------------------------------------------------------------------------------
+
+def bench_sae(ctx: BenchContext, d_in: int = 512, n_features: int = 4096, batch: int = 896,
+              big_batch: int = 8192) -> list[dict[str, Any]]:
+    """SAE training steps, ours (:func:`monosemantic.sae.train_step`: fused Adam, bf16 where the machine
+    has bf16 units, the TopK encoder's sparse backward) against the anchor's faithful fp32 step
+    (:func:`monosemantic.anchor_reference.anchor_sae_step`) at its setting, 512 -> 4096, batch 896. The
+    sizes are parameters so that the tests can run the group at a tiny size."""
+    from . import sae as S
+    from .anchor_reference import anchor_sae_step, make_anchor_sae
+
+    peak = ctx.bf16_peak
+    repeat, warmup = (3, 1) if ctx.quick else (9, 2)
+    flops = 6 * d_in * n_features  # per activation: a dense step's forward + backward, both sides alike
+    note = (f"MFU counts every step as a dense one, 6 B d_in n_features = {flops / 1e6:.3g} MFLOP per activation "
+            "(the work the anchor's step does), over this machine's bf16 matmul peak, for both sides")
+    torch.manual_seed(0)
+    anchor, anchor_opt = make_anchor_sae(d_in, n_features)
+    anchor.to(ctx.device)
+    g = torch.Generator().manual_seed(0)
+    x_small = torch.randn(batch, d_in, generator=g).relu().to(ctx.device)  # MLP activations are >= 0
+    x_big = torch.randn(big_batch, d_in, generator=g).relu().to(ctx.device)
+
+    def ours_step(cfg: S.SAEConfig, x: torch.Tensor, dead_fraction: float = 0.0) -> Callable[[], float]:
+        sae = S.SAE(cfg).to(ctx.device)
+        opt = S.make_optimizer(sae)
+        dtype = cfg.compute_dtype(ctx.device)
+        dead = None
+        if cfg.architecture == "topk":  # the anchor's runs had 30-40% dead latents: AuxK has work to do
+            dead = torch.rand(n_features, generator=g) < dead_fraction
+            dead = dead.to(ctx.device)
+
+        def step() -> float:
+            return float(S.train_step(sae, opt, x, dead, dtype).loss.detach())  # the loss read back, as the anchor does
+        return step
+
+    def anchor_step() -> float:
+        return anchor_sae_step(anchor, anchor_opt, x_small)
+
+    relu = S.SAEConfig(d_in=d_in, n_features=n_features, batch_size=batch, dtype="auto")
+    k = max(1, min(32, n_features // 8))
+    topk = relu.replace(architecture="topk", k=k, aux_k=min(512, n_features // 2))
+    cases = [
+        (f"sae train step relu+L1 {d_in}->{n_features}, batch {batch}", ours_step(relu, x_small), batch, {}),
+        (f"sae train step topk k={k} + AuxK (35% dead), batch {batch}", ours_step(topk, x_small, 0.35), batch,
+         {"ours_arch": "topk"}),
+        (f"sae train step relu+L1, ours batch {big_batch} vs anchor batch {batch}",
+         ours_step(relu.replace(batch_size=big_batch), x_big), big_batch, {"ours_batch": big_batch}),
+    ]
+    rows = []
+    for name, fn, n_ours, extra in cases:
+        t_ours, t_anchor = time_pair(fn, anchor_step, ctx.device, repeat=repeat, warmup=warmup)
+        ours_rate, anchor_rate = n_ours / t_ours, batch / t_anchor
+        rows.append(_row(name, "activations/s", ours_rate, anchor_rate, ours_mfu=ours_rate * flops / peak,
+                         anchor_mfu=anchor_rate * flops / peak,
+                         ours_dtype=str(relu.compute_dtype(ctx.device)).removeprefix("torch."),
+                         anchor_dtype="float32", anchor_batch=batch, note=note, **extra))
+    return rows
+
 # Groups of rows, each written as one artifact. Add yours here.
 BENCHES: list[tuple[str, Callable[[BenchContext], list[dict[str, Any]]]]] = [
     ("matmul", bench_matmul),
     ("lm", bench_lm),
+    ("sae", bench_sae),
 ]
 
 

@@ -28,6 +28,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train-sae", "monosemantic.sae_train:TrainCommand",
      "SAEs on the MLP activations: the anchor's recipe, TopK, frontiers, width sweep (resumes)"),
     ("export-sae", "monosemantic.sae_train:ExportCommand", "write a committed SAE in SAELens's on-disk format"),
+    ("analyze", "monosemantic.analysis",
+     "features and neurons measured alike: dashboards, logit effects, monosemanticity scores, splitting"),
     ("llama", "monosemantic.llama", "Llama-family models (SmolLM2, L3-8B-Stheno): activations, harvest, SAE, cost"),
 ]
 

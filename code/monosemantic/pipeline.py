@@ -14,6 +14,9 @@ import time
 STAGES: list[tuple[str, list[str]]] = [
     ("text corpus and GPT-2 token shards", ["corpus"]),
     ("one-layer language model", ["train-lm"]),
+    ("MLP activations of the one-layer model", ["harvest"]),
+    ("SAEs: the anchor's recipe, TopK, frontiers, width sweep", ["train-sae"]),
+    ("features and neurons: dashboards and scores", ["analyze"]),
     ("toy superposition and dictionary recovery (chapter 2)", ["toy"]),
     ("SmolLM2 last-layer MLP SAE (chapter 4)", ["llama", "run"]),
 ]

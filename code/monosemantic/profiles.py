@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .analysis import AnalysisConfig
 from .config import check_profile
 from .corpus import CorpusConfig
 from .llama import LlamaConfig
@@ -30,6 +31,7 @@ class Profile:
     llama: LlamaConfig  # Llama-family models (SmolLM2 here, Stheno on a rented GPU)
     lm: LMConfig  # the one-layer language model and its training
     sae: SAEStageConfig  # SAEs on the one-layer model's MLP: harvest, two recipes, frontiers, width sweep
+    analysis: AnalysisConfig  # features and neurons measured alike: dashboards, scores, splitting
 
 
 def get(name: str) -> Profile:
@@ -44,7 +46,9 @@ def _tiny() -> Profile:
         expansion=4, k=4, sae_batch=128, sae_epochs=2, eval_tokens=256, top_examples=3), corpus=_corpus_tiny(),
         lm=LMConfig(context_length=32, d_model=32, n_heads=4, d_mlp=128, steps=40, batch_size=8, lr=3e-3,
                     lr_final=3e-4, warmup_steps=5, eval_interval=20, eval_batches=2, checkpoint_interval=20,
-                    compile=False), sae=_sae_tiny())  # seconds
+                    compile=False), sae=_sae_tiny(),
+                   analysis=AnalysisConfig(explain_tokens=16_384, top_contexts=4, interval_samples=2,
+                                           batch_windows=32, min_firings=3))  # seconds
 
 
 def _cpu() -> Profile:
@@ -54,7 +58,8 @@ def _cpu() -> Profile:
         # the anchor's model on 2% of its tokens (16.4M: ~50 min on 2 quiet cores, two hours or more on a busy
         # machine), so a 4x higher lr, dropped 10x later (at 3/4, where the anchor drops at 1/4)
         lm=LMConfig(steps=4_000, lr=2e-3, lr_final=2e-4, lr_drop_at=0.75, eval_interval=250,
-                    checkpoint_interval=100), sae=_sae_cpu())
+                    checkpoint_interval=100), sae=_sae_cpu(),
+        analysis=AnalysisConfig())  # 2M explanation tokens + the 0.5M val split: a few minutes
 
 
 def _gpu() -> Profile:
@@ -64,7 +69,7 @@ def _gpu() -> Profile:
         eval_tokens=65_536), corpus=_corpus_gpu(),
         lm=LMConfig(steps=200_000, batch_size=32, lr=5e-4, lr_final=5e-5, lr_drop_at=0.25, eval_interval=2_000,
                     checkpoint_interval=10_000, loss_chunk=4096),  # the anchor's 819M tokens and schedule
-        sae=_sae_gpu())
+        sae=_sae_gpu(), analysis=AnalysisConfig(explain_tokens=10_000_000, top_contexts=20))
 
 
 def _sae_tiny() -> SAEStageConfig:  # the tiny LM: 128 neurons, context 32

@@ -184,22 +184,43 @@ class TrainOutput(NamedTuple):
     l0: Tensor  # mean over the batch of the number of latents > 0
 
 
-class _DenseEncoder(torch.autograd.Function):
-    """pre = (x - b_dec) @ W_enc + b_enc, with x a constant (no input gradient): the backward computes
-    dW_enc = (x - b_dec)^T G and, for b_dec, only the matrix-vector product -W_enc (sum_b G_b)."""
+class _ReluStep(torch.autograd.Function):
+    """The ReLU SAE's training loss with a hand-written backward: the same maths as :meth:`SAE.forward`
+    (mse + l1_coeff * l1), in fewer passes over the (B, n_features) latents (no float32 copy of them, the
+    L1 gradient folded into the ReLU's mask), and for ``b_dec`` the matrix-vector product
+    -W_enc (sum_b dL/dpre_b) instead of the (B, d_in) input gradient (x itself needs none).
+
+    Returns (loss, mse, l1, recon (B, d_in) float32, latents (B, n_features) in ``dtype``); only the first
+    three carry gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, dtype: torch.dtype) -> Tensor:
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, l1_coeff: float,
+                dtype: torch.dtype):
         xc = (x - b_dec).to(dtype)  # (B, d_in)
-        ctx.save_for_backward(xc, W_enc)
-        return torch.addmm(b_enc.to(dtype), xc, W_enc.to(dtype))  # (B, n_features)
+        w_dec = W_dec.to(dtype)  # (n_features, d_in)
+        f = torch.addmm(b_enc.to(dtype), xc, W_enc.to(dtype)).relu_()  # (B, n_features) latents
+        recon = (f @ w_dec).float() + b_dec  # (B, d_in)
+        diff = recon - x  # (B, d_in)
+        mse = diff.pow(2).mean()
+        l1 = f.sum(dtype=torch.float32) / x.shape[0]  # |f| = f after the ReLU
+        ctx.save_for_backward(xc, f, diff, W_enc, w_dec)
+        ctx.l1_coeff = l1_coeff
+        ctx.mark_non_differentiable(recon, f)
+        return mse + l1_coeff * l1, mse, l1, recon, f
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        xc, W_enc = ctx.saved_tensors
-        grad_w = (xc.t() @ grad.to(xc.dtype)).float()  # (d_in, n_features)
-        grad_b_enc = grad.float().sum(0)  # (n_features,)
-        return None, grad_w, grad_b_enc, -(W_enc @ grad_b_enc), None
+    def backward(ctx, g_loss: Tensor, g_mse: Tensor, g_l1: Tensor, _g_recon: Tensor, _g_f: Tensor):
+        xc, f, diff, W_enc, w_dec = ctx.saved_tensors
+        n_batch, d_in = diff.shape
+        g_rec = diff * ((g_loss + g_mse) * 2 / diff.numel())  # (B, d_in) dL/drecon, float32
+        g_rec_c = g_rec.to(f.dtype)
+        grad_w_dec = (f.t() @ g_rec_c).float()  # (n_features, d_in)
+        g_pre = g_rec_c @ w_dec.t()  # (B, n_features) dL/df from the reconstruction ...
+        g_pre.add_((g_loss * ctx.l1_coeff + g_l1) / n_batch).mul_(f > 0)  # ... + the L1's, through the ReLU
+        grad_w_enc = (xc.t() @ g_pre).float()  # (d_in, n_features)
+        grad_b_enc = g_pre.sum(0, dtype=torch.float32)  # (n_features,)
+        grad_b_dec = g_rec.sum(0) - W_enc @ grad_b_enc  # decoder bias, and the pre-encoder bias
+        return None, grad_w_enc, grad_b_enc, grad_w_dec, grad_b_dec, None, None
 
 
 class _GatheredEncoder(torch.autograd.Function):
@@ -324,15 +345,12 @@ class SAE(nn.Module):
           backward touches only those B * (k + aux_k) entries (a sparse product, O(B k d_in), not O(B n d_in)).
         """
         if self.cfg.architecture == "relu":
-            pre = _DenseEncoder.apply(x, self.W_enc, self.b_enc, self.b_dec, dtype)  # (B, n_features)
-            latents = F.relu(pre)
-            recon = (latents @ self.W_dec.to(dtype)).float() + self.b_dec  # (B, d_in)
-            mse = F.mse_loss(recon, x)
-            l1 = latents.float().sum(-1).mean()  # |f| = f after the ReLU
+            loss, mse, l1, recon, latents = _ReluStep.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
+                                                             self.cfg.l1_coeff, dtype)
             with torch.no_grad():
-                active = latents > 0
-                fired, l0 = active.any(0), active.sum(-1).float().mean()
-            return TrainOutput(mse + self.cfg.l1_coeff * l1, mse, l1, mse.new_zeros(()), recon.detach(), fired, l0)
+                fired = latents.amax(0) > 0  # (n_features,)
+                l0 = latents.count_nonzero() / x.shape[0]
+            return TrainOutput(loss, mse, l1, mse.new_zeros(()), recon, fired, l0)
 
         with torch.no_grad():
             pre = torch.addmm(self.b_enc.to(dtype), (x - self.b_dec).to(dtype), self.W_enc.to(dtype))
@@ -479,6 +497,24 @@ def _batches(source: Tensor | Iterable[Tensor], batch_size: int, gen: torch.Gene
                 pending, have = ([rest] if rest.shape[0] else []), rest.shape[0]
 
 
+def make_optimizer(sae: SAE) -> torch.optim.Optimizer:
+    """Adam at ``cfg.lr``, fused: one pass over the parameters and both moments instead of a dozen (at
+    batch 896 the update of 4.2M parameters is a large share of a step)."""
+    return torch.optim.Adam(sae.parameters(), lr=sae.cfg.lr, fused=True)
+
+
+def train_step(sae: SAE, optimizer: torch.optim.Optimizer, batch: Tensor, dead_mask: Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> TrainOutput:
+    """One optimizer step on ``batch`` (B, d_in): :meth:`SAE.training_forward`, backward, Adam, decoder rows
+    renormalised. ``dead_mask`` (n_features,) switches on AuxK (TopK). The benchmark times this."""
+    out = sae.training_forward(batch, dead_mask, dtype)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    optimizer.step()
+    sae.normalize_decoder()
+    return out
+
+
 @runtime_checkable
 class IndexedSource(Protocol):
     """A source whose batches are a function of the step (e.g. ``harvest.ArraySource``: seeded shuffled
@@ -549,9 +585,7 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
         def next_batch(step: int) -> Tensor | None:
             return next(batches, None)
 
-    # fused: one pass over the parameters and both moments instead of a dozen; at batch 896 the update of
-    # 4.2M parameters is a large share of the step
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True)
+    optimizer = make_optimizer(sae)
     compute_dtype = cfg.compute_dtype(device)
     since_fired = torch.zeros(cfg.n_features, dtype=torch.long, device=device)  # activations since last fire
     pool: collections.deque[Tensor] = collections.deque()
@@ -627,11 +661,7 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
                 while pool_rows - pool[0].shape[0] >= cfg.resample_pool:
                     pool_rows -= pool.popleft().shape[0]
             dead_mask = since_fired >= cfg.dead_window
-            out = sae.training_forward(batch, dead_mask if cfg.architecture == "topk" else None, compute_dtype)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            sae.normalize_decoder()
+            out = train_step(sae, optimizer, batch, dead_mask if cfg.architecture == "topk" else None, compute_dtype)
 
             with torch.no_grad():
                 since_fired += batch.shape[0]
@@ -640,7 +670,7 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
                 total = (batch - batch.mean(0)).pow(2).sum().clamp_min(1e-12)
                 for name, value in (("loss", out.loss), ("mse", out.mse), ("l1", out.l1), ("aux", out.aux),
                                     ("l0", out.l0), ("fvu", resid / total)):
-                    sums[name] += float(value)
+                    sums[name] += float(value.detach())
             n_in_interval += 1
             step += 1
             batch = None

@@ -42,3 +42,29 @@ def test_the_anchor_recreation_has_its_quirks_and_trains():
     for _ in range(5):
         last = anchor_train_step(model, opt, x, x)
     assert last < first
+
+
+def test_the_sae_group_runs_at_a_tiny_size():
+    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1, peaks={"bfloat16": 1e11})
+    rows = bench.bench_sae(ctx, d_in=16, n_features=64, batch=32, big_batch=128)
+    assert len(rows) == 3 and ("sae", bench.bench_sae) in bench.BENCHES
+    for row in rows:
+        assert row["unit"] == "activations/s" and row["ours"] > 0 and row["anchor"] > 0
+        assert abs(row["ratio"] - row["ours"] / row["anchor"]) < 0.02  # of the rounded figures
+        assert 0 < row["ours_mfu"] and 0 < row["anchor_mfu"] and "6 B d_in n_features" in row["note"]
+    assert "topk" in rows[1]["name"] and "128" in rows[2]["name"]
+
+
+def test_the_anchor_sae_recreation_normalises_its_decoder_as_the_anchor_does():
+    from monosemantic.anchor_reference import anchor_sae_step, make_anchor_sae
+
+    torch.manual_seed(0)
+    sae, opt = make_anchor_sae(d_in=16, n_features=64, lr=1e-3)
+    x = torch.randn(32, 16).relu()
+    first = anchor_sae_step(sae, opt, x)
+    for _ in range(20):
+        last = anchor_sae_step(sae, opt, x)
+    assert last < first
+    assert sae.decoder.weight.shape == (16, 64)  # nn.Linear(n_features, d_in).weight
+    rows = sae.decoder.weight.norm(dim=1)  # per input coordinate, across features (its quirk)
+    torch.testing.assert_close(rows, torch.ones(16))

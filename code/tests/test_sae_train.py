@@ -133,3 +133,23 @@ def test_array_source_batches_are_a_function_of_the_step_and_each_epoch_is_a_per
     assert torch.cat([odd.batch(s)[:, 0] for s in range(10)]).shape == (120,)
     with pytest.raises(HarvestError):
         ArraySource(rows[:4], batch_size=8)
+
+
+def test_analyze_measures_neurons_and_both_saes_alike_and_tracks_splitting(in_tiny_cache):
+    import pandas as pd
+
+    assert cli.main(["analyze", "--profile", "tiny", "--no-progress"]) == 0
+    art = store.load("analysis", "tiny", "features", config=profiles.get("tiny").analysis)
+    m = art.metrics
+    for label in ("features", "neurons", "anchor_features"):
+        assert 0 <= m[f"interpretable_fraction_{label}"] <= 1 and m[f"scored_{label}"] > 0
+    assert m["interpretable_score"] == "explain_corr" and 0 < m["interpretable_threshold"] < 1
+    units = pd.read_parquet(art.file("units.parquet"))
+    assert units.groupby("set").size().to_dict() == {"neurons": 128, "topk": 512, "anchor": 512}
+    contexts = pd.read_parquet(art.file("contexts.parquet"))
+    assert {"top", "interval"} <= set(contexts.kind) and (contexts.tokens.map(len) == contexts.acts.map(len)).all()
+    vocab = set(pd.read_parquet(art.file("vocab.parquet")).token)
+    assert all(set(t) <= vocab for t in contexts.tokens)  # every shown token can be displayed
+    split = pd.read_parquet(art.file("splitting.parquet"))
+    widths = profiles.get("tiny").sae.widths
+    assert sorted(set(split.width)) == sorted(widths)[1:] and len(split) == sum(sorted(widths)[1:])

@@ -1,0 +1,840 @@
+"""Features and neurons, measured the same way: ``monosemantic analyze``.
+
+For every SAE feature and, for comparison, every MLP neuron of the one-layer model, over held-out text:
+
+- **statistics**: density, mean, activation quantiles, a log-scale histogram of the non-zero activations;
+- **dashboards**: the top activating contexts (one per document, so a list shows breadth, not one long
+  text) and samples from lower activation intervals (as in Anthropic's dashboards), each with the
+  surrounding tokens and every token's activation; the tokens the unit fires on most;
+- **logit effects**: the unit's output direction through the MLP's down-projection, the final LayerNorm
+  (its gain and centring folded in, its data-dependent scale left out, as Bricken et al. do) and the
+  unembedding: the tokens it promotes and suppresses;
+- **two automatic monosemanticity scores**, computed identically for features and neurons:
+
+  1. *explain, then predict*: each unit's explanation is a token table learned from its dashboard
+     only (the mean activation of each token over the contexts shown: top examples and interval samples,
+     zeros included, which is what a reader of the dashboard sees); the explanation then predicts the
+     unit's activation on held-out text it never saw (the val split) by looking up each token, and the
+     score is the Pearson correlation of prediction and truth over every held-out token. A cheap,
+     deterministic stand-in for LLM explainers (Bills et al. 2023), which need a model we cannot
+     download here; :class:`Explainer` is the extension point where one would go.
+  2. *concept specificity*: rule-based detectors (:data:`FAMILIES`) label every token; a unit's best
+     family is chosen on the explanation text (the largest share of the unit's activation mass) and its
+     score is the share of its activation mass inside that family on the held-out text, beside the
+     family's share of all tokens (Anthropic: Arabic is 0.13% of tokens but 81% of the Arabic feature's
+     activation).
+
+The text: ``explain_tokens`` of the train split in windows of the model's context spread evenly over it
+(dashboards, explanations, best families) and the whole val split (scores, held-out densities). Tables are
+top-k summaries, small enough to commit; no raw activations are stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import ConfigError, StageConfig, UserError
+
+DEFAULT_PROFILE = "cpu"
+EOT_ID = 50256
+N_VOCAB = 50257  # real GPT-2 tokens; 50257..50303 are padding the tokenizer never produces
+
+# --- detectors --------------------------------------------------------------------------------------
+
+# Unicode blocks of the scripts in our corpus (non-English sources: Arabic Quran, Chinese poetry, UDHR and
+# localised manuals in many languages)
+_SCRIPTS: dict[str, tuple[tuple[int, int], ...]] = {
+    "arabic": ((0x0600, 0x06FF), (0x0750, 0x077F), (0x08A0, 0x08FF), (0xFB50, 0xFDFF), (0xFE70, 0xFEFF)),
+    "hebrew": ((0x0590, 0x05FF),),
+    "cyrillic": ((0x0400, 0x052F),),
+    "greek": ((0x0370, 0x03FF), (0x1F00, 0x1FFF)),
+    "cjk": ((0x3000, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF), (0xF900, 0xFAFF),
+            (0xFF00, 0xFFEF)),
+    "indic": ((0x0900, 0x0DFF),),
+    "latin-diacritic": ((0x00C0, 0x00D6), (0x00D8, 0x00F6), (0x00F8, 0x024F)),  # é ü å ø ß ...
+}
+_CHAR_SETS: dict[str, str] = {
+    "code-brace": "{}",
+    "code-syntax": "();=<>[]*&|^%#~`",
+    "digits": "0123456789",
+}
+_REGEXES: dict[str, re.Pattern[str]] = {
+    "url": re.compile(r"(?:https?|ftp)://[^\s<>\"')\]]+|www\.[^\s<>\"')\]]+"),
+    "citation": re.compile(r"\[@[^\]\s]*\]?|\\cite[a-zA-Z]*\{[^}]*\}|\[\d+(?:\s*[,–-]\s*\d+)*\]|\bet al\b\.?"),
+    "latex": re.compile(r"\\[A-Za-z]+|\$"),
+}
+_PUNCTUATION = set(".,;:!?'\"-–—…()«»“”‘’")
+FAMILIES: dict[str, str] = {
+    **{name: f"a character of the {name} script" if name != "latin-diacritic" else
+       "a Latin letter with a diacritic (é, ü, å, ø, ...)" for name in _SCRIPTS},
+    "code-brace": "a curly brace, { or }",
+    "code-syntax": "code punctuation: ( ) ; = < > [ ] * & | ^ % # ~ `",
+    "digits": "a digit",
+    "url": "part of a URL",
+    "citation": "part of a citation marker: [@key], \\cite{...}, [12], et al.",
+    "latex": "a LaTeX command (\\word) or a dollar sign",
+    "punctuation": "only prose punctuation (. , ; : ! ? quotes dashes brackets)",
+    "capitalised": "a capitalised word (Xxxx)",
+    "whitespace": "only whitespace (newlines, indentation)",
+}
+FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
+_CAPITALISED = re.compile(r"^[A-Z][a-z]+$")
+
+
+def _char_owners(pieces: Sequence[bytes]) -> tuple[str, np.ndarray, np.ndarray]:
+    """The text of the concatenated token bytes (invalid UTF-8 -> U+FFFD) and, per character, the first
+    and last token holding its bytes (a character split across byte-level tokens belongs to each)."""
+    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    ends = np.cumsum(lengths)  # byte end (exclusive) of each token
+    data = b"".join(pieces)
+    if data.isascii():
+        idx = np.arange(len(data))
+        owner = np.searchsorted(ends, idx, side="right")
+        return data.decode("ascii"), owner, owner
+    chars, starts, sizes = [], [], []
+    i, n = 0, len(data)
+    while i < n:
+        b = data[i]
+        size = 1 if b < 0x80 else 2 if 0xC0 <= b < 0xE0 else 3 if 0xE0 <= b < 0xF0 else 4 if 0xF0 <= b < 0xF8 else 1
+        try:
+            ch = data[i:i + size].decode("utf-8")
+        except UnicodeDecodeError:
+            ch, size = "\ufffd", 1
+        chars.append(ch)
+        starts.append(i)
+        sizes.append(size)
+        i += size
+    s, z = np.asarray(starts, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+    return "".join(chars), np.searchsorted(ends, s, side="right"), np.searchsorted(ends, s + z - 1, side="right")
+
+
+def token_families(pieces: Sequence[bytes], eot: Sequence[bool] | None = None) -> np.ndarray:
+    """(T, len(FAMILY_NAMES)) bool: which families each token of one contiguous text belongs to.
+
+    ``pieces``: each token's bytes, in order; ``eot``: tokens that are document separators (no family).
+    Character families (scripts, braces, digits) mark every token holding part of such a character;
+    pattern families (URLs, citations, LaTeX) every token overlapping a match in the decoded text; token
+    families (punctuation, capitalised, whitespace) look at the token alone."""
+    T = len(pieces)
+    out = np.zeros((T, len(FAMILY_NAMES)), dtype=bool)
+    if T == 0:
+        return out
+    col = {name: j for j, name in enumerate(FAMILY_NAMES)}
+    text, first, last = _char_owners(pieces)
+    if text:
+        cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)  # one code point per character
+        char_masks = []
+        for name, ranges in _SCRIPTS.items():
+            m = np.zeros(len(cp), dtype=bool)
+            for lo, hi in ranges:
+                m |= (cp >= lo) & (cp <= hi)
+            char_masks.append((col[name], m))
+        for name, chars in _CHAR_SETS.items():
+            char_masks.append((col[name], np.isin(cp, np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32))))
+        spanning = np.flatnonzero(first != last)
+        for j, m in char_masks:
+            out[first[m], j] = True
+            for c in spanning[m[spanning]]:
+                out[first[c]:last[c] + 1, j] = True
+        for name, pattern in _REGEXES.items():
+            for match in pattern.finditer(text):
+                a, b = match.span()
+                if b > a:
+                    out[first[a]:last[b - 1] + 1, col[name]] = True
+    for t, piece in enumerate(pieces):
+        s = piece.decode("utf-8", errors="replace")
+        stripped = s.strip()
+        if not stripped:
+            out[t, col["whitespace"]] = bool(s)
+        elif all(c in _PUNCTUATION for c in stripped):
+            out[t, col["punctuation"]] = True
+        elif _CAPITALISED.match(stripped):
+            out[t, col["capitalised"]] = True
+    if eot is not None:
+        out[np.asarray(eot, dtype=bool)] = False
+    return out
+
+
+def window_families(tokenizer, windows: np.ndarray) -> np.ndarray:
+    """(W, T, F) bool family labels of token windows (W, T), each window read as one text."""
+    out = np.zeros((*windows.shape, len(FAMILY_NAMES)), dtype=bool)
+    cache: dict[int, bytes] = {}
+    for w, ids in enumerate(windows):
+        pieces = []
+        for i in ids.tolist():
+            if i not in cache:
+                cache[i] = b"" if i == EOT_ID or i >= N_VOCAB else tokenizer.encoding.decode_single_token_bytes(i)
+            pieces.append(cache[i])
+        out[w] = token_families(pieces, ids == EOT_ID)
+    return out
+
+
+# --- units: what is measured ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class UnitSet:
+    """A set of units read off the MLP's hidden activations: the neurons themselves, or an SAE's features.
+
+    ``encode`` maps (N, d_mlp) activations to (N, n_units); ``directions`` (n_units, d_mlp) are what each
+    unit writes back into the MLP's hidden layer (an SAE's decoder rows; the identity for neurons)."""
+
+    name: str
+    encode: Callable[[Tensor], Tensor]
+    directions: Tensor
+    contexts: bool = True  # keep dashboards (contexts, interval samples) for this set
+
+    @property
+    def n_units(self) -> int:
+        return self.directions.shape[0]
+
+    @classmethod
+    def neurons(cls, d_mlp: int) -> UnitSet:
+        return cls("neurons", lambda h: h, torch.eye(d_mlp))
+
+    @classmethod
+    def from_sae(cls, name: str, sae, contexts: bool = True) -> UnitSet:
+        sae = sae.float().eval()
+        return cls(name, sae.encode, sae.W_dec.detach().float().clone(), contexts)
+
+
+def logit_effects(model, directions: Tensor) -> Tensor:
+    """(n_units, vocab) direct effect on the logits of writing each direction (n_units, d_mlp) into the
+    MLP's hidden layer: through the down-projection (no bias: it is not the unit's), the final LayerNorm
+    with its gain and its centring but not its data-dependent scale, and the unembedding (no bias)."""
+    mlp = model.blocks[-1].mlp
+    with torch.no_grad():
+        resid = directions.float() @ mlp.fc_out.weight.float().t()  # (n_units, d_model)
+        resid = resid - resid.mean(-1, keepdim=True)  # LayerNorm's centring
+        resid = resid * model.ln_final.weight.float()  # its gain
+        return resid @ model.unembed.weight.float().t()  # (n_units, vocab)
+
+
+# --- the streaming pass -----------------------------------------------------------------------------
+
+_HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 61)[1:]])  # bins of log10 width 0.1, clipped ends
+
+
+class _PairSums:
+    """Sums and counts of values per (unit, token) pair, accumulated sparsely and compacted as it grows."""
+
+    def __init__(self, n_tokens: int = 1 << 16):
+        self.v = n_tokens
+        self.keys: list[np.ndarray] = []
+        self.sums: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+        self._pending = 0
+
+    def add(self, units: np.ndarray, tokens: np.ndarray, values: np.ndarray) -> None:
+        self.keys.append(units.astype(np.int64) * self.v + tokens.astype(np.int64))
+        self.sums.append(values.astype(np.float64))
+        self.counts.append(np.ones(len(values), dtype=np.int64))
+        self._pending += len(values)
+        if self._pending > 20_000_000:
+            self._compact()
+
+    def _compact(self) -> None:
+        if not self.keys:
+            return
+        keys, inv = np.unique(np.concatenate(self.keys), return_inverse=True)
+        sums = np.bincount(inv, weights=np.concatenate(self.sums), minlength=len(keys))
+        counts = np.bincount(inv, weights=np.concatenate(self.counts), minlength=len(keys)).astype(np.int64)
+        self.keys, self.sums, self.counts, self._pending = [keys], [sums], [counts], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(units, tokens, sums, counts), one entry per pair seen."""
+        self._compact()
+        if not self.keys:
+            e = np.zeros(0, dtype=np.int64)
+            return e, e, e.astype(np.float64), e
+        keys = self.keys[0]
+        return keys // self.v, keys % self.v, self.sums[0], self.counts[0]
+
+
+def _pool_merge(keys: Tensor, index: Tensor, extra: Tensor | None, new_keys: Tensor, new_index: Tensor,
+                new_extra: Tensor | None, slots: Tensor) -> None:
+    """In place: per slot (column), keep the ``P`` largest keys of the pool (P, n) and of the new entries
+    (``new_keys`` (M,) in column ``slots`` (M,)), with their ``index`` (and ``extra`` values).
+
+    Only entries above a column's current minimum are passed in, which after the first batches is a small
+    fraction of the tokens: a sparse merge (two sorts of P n + M entries) instead of a dense top-k over
+    every token of every column."""
+    P, n = keys.shape
+    if new_keys.numel() == 0:
+        return
+    all_k = torch.cat([keys.t().reshape(-1), new_keys])
+    all_i = torch.cat([index.t().reshape(-1), new_index])
+    all_s = torch.cat([torch.arange(n).repeat_interleave(P), slots])
+    order = torch.argsort(all_k, descending=True, stable=True)
+    order = order[torch.argsort(all_s[order], stable=True)]  # by slot, largest key first within a slot
+    s_sorted = all_s[order]
+    start = torch.searchsorted(s_sorted, torch.arange(n))  # first entry of each slot
+    rank = torch.arange(len(order)) - start[s_sorted]
+    keep = rank < P
+    o, r, c = order[keep], rank[keep], s_sorted[keep]
+    keys[r, c] = all_k[o]
+    index[r, c] = all_i[o]
+    if extra is not None:
+        all_e = torch.cat([extra.t().reshape(-1), new_extra])
+        extra[r, c] = all_e[o]
+
+
+@dataclasses.dataclass
+class _Stats:
+    """What one pass over the explanation windows accumulates for one unit set."""
+
+    n: int
+    pool: int
+    fired: Tensor = None  # (n,) int64
+    total: Tensor = None  # (n,) float64
+    best_v: Tensor = None  # (pool, n) top activations
+    best_i: Tensor = None  # (pool, n) their global token index
+    hist: Tensor = None  # (n, bins) counts of non-zero activations by log bin
+    family_mass: Tensor = None  # (n, F) float64
+    pairs: _PairSums = None
+
+    def __post_init__(self) -> None:
+        self.fired = torch.zeros(self.n, dtype=torch.int64)
+        self.total = torch.zeros(self.n, dtype=torch.float64)
+        self.best_v = torch.full((self.pool, self.n), -1.0)
+        self.best_i = torch.zeros((self.pool, self.n), dtype=torch.int64)
+        self.hist = torch.zeros((self.n, len(_HIST_EDGES) - 1), dtype=torch.int64)
+        self.family_mass = torch.zeros((self.n, len(FAMILY_NAMES)), dtype=torch.float64)
+        self.pairs = _PairSums()
+
+
+def _mlp_batches(model, windows: np.ndarray, batch: int) -> Iterator[tuple[int, Tensor]]:
+    """(first window, (B*T, d_mlp) MLP activations) for consecutive batches of windows (W, T)."""
+    hook = "blocks.0.mlp.hook_post"
+    for b in range(0, len(windows), batch):
+        x = torch.as_tensor(windows[b:b + batch].astype(np.int64))
+        yield b, model.run_with_cache(x, [hook])[hook].reshape(-1, model.config.d_mlp)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig(StageConfig):
+    """Which text, how many examples per unit, and the score thresholds."""
+
+    STAGE: ClassVar[str] = "analysis"
+    VERSION: ClassVar[int] = 1
+
+    explain_tokens: int = 2_000_000
+    """Train-split tokens (in context-length windows spread evenly over the split) for dashboards,
+    explanations and best families. The scores are measured on the whole val split."""
+    top_contexts: int = 12
+    """Top activating contexts kept per unit (one per document)."""
+    intervals: int = 4
+    """Activation intervals (equal widths of (0, max]) below the top to sample contexts from ..."""
+    interval_samples: int = 3
+    """... and how many from each."""
+    before: int = 16
+    after: int = 4
+    top_tokens: int = 10
+    logit_tokens: int = 10
+    batch_windows: int = 64
+    min_firings: int = 10
+    """A unit is scored when it fires on at least this many explanation tokens and one held-out token."""
+    corr_threshold: float = 0.5
+    """Explain-then-predict: a unit counts as interpretable when its held-out correlation reaches this."""
+    specificity_threshold: float = 0.5
+    """Concept specificity: when at least this share of its held-out activation mass is in its family ..."""
+    lift_threshold: float = 5.0
+    """... and that share is at least this many times the family's share of tokens."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("explain_tokens", "top_contexts", "intervals", "batch_windows", "min_firings"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"AnalysisConfig: {name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.corr_threshold < 1 or not 0 < self.specificity_threshold <= 1:
+            raise ConfigError("AnalysisConfig: thresholds must lie in (0, 1)")
+
+
+def spread_windows(tokens: np.ndarray, seq_len: int, n_tokens: int) -> np.ndarray:
+    """(W, seq_len) windows spread evenly over ``tokens``, W = min(n_tokens, len) // seq_len."""
+    n = len(tokens)
+    if n < seq_len:
+        raise UserError(f"only {n} tokens: analysis windows need at least {seq_len}; build a bigger corpus")
+    n_windows = max(1, min(n_tokens, n) // seq_len)
+    starts = np.linspace(0, n - seq_len, n_windows).astype(np.int64)
+    return np.stack([np.asarray(tokens[s:s + seq_len]) for s in starts]), starts
+
+
+def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndarray, cfg: AnalysisConfig,
+                progress: bool) -> list[_Stats]:
+    from tqdm.auto import tqdm
+
+    W, T = windows.shape
+    pool = 8 * cfg.top_contexts  # candidates, thinned to one per document
+    stats = [_Stats(s.n_units, pool) for s in sets]
+    edges = torch.as_tensor(_HIST_EDGES[1:-1], dtype=torch.float32)
+    for b, h in tqdm(_mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
+                     desc="analyze: explanation text", disable=not progress):
+        ids = windows[b:b + cfg.batch_windows].reshape(-1)  # (N,)
+        lab = torch.as_tensor(labels[b:b + cfg.batch_windows].reshape(-1, labels.shape[-1]), dtype=torch.float32)
+        for s, st in zip(sets, stats, strict=True):
+            with torch.no_grad():
+                a = s.encode(h)  # (N, n)
+            on = a > 0
+            st.fired += on.sum(0)
+            st.total += a.sum(0, dtype=torch.float64)
+            st.family_mass += (a.t() @ lab).double()
+            rows, units = torch.nonzero(on & (a > st.best_v[-1]), as_tuple=True)  # beats the pool's smallest
+            _pool_merge(st.best_v, st.best_i, None, a[rows, units], rows + b * T, None, units)
+            rows, units = torch.nonzero(on, as_tuple=True)
+            vals = a[rows, units]
+            bins = torch.bucketize(vals, edges)
+            st.hist.view(-1).index_add_(0, units * st.hist.shape[1] + bins, torch.ones_like(bins))
+            st.pairs.add(units.numpy(), ids[rows.numpy()], vals.numpy())
+    return stats
+
+
+def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list[Tensor], cfg: AnalysisConfig,
+                   progress: bool) -> list[tuple[Tensor, Tensor]]:
+    """Uniform samples of tokens from each activation interval (j/I max, (j+1)/I max], j < I, per unit:
+    [(values (I, S, n), global indices (I, S, n))] per set (value -1: none)."""
+    from tqdm.auto import tqdm
+
+    W, T = windows.shape
+    I, S = cfg.intervals, cfg.interval_samples
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # one pool column per (interval, unit): the S largest random keys among the tokens in that interval
+    state = [(torch.full((S, I * s.n_units), -1.0), torch.zeros((S, I * s.n_units), dtype=torch.int64),
+              torch.zeros((S, I * s.n_units))) for s in sets]
+    for b, h in tqdm(_mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
+                     desc="analyze: interval samples", disable=not progress):
+        for k, (s, mx) in enumerate(zip(sets, maxima, strict=True)):
+            if not s.contexts:
+                continue
+            keys, idx, val = state[k]
+            with torch.no_grad():
+                a = s.encode(h)  # (N, n)
+            rows, units = torch.nonzero(a > 0, as_tuple=True)
+            v = a[rows, units]
+            which = (torch.ceil(v / mx[units].clamp_min(1e-12) * I).long() - 1).clamp(0, I - 1)
+            slot = which * s.n_units + units
+            r = torch.rand(len(v), generator=gen)
+            beat = r > keys[-1, slot]
+            _pool_merge(keys, idx, val, r[beat], rows[beat] + b * T, v[beat], slot[beat])
+    out = []
+    for (keys, idx, val), s in zip(state, sets, strict=True):
+        n = s.n_units
+        v = torch.where(keys >= 0, val, -1.0).reshape(S, I, n).transpose(0, 1)  # (I, S, n)
+        out.append((v.contiguous(), idx.reshape(S, I, n).transpose(0, 1).contiguous()))
+    return out
+
+
+def _context_pass(model, sets: list[UnitSet], windows: np.ndarray, examples: list[list[tuple[int, int]]],
+                  cfg: AnalysisConfig) -> list[list[np.ndarray]]:
+    """Per set, per example (unit, global index): the unit's activations on the example's context tokens."""
+    T = windows.shape[1]
+    wanted: dict[int, list[tuple[int, int, int]]] = {}  # window -> [(set, example number, unit)]
+    for k, exs in enumerate(examples):
+        for e, (unit, g) in enumerate(exs):
+            wanted.setdefault(g // T, []).append((k, e, unit))
+    out: list[list[np.ndarray]] = [[np.zeros(0, dtype=np.float32)] * len(exs) for exs in examples]
+    order = sorted(wanted)
+    hook = "blocks.0.mlp.hook_post"
+    for b in range(0, len(order), cfg.batch_windows):
+        ws = order[b:b + cfg.batch_windows]
+        x = torch.as_tensor(windows[ws].astype(np.int64))
+        h = model.run_with_cache(x, [hook])[hook]  # (B, T, d_mlp)
+        encoded = {}
+        for row, w in enumerate(ws):
+            for k, e, unit in wanted[w]:
+                if k not in encoded:
+                    with torch.no_grad():
+                        encoded[k] = sets[k].encode(h.reshape(-1, h.shape[-1])).reshape(len(ws), T, -1)
+                g = examples[k][e][1]
+                t = g % T
+                lo, hi = max(0, t - cfg.before), min(T, t + cfg.after + 1)
+                out[k][e] = encoded[k][row, lo:hi, unit].numpy().astype(np.float32)
+    return out
+
+
+def _held_out_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndarray,
+                   explanations: list[Any], cfg: AnalysisConfig, progress: bool) -> list[dict[str, Tensor]]:
+    """Per set: held-out firing counts, activation mass by family, and the sums for each unit's Pearson
+    correlation between its activation and its explanation's prediction."""
+    from tqdm.auto import tqdm
+
+    W, T = windows.shape
+    acc = [{name: torch.zeros(s.n_units, dtype=torch.float64) for name in ("a", "aa", "p", "pp", "ap", "fired")}
+           | {"family_mass": torch.zeros((s.n_units, len(FAMILY_NAMES)), dtype=torch.float64)} for s in sets]
+    family_tokens = torch.zeros(len(FAMILY_NAMES), dtype=torch.float64)
+    for b, h in tqdm(_mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
+                     desc="analyze: held-out text", disable=not progress):
+        ids = windows[b:b + cfg.batch_windows].reshape(-1)
+        lab = torch.as_tensor(labels[b:b + cfg.batch_windows].reshape(-1, labels.shape[-1]), dtype=torch.float32)
+        family_tokens += lab.sum(0, dtype=torch.float64)
+        for s, st, ex in zip(sets, acc, explanations, strict=True):
+            with torch.no_grad():
+                a = s.encode(h)  # (N, n)
+            p = torch.as_tensor(ex[ids].toarray(), dtype=torch.float32)  # (N, n) predictions
+            st["a"] += a.sum(0, dtype=torch.float64)
+            st["aa"] += (a * a).sum(0, dtype=torch.float64)
+            st["p"] += p.sum(0, dtype=torch.float64)
+            st["pp"] += (p * p).sum(0, dtype=torch.float64)
+            st["ap"] += (a * p).sum(0, dtype=torch.float64)
+            st["fired"] += (a > 0).sum(0).double()
+            st["family_mass"] += (a.t() @ lab).double()
+    n = W * T
+    for st in acc:
+        st["n"] = torch.tensor(float(n))
+        st["family_tokens"] = family_tokens
+    return acc
+
+
+def pearson(st: dict[str, Tensor]) -> Tensor:
+    """Correlation from running sums (a, aa, p, pp, ap over n): NaN where the activation never varies,
+    0 where the prediction never does (an explanation that predicts nothing)."""
+    n = st["n"]
+    cov = st["ap"] / n - st["a"] / n * st["p"] / n
+    var_a = (st["aa"] / n - (st["a"] / n) ** 2).clamp_min(0)
+    var_p = (st["pp"] / n - (st["p"] / n) ** 2).clamp_min(0)
+    r = cov / (var_a * var_p).sqrt()
+    r = torch.where(var_p <= 1e-18, torch.zeros_like(r), r)
+    return torch.where(var_a <= 1e-18, torch.full_like(r, float("nan")), r)
+
+
+class Explainer:
+    """Explanation = token -> mean activation over the dashboard's context tokens (zeros included).
+
+    The extension point for an LLM explainer: subclass, keep :meth:`fit`'s inputs (each unit's dashboard:
+    context token ids and activations), and return any predictor with the same (vocab, n_units) lookup
+    shape, or override :meth:`predict` in the held-out pass."""
+
+    def fit(self, n_units: int, contexts: Sequence[tuple[int, np.ndarray, np.ndarray]], vocab: int):
+        """``contexts``: (unit, token ids, activations) per shown example; returns a scipy CSR matrix
+        (vocab, n_units) of predicted activations."""
+        import scipy.sparse as sp
+
+        units, toks, vals = [], [], []
+        for unit, ids, acts in contexts:
+            units.append(np.full(len(ids), unit, dtype=np.int64))
+            toks.append(np.asarray(ids, dtype=np.int64))
+            vals.append(np.asarray(acts, dtype=np.float64))
+        if not units:
+            return sp.csr_matrix((vocab, n_units))
+        u, t, v = np.concatenate(units), np.concatenate(toks), np.concatenate(vals)
+        sums = sp.coo_matrix((v, (t, u)), shape=(vocab, n_units)).tocsr()
+        counts = sp.coo_matrix((np.ones_like(v), (t, u)), shape=(vocab, n_units)).tocsr()
+        sums.sum_duplicates()
+        counts.sum_duplicates()
+        mean = sums.copy()
+        mean.data = sums.data / counts.data  # same sparsity pattern: both built from the same (t, u) pairs
+        mean.eliminate_zeros()
+        return mean
+
+
+# --- the whole analysis -----------------------------------------------------------------------------
+
+def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, val_tokens: np.ndarray,
+            cfg: AnalysisConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every pass; returns pandas tables: ``units`` (one row per unit of every set), ``contexts``,
+    ``top_tokens``, ``logits``, ``histograms``, ``families`` and a ``vocab`` of the token strings used."""
+    import pandas as pd
+
+    T = model.config.context_length
+    windows, starts = spread_windows(explain_tokens, T, cfg.explain_tokens)
+    val_windows, _ = spread_windows(val_tokens, T, len(val_tokens))
+    log(f"analyze: {windows.size:,} explanation tokens, {val_windows.size:,} held-out tokens, "
+        + ", ".join(f"{s.n_units:,} {s.name}" for s in sets))
+    labels = window_families(tokenizer, windows)
+    val_labels = window_families(tokenizer, val_windows)
+    stats = _first_pass(model, sets, windows, labels, cfg, progress)
+    maxima = [st.best_v[0].clamp_min(0) for st in stats]
+    intervals = _interval_pass(model, sets, windows, maxima, cfg, progress)
+
+    eots = np.flatnonzero(np.asarray(explain_tokens) == EOT_ID)
+
+    def document(g: np.ndarray) -> np.ndarray:  # the document of global index g (window * T + t)
+        return np.searchsorted(eots, starts[g // T] + g % T)
+
+    examples: list[list[tuple[int, int]]] = []
+    example_meta: list[list[dict[str, Any]]] = []
+    for s, st, (iv, ii) in zip(sets, stats, intervals, strict=True):
+        exs, meta = [], []
+        if s.contexts:
+            docs = document(st.best_i.numpy())  # (pool, n)
+            bv = st.best_v.numpy()
+            for u in range(s.n_units):
+                seen: set[int] = set()
+                for r in range(st.pool):
+                    if bv[r, u] <= 0 or len(seen) == cfg.top_contexts:
+                        break
+                    if docs[r, u] in seen:
+                        continue
+                    seen.add(int(docs[r, u]))
+                    exs.append((u, int(st.best_i[r, u])))
+                    meta.append({"unit": u, "kind": "top", "interval": -1, "rank": len(seen) - 1,
+                                 "activation": float(bv[r, u]), "document": int(docs[r, u])})
+            ivv, iii = iv.numpy(), ii.numpy()
+            for j in range(cfg.intervals):
+                for r in range(cfg.interval_samples):
+                    for u in np.flatnonzero(ivv[j, r] > 0):
+                        g = int(iii[j, r, u])
+                        exs.append((int(u), g))
+                        meta.append({"unit": int(u), "kind": "interval", "interval": j, "rank": r,
+                                     "activation": float(ivv[j, r, u]), "document": int(document(np.array([g]))[0])})
+        examples.append(exs)
+        example_meta.append(meta)
+    context_acts = _context_pass(model, sets, windows, examples, cfg)
+
+    explainer = Explainer()
+    explanations, context_rows = [], []
+    for s, exs, meta, acts in zip(sets, examples, example_meta, context_acts, strict=True):
+        shown = []
+        for (u, g), m, a in zip(exs, meta, acts, strict=True):
+            t = g % T
+            lo = max(0, t - cfg.before)
+            ids = windows[g // T, lo:lo + len(a)]
+            shown.append((u, ids, a))
+            context_rows.append({"set": s.name, **m, "center": t - lo, "tokens": ids.astype(np.int32),
+                                 "acts": a.astype(np.float16)})
+        explanations.append(explainer.fit(s.n_units, shown, model.config.vocab_size))
+    held = _held_out_pass(model, sets, val_windows, val_labels, explanations, cfg, progress)
+
+    base_explain = torch.as_tensor(labels.reshape(-1, labels.shape[-1]).mean(0), dtype=torch.float64)
+    unit_rows, token_rows, logit_rows, hist_rows = [], [], [], []
+    n_explain = windows.size
+    for s, st, h, mx in zip(sets, stats, held, maxima, strict=True):
+        corr = pearson(h).numpy()
+        maxima_s = mx.numpy()
+        # best family: the largest share of the unit's mass on the explanation text, among families with a
+        # lift of at least 2 there (a unit is not "about" whitespace because whitespace is everywhere)
+        share_e = (st.family_mass / st.total.clamp_min(1e-12)[:, None]).numpy()
+        lift_e = share_e / np.maximum(base_explain.numpy(), 1e-12)
+        choice = np.where(lift_e >= 2, share_e, -1.0)
+        best = choice.argmax(1)
+        has_family = choice.max(1) > 0
+        share_v = (h["family_mass"] / h["a"].clamp_min(1e-12)[:, None]).numpy()
+        base_v = (h["family_tokens"] / h["n"]).numpy()
+        hist = st.hist.numpy()
+        q = _quantiles(hist, (0.5, 0.9, 0.99))
+        effects = logit_effects(model, s.directions)[:, :N_VOCAB]
+        up_v, up_i = effects.topk(cfg.logit_tokens, dim=1)
+        down_v, down_i = (-effects).topk(cfg.logit_tokens, dim=1)
+        fired_e = st.fired.numpy()
+        for u in range(s.n_units):
+            fam = FAMILY_NAMES[best[u]] if has_family[u] else ""
+            scored = fired_e[u] >= cfg.min_firings and h["fired"][u] > 0
+            sv = float(share_v[u, best[u]]) if has_family[u] else float("nan")
+            bv_ = float(base_v[best[u]]) if has_family[u] else float("nan")
+            unit_rows.append({
+                "set": s.name, "unit": u, "density": fired_e[u] / n_explain,
+                "density_val": float(h["fired"][u] / h["n"]), "mean": float(st.total[u] / n_explain),
+                "max": float(maxima_s[u]),
+                "q50": q[u, 0], "q90": q[u, 1], "q99": q[u, 2], "scored": bool(scored),
+                "explain_corr": float(corr[u]) if scored else float("nan"),
+                "family": fam, "family_share": sv if scored else float("nan"),
+                "family_base": bv_, "family_lift": sv / bv_ if scored and bv_ > 0 else float("nan")})
+            for j, (v, i) in enumerate(zip(up_v[u].tolist(), up_i[u].tolist(), strict=True)):
+                logit_rows.append({"set": s.name, "unit": u, "sign": 1, "rank": j, "token": i, "effect": v})
+            for j, (v, i) in enumerate(zip(down_v[u].tolist(), down_i[u].tolist(), strict=True)):
+                logit_rows.append({"set": s.name, "unit": u, "sign": -1, "rank": j, "token": i, "effect": -v})
+        hist_rows.append(pd.DataFrame({"set": s.name, "unit": np.arange(s.n_units),
+                                       "counts": list(hist.astype(np.int32))}))
+        units, toks, sums, counts = st.pairs.result()
+        if len(units):
+            frame = pd.DataFrame({"unit": units, "token": toks, "mass": sums, "count": counts})
+            frame = frame.sort_values(["unit", "mass"], ascending=[True, False])
+            frame = frame.groupby("unit").head(cfg.top_tokens).copy()
+            frame["rank"] = frame.groupby("unit").cumcount()
+            frame["share"] = frame["mass"] / st.total.numpy()[frame["unit"].to_numpy()]
+            frame.insert(0, "set", s.name)
+            token_rows.append(frame)
+    units_df = pd.DataFrame(unit_rows)
+    contexts_df = pd.DataFrame(context_rows)
+    top_tokens_df = pd.concat(token_rows, ignore_index=True) if token_rows else pd.DataFrame()
+    logits_df = pd.DataFrame(logit_rows)
+    used = set(top_tokens_df["token"].tolist() if len(top_tokens_df) else [])
+    used |= set(logits_df["token"].tolist())
+    for ids in contexts_df.get("tokens", []):
+        used |= set(ids.tolist())
+    used_ids = np.array(sorted(used), dtype=np.int64)
+    vocab = pd.DataFrame({"token": used_ids, "text": tokenizer.token_strings(used_ids)})
+    families = pd.DataFrame({"family": list(FAMILY_NAMES), "description": [FAMILIES[f] for f in FAMILY_NAMES],
+                             "token_share_explain": base_explain.numpy(),
+                             "token_share_val": (held[0]["family_tokens"] / held[0]["n"]).numpy()})
+    return {"units": units_df, "contexts": contexts_df, "top_tokens": top_tokens_df, "logits": logits_df,
+            "histograms": pd.concat(hist_rows, ignore_index=True), "vocab": vocab, "families": families,
+            "tokens": {"explain": int(windows.size), "held_out": int(val_windows.size)}}
+
+
+def _quantiles(hist: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """(n, len(qs)) quantiles of each unit's non-zero activations from its log-binned histogram (bin
+    geometric centres; NaN for a unit that never fired)."""
+    edges = _HIST_EDGES.copy()
+    edges[0] = 1e-3 / 10 ** 0.1
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    cum = np.cumsum(hist, axis=1)
+    total = cum[:, -1:]
+    out = np.full((hist.shape[0], len(qs)), np.nan)
+    for j, q in enumerate(qs):
+        idx = (cum < q * np.maximum(total, 1)).sum(1)
+        out[:, j] = np.where(total[:, 0] > 0, centres[np.minimum(idx, len(centres) - 1)], np.nan)
+    return out
+
+
+def interpretable_fraction(units, score: str, cfg: AnalysisConfig) -> float:
+    """Share of the scored units of a set above the threshold of ``score`` (``explain_corr`` or
+    ``specificity``)."""
+    scored = units[units["scored"]]
+    if not len(scored):
+        return float("nan")
+    if score == "explain_corr":
+        return float((scored["explain_corr"] >= cfg.corr_threshold).mean())
+    if score == "specificity":
+        ok = (scored["family_share"] >= cfg.specificity_threshold) & (scored["family_lift"] >= cfg.lift_threshold)
+        return float(ok.mean())
+    raise ValueError(f"unknown score {score!r}")
+
+
+# --- feature splitting ------------------------------------------------------------------------------
+
+def split_table(decoders: dict[int, Tensor]) -> Any:
+    """For each dictionary size but the smallest, each feature's nearest feature (decoder cosine) in the
+    next smaller dictionary: rows (width, feature, parent_width, parent, cosine)."""
+    import pandas as pd
+
+    widths = sorted(decoders)
+    rows = []
+    for small, large in zip(widths, widths[1:], strict=False):
+        a = torch.nn.functional.normalize(decoders[small].float(), dim=1)
+        b = torch.nn.functional.normalize(decoders[large].float(), dim=1)
+        cos = b @ a.t()  # (large, small)
+        v, i = cos.max(1)
+        rows.append(pd.DataFrame({"width": large, "feature": np.arange(len(b)), "parent_width": small,
+                                  "parent": i.numpy(), "cosine": v.numpy()}))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["width", "feature", "parent_width", "parent", "cosine"])
+
+
+def token_profiles(model, sets: list[UnitSet], tokens: np.ndarray, n_tokens: int, top: int = 5,
+                   batch_windows: int = 64, progress: bool = True) -> Any:
+    """The ``top`` tokens of each unit by activation mass over ``n_tokens`` of ``tokens`` (no dashboards):
+    rows (set, unit, rank, token, mass, count, share), plus each unit's density as rank -1 rows' ``share``."""
+    import pandas as pd
+
+    cfg = AnalysisConfig(explain_tokens=n_tokens, batch_windows=batch_windows)
+    windows, _ = spread_windows(tokens, model.config.context_length, n_tokens)
+    labels = np.zeros((*windows.shape, len(FAMILY_NAMES)), dtype=bool)  # families are not needed here
+    stats = _first_pass(model, sets, windows, labels, cfg, progress)
+    frames = []
+    for s, st in zip(sets, stats, strict=True):
+        units, toks, sums, counts = st.pairs.result()
+        frame = pd.DataFrame({"unit": units, "token": toks, "mass": sums, "count": counts})
+        frame = frame.sort_values(["unit", "mass"], ascending=[True, False]).groupby("unit").head(top).copy()
+        frame["rank"] = frame.groupby("unit").cumcount()
+        frame["share"] = frame["mass"] / st.total.numpy()[frame["unit"].to_numpy()]
+        frame.insert(0, "set", s.name)
+        frames.append(frame)
+        dens = pd.DataFrame({"set": s.name, "unit": np.arange(s.n_units), "token": -1, "mass": st.total.numpy(),
+                             "count": st.fired.numpy(), "rank": -1, "share": st.fired.numpy() / windows.size})
+        frames.append(dens)
+    return pd.concat(frames, ignore_index=True)
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+
+MAIN_SAE = "topk"  # the SAE whose features the chapter shows (the better recipe)
+
+
+def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Callable[[str], None] = print):
+    """``analysis/<profile>-features``: neurons, the TopK SAE and the anchor-recipe SAE, analysed alike;
+    plus feature splitting across the width sweep's dictionaries."""
+    from . import profiles, sae_train, store
+    from . import sae as sae_mod
+    from .data import TokenDataset
+    from .lm import load_pretrained
+    from .tokenizer import load as load_tokenizer
+
+    model = load_pretrained(profile)
+    model.eval()
+    tokenizer = load_tokenizer()
+    lm_art = store.load("lm", profile, "model")
+    stage = profiles.get(profile).sae
+    saes, inputs = {}, [lm_art]
+    for recipe in sae_train.RECIPES:
+        art = store.load("sae", profile, recipe, config=stage)
+        saes[recipe] = sae_mod.load(art.path)
+        inputs.append(art)
+    sweep = store.load("sae", profile, "sweep", config=stage)
+    inputs.append(sweep)
+    sets = [UnitSet.neurons(model.config.d_mlp), UnitSet.from_sae(MAIN_SAE, saes[MAIN_SAE]),
+            UnitSet.from_sae("anchor", saes["anchor"])]
+    train_tokens = TokenDataset.open(profile, "train").tokens
+    val_tokens = TokenDataset.open(profile, "val").tokens
+    result = analyze(model, tokenizer, sets, train_tokens, val_tokens, cfg, progress, log)
+
+    # feature splitting: the width sweep's dictionaries (weights in cache/work), nearest parents by cosine
+    widths: dict[int, Any] = {}
+    for run in sae_train.plan(stage):
+        if run.family != "width":
+            continue
+        folder = sweep.work_path / run.name
+        if not folder.is_dir():
+            raise UserError(f"{sweep.key}: the weights of {run.name} are not on this machine (they live in "
+                            f"cache/work/); remake them with `monosemantic train-sae --profile {profile} "
+                            f"--recipe sweep`")
+        widths[run.cfg.n_features] = sae_mod.load(folder)
+    splits = split_table({n: s.W_dec.detach() for n, s in widths.items()})
+    width_sets = [UnitSet.from_sae(f"width-{n}", s, contexts=False) for n, s in sorted(widths.items())]
+    width_tokens = token_profiles(model, width_sets, train_tokens, min(cfg.explain_tokens, 500_000),
+                                  progress=progress)
+
+    units = result["units"]
+    with store.write("analysis", profile, "features", config=cfg, inputs=inputs) as w:
+        for name in ("units", "contexts", "top_tokens", "logits", "histograms", "vocab", "families"):
+            result[name].to_parquet(w.dir / f"{name}.parquet", index=False)
+        splits.to_parquet(w.dir / "splitting.parquet", index=False)
+        width_tokens.to_parquet(w.dir / "width_top_tokens.parquet", index=False)
+        w.metrics.update(summary_metrics(units, cfg))
+        w.metrics["explain_tokens"] = result["tokens"]["explain"]
+        w.metrics["held_out_tokens"] = result["tokens"]["held_out"]
+        w.info["score"] = ("explain_corr: Pearson correlation, over every held-out (val) token, between a unit's "
+                           "activation and the prediction of a token table learned from its dashboard only")
+        w.info["specificity"] = ("family_share: share of a unit's held-out activation mass inside the family it "
+                                 "was assigned on the explanation text; family_lift: that share over the "
+                                 "family's share of held-out tokens")
+    return store.artifact_path("analysis", profile, "features")
+
+
+def summary_metrics(units, cfg: AnalysisConfig) -> dict[str, Any]:
+    """The manifest's headline numbers: interpretable fractions by both scores for every set."""
+    out: dict[str, Any] = {"interpretable_score": "explain_corr", "interpretable_threshold": cfg.corr_threshold,
+                           "specificity_threshold": cfg.specificity_threshold, "lift_threshold": cfg.lift_threshold}
+    names = {"neurons": "neurons", MAIN_SAE: "features", "anchor": "anchor_features"}
+    for set_name, label in names.items():
+        part = units[units["set"] == set_name]
+        if not len(part):
+            continue
+        out[f"interpretable_fraction_{label}"] = round(interpretable_fraction(part, "explain_corr", cfg), 4)
+        out[f"specific_fraction_{label}"] = round(interpretable_fraction(part, "specificity", cfg), 4)
+        out[f"median_explain_corr_{label}"] = round(float(part["explain_corr"].median()), 4)
+        out[f"scored_{label}"] = int(part["scored"].sum())
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``monosemantic analyze``."""
+    from . import profiles
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = run_stage(args.profile, profiles.get(args.profile).analysis, progress=not args.no_progress)
+    print(f"wrote {path}")
+    return 0

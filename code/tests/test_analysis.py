@@ -1,0 +1,230 @@
+"""The analysis stage: detectors on constructed text, both monosemanticity scores on synthetic units with
+known answers, logit effects against a direct computation through the model, feature splitting."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from monosemantic import analysis as A
+from monosemantic.tokenizer import load as load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def families_of(tok, text):
+    ids = tok.encode(text)
+    fam = A.token_families(tok.token_bytes(ids))
+    return [(s, {A.FAMILY_NAMES[j] for j in np.flatnonzero(row)}) for s, row in
+            zip(tok.token_strings(ids), fam, strict=True)]
+
+
+def labelled(tok, text, family):
+    """The tokens of ``text`` carrying ``family``, joined."""
+    return "".join(s for s, f in families_of(tok, text) if family in f)
+
+
+@pytest.mark.parametrize("text,family,expected", [
+    ("int main() { return 0; }", "code-brace", "{}"),
+    ("see https://example.com/page for more", "url", "https://example.com/page"),
+    ("as shown [@smith2020] before", "citation", "[@smith2020]"),
+    ("as shown \\cite{knuth} before", "citation", "\\cite{knuth}"),
+    ("Bricken et al. found", "citation", " et al."),
+    ("the area is $x^2$ here", "latex", "$$"),
+    ("\\begin{equation}", "latex", "\\begin"),
+    ("in 1987 there were 42", "digits", " 1987 42"),
+    ("Hello there, said Alice", "capitalised", "Hello Alice"),
+])
+def test_each_detector_marks_what_it_should(tok, text, family, expected):
+    got = labelled(tok, text, family)
+    assert got.replace(" ", "") == expected.replace(" ", ""), families_of(tok, text)
+
+
+def test_scripts_mark_every_token_of_a_split_character(tok):
+    for text, family in (("مرحبا بالعالم", "arabic"), ("中文字符", "cjk"), ("Привет мир", "cyrillic"),
+                         ("שלום", "hebrew"), ("Καλημέρα", "greek"), ("nämlich größer", "latin-diacritic")):
+        ids = tok.encode(text)
+        fam = A.token_families(tok.token_bytes(ids))
+        j = A.FAMILY_NAMES.index(family)
+        marked = fam[:, j]
+        if family == "latin-diacritic":
+            assert marked.any() and not marked.all()  # "n", "lich" have none
+        else:
+            assert marked[[i for i, b in enumerate(tok.token_bytes(ids)) if b.strip()]].all(), (text, marked)
+    # English prose carries none of the script families
+    fam = A.token_families(tok.token_bytes(tok.encode("plain English words only")))
+    assert not fam[:, [A.FAMILY_NAMES.index(f) for f in ("arabic", "cjk", "cyrillic", "latin-diacritic")]].any()
+
+
+def test_whitespace_punctuation_and_the_document_separator(tok):
+    ids = tok.encode("Stop!\n\n    x") + [A.EOT_ID]
+    pieces = [b"" if i == A.EOT_ID else tok.encoding.decode_single_token_bytes(i) for i in ids]
+    fam = A.token_families(pieces, [i == A.EOT_ID for i in ids])
+    strings = tok.token_strings(ids)
+    col = {f: A.FAMILY_NAMES.index(f) for f in ("punctuation", "whitespace")}
+    assert fam[strings.index("!"), col["punctuation"]]
+    assert any(fam[i, col["whitespace"]] for i, s in enumerate(strings) if s.strip() == "" and s)
+    assert not fam[-1].any()  # <|endoftext|> belongs to no family
+
+
+# --- synthetic units through the whole analysis -------------------------------------------------------
+
+class TokenModel(torch.nn.Module):
+    """Stands in for the LM: its 'MLP activations' carry the token id (h[..., 0]) and noise (h[..., 1]),
+    so that units with known answers can be written as functions of them."""
+
+    def __init__(self, d_model: int = 8, d_mlp: int = 4, context: int = 32, vocab: int = 50304):
+        super().__init__()
+        self.config = SimpleNamespace(context_length=context, d_mlp=d_mlp, vocab_size=vocab)
+        mlp = torch.nn.Module()
+        mlp.fc_out = torch.nn.Linear(d_mlp, d_model)
+        block = torch.nn.Module()
+        block.mlp = mlp
+        self.blocks = torch.nn.ModuleList([block])
+        self.ln_final = torch.nn.LayerNorm(d_model)
+        self.unembed = torch.nn.Linear(d_model, vocab)
+
+    def run_with_cache(self, x, names):
+        h = torch.zeros(*x.shape, self.config.d_mlp)
+        h[..., 0] = x.float()
+        for b, window in enumerate(x):  # noise that depends on the window only, as a real model's output does
+            g = torch.Generator().manual_seed(int((window * torch.arange(1, x.shape[1] + 1)).sum()))
+            h[b, :, 1] = torch.rand(x.shape[1], generator=g)
+        return {names[0]: h}
+
+
+def _synthetic_text(tok, n_docs: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "it", "slept", "quietly", "here"]
+    years = ["1987", "2003", "42", "7"]
+    ids: list[int] = []
+    for _ in range(n_docs):
+        parts = [rng.choice(years) if rng.random() < 0.15 else rng.choice(words) for _ in range(60)]
+        ids += tok.encode(" ".join(parts) + ".") + [A.EOT_ID]
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def test_a_unit_firing_exactly_on_one_family_scores_high_and_a_random_unit_low(tok):
+    model = TokenModel()
+    vocab = model.config.vocab_size
+    digit_tokens = torch.zeros(vocab, dtype=torch.bool)
+    for i in range(A.N_VOCAB):
+        if any(c.isdigit() for c in tok.token_strings([i])[0]):
+            digit_tokens[i] = True
+    dirs = torch.eye(4)[:2]
+
+    def encode(h):
+        t = h[:, 0].long()
+        family_unit = digit_tokens[t].float() * (1.0 + 0.1 * h[:, 1])  # on digits, only, at ~1
+        random_unit = torch.relu(h[:, 1] - 0.7) * 5  # on 30% of tokens, whatever they are
+        return torch.stack([family_unit, random_unit], 1)
+
+    sets = [A.UnitSet("synthetic", encode, dirs)]
+    cfg = A.AnalysisConfig(explain_tokens=20_000, top_contexts=8, interval_samples=4, batch_windows=16,
+                           min_firings=3)
+    out = A.analyze(model, tok, sets, _synthetic_text(tok, 400, 0), _synthetic_text(tok, 100, 1), cfg,
+                    progress=False, log=lambda s: None)
+    units = out["units"].set_index("unit")
+    fam, rnd = units.loc[0], units.loc[1]
+    assert fam["explain_corr"] > 0.9 and rnd["explain_corr"] < 0.2, units[["explain_corr"]]
+    assert fam["family"] == "digits" and fam["family_share"] > 0.99 and fam["family_lift"] > 5
+    assert not (rnd["family_share"] >= cfg.specificity_threshold and rnd["family_lift"] >= cfg.lift_threshold)
+    assert A.interpretable_fraction(out["units"], "explain_corr", cfg) == 0.5
+    assert A.interpretable_fraction(out["units"], "specificity", cfg) == 0.5
+    # dashboards: top contexts of the family unit centre on digit tokens, with per-token activations
+    ctx = out["contexts"]
+    top = ctx[(ctx.unit == 0) & (ctx.kind == "top")]
+    assert 0 < len(top) <= cfg.top_contexts and top.document.nunique() == len(top)
+    for _, row in top.iterrows():
+        centre = int(row.tokens[row.center])
+        assert digit_tokens[centre] and row.acts[row.center] == pytest.approx(row.activation, rel=1e-2)
+    tops = out["top_tokens"]
+    assert set(tops[tops.unit == 0].token) <= set(np.flatnonzero(digit_tokens.numpy()))
+    assert units.loc[0, "density"] > 0 and units.loc[0, "q50"] == pytest.approx(1.05, rel=0.15)
+
+
+def test_sparse_pool_merge_keeps_the_largest_per_column_like_a_dense_topk():
+    g = torch.Generator().manual_seed(0)
+    keys, index = torch.full((5, 7), -1.0), torch.zeros((5, 7), dtype=torch.int64)
+    seen = []
+    for step in range(6):
+        a = torch.rand(40, 7, generator=g) * (torch.rand(40, 7, generator=g) < 0.3)
+        seen.append(a)
+        rows, cols = torch.nonzero((a > 0) & (a > keys[-1]), as_tuple=True)
+        A._pool_merge(keys, index, None, a[rows, cols], rows + 40 * step, None, cols)
+    allv = torch.cat(seen)
+    want_v, want_i = torch.topk(torch.where(allv > 0, allv, -1.0), 5, dim=0)
+    torch.testing.assert_close(keys, want_v)
+    assert torch.equal(torch.where(want_v > 0, index, 0), torch.where(want_v > 0, want_i, 0))
+
+
+def test_explainer_predicts_the_mean_shown_activation_of_each_token():
+    ex = A.Explainer().fit(2, [(0, np.array([5, 6, 5]), np.array([1.0, 0.0, 3.0])),
+                               (1, np.array([7]), np.array([2.0]))], vocab=10)
+    dense = ex.toarray()
+    assert dense[5, 0] == 2.0 and dense[6, 0] == 0.0 and dense[7, 1] == 2.0 and dense.sum() == 4.0
+
+
+def test_pearson_from_running_sums():
+    a = torch.tensor([[0.0, 1, 2, 0, 5], [1, 1, 1, 1, 1], [3, 0, 1, 2, 0]]).double()
+    p = torch.tensor([[0.0, 2, 3, 1, 4], [0, 1, 0, 1, 0], [0, 0, 0, 0, 0]]).double()
+    st = {"a": a.sum(1), "aa": (a * a).sum(1), "p": p.sum(1), "pp": (p * p).sum(1), "ap": (a * p).sum(1),
+          "n": torch.tensor(5.0)}
+    r = A.pearson(st)
+    assert r[0] == pytest.approx(np.corrcoef(a[0], p[0])[0, 1])
+    assert torch.isnan(r[1]) and r[2] == 0  # a unit that never varies; an explanation predicting nothing
+
+
+def test_logit_effects_equal_a_direct_computation_through_the_model():
+    from monosemantic.lm import LMConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(LMConfig(context_length=16, d_model=32, n_heads=4, d_mlp=64, vocab_size=500,
+                                 dtype="float32", compile=False)).eval()
+    with torch.no_grad():
+        model.ln_final.weight.uniform_(0.5, 1.5)
+        model.ln_final.bias.normal_()
+        model.unembed.bias.normal_()
+    d = torch.nn.functional.normalize(torch.randn(64), dim=0)
+    effect = A.logit_effects(model, d[None])[0]
+    with torch.no_grad():
+        # write d into the hidden layer of an otherwise empty residual stream: the change in the logits is
+        # the effect divided by the LayerNorm's scale (the standard deviation of what was written)
+        delta = model.blocks[0].mlp.fc_out(d) - model.blocks[0].mlp.fc_out.bias  # (d_model,)
+        delta = delta * 1e3  # large, so that the LayerNorm's epsilon is negligible
+        change = model.unembed(model.ln_final(delta)) - model.unembed(model.ln_final(torch.zeros(32)))
+        sigma = delta.std(unbiased=False)
+    torch.testing.assert_close(change * sigma / 1e3, effect, rtol=1e-3, atol=1e-4)
+
+
+def test_neurons_logit_effect_is_the_column_of_the_output_weights():
+    from monosemantic.lm import LMConfig, Transformer
+
+    model = Transformer(LMConfig(context_length=16, d_model=32, n_heads=4, d_mlp=64, vocab_size=500,
+                                 dtype="float32", compile=False))
+    eye = A.UnitSet.neurons(64).directions
+    torch.testing.assert_close(A.logit_effects(model, eye)[3], A.logit_effects(model, eye[3:4])[0])
+
+
+def test_split_table_finds_each_child_s_parent():
+    g = torch.Generator().manual_seed(0)
+    small = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    children = small.repeat_interleave(2, 0) + 0.05 * torch.randn(16, 16, generator=g)
+    table = A.split_table({8: small, 16: children})
+    assert list(table.parent) == [i // 2 for i in range(16)] and (table.cosine > 0.9).all()
+    assert set(table.width) == {16} and set(table.parent_width) == {8}
+
+
+def test_bad_config_and_too_little_text_are_one_line_errors():
+    from monosemantic.config import ConfigError, UserError
+
+    with pytest.raises(ConfigError, match="explain_tokens must be positive"):
+        A.AnalysisConfig(explain_tokens=0)
+    with pytest.raises(UserError, match="at least 128"):
+        A.spread_windows(np.zeros(10, dtype=np.uint16), 128, 1000)
