@@ -338,6 +338,8 @@ class AnalysisConfig(StageConfig):
     after: int = 4
     top_tokens: int = 10
     logit_tokens: int = 10
+    neighbours: int = 5
+    """Nearest units by decoder cosine, per unit (SAE features only)."""
     batch_windows: int = 64
     min_firings: int = 10
     """A unit is scored when it fires on at least this many explanation tokens and one held-out token."""
@@ -651,6 +653,18 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
             frame["share"] = frame["mass"] / st.total.numpy()[frame["unit"].to_numpy()]
             frame.insert(0, "set", s.name)
             token_rows.append(frame)
+    neighbour_rows = []
+    for s in sets:
+        if s.name == "neurons":
+            continue  # the standard basis: every pair is orthogonal
+        d = torch.nn.functional.normalize(s.directions.float(), dim=1)
+        cos = d @ d.t()
+        cos.fill_diagonal_(-2.0)
+        v, i = cos.topk(min(cfg.neighbours, s.n_units - 1), dim=1)
+        neighbour_rows.append(pd.DataFrame({
+            "set": s.name, "unit": np.repeat(np.arange(s.n_units), v.shape[1]),
+            "rank": np.tile(np.arange(v.shape[1]), s.n_units), "other": i.reshape(-1).numpy(),
+            "cosine": v.reshape(-1).numpy()}))
     units_df = pd.DataFrame(unit_rows)
     contexts_df = pd.DataFrame(context_rows)
     top_tokens_df = pd.concat(token_rows, ignore_index=True) if token_rows else pd.DataFrame()
@@ -666,6 +680,8 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
                              "token_share_val": (held[0]["family_tokens"] / held[0]["n"]).numpy()})
     return {"units": units_df, "contexts": contexts_df, "top_tokens": top_tokens_df, "logits": logits_df,
             "histograms": pd.concat(hist_rows, ignore_index=True), "vocab": vocab, "families": families,
+            "neighbours": pd.concat(neighbour_rows, ignore_index=True) if neighbour_rows else pd.DataFrame(
+                columns=["set", "unit", "rank", "other", "cosine"]),
             "tokens": {"explain": int(windows.size), "held_out": int(val_windows.size)}}
 
 
@@ -746,6 +762,7 @@ def token_profiles(model, sets: list[UnitSet], tokens: np.ndarray, n_tokens: int
 # --- the stage ---------------------------------------------------------------------------------------
 
 MAIN_SAE = "topk"  # the SAE whose features the chapter shows (the better recipe)
+TABLES = ("units", "contexts", "top_tokens", "logits", "histograms", "vocab", "families", "neighbours")
 
 
 def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Callable[[str], None] = print):
@@ -793,7 +810,10 @@ def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Cal
 
     units = result["units"]
     with store.write("analysis", profile, "features", config=cfg, inputs=inputs) as w:
-        for name in ("units", "contexts", "top_tokens", "logits", "histograms", "vocab", "families"):
+        # the anchor-recipe SAE's dashboards only served its explanations: its scores are kept, its
+        # contexts are not (they would double the committed size)
+        result["contexts"] = result["contexts"][result["contexts"]["set"] != "anchor"]
+        for name in TABLES:
             result[name].to_parquet(w.dir / f"{name}.parquet", index=False)
         splits.to_parquet(w.dir / "splitting.parquet", index=False)
         width_tokens.to_parquet(w.dir / "width_top_tokens.parquet", index=False)

@@ -207,7 +207,7 @@ def _bench_lm_batch(ctx: BenchContext, batch: int, forward_too: bool) -> list[di
 # --- the SAE group ----------------------------------------------------------------------------------
 
 def bench_sae(ctx: BenchContext, d_in: int = 512, n_features: int = 4096, batch: int = 896,
-              big_batch: int = 8192) -> list[dict[str, Any]]:
+              big_batch: int = 8192, lm_in_loop: bool = True) -> list[dict[str, Any]]:
     """SAE training steps, ours (:func:`monosemantic.sae.train_step`: fused Adam, bf16 where the machine
     has bf16 units, the TopK encoder's sparse backward) against the anchor's faithful fp32 step
     (:func:`monosemantic.anchor_reference.anchor_sae_step`) at its setting, 512 -> 4096, batch 896. The
@@ -261,7 +261,46 @@ def bench_sae(ctx: BenchContext, d_in: int = 512, n_features: int = 4096, batch:
                          anchor_mfu=anchor_rate * flops / peak,
                          ours_dtype=str(relu.compute_dtype(ctx.device)).removeprefix("torch."),
                          anchor_dtype="float32", anchor_batch=batch, note=note, **extra))
+    if lm_in_loop:
+        rows.append(_bench_fused(ctx, relu, anchor, anchor_opt, batch))
     return rows
+
+
+def _bench_fused(ctx: BenchContext, relu, anchor_sae, anchor_opt, batch: int, seq: int = 128) -> dict[str, Any]:
+    """Harvest and train fused, the language model in the loop: ours runs the model on batch / seq windows
+    and trains on every position (what `harvest` does, without the disk); the anchor's loop runs its fp32
+    model on ``batch`` sequences and keeps one random position of each (its recipe), then takes its step."""
+    from . import sae as S
+    from .anchor_reference import AnchorTransformer, anchor_sae_step
+    from .lm import LMConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(LMConfig(anchor_quirks=True)).to(ctx.device).eval()
+    anchor_lm = AnchorTransformer().to(ctx.device).eval()
+    sae = S.SAE(relu).to(ctx.device)
+    opt = S.make_optimizer(sae)
+    dtype = relu.compute_dtype(ctx.device)
+    g = torch.Generator().manual_seed(1)
+    ours_x = torch.randint(0, 50257, (max(1, batch // seq), seq), generator=g).to(ctx.device)
+    anchor_x = torch.randint(0, 50257, (batch, seq), generator=g).to(ctx.device)
+    hook = "blocks.0.mlp.hook_post"
+
+    def ours() -> float:
+        acts = model.run_with_cache(ours_x, [hook])[hook].reshape(-1, relu.d_in)  # (batch, 512)
+        return float(S.train_step(sae, opt, acts, None, dtype).loss.detach())
+
+    def theirs() -> float:
+        with torch.no_grad():
+            h = anchor_lm.forward_embedding(anchor_x)  # (batch, seq, 512): every position computed ...
+        pos = torch.randint(0, seq, (batch,), generator=g).to(ctx.device)
+        return anchor_sae_step(anchor_sae, anchor_opt, h[torch.arange(batch), pos])  # ... one of each kept
+
+    t_ours, t_anchor = time_pair(ours, theirs, ctx.device, repeat=2, warmup=1)
+    n_ours = ours_x.numel()
+    return _row(f"sae harvest + train fused (model in the loop), batch {batch}", "activations/s", n_ours / t_ours,
+                batch / t_anchor, ours_dtype=str(dtype).removeprefix("torch."), anchor_dtype="float32",
+                note=f"ours: {ours_x.shape[0]} windows of {seq}, every position; anchor: {batch} sequences, one "
+                     "random position each (its recipe)")
 
 # Groups of rows, each written as one artifact. Add yours here.
 BENCHES: list[tuple[str, Callable[[BenchContext], list[dict[str, Any]]]]] = [

@@ -118,7 +118,10 @@ def plan(stage: SAEStageConfig) -> list[Run]:
     for k in stage.ks:
         runs.append(Run(f"k-{k}", "k", stage.topk.replace(k=k).with_activations(sweep)))
     for n in stage.widths:
-        cfg = stage.topk.replace(n_features=n, k=min(stage.topk.k, n), aux_k=min(stage.topk.aux_k, n))
+        # each size from its own seed: dictionaries initialised from one seed share their first rows, which
+        # would make the feature-splitting matches across sizes partly an echo of the initialisation
+        cfg = stage.topk.replace(n_features=n, k=min(stage.topk.k, n), aux_k=min(stage.topk.aux_k, n),
+                                 seed=stage.topk.seed + n)
         runs.append(Run(f"width-{n}", "width", cfg.with_activations(sweep)))
     return runs
 

@@ -46,7 +46,7 @@ def test_the_anchor_recreation_has_its_quirks_and_trains():
 
 def test_the_sae_group_runs_at_a_tiny_size():
     ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1, peaks={"bfloat16": 1e11})
-    rows = bench.bench_sae(ctx, d_in=16, n_features=64, batch=32, big_batch=128)
+    rows = bench.bench_sae(ctx, d_in=16, n_features=64, batch=32, big_batch=128, lm_in_loop=False)
     assert len(rows) == 3 and ("sae", bench.bench_sae) in bench.BENCHES
     for row in rows:
         assert row["unit"] == "activations/s" and row["ours"] > 0 and row["anchor"] > 0
@@ -68,3 +68,16 @@ def test_the_anchor_sae_recreation_normalises_its_decoder_as_the_anchor_does():
     assert sae.decoder.weight.shape == (16, 64)  # nn.Linear(n_features, d_in).weight
     rows = sae.decoder.weight.norm(dim=1)  # per input coordinate, across features (its quirk)
     torch.testing.assert_close(rows, torch.ones(16))
+
+
+def test_the_fused_harvest_and_train_row_uses_every_position_against_one_per_sequence():
+    from monosemantic import sae as S
+
+    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1, peaks={"bfloat16": 1e11})
+    relu = S.SAEConfig(d_in=512, n_features=64, batch_size=256)
+    from monosemantic.anchor_reference import make_anchor_sae
+
+    anchor, opt = make_anchor_sae(512, 64)
+    row = bench._bench_fused(ctx, relu, anchor, opt, batch=256, seq=128)
+    assert row["unit"] == "activations/s" and row["ours"] > 0 and row["anchor"] > 0
+    assert "2 windows of 128" in row["note"] and "one random position" in row["note"]

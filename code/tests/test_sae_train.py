@@ -153,3 +153,50 @@ def test_analyze_measures_neurons_and_both_saes_alike_and_tracks_splitting(in_ti
     split = pd.read_parquet(art.file("splitting.parquet"))
     widths = profiles.get("tiny").sae.widths
     assert sorted(set(split.width)) == sorted(widths)[1:] and len(split) == sum(sorted(widths)[1:])
+
+
+CHROMIUM = ("chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def _chromium(url: str, *extra: str) -> tuple[str, str]:
+    import subprocess
+
+    res = subprocess.run([*CHROMIUM, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", *extra,
+                          url], capture_output=True, text=True, timeout=120)
+    return res.stdout, res.stderr
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="Debian's chromium is not installed "
+                    "(.ci/run installs it)")
+def test_feature_browser_loads_finds_a_feature_by_token_and_highlights_its_contexts(in_tiny_cache, tmp_path):
+    import re
+    import shutil
+
+    from monosemantic import browser
+    from monosemantic.config import project_root
+
+    if not store.artifact_path("analysis", "tiny", "features").is_dir():
+        assert cli.main(["analyze", "--profile", "tiny", "--no-progress"]) == 0
+    art = store.load("analysis", "tiny", "features")
+    written = browser.write(art, tmp_path / "browser")
+    assert written["units"] == 128 + 512 and written["shards"] == 2 + 8
+    page = tmp_path / "page.html"
+    page.write_text('<!doctype html><meta charset="utf-8"><link rel="stylesheet" href="browser/browser.css">'
+                    '<div id="mono-browser"></div><script src="browser/index.js"></script>'
+                    '<script src="browser/browser.js"></script>', encoding="utf-8")
+    index = json.loads((tmp_path / "browser" / "index.js").read_text().split("=", 1)[1].rstrip(";\n"))
+    token, hits = max(index["tokens"].items(), key=lambda kv: len(kv[1]))  # the token most units fire on
+    dom, log = _chromium(f"{page.as_uri()}#q={token}", "--dump-dom")
+    found = re.findall(r'href="#(topk|neurons)/(\d+)"', dom)
+    assert len(found) == len(hits) and not re.search(r"CONSOLE.*(Uncaught|Error)", log), log[-2000:]
+    set_name, unit = found[0]
+    dom, log = _chromium(f"{page.as_uri()}#{set_name}/{unit}", "--dump-dom")
+    assert not re.search(r"CONSOLE.*(Uncaught|Error)", log), log[-2000:]
+    assert f"#{unit}" in dom and "Top activations" in dom
+    assert dom.count("data-act=") >= 1 and "mono-centre" in dom  # highlighted tokens, the example's token marked
+    shot = project_root() / "_test_artifacts" / "browser.png"
+    shot.parent.mkdir(exist_ok=True)
+    _chromium(f"{page.as_uri()}#{set_name}/{unit}", "--window-size=1200,1000", f"--screenshot={shot}")
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    shutil.copy(shot, tmp_path / "browser.png")

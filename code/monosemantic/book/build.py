@@ -291,11 +291,36 @@ def _write_site(proj: project.Project, chapters: list[_Chapter], resolved: dict[
         (out / REFERENCES_PAGE).write_text(
             html.page(book_title=proj.title, title="References", body=body, nav=nav,
                       current=REFERENCES_PAGE, pdf=pdf_name, notebook=None, generator=version), encoding="utf-8")
+    _copy_resources(proj, chapters, out)
     written = {ch.file.page for ch in chapters} | ({REFERENCES_PAGE} if all_keys and cite_args else set())
     for stale in out.glob("*.html"):  # pages of chapters no longer in _quarto.yml
         if stale.name not in written:
             stale.unlink()
     return out / chapters[0].file.page
+
+
+def _copy_resources(proj: project.Project, chapters: list[_Chapter], out: Path) -> None:
+    """``project: resources:`` (files or folders, relative to the root) copied into the site. The pages are
+    flat here (``report/browser.qmd`` -> ``browser.html``), so a resource under the chapters' folder moves
+    with them: ``report/browser/`` -> ``browser/``, the same place relative to the page as under Quarto,
+    which keeps the folders."""
+    entries = (proj.config.get("project") or {}).get("resources") or []
+    entries = [entries] if isinstance(entries, str) else entries
+    chapter_dirs = {ch.file.path.parent for ch in chapters}
+    for entry in entries:
+        source = (proj.root / str(entry).rstrip("/")).resolve()
+        if not source.exists():
+            raise project.ProjectError(f"_quarto.yml lists the resource {entry}, which does not exist: the cell "
+                                       f"that writes it did not run (delete .jupyter_cache and build again)")
+        home = next((d for d in chapter_dirs if source.is_relative_to(d)), proj.root)
+        dest = out / source.relative_to(home)
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, dest)
+        else:
+            shutil.copyfile(source, dest)
 
 
 def _write_book_pdf(proj: project.Project, chapters: list[_Chapter], resolved: dict[str, list[A.Node]],

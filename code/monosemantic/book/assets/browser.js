@@ -1,0 +1,176 @@
+// The feature browser of the monosemantic book: static data (index.js, <set>-<k>.js shards loaded on
+// demand with <script> tags, so it also works from file://), no server, no framework.
+// URL hash: #topk/123 opens a unit, #q=word runs a search.
+(function () {
+  "use strict";
+  const INDEX = window.MONO_BROWSER_INDEX;
+  const root = document.getElementById("mono-browser");
+  const base = (document.currentScript && document.currentScript.src.replace(/[^/]*$/, "")) || "browser/";
+  const shards = {};
+  const waiting = {};
+
+  window.MonoBrowser = {
+    shard(key, data) {
+      shards[key] = data;
+      (waiting[key] || []).forEach((fn) => fn(data));
+      delete waiting[key];
+    },
+  };
+
+  function loadShard(key) {
+    if (shards[key]) return Promise.resolve(shards[key]);
+    return new Promise((resolve, reject) => {
+      const first = !waiting[key];
+      (waiting[key] = waiting[key] || []).push(resolve);
+      if (first) {
+        const s = document.createElement("script");
+        s.src = base + key + ".js";
+        s.onerror = () => reject(new Error("could not load " + s.src));
+        document.head.appendChild(s);
+      }
+    });
+  }
+
+  function el(tag, attrs, ...children) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "class") e.className = v;
+      else if (k === "style") e.style.cssText = v;
+      else e.setAttribute(k, v);
+    }
+    for (const c of children.flat()) if (c !== null && c !== undefined) e.append(c.nodeType ? c : String(c));
+    return e;
+  }
+
+  const fmt = (x, d = 3) => (x === null || x === undefined ? "–" : Number(x).toPrecision(d));
+  const pct = (x) => (x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%");
+  const show = (t) => t.replace(/\n/g, "⏎").replace(/ /g, "·").replace(/\t/g, "⇥");
+  const setLabel = (name) => (INDEX.sets.find((s) => s.name === name) || { label: name }).label;
+
+  // --- the controls -------------------------------------------------------------------------------
+  const input = el("input", { type: "search", id: "mono-search", placeholder: "a token (e.g. {, $, the) or a unit id",
+                              "aria-label": "search" });
+  const setSelect = el("select", { id: "mono-set", "aria-label": "which units" },
+    INDEX.sets.map((s) => el("option", { value: s.name }, `${s.label} (${s.n.toLocaleString()})`)));
+  const results = el("div", { class: "mono-results", id: "mono-results" });
+  const view = el("div", { class: "mono-view", id: "mono-view" });
+  root.append(el("div", { class: "mono-controls" }, input, setSelect,
+    el("button", { type: "button", id: "mono-go" }, "Search")), results, view);
+
+  function search(query) {
+    const q = query.trim();
+    const set = setSelect.value;
+    results.replaceChildren();
+    if (!q) return;
+    if (/^\d+$/.test(q)) { location.hash = `${set}/${q}`; return; }
+    const key = q.toLowerCase();
+    let hits = INDEX.tokens[key] || [];
+    if (!hits.length) {  // prefix match over token texts
+      for (const [k, v] of Object.entries(INDEX.tokens)) if (k.startsWith(key)) hits = hits.concat(v);
+      hits = hits.slice(0, 30);
+    }
+    if (!hits.length) { results.append(el("p", {}, `No unit has "${q}" among the tokens it fires on most.`)); return; }
+    const list = el("ul", { class: "mono-hits" });
+    for (const [s, u] of hits) {
+      const name = INDEX.sets[s].name;
+      const meta = INDEX.units[name];
+      list.append(el("li", {}, el("a", { href: `#${name}/${u}` }, `${INDEX.sets[s].label} #${u}`),
+        ` — ${meta.label[u]} · density ${fmt(meta.density[u], 2)} · score ${fmt(meta.corr[u], 2)}`
+        + (meta.family[u] ? ` · ${meta.family[u]}` : "")));
+    }
+    results.append(el("p", {}, `${hits.length} units fire most on "${q}":`), list);
+  }
+
+  // --- one unit -----------------------------------------------------------------------------------
+  function context(item, scale) {
+    const p = el("p", { class: "mono-context" });
+    item.t.forEach((tok, i) => {
+      const a = item.v[i] || 0;
+      const alpha = Math.max(0, Math.min(1, a / scale));
+      const span = el("span", { class: "mono-tok" + (i === item.c ? " mono-centre" : ""),
+                                 title: `${JSON.stringify(tok)}: ${fmt(a)}`,
+                                 style: alpha > 0 ? `background: rgba(230, 110, 0, ${alpha.toFixed(2)})` : "" },
+        show(tok));
+      if (a > 0) span.dataset.act = a;
+      p.append(span);
+    });
+    return el("div", { class: "mono-example" }, el("span", { class: "mono-act" }, fmt(item.a)), p);
+  }
+
+  function histogram(counts) {
+    const w = 300, h = 60, n = counts.length, max = Math.max(1, ...counts);
+    const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+    svg.setAttribute("viewBox", `0 0 ${w} ${h + 14}`);
+    svg.setAttribute("class", "mono-hist");
+    counts.forEach((c, i) => {
+      const r = document.createElementNS(svg.namespaceURI, "rect");
+      const bh = (h * c) / max;
+      r.setAttribute("x", (i * w) / n); r.setAttribute("width", w / n - 0.5);
+      r.setAttribute("y", h - bh); r.setAttribute("height", bh);
+      svg.append(r);
+    });
+    const edges = INDEX.hist_edges;
+    [0, Math.floor(n / 2), n].forEach((i) => {
+      const t = document.createElementNS(svg.namespaceURI, "text");
+      t.setAttribute("x", Math.min(w - 20, (i * w) / n)); t.setAttribute("y", h + 12);
+      t.textContent = String(Number(edges[Math.min(i, edges.length - 1)].toPrecision(1)));
+      svg.append(t);
+    });
+    return svg;
+  }
+
+  function tokenTable(title, rows, head) {
+    return el("div", { class: "mono-box" }, el("h4", {}, title),
+      el("table", {}, el("thead", {}, el("tr", {}, head.map((x) => el("th", {}, x)))),
+        el("tbody", {}, rows.map((r) => el("tr", {}, r.map((x, i) => el("td", { class: i ? "num" : "tok" },
+          i ? (Number.isInteger(x) ? x.toLocaleString() : fmt(x)) : show(x))))))));
+  }
+
+  async function open(set, unit) {
+    const meta = INDEX.units[set];
+    if (!meta || unit < 0 || unit >= meta.density.length) {
+      view.replaceChildren(el("p", {}, `There is no unit ${unit} in "${setLabel(set)}".`));
+      return;
+    }
+    setSelect.value = set;
+    view.replaceChildren(el("p", {}, "loading…"));
+    const data = (await loadShard(`${set}-${Math.floor(unit / INDEX.shard)}`))[String(unit)];
+    const scale = data.max || 1;
+    const head = el("div", { class: "mono-head" },
+      el("h3", {}, `${setLabel(set)} #${unit}`),
+      el("p", {}, `density ${pct(data.density)} of tokens (held-out ${pct(data.density_val)}) · max ${fmt(data.max)}`
+        + ` · median ${fmt(data.q[0])}, 90% ${fmt(data.q[1])}, 99% ${fmt(data.q[2])}`),
+      el("p", {}, `explain-then-predict score ${fmt(data.corr)} · best family: `
+        + (data.family ? `${data.family} (${INDEX.families[data.family]}): ${pct(data.family_share)} of its held-out`
+          + ` activation, ${fmt(data.family_lift, 2)}× the family's share of tokens` : "none")));
+    const side = el("div", { class: "mono-side" },
+      el("div", { class: "mono-box" }, el("h4", {}, "Activation histogram (log scale, non-zero)"), histogram(data.hist)),
+      tokenTable("Tokens it fires on most", data.tokens, ["token", "share of activation", "count"]),
+      tokenTable("Logits it promotes", data.up, ["token", "effect"]),
+      tokenTable("Logits it suppresses", data.down, ["token", "effect"]),
+      data.near.length ? el("div", { class: "mono-box" }, el("h4", {}, "Nearest features (decoder cosine)"),
+        el("ul", {}, data.near.map(([o, c]) => el("li", {}, el("a", { href: `#${set}/${o}` }, `#${o}`),
+          ` ${fmt(c, 2)} — ${meta.label[o]}`)))) : null);
+    const main = el("div", { class: "mono-main" }, el("h4", {}, "Top activations (one per document)"),
+      data.top.map((x) => context(x, scale)));
+    for (const iv of data.intervals.slice().reverse()) {  // highest interval first
+      const lo = iv.interval / INDEX.intervals, hi = (iv.interval + 1) / INDEX.intervals;
+      main.append(el("h4", {}, `Samples with activation in (${fmt(lo * scale, 2)}, ${fmt(hi * scale, 2)}]`),
+        ...iv.items.map((x) => context(x, scale)));
+    }
+    view.replaceChildren(head, el("div", { class: "mono-grid" }, main, side));
+  }
+
+  function route() {
+    const h = decodeURIComponent(location.hash.slice(1));
+    if (h.startsWith("q=")) { input.value = h.slice(2); search(input.value); return; }
+    const m = h.match(/^([\w-]+)\/(\d+)$/);
+    if (m) open(m[1], Number(m[2])).catch((e) => view.replaceChildren(el("p", {}, String(e))));
+  }
+
+  input.addEventListener("keydown", (e) => { if (e.key === "Enter") search(input.value); });
+  document.getElementById("mono-go").addEventListener("click", () => search(input.value));
+  window.addEventListener("hashchange", route);
+  route();
+  if (!location.hash) open(INDEX.sets[0].name, 0);
+})();
