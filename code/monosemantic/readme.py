@@ -54,11 +54,28 @@ def _smollm2(a: store.Artifact) -> str:
             f"dead after {m['train_activations'] / 1e3:.0f}k training activations (undertrained on CPU).")
 
 
+def _sae(a: store.Artifact) -> str:
+    m = a.metrics
+    recipe = "the anchor's recipe (ReLU + L1)" if a.name == "anchor" else "our TopK recipe"
+    return (f"SAE with {recipe} (`{a.key}`): {m['n_features']:,} features on the 512 MLP neurons, "
+            f"{m['train_activations'] / 1e6:.0f}M training activations; on held-out text L0 {m['l0']:.1f}, "
+            f"FVU {m['fvu']:.3f}, {m['ce_loss_recovered']:.1%} of the CE loss recovered (zero-ablation; "
+            f"{m['ce_loss_recovered_mean_ablation']:.1%} against mean-ablation), {m['dead_fraction']:.1%} dead.")
+
+
+def _analysis(a: store.Artifact) -> str:
+    m = a.metrics
+    return (f"Monosemanticity, measured without a human (`{a.key}`): {m['interpretable_fraction_features']:.0%} of "
+            f"the TopK SAE's features against {m['interpretable_fraction_neurons']:.0%} of the neurons reach a "
+            f"held-out explain-then-predict correlation of {m['interpretable_threshold']:g} (anchor-recipe "
+            f"SAE: {m['interpretable_fraction_anchor_features']:.0%}).")
+
+
 def _bench(a: store.Artifact) -> str:
     import json
 
     rows = [r for r in json.loads(a.file("results.json").read_text())
-            if r.get("ratio") is not None and r["name"].startswith("lm train step")]
+            if r.get("ratio") is not None and r["name"].startswith(("lm train step", "sae train step", "sae harvest"))]
     parts = [f"{r['name']}: {r['ratio']:.2f}x ({r['ours']:,.0f} vs {r['anchor']:,.0f} {r['unit']})" for r in rows]
     return f"Speed against the anchor's code, same machine, same run (`{a.key}`): " + "; ".join(parts) + "."
 
@@ -69,6 +86,9 @@ HEADLINES: list[tuple[str, str, Callable[[store.Artifact], str]]] = [
     ("lm", "model", _lm),
     ("toy", "superposition", _superposition),
     ("toy", "recovery", _recovery),
+    ("sae", "anchor", _sae),
+    ("sae", "topk", _sae),
+    ("analysis", "features", _analysis),
     ("llama", "smollm2-L-1-mlp-hook_post-topk32-12288", _smollm2),
 ]
 
