@@ -250,6 +250,8 @@ def bench_sae(ctx: BenchContext, d_in: int = 512, n_features: int = 4096, batch:
         (f"sae train step relu+L1 {d_in}->{n_features}, batch {batch}", ours_step(relu, x_small), batch, {}),
         (f"sae train step topk k={k} + AuxK (35% dead), batch {batch}", ours_step(topk, x_small, 0.35), batch,
          {"ours_arch": "topk"}),
+        (f"sae train step topk k={k}, no dead latents (AuxK idle), batch {batch}", ours_step(topk, x_small, 0.0),
+         batch, {"ours_arch": "topk"}),
         (f"sae train step relu+L1, ours batch {big_batch} vs anchor batch {batch}",
          ours_step(relu.replace(batch_size=big_batch), x_big), big_batch, {"ours_batch": big_batch}),
     ]

@@ -88,11 +88,15 @@ _ANCHOR_SAE = SAEConfig(architecture="relu", l1_coeff=3e-3, lr=1e-4, batch_size=
 _TOPK_SAE = SAEConfig(architecture="topk", k=24, lr=4e-4, batch_size=1024, dtype="auto", resample_every=0)
 
 
-def _sae_cpu() -> SAEStageConfig:  # 6M activations (0.4 epoch of the 16M LM tokens): ~1 hour for all 19 runs
+def _sae_cpu() -> SAEStageConfig:  # the two main SAEs on 6M activations, the 17 frontier and width runs on 1M each
     n = 6_000_000
+    # L1 frontier: our MLP activations are small (E|x|^2 = 5.7 against the d_in = 512 that input-normalised
+    # SAEs assume), so the anchor's 3e-3 silences almost every feature here; 3e-4 is about what 3e-3 means on
+    # normalised inputs (3e-3 / sqrt(512 / 5.7)), and the grid brackets both
     return SAEStageConfig(harvest=HarvestConfig(train_activations=n, val_activations=1_000_000),
                           anchor=_ANCHOR_SAE.with_activations(n), topk=_TOPK_SAE.with_activations(n),
-                          sweep_activations=2_000_000, eval_windows=256)
+                          l1_coeffs=(1e-4, 2e-4, 3e-4, 1e-3, 3e-3), sweep_activations=1_000_000,
+                          eval_windows=256)
 
 
 def _sae_gpu() -> SAEStageConfig:  # the anchor's ~90M activations (3 epochs of 30M harvested: 31 GB of fp16)

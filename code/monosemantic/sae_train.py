@@ -236,7 +236,8 @@ def train_run(run: Run, *, profile: str, stage: SAEStageConfig, model, train_row
     source = ArraySource(train_rows, run.cfg.batch_size, seed=run.cfg.seed)
     start = time.perf_counter()
     trained = _train(run.cfg, source, checkpoint, progress, desc=f"SAE {run.name}")
-    seconds = time.perf_counter() - start
+    # the curve's clock runs across resumes; this process's alone would overstate a resumed run's speed
+    seconds = trained.history[-1]["seconds"] if trained.history else time.perf_counter() - start
     metrics, density = evaluate_run(model, trained.sae, val_tokens, val_rows, stage, run.cfg.n_activations)
     metrics["train_seconds"] = round(seconds, 1)
     metrics["activations_per_s"] = round(run.cfg.n_activations / max(seconds, 1e-9), 1)

@@ -47,12 +47,12 @@ def test_the_anchor_recreation_has_its_quirks_and_trains():
 def test_the_sae_group_runs_at_a_tiny_size():
     ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1, peaks={"bfloat16": 1e11})
     rows = bench.bench_sae(ctx, d_in=16, n_features=64, batch=32, big_batch=128, lm_in_loop=False)
-    assert len(rows) == 3 and ("sae", bench.bench_sae) in bench.BENCHES
+    assert len(rows) == 4 and ("sae", bench.bench_sae) in bench.BENCHES
     for row in rows:
         assert row["unit"] == "activations/s" and row["ours"] > 0 and row["anchor"] > 0
         assert abs(row["ratio"] - row["ours"] / row["anchor"]) < 0.02  # of the rounded figures
         assert 0 < row["ours_mfu"] and 0 < row["anchor_mfu"] and "6 B d_in n_features" in row["note"]
-    assert "topk" in rows[1]["name"] and "128" in rows[2]["name"]
+    assert "topk" in rows[1]["name"] and "AuxK idle" in rows[2]["name"] and "128" in rows[3]["name"]
 
 
 def test_the_anchor_sae_recreation_normalises_its_decoder_as_the_anchor_does():
