@@ -293,6 +293,7 @@ class _Stats:
     n: int
     pool: int
     fired: Tensor = None  # (n,) int64
+    max: Tensor = None  # (n,) largest activation
     total: Tensor = None  # (n,) float64
     best_v: Tensor = None  # (pool, n) top activations
     best_i: Tensor = None  # (pool, n) their global token index
@@ -302,6 +303,7 @@ class _Stats:
 
     def __post_init__(self) -> None:
         self.fired = torch.zeros(self.n, dtype=torch.int64)
+        self.max = torch.zeros(self.n)
         self.total = torch.zeros(self.n, dtype=torch.float64)
         self.best_v = torch.full((self.pool, self.n), -1.0)
         self.best_i = torch.zeros((self.pool, self.n), dtype=torch.int64)
@@ -388,8 +390,10 @@ def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndar
             st.fired += on.sum(0)
             st.total += a.sum(0, dtype=torch.float64)
             st.family_mass += (a.t() @ lab).double()
-            rows, units = torch.nonzero(on & (a > st.best_v[-1]), as_tuple=True)  # beats the pool's smallest
-            _pool_merge(st.best_v, st.best_i, None, a[rows, units], rows + b * T, None, units)
+            st.max = torch.maximum(st.max, a.amax(0))
+            if s.contexts:  # the top-activation pool is only needed for dashboards
+                rows, units = torch.nonzero(on & (a > st.best_v[-1]), as_tuple=True)  # beats the pool's smallest
+                _pool_merge(st.best_v, st.best_i, None, a[rows, units], rows + b * T, None, units)
             rows, units = torch.nonzero(on, as_tuple=True)
             vals = a[rows, units]
             bins = torch.bucketize(vals, edges)
@@ -552,7 +556,7 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
     labels = window_families(tokenizer, windows)
     val_labels = window_families(tokenizer, val_windows)
     stats = _first_pass(model, sets, windows, labels, cfg, progress)
-    maxima = [st.best_v[0].clamp_min(0) for st in stats]
+    maxima = [st.max for st in stats]
     intervals = _interval_pass(model, sets, windows, maxima, cfg, progress)
 
     eots = np.flatnonzero(np.asarray(explain_tokens) == EOT_ID)
@@ -678,7 +682,11 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
     families = pd.DataFrame({"family": list(FAMILY_NAMES), "description": [FAMILIES[f] for f in FAMILY_NAMES],
                              "token_share_explain": base_explain.numpy(),
                              "token_share_val": (held[0]["family_tokens"] / held[0]["n"]).numpy()})
-    return {"units": units_df, "contexts": contexts_df, "top_tokens": top_tokens_df, "logits": logits_df,
+    # E|h|^2 of the MLP's activations on held-out text (the neurons' sum of squares): the scale an L1
+    # coefficient is relative to
+    mean_sq = {s.name: float(h["aa"].sum() / h["n"]) for s, h in zip(sets, held, strict=True) if s.name == "neurons"}
+    return {"mlp_mean_sq_norm": mean_sq.get("neurons"),
+            "units": units_df, "contexts": contexts_df, "top_tokens": top_tokens_df, "logits": logits_df,
             "histograms": pd.concat(hist_rows, ignore_index=True), "vocab": vocab, "families": families,
             "neighbours": pd.concat(neighbour_rows, ignore_index=True) if neighbour_rows else pd.DataFrame(
                 columns=["set", "unit", "rank", "other", "cosine"]),
@@ -768,12 +776,15 @@ TABLES = ("units", "contexts", "top_tokens", "logits", "histograms", "vocab", "f
 def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Callable[[str], None] = print):
     """``analysis/<profile>-features``: neurons, the TopK SAE and the anchor-recipe SAE, analysed alike;
     plus feature splitting across the width sweep's dictionaries."""
+    import time
+
     from . import profiles, sae_train, store
     from . import sae as sae_mod
     from .data import TokenDataset
     from .lm import load_pretrained
     from .tokenizer import load as load_tokenizer
 
+    start = time.perf_counter()
     model = load_pretrained(profile)
     model.eval()
     tokenizer = load_tokenizer()
@@ -817,9 +828,11 @@ def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Cal
             result[name].to_parquet(w.dir / f"{name}.parquet", index=False)
         splits.to_parquet(w.dir / "splitting.parquet", index=False)
         width_tokens.to_parquet(w.dir / "width_top_tokens.parquet", index=False)
+        w.wall_time_s = round(time.perf_counter() - start, 1)  # the whole stage, not just this write
         w.metrics.update(summary_metrics(units, cfg))
         w.metrics["explain_tokens"] = result["tokens"]["explain"]
         w.metrics["held_out_tokens"] = result["tokens"]["held_out"]
+        w.metrics["mlp_mean_sq_norm"] = round(result["mlp_mean_sq_norm"], 4)
         w.info["score"] = ("explain_corr: Pearson correlation, over every held-out (val) token, between a unit's "
                            "activation and the prediction of a token table learned from its dashboard only")
         w.info["specificity"] = ("family_share: share of a unit's held-out activation mass inside the family it "

@@ -68,7 +68,10 @@ def _analysis(a: store.Artifact) -> str:
     return (f"Monosemanticity, measured without a human (`{a.key}`): {m['interpretable_fraction_features']:.0%} of "
             f"the TopK SAE's features against {m['interpretable_fraction_neurons']:.0%} of the neurons reach a "
             f"held-out explain-then-predict correlation of {m['interpretable_threshold']:g} (anchor-recipe "
-            f"SAE: {m['interpretable_fraction_anchor_features']:.0%}).")
+            f"SAE: {m['interpretable_fraction_anchor_features']:.0%}); by concept specificity "
+            f"{m['specific_fraction_features']:.0%} of features against {m['specific_fraction_neurons']:.0%} of "
+            f"neurons put at least {m['specificity_threshold']:.0%} of their held-out activation in one "
+            f"detector family.")
 
 
 def _bench(a: store.Artifact) -> str:

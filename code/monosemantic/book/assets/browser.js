@@ -43,7 +43,8 @@
   }
 
   const fmt = (x, d = 3) => (x === null || x === undefined ? "–" : Number(x).toPrecision(d));
-  const pct = (x) => (x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%");
+  const pct = (x) => (x === null || x === undefined ? "–"
+    : (x > 0 && x < 0.001 ? (100 * x).toPrecision(2) : (100 * x).toFixed(1)) + "%");
   const show = (t) => t.replace(/\n/g, "⏎").replace(/ /g, "·").replace(/\t/g, "⇥");
   const setLabel = (name) => (INDEX.sets.find((s) => s.name === name) || { label: name }).label;
 
