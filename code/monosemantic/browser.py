@@ -35,6 +35,25 @@ def _round(x: float, digits: int = 3) -> float | None:
     return float(f"{float(x):.{digits}g}")
 
 
+def display_tokens(tokenizer, ids) -> list[str]:
+    """Each token's text for display, decoded in sequence: a character whose UTF-8 bytes are split over
+    several byte-level tokens is shown whole on the token that completes it (the others show nothing),
+    instead of a U+FFFD on each part."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = []
+    for i in ids:
+        i = int(i)
+        if i >= tokenizer.eot_id:  # <|endoftext|> and the padding ids: their names, never bytes
+            out.append(decoder.decode(b"", final=True) + tokenizer.token_strings([i])[0])
+            continue
+        out.append(decoder.decode(tokenizer.encoding.decode_single_token_bytes(i)))
+    if out:
+        out[-1] += decoder.decode(b"", final=True)  # a character cut off by the context's end
+    return out
+
+
 def _json(payload: Any) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
@@ -49,6 +68,9 @@ def write(art, out: Path, sets: tuple[tuple[str, str], ...] = SETS) -> dict[str,
     out.mkdir(parents=True)
     tables = {name: pd.read_parquet(art.file(f"{name}.parquet")) for name in
               ("units", "contexts", "top_tokens", "logits", "histograms", "vocab", "families", "neighbours")}
+    from .tokenizer import load as load_tokenizer
+
+    tokenizer = load_tokenizer()
     text = dict(zip(tables["vocab"].token.tolist(), tables["vocab"].text.tolist(), strict=True))
     names = [s for s, _ in sets]
     index: dict[str, Any] = {"sets": [], "families": dict(zip(tables["families"].family,
@@ -87,7 +109,7 @@ def write(art, out: Path, sets: tuple[tuple[str, str], ...] = SETS) -> dict[str,
                 examples: dict[str, list] = {"top": [], "intervals": []}
                 if ctx is not None:
                     for kind, g in ctx.sort_values(["interval", "rank"]).groupby("interval"):
-                        items = [{"a": _round(a), "c": int(c), "t": [text[int(i)] for i in toks],
+                        items = [{"a": _round(a), "c": int(c), "t": display_tokens(tokenizer, toks),
                                   "v": [_round(v, 2) for v in acts.astype(np.float32)]}
                                  for a, c, toks, acts in zip(g.activation, g.center, g.tokens, g.acts, strict=True)]
                         if kind == -1:

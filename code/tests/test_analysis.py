@@ -228,3 +228,13 @@ def test_bad_config_and_too_little_text_are_one_line_errors():
         A.AnalysisConfig(explain_tokens=0)
     with pytest.raises(UserError, match="at least 128"):
         A.spread_windows(np.zeros(10, dtype=np.uint16), 128, 1000)
+
+
+def test_browser_shows_characters_split_over_tokens_whole(tok):
+    from monosemantic.browser import display_tokens
+
+    for text in ("中文字符和日本語のテキスト", "مرحبا بالعالم", "plain ascii"):
+        ids = tok.encode(text)
+        shown = display_tokens(tok, ids)
+        assert len(shown) == len(ids) and "".join(shown) == text and "\ufffd" not in "".join(shown)
+    assert display_tokens(tok, [A.EOT_ID])[0] == "<|endoftext|>"
