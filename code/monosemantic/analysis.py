@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .config import ConfigError, StageConfig, UserError
+from .harvest import HOOK
 
 DEFAULT_PROFILE = "cpu"
 EOT_ID = 50256
@@ -258,6 +259,20 @@ class _PairSums:
         return keys // self.v, keys % self.v, self.sums[0], self.counts[0]
 
 
+def _top_tokens_frame(set_name: str, st: _Stats, top: int) -> Any:
+    """The ``top`` tokens of each unit by activation mass: rows (set, unit, token, mass, count, rank, share),
+    share = the token's part of the unit's total activation."""
+    import pandas as pd
+
+    units, toks, sums, counts = st.pairs.result()
+    frame = pd.DataFrame({"unit": units, "token": toks, "mass": sums, "count": counts})
+    frame = frame.sort_values(["unit", "mass"], ascending=[True, False]).groupby("unit").head(top).copy()
+    frame["rank"] = frame.groupby("unit").cumcount()
+    frame["share"] = frame["mass"] / st.total.numpy()[frame["unit"].to_numpy()]
+    frame.insert(0, "set", set_name)
+    return frame
+
+
 def _pool_merge(keys: Tensor, index: Tensor, extra: Tensor | None, new_keys: Tensor, new_index: Tensor,
                 new_extra: Tensor | None, slots: Tensor) -> None:
     """In place: per slot (column), keep the ``P`` largest keys of the pool (P, n) and of the new entries
@@ -314,10 +329,9 @@ class _Stats:
 
 def _mlp_batches(model, windows: np.ndarray, batch: int) -> Iterator[tuple[int, Tensor]]:
     """(first window, (B*T, d_mlp) MLP activations) for consecutive batches of windows (W, T)."""
-    hook = "blocks.0.mlp.hook_post"
     for b in range(0, len(windows), batch):
         x = torch.as_tensor(windows[b:b + batch].astype(np.int64))
-        yield b, model.run_with_cache(x, [hook])[hook].reshape(-1, model.config.d_mlp)
+        yield b, model.run_with_cache(x, [HOOK])[HOOK].reshape(-1, model.config.d_mlp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,8 +375,9 @@ class AnalysisConfig(StageConfig):
             raise ConfigError("AnalysisConfig: thresholds must lie in (0, 1)")
 
 
-def spread_windows(tokens: np.ndarray, seq_len: int, n_tokens: int) -> np.ndarray:
-    """(W, seq_len) windows spread evenly over ``tokens``, W = min(n_tokens, len) // seq_len."""
+def spread_windows(tokens: np.ndarray, seq_len: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(W, seq_len) windows spread evenly over ``tokens``, W = min(n_tokens, len) // seq_len, and their
+    (W,) start offsets."""
     n = len(tokens)
     if n < seq_len:
         raise UserError(f"only {n} tokens: analysis windows need at least {seq_len}; build a bigger corpus")
@@ -447,17 +462,14 @@ def _context_pass(model, sets: list[UnitSet], windows: np.ndarray, examples: lis
             wanted.setdefault(g // T, []).append((k, e, unit))
     out: list[list[np.ndarray]] = [[np.zeros(0, dtype=np.float32)] * len(exs) for exs in examples]
     order = sorted(wanted)
-    hook = "blocks.0.mlp.hook_post"
-    for b in range(0, len(order), cfg.batch_windows):
+    for b, h in _mlp_batches(model, windows[order], cfg.batch_windows):  # only the windows with examples
         ws = order[b:b + cfg.batch_windows]
-        x = torch.as_tensor(windows[ws].astype(np.int64))
-        h = model.run_with_cache(x, [hook])[hook]  # (B, T, d_mlp)
-        encoded = {}
+        encoded = {}  # set -> (B, T, n_units), encoded when one of its examples is in this batch
         for row, w in enumerate(ws):
             for k, e, unit in wanted[w]:
                 if k not in encoded:
                     with torch.no_grad():
-                        encoded[k] = sets[k].encode(h.reshape(-1, h.shape[-1])).reshape(len(ws), T, -1)
+                        encoded[k] = sets[k].encode(h).reshape(len(ws), T, -1)
                 g = examples[k][e][1]
                 t = g % T
                 lo, hi = max(0, t - cfg.before), min(T, t + cfg.after + 1)
@@ -648,14 +660,8 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
                 logit_rows.append({"set": s.name, "unit": u, "sign": -1, "rank": j, "token": i, "effect": -v})
         hist_rows.append(pd.DataFrame({"set": s.name, "unit": np.arange(s.n_units),
                                        "counts": list(hist.astype(np.int32))}))
-        units, toks, sums, counts = st.pairs.result()
-        if len(units):
-            frame = pd.DataFrame({"unit": units, "token": toks, "mass": sums, "count": counts})
-            frame = frame.sort_values(["unit", "mass"], ascending=[True, False])
-            frame = frame.groupby("unit").head(cfg.top_tokens).copy()
-            frame["rank"] = frame.groupby("unit").cumcount()
-            frame["share"] = frame["mass"] / st.total.numpy()[frame["unit"].to_numpy()]
-            frame.insert(0, "set", s.name)
+        frame = _top_tokens_frame(s.name, st, cfg.top_tokens)
+        if len(frame):
             token_rows.append(frame)
     neighbour_rows = []
     for s in sets:
@@ -754,13 +760,7 @@ def token_profiles(model, sets: list[UnitSet], tokens: np.ndarray, n_tokens: int
     stats = _first_pass(model, sets, windows, labels, cfg, progress)
     frames = []
     for s, st in zip(sets, stats, strict=True):
-        units, toks, sums, counts = st.pairs.result()
-        frame = pd.DataFrame({"unit": units, "token": toks, "mass": sums, "count": counts})
-        frame = frame.sort_values(["unit", "mass"], ascending=[True, False]).groupby("unit").head(top).copy()
-        frame["rank"] = frame.groupby("unit").cumcount()
-        frame["share"] = frame["mass"] / st.total.numpy()[frame["unit"].to_numpy()]
-        frame.insert(0, "set", s.name)
-        frames.append(frame)
+        frames.append(_top_tokens_frame(s.name, st, top))
         dens = pd.DataFrame({"set": s.name, "unit": np.arange(s.n_units), "token": -1, "mass": st.total.numpy(),
                              "count": st.fired.numpy(), "rank": -1, "share": st.fired.numpy() / windows.size})
         frames.append(dens)

@@ -274,6 +274,7 @@ def _bench_fused(ctx: BenchContext, relu, anchor_sae, anchor_opt, batch: int, se
     model on ``batch`` sequences and keeps one random position of each (its recipe), then takes its step."""
     from . import sae as S
     from .anchor_reference import AnchorTransformer, anchor_sae_step
+    from .harvest import HOOK
     from .lm import LMConfig, Transformer
 
     torch.manual_seed(0)
@@ -285,10 +286,8 @@ def _bench_fused(ctx: BenchContext, relu, anchor_sae, anchor_opt, batch: int, se
     g = torch.Generator().manual_seed(1)
     ours_x = torch.randint(0, 50257, (max(1, batch // seq), seq), generator=g).to(ctx.device)
     anchor_x = torch.randint(0, 50257, (batch, seq), generator=g).to(ctx.device)
-    hook = "blocks.0.mlp.hook_post"
-
     def ours() -> float:
-        acts = model.run_with_cache(ours_x, [hook])[hook].reshape(-1, relu.d_in)  # (batch, 512)
+        acts = model.run_with_cache(ours_x, [HOOK])[HOOK].reshape(-1, relu.d_in)  # (batch, 512)
         return float(S.train_step(sae, opt, acts, None, dtype).loss.detach())
 
     def theirs() -> float:
