@@ -303,11 +303,82 @@ def _bench_fused(ctx: BenchContext, relu, anchor_sae, anchor_opt, batch: int, se
                 note=f"ours: {ours_x.shape[0]} windows of {seq}, every position; anchor: {batch} sequences, one "
                      "random position each (its recipe)")
 
+# --- the numerics group -----------------------------------------------------------------------------
+
+def _train_lm_steps(device: torch.device, steps: int, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
+    """A small one-layer LM trained ``steps`` AdamW steps on fixed Zipf-distributed token batches; the last
+    loss and the weights (on the CPU). Same seed and data on every device."""
+    from .lm import LMConfig, Transformer
+
+    cfg = LMConfig(context_length=64, d_model=64, n_heads=4, d_mlp=256, batch_size=16, compile=False,
+                   loss_chunk=1024 if device.type == "cuda" else 128)
+    torch.manual_seed(seed)
+    model = Transformer(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    zipf = 1.0 / torch.arange(1, 2049, dtype=torch.float64)  # a rank-frequency law, so the loss can fall
+    loss = torch.zeros(())
+    for _ in range(steps):
+        tokens = torch.multinomial(zipf, 16 * 65, replacement=True, generator=g).view(16, 65).to(device)
+        loss = model(tokens[:, :-1], tokens[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss.item(), {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+
+
+def _train_sae_steps(device: torch.device, steps: int, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
+    """A TopK SAE 256 -> 2048 trained ``steps`` steps on fixed synthetic sparse data; its FVU and weights."""
+    from . import sae as S
+
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(1024, 256, generator=g), dim=-1)
+    codes = torch.rand(8192, 1024, generator=g) * (torch.rand(8192, 1024, generator=g) < 0.01)
+    x = codes @ dirs
+    cfg = S.SAEConfig(d_in=256, n_features=2048, architecture="topk", k=16, batch_size=512, n_steps=steps,
+                      resample_every=0, dtype="auto", seed=seed, log_every=steps)
+    res = S.train(cfg, x, device=device, progress=False)
+    sae = res.sae.float()
+    with torch.no_grad():
+        xd = x.to(device)
+        fvu = float(((sae(xd).recon - xd) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum())
+    return fvu, {k: v.detach().float().cpu() for k, v in sae.state_dict().items()}
+
+
+def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest |a - b| over any weight, relative to that tensor's largest |a|."""
+    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
+
+
+def bench_numerics(ctx: BenchContext, lm_steps: int = 30, sae_steps: int = 60) -> list[dict[str, Any]]:
+    """Not a speed: how far the same training (same seed, same data, the dtype our configs pick on each
+    device) lands on this device from the CPU, and from itself when run again. On a CPU-only machine both
+    sides are the CPU, so the rows say whether runs repeat exactly."""
+    rows = []
+    cpu = torch.device("cpu")
+    for what, fn, steps, metric in (("lm", _train_lm_steps, lm_steps, "loss"),
+                                    ("sae", _train_sae_steps, sae_steps, "FVU")):
+        ref_metric, ref_w = fn(cpu, steps)
+        dev_metric, dev_w = fn(ctx.device, steps)
+        again_metric, again_w = fn(ctx.device, steps)
+        where = f"{ctx.device.type} vs cpu" if ctx.device.type != "cpu" else "cpu vs cpu"
+        rows.append(_row(f"numerics {what} {steps} steps: {metric} {where}", "abs diff", abs(dev_metric - ref_metric),
+                         None, cpu_value=round(ref_metric, 6), device_value=round(dev_metric, 6)))
+        rows.append(_row(f"numerics {what} {steps} steps: weights {where}", "max rel diff",
+                         _max_rel_diff(ref_w, dev_w), None))
+        rows.append(_row(f"numerics {what} {steps} steps: {metric} {ctx.device.type} run to run", "abs diff",
+                         abs(again_metric - dev_metric), None))
+        rows.append(_row(f"numerics {what} {steps} steps: weights {ctx.device.type} run to run", "max rel diff",
+                         _max_rel_diff(dev_w, again_w), None))
+    return rows
+
+
 # Groups of rows, each written as one artifact. Add yours here.
 BENCHES: list[tuple[str, Callable[[BenchContext], list[dict[str, Any]]]]] = [
     ("matmul", bench_matmul),
     ("lm", bench_lm),
     ("sae", bench_sae),
+    ("numerics", bench_numerics),
 ]
 
 

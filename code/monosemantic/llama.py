@@ -214,7 +214,8 @@ def _random_model(spec: str, dtype: torch.dtype, device: torch.device, **overrid
         fields["num_hidden_layers"] = int(parts[2])
     fields.update(overrides)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(HFLlamaConfig(**fields))
+    with torch.device(device):  # built where it runs: an 8B-shaped model initialises in seconds on a GPU
+        model = LlamaForCausalLM(HFLlamaConfig(**fields))
     return model.to(device=device, dtype=dtype).eval(), ByteTokenizer()
 
 
@@ -1175,12 +1176,27 @@ def sae_flops_per_activation(d_in: int, n_features: int) -> float:
     return 6 * d_in * n_features
 
 
+def _time_forward(src: LlamaSource, ids: torch.Tensor, sync: Callable[[], None], seconds: float) -> float:
+    """Tokens per second of the forward pass up to the default hook, after one warm-up."""
+    hook = src.default_hook
+    src.run_with_hooks(ids[:, :16], [hook])
+    sync()
+    t = time.perf_counter()
+    reps = 0
+    while reps < 2 or time.perf_counter() - t < seconds:
+        src.run_with_hooks(ids, [hook])
+        sync()
+        reps += 1
+    return reps * ids.numel() / (time.perf_counter() - t)
+
+
 def benchmark(*, device: str | None = None, n_layers: int = 2, seq_len: int = 256, batch: int = 4,
               sae_features: int = 8192, sae_batch: int = 1024, steps: int = 5, profile: str = "cpu",
-              write: bool = True) -> dict[str, Any]:
+              seconds: float = 5.0, write: bool = True) -> dict[str, Any]:
     """Time the real shapes of Llama-3-8B (random weights, ``n_layers`` of its layers, forward up to the
-    last layer's MLP in bf16/fp32) and a TopK SAE step on its 14,336-dim MLP activations, and store the
-    achieved FLOP/s as ``llama/<profile>-throughput-<hardware>`` for :func:`cost_model`."""
+    last layer's MLP in bf16/fp32), SmolLM2-135M's whole forward pass at the same windows, and a TopK SAE
+    step on Llama-3-8B's 14,336-dim MLP activations, and store the achieved FLOP/s as
+    ``llama/<profile>-throughput-<hardware>`` for :func:`cost_model`."""
     from . import hardware, store
     from . import sae as sae_mod
 
@@ -1190,44 +1206,51 @@ def benchmark(*, device: str | None = None, n_layers: int = 2, seq_len: int = 25
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    dtype = resolve_dtype("auto", dev)
+    ids = torch.randint(0, 256, (batch, seq_len))
     # a 256-token vocabulary: the embedding lookup costs nothing either way and the harvest never unembeds,
     # so the timing is that of the real layers without 1B parameters of tables to initialise
-    model, tok = _random_model(f"random:llama3-8b:{n_layers}", resolve_dtype("auto", dev), dev, vocab_size=256)
-    src = LlamaSource(model, tok, f"random:llama3-8b:{n_layers}")
+    rates = {}
+    smol_layers = RANDOM_PRESETS["smollm2-135m"]["num_hidden_layers"]
+    for preset, layers in (("llama3-8b", n_layers), ("smollm2-135m", smol_layers)):
+        spec = f"random:{preset}:{layers}"
+        model, tok = _random_model(spec, dtype, dev, vocab_size=256)
+        rates[preset] = _time_forward(LlamaSource(model, tok, spec), ids, sync, seconds)
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     p = RANDOM_PRESETS["llama3-8b"]
-    ids = torch.randint(0, 256, (batch, seq_len))
-    hook = src.default_hook
-    src.run_with_hooks(ids[:, :16], [hook])
-    sync()
-    t = time.perf_counter()
-    reps = 0
-    while reps < 2 or time.perf_counter() - t < 5:
-        src.run_with_hooks(ids, [hook])
-        sync()
-        reps += 1
-    tok_s = reps * ids.numel() / (time.perf_counter() - t)
     fwd_flops = forward_flops_per_token(n_layers, p["hidden_size"], p["intermediate_size"],
                                         p["num_attention_heads"], p["num_key_value_heads"], seq_len)
-    del src
     d_in = p["intermediate_size"]
     scfg = sae_mod.SAEConfig(d_in=d_in, n_features=sae_features, architecture="topk", k=64, batch_size=sae_batch,
-                             n_steps=steps, resample_every=0, dtype="auto", b_dec_init="zeros", log_every=steps)
-    x = torch.randn(sae_batch * 2, d_in)
-    sae_mod.train(scfg.replace(n_steps=1), x, device=dev, progress=False)  # warm-up
+                             resample_every=0, dtype="auto", b_dec_init="zeros")
+    sae = sae_mod.SAE(scfg, device=dev)  # built once, outside the timing: the steps alone are timed
+    opt = sae_mod.make_optimizer(sae)
+    x = torch.randn(sae_batch, d_in, device=dev)
+    sae_dtype = scfg.compute_dtype(dev)
+    sae_mod.train_step(sae, opt, x, None, sae_dtype)  # warm-up
     sync()
     t = time.perf_counter()
-    sae_mod.train(scfg, x, device=dev, progress=False)
+    for _ in range(steps):
+        sae_mod.train_step(sae, opt, x, None, sae_dtype)
     sync()
     acts_s = steps * sae_batch / (time.perf_counter() - t)
+    del sae, opt, x
     sae_flops = sae_flops_per_activation(d_in, sae_features)
+    tok_s = rates["llama3-8b"]
     row = {"device": hardware.cuda_device() or hardware.cpu_model(), "hardware": hardware.slug(),
-           "model_dtype": str(resolve_dtype("auto", dev)).removeprefix("torch."),
+           "model_dtype": str(dtype).removeprefix("torch."),
            "forward_tokens_per_s": round(tok_s, 2), "forward_flop_per_s": round(tok_s * fwd_flops),
+           "smollm2_tokens_per_s": round(rates["smollm2-135m"], 2),
            "sae_acts_per_s": round(acts_s, 2), "sae_flop_per_s": round(acts_s * sae_flops),
-           "bench_layers": n_layers, "seq_len": seq_len, "sae_features": sae_features, "sae_batch": sae_batch}
+           "bench_layers": n_layers, "seq_len": seq_len, "batch": batch, "sae_features": sae_features,
+           "sae_batch": sae_batch}
     if write:
-        with store.write("llama", profile, f"throughput-{hardware.slug()}",
-                         config={k: row[k] for k in ("bench_layers", "seq_len", "sae_features", "sae_batch")}) as w:
+        keys = ("bench_layers", "seq_len", "batch", "sae_features", "sae_batch")
+        with store.write("llama", profile, f"throughput-{hardware.slug()}", config={k: row[k] for k in keys},
+                         command=f"monosemantic llama bench --profile {profile} " + " ".join(
+                             f"--{k.replace('_', '-').replace('bench-', '')} {row[k]}" for k in keys)) as w:
             w.metrics.update(row)
     return row
 
@@ -1242,6 +1265,8 @@ class CostAssumptions:
 
     usd_per_gpu_hour: float = 2.5
     """Rental price of one H100 hour (on-demand cloud prices in 2025 range from about $2 to $4)."""
+    usd_per_h200_hour: float = 3.5
+    """Rental price of one H200 hour (about $3 to $5 on demand in 2025)."""
     budget_usd: float = 50.0
     h100_bf16_flop_per_s: float = 989e12
     """H100 SXM dense bf16 peak (NVIDIA datasheet); used with ``assumed_utilization`` only until an H100
@@ -1280,19 +1305,24 @@ def cost_model(tokens: float, assumptions: CostAssumptions = CostAssumptions(),
     sae = sae_flops_per_activation(a.d_in, n_features)
     rows = []
     devices = [(t["device"], t["forward_flop_per_s"], t["sae_flop_per_s"], "measured") for t in throughputs]
+    h200 = [d for d in devices if "H200" in d[0]]
     if not any("H100" in dev for dev, *_ in devices):
-        peak = a.h100_bf16_flop_per_s * a.assumed_utilization
-        devices.append(("NVIDIA H100 (assumed)", peak, peak, f"assumed {a.assumed_utilization:.0%} of peak"))
+        if h200:  # the H200 is an H100 with more and faster memory: same SMs, same 989 TFLOP/s bf16 peak
+            devices.append(("NVIDIA H100 (from the H200)", h200[0][1], h200[0][2], "H200 measurement, same peak"))
+        else:
+            peak = a.h100_bf16_flop_per_s * a.assumed_utilization
+            devices.append(("NVIDIA H100 (assumed)", peak, peak, f"assumed {a.assumed_utilization:.0%} of peak"))
     plan = memory_plan(a.d_in, n_features, 4096)
     for dev, fwd_rate, sae_rate, basis in devices:
         harvest_h = tokens * fwd / fwd_rate / 3600
         sae_h = tokens * a.epochs * sae / sae_rate / 3600
         hours = harvest_h + sae_h
-        per_token_usd = (fwd / fwd_rate + a.epochs * sae / sae_rate) / 3600 * a.usd_per_gpu_hour
+        price = a.usd_per_gpu_hour if "H100" in dev else a.usd_per_h200_hour if "H200" in dev else float("nan")
+        per_token_usd = (fwd / fwd_rate + a.epochs * sae / sae_rate) / 3600 * price
         rows.append({"device": dev, "basis": basis, "tokens": tokens, "n_features": n_features,
                      "harvest_hours": harvest_h, "sae_hours": sae_h, "total_hours": hours,
-                     "usd": hours * a.usd_per_gpu_hour if "H100" in dev else float("nan"),
-                     "tokens_for_budget": a.budget_usd / per_token_usd if "H100" in dev else float("nan"),
+                     "usd_per_hour": price, "usd": hours * price,
+                     "tokens_for_budget": a.budget_usd / per_token_usd,
                      "disk_gb": tokens * a.d_in * a.bytes_per_value / 1e9, "sae_memory_gb": plan.total_gb,
                      "forward_tflop_per_s": fwd_rate / 1e12, "sae_tflop_per_s": sae_rate / 1e12})
     return rows
@@ -1349,7 +1379,11 @@ def add_arguments(p) -> None:
     model_args(e)
     sae_args(e)
     b = sub.add_parser("bench", help="time Llama-3-8B-shaped layers and SAE steps on this machine; cache it")
-    b.add_argument("--layers", type=int, default=2)
+    b.add_argument("--layers", type=int, default=2, help="Llama-3-8B layers to time (32: the whole model)")
+    b.add_argument("--seq-len", type=int, default=256)
+    b.add_argument("--batch", type=int, default=4, help="windows per forward pass")
+    b.add_argument("--sae-features", type=int, default=8192, help="SAE width (8 x 14,336 = 114,688: Stheno's)")
+    b.add_argument("--sae-batch", type=int, default=1024)
     c = sub.add_parser("cost", help="hours and dollars of a Stheno run from the cached throughputs")
     c.add_argument("--tokens", type=float, default=100e6)
     c.add_argument("--usd-per-hour", type=float, default=CostAssumptions.usd_per_gpu_hour)
@@ -1380,7 +1414,8 @@ def run(args) -> int:
                   + f"; shards {r['disk_gb']:.0f} GB on disk")
         return 0
     if cmd == "bench":
-        row = benchmark(n_layers=args.layers, profile=args.profile)
+        row = benchmark(n_layers=args.layers, seq_len=args.seq_len, batch=args.batch, sae_features=args.sae_features,
+                        sae_batch=args.sae_batch, profile=args.profile)
         print(json.dumps(row, indent=1))
         return 0
     cfg = config_from_args(args)

@@ -73,7 +73,8 @@ def estimate_val_loss(model: Transformer, val: TokenSplit, cfg: LMConfig) -> flo
     losses = []
     for b in range(cfg.eval_batches):
         x, y = val.windows(starts[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.context_length)
-        losses.append(model(x, y).loss.item())
+        dev = model.unembed.weight.device
+        losses.append(model(x.to(dev), y.to(dev)).loss.item())
     model.train(was_training)
     return float(np.mean(losses))
 
@@ -126,13 +127,17 @@ def _restore_signals(previous: dict[int, Any]) -> None:
 
 
 def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, checkpoint: Path | None = None,
-          stop_after: int | None = None, progress: bool = True, log=print) -> TrainResult:
-    """Train from scratch, or resume from ``checkpoint`` when it holds a run of the same config.
+          stop_after: int | None = None, progress: bool = True, log=print,
+          device: str | torch.device | None = None) -> TrainResult:
+    """Train from scratch, or resume from ``checkpoint`` when it holds a run of the same config, on
+    ``device`` (default: the GPU if there is one). The model comes back on the CPU.
 
     ``stop_after``: stop (with a checkpoint) once this many steps are done in total, as an interrupted run
-    would; the tests use it to check that resuming changes nothing."""
+    would; the tests use it to check that resuming changes nothing. A loss that stops being finite ends the
+    run with a one-line error, leaving the last checkpoint (made before it) as it was."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
-    model = Transformer(cfg)
+    model = Transformer(cfg).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices; biases, norms and no decay
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -174,6 +179,7 @@ def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, chec
         while step < end:
             t0 = time.perf_counter()
             x, y = get_batch(train_split, cfg, step)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step)
             loss = model(x, y).loss
@@ -183,6 +189,11 @@ def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, chec
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                kept = f"the checkpoint in {checkpoint} is from before it" if checkpoint and checkpoint.exists() \
+                    else "no checkpoint was written"
+                raise UserError(f"training diverged: the loss is {losses[-1]} at step {step + 1}; {kept}; "
+                                "lower lm.lr or raise lm.warmup_steps and run again")
             step += 1
             train_seconds += time.perf_counter() - t0
             last = step == cfg.steps
@@ -211,7 +222,7 @@ def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, chec
             bar.close()
     val_loss = history[-1]["val_loss"] if history and history[-1]["step"] == step else \
         estimate_val_loss(model, val_split, cfg)
-    return TrainResult(model.eval(), history, val_loss, train_seconds,
+    return TrainResult(model.cpu().eval(), history, val_loss, train_seconds,
                        step * cfg.tokens_per_step / max(train_seconds, 1e-9))
 
 

@@ -81,3 +81,13 @@ def test_the_fused_harvest_and_train_row_uses_every_position_against_one_per_seq
     row = bench._bench_fused(ctx, relu, anchor, opt, batch=256, seq=128)
     assert row["unit"] == "activations/s" and row["ours"] > 0 and row["anchor"] > 0
     assert "2 windows of 128" in row["note"] and "one random position" in row["note"]
+
+
+def test_numerics_rows_show_cpu_training_repeats_exactly():
+    """On a CPU both sides of every numerics row are the CPU: same seed, same data, so no difference at all,
+    while the trained values themselves moved (the runs did train)."""
+    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1)
+    rows = bench.bench_numerics(ctx, lm_steps=3, sae_steps=4)
+    assert len(rows) == 8 and all(r["ours"] == 0.0 for r in rows), rows
+    lm_loss = rows[0]
+    assert "cpu vs cpu" in lm_loss["name"] and 0 < lm_loss["cpu_value"] < 9  # ln(2048) = 7.6 at the start
