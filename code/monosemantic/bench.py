@@ -310,7 +310,7 @@ def _train_lm_steps(device: torch.device, steps: int, seed: int = 0) -> tuple[fl
     loss and the weights (on the CPU). Same seed and data on every device."""
     from .lm import LMConfig, Transformer
 
-    cfg = LMConfig(context_length=64, d_model=64, n_heads=4, d_mlp=256, batch_size=16, compile=False,
+    cfg = LMConfig(vocab_size=2048, context_length=64, d_model=64, n_heads=4, d_mlp=256, batch_size=16, compile=False,
                    loss_chunk=1024 if device.type == "cuda" else 128)
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
