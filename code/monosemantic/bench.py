@@ -346,8 +346,8 @@ def _train_sae_steps(device: torch.device, steps: int, seed: int = 0) -> tuple[f
 
 
 def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Largest |a - b| over any weight, relative to that tensor's largest |a|."""
-    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
+    """The largest relative difference of any weight tensor, ||a - b|| / ||a|| (Frobenius norms)."""
+    return max(float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)) for k in a)
 
 
 def bench_numerics(ctx: BenchContext, lm_steps: int = 30, sae_steps: int = 60) -> list[dict[str, Any]]:
@@ -364,12 +364,24 @@ def bench_numerics(ctx: BenchContext, lm_steps: int = 30, sae_steps: int = 60) -
         where = f"{ctx.device.type} vs cpu" if ctx.device.type != "cpu" else "cpu vs cpu"
         rows.append(_row(f"numerics {what} {steps} steps: {metric} {where}", "abs diff", abs(dev_metric - ref_metric),
                          None, cpu_value=round(ref_metric, 6), device_value=round(dev_metric, 6)))
-        rows.append(_row(f"numerics {what} {steps} steps: weights {where}", "max rel diff",
+        rows.append(_row(f"numerics {what} {steps} steps: weights {where}", "rel L2 diff",
                          _max_rel_diff(ref_w, dev_w), None))
         rows.append(_row(f"numerics {what} {steps} steps: {metric} {ctx.device.type} run to run", "abs diff",
                          abs(again_metric - dev_metric), None))
-        rows.append(_row(f"numerics {what} {steps} steps: weights {ctx.device.type} run to run", "max rel diff",
+        rows.append(_row(f"numerics {what} {steps} steps: weights {ctx.device.type} run to run", "rel L2 diff",
                          _max_rel_diff(dev_w, again_w), None))
+        if ctx.device.type == "cuda":  # the same twice with PyTorch's deterministic kernels only
+            try:
+                torch.use_deterministic_algorithms(True)
+                (m1, w1), (m2, w2) = fn(ctx.device, steps), fn(ctx.device, steps)
+                rows.append(_row(f"numerics {what} {steps} steps: weights cuda run to run, deterministic "
+                                 "algorithms", "rel L2 diff", _max_rel_diff(w1, w2), None,
+                                 metric_diff=abs(m1 - m2)))
+            except RuntimeError as e:  # an op without a deterministic CUDA kernel
+                rows.append({"name": f"numerics {what}: deterministic algorithms", "unit": "rel L2 diff",
+                             "ours": None, "anchor": None, "ratio": None, "note": " ".join(str(e).split())[:160]})
+            finally:
+                torch.use_deterministic_algorithms(False)
     return rows
 
 
@@ -425,7 +437,8 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         extra = "  ".join(f"{k}={v}" for k, v in r.items() if k not in ("name", "unit", "ours", "anchor", "ratio"))
         anchor = "" if r["anchor"] is None else f"  anchor {r['anchor']:>10,.4g}  ratio {r['ratio']:>5}"
-        print(f"  {r['name']:<52} ours {r['ours']:>10,.4g} {r['unit']:<9}{anchor}  {extra}")
+        ours = "-" if r["ours"] is None else f"{r['ours']:,.4g}"
+        print(f"  {r['name']:<52} ours {ours:>10} {r['unit']:<9}{anchor}  {extra}")
 
 
 def run(args: argparse.Namespace) -> int:

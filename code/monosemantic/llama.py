@@ -1225,6 +1225,8 @@ def benchmark(*, device: str | None = None, n_layers: int = 2, seq_len: int = 25
     d_in = p["intermediate_size"]
     scfg = sae_mod.SAEConfig(d_in=d_in, n_features=sae_features, architecture="topk", k=64, batch_size=sae_batch,
                              resample_every=0, dtype="auto", b_dec_init="zeros")
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     sae = sae_mod.SAE(scfg, device=dev)  # built once, outside the timing: the steps alone are timed
     opt = sae_mod.make_optimizer(sae)
     x = torch.randn(sae_batch, d_in, device=dev)
@@ -1236,6 +1238,8 @@ def benchmark(*, device: str | None = None, n_layers: int = 2, seq_len: int = 25
         sae_mod.train_step(sae, opt, x, None, sae_dtype)
     sync()
     acts_s = steps * sae_batch / (time.perf_counter() - t)
+    # the memory model against what the device held at its peak (a check on memory_plan's estimate)
+    peak_gb = torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None
     del sae, opt, x
     sae_flops = sae_flops_per_activation(d_in, sae_features)
     tok_s = rates["llama3-8b"]
@@ -1244,6 +1248,8 @@ def benchmark(*, device: str | None = None, n_layers: int = 2, seq_len: int = 25
            "forward_tokens_per_s": round(tok_s, 2), "forward_flop_per_s": round(tok_s * fwd_flops),
            "smollm2_tokens_per_s": round(rates["smollm2-135m"], 2),
            "sae_acts_per_s": round(acts_s, 2), "sae_flop_per_s": round(acts_s * sae_flops),
+           "sae_memory_planned_gb": round(memory_plan(d_in, sae_features, sae_batch).total_gb, 2),
+           **({"sae_memory_peak_gb": round(peak_gb, 2)} if peak_gb is not None else {}),
            "bench_layers": n_layers, "seq_len": seq_len, "batch": batch, "sae_features": sae_features,
            "sae_batch": sae_batch}
     if write:
