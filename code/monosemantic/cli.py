@@ -30,6 +30,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("export-sae", "monosemantic.sae_train:ExportCommand", "write a committed SAE in SAELens's on-disk format"),
     ("analyze", "monosemantic.analysis",
      "features and neurons measured alike: dashboards, logit effects, monosemanticity scores, splitting"),
+    ("diff", "monosemantic.diffing", "chapter 5's pilot: fine-tune the LM on one source and diff the two models"),
     ("llama", "monosemantic.llama", "Llama-family models (SmolLM2, L3-8B-Stheno): activations, harvest, SAE, cost"),
 ]
 

@@ -128,16 +128,20 @@ def _restore_signals(previous: dict[int, Any]) -> None:
 
 def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, checkpoint: Path | None = None,
           stop_after: int | None = None, progress: bool = True, log=print,
-          device: str | torch.device | None = None) -> TrainResult:
+          device: str | torch.device | None = None, init: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Train from scratch, or resume from ``checkpoint`` when it holds a run of the same config, on
-    ``device`` (default: the GPU if there is one). The model comes back on the CPU.
+    ``device`` (default: the GPU if there is one), starting from the weights ``init`` if given (a
+    fine-tune) or from a fresh initialisation. The model comes back on the CPU.
 
     ``stop_after``: stop (with a checkpoint) once this many steps are done in total, as an interrupted run
     would; the tests use it to check that resuming changes nothing. A loss that stops being finite ends the
     run with a one-line error, leaving the last checkpoint (made before it) as it was."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
-    model = Transformer(cfg).to(device)
+    model = Transformer(cfg)
+    if init is not None:
+        model.load_state_dict(init)
+    model.to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices; biases, norms and no decay
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

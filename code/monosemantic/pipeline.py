@@ -19,6 +19,7 @@ STAGES: list[tuple[str, list[str]]] = [
     ("features and neurons: dashboards and scores", ["analyze"]),
     ("toy superposition and dictionary recovery (chapter 2)", ["toy"]),
     ("SmolLM2 last-layer MLP SAE (chapter 4)", ["llama", "run"]),
+    ("model diffing pilot: fine-tune and crosscoder (chapter 5)", ["diff"]),
 ]
 
 

@@ -15,6 +15,7 @@ import dataclasses
 from .analysis import AnalysisConfig
 from .config import check_profile
 from .corpus import CorpusConfig
+from .diffing import DiffConfig
 from .llama import LlamaConfig
 from .lm import LMConfig
 from .sae import SAEConfig
@@ -32,6 +33,7 @@ class Profile:
     lm: LMConfig  # the one-layer language model and its training
     sae: SAEStageConfig  # SAEs on the one-layer model's MLP: harvest, two recipes, frontiers, width sweep
     analysis: AnalysisConfig  # features and neurons measured alike: dashboards, scores, splitting
+    diff: DiffConfig  # chapter 5's pilot: a fine-tune of the LM diffed with a crosscoder
 
 
 def get(name: str) -> Profile:
@@ -48,7 +50,9 @@ def _tiny() -> Profile:
                     lr_final=3e-4, warmup_steps=5, eval_interval=20, eval_batches=2, checkpoint_interval=20,
                     compile=False), sae=_sae_tiny(),
                    analysis=AnalysisConfig(explain_tokens=16_384, top_contexts=4, interval_samples=2,
-                                           batch_windows=32, min_firings=3))  # seconds
+                                           batch_windows=32, min_firings=3),  # seconds
+                   diff=DiffConfig(source="numpy-docs", steps=8, batch_size=4, eval_windows=4, harvest_tokens=2048,
+                                   n_features=256, k=4, epochs=1))
 
 
 def _cpu() -> Profile:
@@ -59,7 +63,8 @@ def _cpu() -> Profile:
         # machine), so a 4x higher lr, dropped 10x later (at 3/4, where the anchor drops at 1/4)
         lm=LMConfig(steps=4_000, lr=2e-3, lr_final=2e-4, lr_drop_at=0.75, eval_interval=250,
                     checkpoint_interval=100), sae=_sae_cpu(),
-        analysis=AnalysisConfig())  # 2M explanation tokens + the 0.5M val split: a few minutes
+        analysis=AnalysisConfig(),  # 2M explanation tokens + the 0.5M val split: a few minutes
+        diff=DiffConfig())  # 1.2M fine-tuning tokens of Shakespeare, a 1M-row crosscoder: ~15 min
 
 
 def _gpu() -> Profile:
@@ -69,7 +74,8 @@ def _gpu() -> Profile:
         eval_tokens=65_536), corpus=_corpus_gpu(),
         lm=LMConfig(steps=200_000, batch_size=32, lr=5e-4, lr_final=5e-5, lr_drop_at=0.25, eval_interval=2_000,
                     checkpoint_interval=10_000, loss_chunk=4096),  # the anchor's 819M tokens and schedule
-        sae=_sae_gpu(), analysis=AnalysisConfig(explain_tokens=10_000_000, top_contexts=20))
+        sae=_sae_gpu(), analysis=AnalysisConfig(explain_tokens=10_000_000, top_contexts=20),
+        diff=DiffConfig(steps=2_000, harvest_tokens=20_000_000, n_features=16_384, k=32))
 
 
 def _sae_tiny() -> SAEStageConfig:  # the tiny LM: 128 neurons, context 32

@@ -1,0 +1,335 @@
+"""``monosemantic diff``: model diffing in miniature, the pilot of the research proposal (chapter 5).
+
+Stheno is Llama-3-8B fine-tuned on roleplay text. The proposal asks what such a fine-tune changes inside
+the model, measured with sparse dictionaries. This stage asks the same of our one-layer model, cheaply:
+
+1. **Fine-tune** the trained one-layer LM (``lm/<profile>-model``) on one corpus source, a register of
+   its own (``shakespeare``: plays and poems, character dialogue in Early Modern English), for a few
+   hundred steps, resumable like ``train-lm``.
+2. **Losses**: both models on the base mix's held-out text and on held-out documents of that source.
+3. **SAE transfer**: the base model's TopK SAE (``sae/<profile>-topk``) spliced into each model on each
+   text: does a dictionary learnt on the base model still explain the fine-tuned one (FVU, CE recovered)?
+4. **A crosscoder**: one TopK dictionary trained on both models' MLP activations at the same tokens,
+   concatenated (512 + 512 numbers, each model's half scaled to unit mean square), with shared latents
+   and one decoder half per model (Lindsey et al. 2024). A latent's *relative decoder norm*
+   ``r = |d_ft| / (|d_base| + |d_ft|)`` says whose activations it writes to: ~0.5 shared by both, near 0
+   the base model's only, near 1 the fine-tune's only; the cosine of its two halves says whether a shared
+   latent points the same way in both.
+
+The artifact ``diff/<profile>-finetune`` holds the losses, the transfer table, one row per crosscoder
+latent (relative norm, cosine, densities on each text, top tokens) and the crosscoder's training curve.
+The fine-tuned weights stay in ``cache/work/diff/`` (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .config import ConfigError, StageConfig, UserError, work_dir
+
+DEFAULT_PROFILE = "cpu"
+class DiffError(UserError):
+    """A missing input or a config the stage cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffConfig(StageConfig):
+    STAGE: ClassVar[str] = "diff"
+
+    source: str = "shakespeare"
+    """The corpus source to fine-tune on (its documents as extracted by ``monosemantic corpus``)."""
+    holdout: float = 0.15
+    """Fraction of the source's documents held out (by a hash of their id) for the losses and the tables."""
+    steps: int = 300
+    lr: float = 3e-4
+    """Constant after a 20-step warmup: a fine-tune, not a new schedule."""
+    batch_size: int = 32
+    eval_windows: int = 64
+    """Windows of the model's context per text for the losses, the SAE transfer and the latent tables."""
+    harvest_tokens: int = 1_000_000
+    """Crosscoder training activations: paired rows of both models, half from each text."""
+    n_features: int = 4096
+    k: int = 32
+    sae_lr: float = 4e-4
+    epochs: int = 2
+    top_tokens: int = 6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.holdout < 0.5:
+            raise ConfigError(f"diff.holdout must be in (0, 0.5), got {self.holdout}")
+        for name in ("steps", "batch_size", "eval_windows", "harvest_tokens", "n_features", "k", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"diff.{name} must be positive, got {getattr(self, name)}")
+        if self.k > self.n_features:
+            raise ConfigError(f"diff.k ({self.k}) must not exceed diff.n_features ({self.n_features})")
+
+
+# --- the source's text -----------------------------------------------------------------------------------
+
+def source_documents(source: str) -> list[tuple[str, str]]:
+    """(doc id, text) of one corpus source, as ``monosemantic corpus`` extracted it."""
+    from .corpus import read_extracted, text_dir
+
+    path = text_dir() / f"{source}.jsonl.gz"
+    if not path.is_file():
+        raise DiffError(f"no extracted text for source {source!r} ({path}); build the corpus first with "
+                        "`monosemantic corpus --profile <profile>` (the source must be in its mix)")
+    try:
+        return list(read_extracted(path))
+    except (OSError, EOFError, gzip.BadGzipFile, json.JSONDecodeError, ValueError) as e:
+        raise DiffError(f"{path} is damaged ({type(e).__name__}); delete it and rerun `monosemantic corpus`") from None
+
+
+def source_tokens(source: str, holdout: float, tokenizer) -> dict[str, np.ndarray]:
+    """The source's documents tokenised and joined by <|endoftext|>, split into ``train`` and ``val`` by a
+    hash of the document id (:func:`monosemantic.corpus.is_val` with fraction ``holdout``)."""
+    from .corpus import is_val
+    from .data import DTYPE
+
+    docs = source_documents(source)
+    parts: dict[str, list[int]] = {"train": [], "val": []}
+    for doc_id, text in docs:
+        split = "val" if is_val(source, doc_id, holdout) else "train"
+        parts[split] += tokenizer.encode(text) + [tokenizer.eot_id]
+    if not parts["train"] or not parts["val"]:
+        raise DiffError(f"source {source!r} has {len(docs)} documents, too few to hold out "
+                        f"{holdout:.0%} and train on the rest; pick a larger source (diff.source)")
+    return {k: np.asarray(v, dtype=DTYPE) for k, v in parts.items()}
+
+
+# --- fine-tuning -------------------------------------------------------------------------------------------
+
+def finetune_config(base, cfg: DiffConfig):
+    """The base LM's config, with the fine-tune's steps, batch, constant lr and seed."""
+    return base.replace(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_final=cfg.lr,
+                        warmup_steps=min(20, cfg.steps), eval_interval=cfg.steps, eval_batches=4,
+                        checkpoint_interval=max(1, min(100, cfg.steps // 3)), seed=cfg.seed)
+
+
+def finetune(base_model, tokens: dict[str, np.ndarray], cfg: DiffConfig, checkpoint: Path | None,
+             progress: bool = True):
+    """The base model trained ``cfg.steps`` more steps on the source's train tokens (resumable)."""
+    from .lm_train import TokenSplit, train
+
+    lm_cfg = finetune_config(base_model.config, cfg)
+    init = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    return train(lm_cfg, TokenSplit(tokens["train"], "train"), TokenSplit(tokens["val"], "val"),
+                 checkpoint=checkpoint, progress=progress, init=init)
+
+
+# --- measurements ------------------------------------------------------------------------------------------
+
+def eval_windows(tokens: np.ndarray, seq_len: int, n_windows: int, batch: int = 32) -> list:
+    """Up to ``n_windows`` consecutive windows of ``tokens`` (fewer when the text is short)."""
+    from .harvest import sequential_windows
+
+    n = min(n_windows, (len(tokens) - 1) // seq_len)
+    if n < 1:
+        raise DiffError(f"{len(tokens)} held-out tokens are too few for one window of {seq_len}")
+    return sequential_windows(tokens, seq_len, n, batch=batch)
+
+
+@torch.no_grad()
+def mean_loss(model, windows) -> float:
+    total, n = 0.0, 0
+    for x, y in windows:
+        total += float(model(x, y).loss) * x.numel()
+        n += x.numel()
+    return total / n
+
+
+@torch.no_grad()
+def paired_activations(models, windows) -> torch.Tensor:
+    """(tokens, 2 d_mlp): each model's MLP activations at the same tokens, side by side."""
+    from .harvest import HOOK
+
+    rows = []
+    for x, _ in windows:
+        acts = [m.run_with_cache(x, [HOOK])[HOOK] for m in models]  # each (B, T, d)
+        rows.append(torch.cat(acts, dim=-1).reshape(-1, sum(a.shape[-1] for a in acts)))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def harvest_pairs(models, texts: list[np.ndarray], n_rows: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n_rows`` paired rows from random windows, an equal share from each text, shuffled."""
+    from .harvest import HOOK, random_windows
+
+    per_text = n_rows // len(texts)
+    out = []
+    for i, tokens in enumerate(texts):
+        got, chunks = 0, []
+        for ids, _ in random_windows(tokens, seq_len, seed=seed + i, batch=32):
+            acts = [m.run_with_cache(ids, [HOOK])[HOOK] for m in models]
+            chunk = torch.cat(acts, dim=-1).reshape(ids.numel(), -1)
+            chunks.append(chunk[: per_text - got])
+            got += len(chunks[-1])
+            if got >= per_text:
+                break
+        out.append(torch.cat(chunks))
+    rows = torch.cat(out)
+    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+
+
+def relative_norms(w_dec: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per latent of a crosscoder decoder (n_features, 2 d): r = |d_ft| / (|d_base| + |d_ft|) and the
+    cosine between its two halves."""
+    a, b = w_dec[:, :d].float(), w_dec[:, d:].float()
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    r = nb / (na + nb).clamp_min(1e-12)
+    cos = (a * b).sum(1) / (na * nb).clamp_min(1e-12)
+    return r, cos
+
+
+def latent_kind(r: torch.Tensor, low: float = 0.1, high: float = 0.9) -> list[str]:
+    """base-only (r < low), fine-tune-only (r > high), else shared."""
+    return ["base-only" if v < low else "fine-tune-only" if v > high else "shared" for v in r.tolist()]
+
+
+def train_crosscoder(rows: torch.Tensor, cfg: DiffConfig, progress: bool = True):
+    from . import sae as S
+
+    scfg = S.SAEConfig(d_in=rows.shape[1], n_features=cfg.n_features, architecture="topk", k=cfg.k,
+                       lr=cfg.sae_lr, batch_size=1024, resample_every=0, dtype="auto", seed=cfg.seed,
+                       dead_window=min(250_000, len(rows)))
+    scfg = scfg.replace(n_steps=max(1, cfg.epochs * len(rows) // scfg.batch_size))
+    return S.train(scfg, rows, progress=progress, desc="crosscoder", device="cpu")
+
+
+@torch.no_grad()
+def latent_table(sae, rows_by_text: dict[str, torch.Tensor], tokens_by_text: dict[str, np.ndarray], d: int,
+                 tokenizer, top: int):
+    """One row per latent: relative decoder norm, cosine of its halves, kind, firing density on each
+    text, and the tokens of its largest activations (over all texts)."""
+    import pandas as pd
+
+    r, cos = relative_norms(sae.W_dec.detach(), d)
+    table = {"latent": np.arange(sae.cfg.n_features), "rel_norm": r.numpy(), "cos": cos.numpy(),
+             "kind": latent_kind(r)}
+    best_v = torch.full((sae.cfg.n_features, top), -1.0)
+    best_t = torch.zeros((sae.cfg.n_features, top), dtype=torch.long)
+    for name, rows in rows_by_text.items():
+        z = torch.cat([sae.encode(b.float()) for b in rows.split(4096)])  # (N, F)
+        table[f"density_{name}"] = (z > 0).float().mean(0).numpy()
+        v, i = z.topk(min(top, len(z)), dim=0)  # (top, F)
+        ids = torch.as_tensor(tokens_by_text[name][: len(z)].astype(np.int64))[i]  # (top, F)
+        allv, allt = torch.cat([best_v, v.t()], 1), torch.cat([best_t, ids.t()], 1)
+        order = allv.topk(top, dim=1).indices
+        best_v, best_t = allv.gather(1, order), allt.gather(1, order)
+    strings = [tokenizer.token_strings(row) for row in best_t.tolist()]
+    table["top_tokens"] = [" | ".join(repr(s)[1:-1] for s, v in zip(ss, vs, strict=True) if v > 0)
+                           for ss, vs in zip(strings, best_v.tolist(), strict=True)]
+    table["max_act"] = best_v[:, 0].clamp_min(0).numpy()
+    return pd.DataFrame(table)
+
+
+# --- the stage ---------------------------------------------------------------------------------------------
+
+def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
+    import pandas as pd
+
+    from . import metrics, store, tokenizer
+    from . import sae as sae_mod
+    from .data import TokenDataset
+    from .lm import load_weights, save_weights
+
+    tok = tokenizer.load()
+    try:
+        lm_art = store.load("lm", profile, "model")
+        sae_art = store.load("sae", profile, "topk")
+    except store.CacheError as e:
+        raise DiffError(f"{e} (the diff stage needs the trained LM and its TopK SAE)") from None
+    base = load_weights(lm_art.file("model.safetensors"))
+    seq = base.config.context_length
+    ft_tokens = source_tokens(cfg.source, cfg.holdout, tok)
+    texts = {"mix": TokenDataset.open(profile, "val").tokens, "source": ft_tokens["val"]}
+    print(f"diff ({profile}): fine-tuning on {cfg.source}: {len(ft_tokens['train']):,} train tokens, "
+          f"{len(ft_tokens['val']):,} held out; {cfg.steps} steps x {cfg.batch_size} x {seq}")
+    folder = work_dir() / "diff" / profile
+    result = finetune(base, ft_tokens, cfg, folder / "checkpoint.pt", progress=progress)
+    tuned = result.model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(tuned, folder / "finetuned.safetensors")
+    models = {"base": base, "finetuned": tuned}
+
+    windows = {name: eval_windows(t, seq, cfg.eval_windows) for name, t in texts.items()}
+    losses = pd.DataFrame([{"model": m, "text": t, "loss": mean_loss(model, windows[t])}
+                           for m, model in models.items() for t in windows])
+    base_sae = sae_mod.load(sae_art.path)
+    transfer = pd.DataFrame([{"model": m, "text": t, **metrics.evaluate(model, base_sae, windows[t])}
+                             for m, model in models.items() for t in windows])
+
+    rows = harvest_pairs([base, tuned], [TokenDataset.open(profile, "train").tokens, ft_tokens["train"]],
+                         cfg.harvest_tokens, seq, cfg.seed)
+    d = base.config.d_mlp
+    scale = torch.cat([rows[:, :d].pow(2).sum(1).mean().sqrt().expand(d),
+                       rows[:, d:].pow(2).sum(1).mean().sqrt().expand(d)])  # each half to unit mean square
+    res = train_crosscoder(rows / scale, cfg, progress=progress)
+    cc = res.sae.float().eval()
+    held = {name: paired_activations([base, tuned], w) / scale for name, w in windows.items()}
+    held_tokens = {name: np.concatenate([x.reshape(-1).numpy() for x, _ in w]) for name, w in windows.items()}
+    table = latent_table(cc, held, held_tokens, d, tok, cfg.top_tokens)
+    with torch.no_grad():
+        fvu = {}
+        for name, x in held.items():
+            err = (cc(x).recon - x).pow(2)
+            var = (x - x.mean(0)).pow(2)
+            fvu[name] = {half: float(err[:, s].sum() / var[:, s].sum())
+                         for half, s in (("base", slice(0, d)), ("finetuned", slice(d, 2 * d)))}
+
+    inputs = [lm_art, sae_art]
+    with store.write("diff", profile, "finetune", config=cfg, inputs=inputs) as w:
+        losses.to_parquet(w.dir / "losses.parquet", index=False)
+        transfer.to_parquet(w.dir / "transfer.parquet", index=False)
+        table.to_parquet(w.dir / "latents.parquet", index=False)
+        pd.DataFrame(res.history).to_parquet(w.dir / "crosscoder_curve.parquet", index=False)
+        live = table[(table[[c for c in table if c.startswith("density_")]] > 0).any(axis=1)]
+        counts = live["kind"].value_counts()
+        w.metrics.update({
+            "finetune_tokens": cfg.steps * cfg.batch_size * seq,
+            "finetune_seconds": round(result.train_seconds, 1),
+            "crosscoder_rows": len(rows),
+            "crosscoder_live": len(live),
+            "latents_shared": int(counts.get("shared", 0)),
+            "latents_base_only": int(counts.get("base-only", 0)),
+            "latents_finetune_only": int(counts.get("fine-tune-only", 0)),
+            **{f"crosscoder_fvu_{t}_{h}": round(v, 4) for t, hv in fvu.items() for h, v in hv.items()},
+        })
+        w.info.update({"source": cfg.source, "lm_config": dataclasses.asdict(finetune_config(base.config, cfg)),
+                       "source_tokens": {k: len(v) for k, v in ft_tokens.items()},
+                       "eval_tokens": {k: int(sum(x.numel() for x, _ in v)) for k, v in windows.items()},
+                       "scale": [float(scale[0]), float(scale[-1])]})
+    path = store.artifact_path("diff", profile, "finetune")
+    print(f"diff: {len(live)} live crosscoder latents: {({k: int(v) for k, v in counts.items()})}; wrote {path}")
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import profiles
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_stage(args.profile, profiles.get(args.profile).diff, progress=not args.no_progress)
+    return 0
+
+
+def summary(art) -> dict[str, Any]:
+    """The artifact's tables, for the chapter."""
+    import pandas as pd
+
+    return {name: pd.read_parquet(art.file(f"{name}.parquet"))
+            for name in ("losses", "transfer", "latents", "crosscoder_curve")}
