@@ -36,6 +36,13 @@ import torch
 from .config import ConfigError, StageConfig, UserError, work_dir
 
 DEFAULT_PROFILE = "cpu"
+MIX = "mix"
+
+
+def artifact_name(cfg: DiffConfig) -> str:
+    return f"finetune-{cfg.source}"
+
+
 class DiffError(UserError):
     """A missing input or a config the stage cannot run."""
 
@@ -45,7 +52,8 @@ class DiffConfig(StageConfig):
     STAGE: ClassVar[str] = "diff"
 
     source: str = "shakespeare"
-    """The corpus source to fine-tune on (its documents as extracted by ``monosemantic corpus``)."""
+    """The corpus source to fine-tune on (its documents as extracted by ``monosemantic corpus``), or
+    ``mix``: the base model's own training mix, the control (what fine-tuning alone changes)."""
     holdout: float = 0.15
     """Fraction of the source's documents held out (by a hash of their id) for the losses and the tables."""
     steps: int = 300
@@ -89,11 +97,15 @@ def source_documents(source: str) -> list[tuple[str, str]]:
         raise DiffError(f"{path} is damaged ({type(e).__name__}); delete it and rerun `monosemantic corpus`") from None
 
 
-def source_tokens(source: str, holdout: float, tokenizer) -> dict[str, np.ndarray]:
+def source_tokens(source: str, holdout: float, tokenizer, profile: str = DEFAULT_PROFILE) -> dict[str, np.ndarray]:
     """The source's documents tokenised and joined by <|endoftext|>, split into ``train`` and ``val`` by a
-    hash of the document id (:func:`monosemantic.corpus.is_val` with fraction ``holdout``)."""
+    hash of the document id (:func:`monosemantic.corpus.is_val` with fraction ``holdout``); for ``mix``,
+    the profile's token shards themselves."""
     from .corpus import is_val
-    from .data import DTYPE
+    from .data import DTYPE, TokenDataset
+
+    if source == MIX:
+        return {split: TokenDataset.open(profile, split).tokens for split in ("train", "val")}
 
     docs = source_documents(source)
     parts: dict[str, list[int]] = {"train": [], "val": []}
@@ -250,11 +262,11 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
         raise DiffError(f"{e} (the diff stage needs the trained LM and its TopK SAE)") from None
     base = load_weights(lm_art.file("model.safetensors"))
     seq = base.config.context_length
-    ft_tokens = source_tokens(cfg.source, cfg.holdout, tok)
+    ft_tokens = source_tokens(cfg.source, cfg.holdout, tok, profile)
     texts = {"mix": TokenDataset.open(profile, "val").tokens, "source": ft_tokens["val"]}
     print(f"diff ({profile}): fine-tuning on {cfg.source}: {len(ft_tokens['train']):,} train tokens, "
           f"{len(ft_tokens['val']):,} held out; {cfg.steps} steps x {cfg.batch_size} x {seq}")
-    folder = work_dir() / "diff" / profile
+    folder = work_dir() / "diff" / f"{profile}-{cfg.source}"
     result = finetune(base, ft_tokens, cfg, folder / "checkpoint.pt", progress=progress)
     tuned = result.model.eval()
     folder.mkdir(parents=True, exist_ok=True)
@@ -287,7 +299,7 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
                          for half, s in (("base", slice(0, d)), ("finetuned", slice(d, 2 * d)))}
 
     inputs = [lm_art, sae_art]
-    with store.write("diff", profile, "finetune", config=cfg, inputs=inputs) as w:
+    with store.write("diff", profile, artifact_name(cfg), config=cfg, inputs=inputs) as w:
         losses.to_parquet(w.dir / "losses.parquet", index=False)
         transfer.to_parquet(w.dir / "transfer.parquet", index=False)
         table.to_parquet(w.dir / "latents.parquet", index=False)
@@ -308,7 +320,7 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
                        "source_tokens": {k: len(v) for k, v in ft_tokens.items()},
                        "eval_tokens": {k: int(sum(x.numel() for x, _ in v)) for k, v in windows.items()},
                        "scale": [float(scale[0]), float(scale[-1])]})
-    path = store.artifact_path("diff", profile, "finetune")
+    path = store.artifact_path("diff", profile, artifact_name(cfg))
     print(f"diff: {len(live)} live crosscoder latents: {({k: int(v) for k, v in counts.items()})}; wrote {path}")
     return path
 
@@ -316,6 +328,8 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--source", help="corpus source to fine-tune on (default: the profile's), or `mix` for the "
+                                    "control: more steps on the base model's own training mix")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -323,7 +337,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_stage(args.profile, profiles.get(args.profile).diff, progress=not args.no_progress)
+    cfg = profiles.get(args.profile).diff
+    run_stage(args.profile, cfg.replace(source=args.source) if args.source else cfg, progress=not args.no_progress)
     return 0
 
 

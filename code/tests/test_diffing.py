@@ -52,7 +52,7 @@ def tiny_diff(tmp_path_factory):
         for argv in (["train-lm", "--threads", "1", "--no-progress"], ["harvest", "--no-progress"],
                      ["train-sae", "--no-progress"], ["diff", "--no-progress"]):
             assert cli.main([*argv, "--profile", "tiny"]) == 0, argv
-        yield cache, store.load("diff", "tiny", "finetune")
+        yield cache, store.load("diff", "tiny", "finetune-numpy-docs")
 
 
 def test_the_stage_fine_tunes_measures_transfer_and_tables_every_latent(tiny_diff):
@@ -72,7 +72,7 @@ def test_the_stage_fine_tunes_measures_transfer_and_tables_every_latent(tiny_dif
     assert m["latents_shared"] + m["latents_base_only"] + m["latents_finetune_only"] == m["crosscoder_live"]
     assert m["finetune_tokens"] == cfg.steps * cfg.batch_size * 32
     # the fine-tuned weights are kept out of the committed artifact, in the work folder
-    assert (cache / "work" / "diff" / "tiny" / "finetuned.safetensors").is_file()
+    assert (cache / "work" / "diff" / "tiny-numpy-docs" / "finetuned.safetensors").is_file()
     assert not any(p.suffix == ".safetensors" for p in art.path.iterdir())
 
 
@@ -82,7 +82,7 @@ def test_fine_tuning_starts_from_the_base_weights(tiny_diff, monkeypatch):
     from monosemantic.lm import load_pretrained, load_weights
 
     base = load_pretrained("tiny")
-    tuned = load_weights(cache / "work" / "diff" / "tiny" / "finetuned.safetensors")
+    tuned = load_weights(cache / "work" / "diff" / "tiny-numpy-docs" / "finetuned.safetensors")
     diffs = [float((base.state_dict()[k] - v).abs().max()) for k, v in tuned.state_dict().items()]
     assert 0 < max(diffs) < 0.5  # moved, a little: 8 steps at a fine-tuning lr from the trained model
 
@@ -100,3 +100,11 @@ def test_sae_module_is_used_unchanged():  # the crosscoder is our TopK SAE on 2 
     assert isinstance(res.sae, sae_mod.SAE) and res.sae.cfg.d_in == 8
     assert torch.allclose(res.sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-4)
     _ = pd  # tables are pandas frames (summary)
+
+
+def test_the_control_fine_tunes_on_the_base_mix(tiny_diff, monkeypatch):
+    cache, _ = tiny_diff
+    monkeypatch.setenv("MONOSEMANTIC_CACHE", str(cache))
+    assert cli.main(["diff", "--profile", "tiny", "--no-progress", "--source", "mix"]) == 0
+    art = store.load("diff", "tiny", "finetune-mix")
+    assert art.config["source"] == "mix" and art.metrics["crosscoder_live"] > 0
