@@ -304,6 +304,11 @@ def _read_manifest(path: Path, key: str, command: str) -> dict[str, Any]:
     return manifest
 
 
+READS: dict[str, str] = {}
+"""Every artifact :func:`load` returned in this process, with its content hash: the book build reads it
+from each chapter's kernel to report which chapters read which artifacts."""
+
+
 def load(stage: str, profile: str, name: str, *, config: StageConfig | None = None,
          verify: bool = True, check_inputs: bool = True) -> Artifact:
     """Read and verify an artifact. Raises :class:`CacheError` (one line, naming the command to run)
@@ -345,6 +350,7 @@ def load(stage: str, profile: str, name: str, *, config: StageConfig | None = No
             if up.content_hash != content_hash:
                 raise CacheError(f"{key} is stale: it was made from a different {upstream_key} than the "
                                  f"one in the cache now; regenerate it with `{command}`")
+    READS[key] = art.content_hash
     return art
 
 

@@ -363,3 +363,32 @@ def test_obsolete_typst_symbols_from_pandoc_are_renamed():
     assert modernise_symbols("a dot.circle b") == "a dot.o b"
     assert modernise_symbols("x dot.circle.big y") == "x dot.circle.big y"  # a different, longer name
     assert modernise_symbols("$(dot.circle)$") == "$(dot.o)$"
+
+
+def test_the_build_reports_what_each_chapter_reads_and_refuses_an_artifact_that_rotted(book_env):
+    """A chapter that loaded an artifact is listed with it; when that artifact's file is later damaged
+    without its manifest changing (so the execution cache would hit), the build stops, naming both."""
+    from monosemantic import store
+    from monosemantic.config import StageConfig
+
+    with store.write("toy", "tiny", "numbers", config=StageConfig()) as w:
+        (w.dir / "values.txt").write_text("1 2 3\n")
+        w.metrics["total"] = 6
+    root = make_book(book_env, {"01-a.qmd": """
+        # A
+
+        ```{python}
+        from monosemantic import store
+        art = store.load("toy", "tiny", "numbers")
+        print(art.metrics["total"])
+        ```
+        """, "02-b.qmd": "# B\n\nNo code.\n"})
+    report = build_book(root, pdf_book=False, log=quiet)
+    reads = {c.source: c.reads for c in report.chapters}
+    assert list(reads["report/01-a.qmd"]) == ["toy/tiny-numbers"] and reads["report/02-b.qmd"] == {}
+    assert json.loads((root / "_book" / "artifacts.json").read_text())["report/01-a.qmd"] == ["toy/tiny-numbers"]
+    (store.artifact_path("toy", "tiny", "numbers") / "values.txt").write_text("1 2 4\n")
+    with pytest.raises(store.CacheError) as err:
+        build_book(root, pdf_book=False, log=quiet)
+    message = str(err.value)
+    assert "report/01-a.qmd reads toy/tiny-numbers" in message and "corrupt" in message and "\n" not in message

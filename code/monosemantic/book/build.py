@@ -39,6 +39,7 @@ class ChapterReport:
     executed: int  # of which run in a kernel this build
     cache_hit: bool
     seconds: float
+    reads: dict[str, str] = dataclasses.field(default_factory=dict)  # artifact key -> content hash
 
 
 @dataclasses.dataclass
@@ -113,7 +114,9 @@ def build(root: Path | None = None, *, profile: str | None = None, html_site: bo
         reports.append(report)
         status = ("no code" if report.cells == 0 and not report.executed and not report.cache_hit
                   else "cache hit" if report.cache_hit else f"executed {report.executed} cells")
-        log(f"  {file.source:<32} {status:<20} {report.seconds:5.1f} s")
+        log(f"  {file.source:<32} {status:<20} {report.seconds:5.1f} s"
+            + (f"  reads {', '.join(sorted(report.reads))}" if report.reads else ""))
+    _check_reads(reports)
 
     # every reference resolved for both outputs before anything is written
     problems: list[str] = []
@@ -132,6 +135,10 @@ def build(root: Path | None = None, *, profile: str | None = None, html_site: bo
 
     api = chapters[0].api
     site = _write_site(proj, chapters, resolved["html"], api, with_pdf=pdf_book) if html_site else None
+    if html_site or pdf_book:  # which chapter read which artifact (and its content hash), for the record
+        proj.output_dir.mkdir(parents=True, exist_ok=True)
+        (proj.output_dir / "artifacts.json").write_text(
+            json.dumps({r.source: sorted(r.reads) for r in reports}, indent=1) + "\n")
     pdf_path = _write_book_pdf(proj, chapters, resolved["typst"], api) if pdf_book else None
     seconds = time.perf_counter() - start
     done = ", ".join(str(p.relative_to(root)) for p in (site, pdf_path) if p)
@@ -156,11 +163,11 @@ def _prepare_chapter(proj: project.Project, file: project.ChapterFile, doc: qmd.
     inline = doc.inline_expressions if chapter_eval else []
     outputs: dict[int, list[dict[str, Any]]] = {}
     values: list[str] = []
-    executed, hit = 0, False
+    executed, hit, reads = 0, False, {}
     if evaluated or inline:
         ran = execute.execute_chapter(file.source, evaluated, jupyter_cache=run.jupyter_cache, cwd=run.root,
                                       setup=run.setup, inline=inline, env=run.env)
-        outputs, values, executed, hit = ran.outputs, ran.inline, ran.executed, ran.cache_hit
+        outputs, values, executed, hit, reads = ran.outputs, ran.inline, ran.executed, ran.cache_hit, ran.reads
     parsed = _read_chapter(file, doc, outputs, values, defaults, out)
     blocks = align_columns(crossref.normalise(_relocate_images(parsed["blocks"], file, out)))
     if front.get("title") and not any(b["t"] == "Header" and b["c"][0] == 1 for b in blocks):
@@ -172,7 +179,25 @@ def _prepare_chapter(proj: project.Project, file: project.ChapterFile, doc: qmd.
     chapter.number, chapter.title = numbering.number_chapter(blocks, file.page, file.appendix, file.source)
     chapter.notebook = _write_notebook(doc, outputs, out, file.stem)
     cells = len(evaluated) + (1 if inline and not evaluated else 0)
-    return chapter, ChapterReport(file.source, cells, executed, hit, time.perf_counter() - t0)
+    return chapter, ChapterReport(file.source, cells, executed, hit, time.perf_counter() - t0, reads)
+
+
+def _check_reads(reports: list[ChapterReport]) -> None:
+    """Refuse to publish a chapter whose numbers came from an artifact that has changed since, or that no
+    longer verifies (tampered, truncated, stale against its config or upstream): one line naming both."""
+    from .. import store
+
+    for r in reports:
+        for key, content_hash in sorted(r.reads.items()):
+            stage, rest = key.split("/", 1)
+            profile, name = rest.split("-", 1)
+            try:
+                art = store.load(stage, profile, name)
+            except store.CacheError as e:
+                raise store.CacheError(f"{r.source} reads {key}, which no longer verifies: {e}") from None
+            if art.content_hash != content_hash:
+                raise store.CacheError(f"{r.source} was executed with a different {key} than the cache holds "
+                                       f"now; rebuild with `make clean-book report`")
 
 
 def _read_chapter(file: project.ChapterFile, doc: qmd.Qmd, outputs: dict[int, list[dict[str, Any]]],

@@ -43,6 +43,7 @@ class ExecutedChapter:
     executed: int  # cells that ran in a kernel this time (0 on a cache hit)
     cache_hit: bool
     seconds: float
+    reads: dict[str, str] = dataclasses.field(default_factory=dict)  # artifact key -> content hash
 
 
 def artifacts_key(cache: Path) -> str:
@@ -69,6 +70,13 @@ def setup_source(artifacts: str, profile: str | None) -> str:
 
 
 INLINE_MARK = "monosemantic-inline-values:"
+READS_MARK = "monosemantic-artifacts-read:"
+READS_SOURCE = "\n".join([
+    "# monosemantic book: hidden cell listing the artifacts this chapter's cells loaded",
+    "import json as __monosemantic_json, sys as __monosemantic_sys",
+    "__monosemantic_store = __monosemantic_sys.modules.get('monosemantic.store')",
+    f"print({READS_MARK!r} + __monosemantic_json.dumps(getattr(__monosemantic_store, 'READS', {{}})))",
+])
 
 
 def inline_source(expressions: list[str]) -> str:
@@ -92,6 +100,7 @@ def build_notebook(cells: list[Cell], setup: str, inline: list[str] | None = Non
     nb.cells = [nbformat.v4.new_code_cell(setup)] + [nbformat.v4.new_code_cell(c.code) for c in cells]
     if inline:
         nb.cells.append(nbformat.v4.new_code_cell(inline_source(inline)))
+    nb.cells.append(nbformat.v4.new_code_cell(READS_SOURCE))
     for cell in nb.cells:  # ids are not part of the cache key; fixed ones keep the .ipynb files stable
         cell.pop("id", None)
     nb.nbformat_minor = 4
@@ -130,7 +139,7 @@ def execute_chapter(source: str, cells: list[Cell], *, jupyter_cache: Path, cwd:
     try:
         _, merged = cache.merge_match_into_notebook(nb)
         return ExecutedChapter(merged, _outputs(merged, cells), _inline_values(merged, inline), 0, True,
-                               time.perf_counter() - start)
+                               time.perf_counter() - start, _marked(merged, READS_MARK) or {})
     except KeyError:
         pass
     with _environment(env or {}):
@@ -146,7 +155,7 @@ def execute_chapter(source: str, cells: list[Cell], *, jupyter_cache: Path, cwd:
     values = _inline_values(result.nb, inline)  # before caching: a malformed result must not be kept
     cache.cache_notebook_bundle(CacheBundleIn(result.nb, source), check_validity=False, overwrite=True)
     return ExecutedChapter(result.nb, _outputs(result.nb, cells), values, len(cells), False,
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, _marked(result.nb, READS_MARK) or {})
 
 
 def _outputs(nb: nbformat.NotebookNode, cells: list[Cell]) -> dict[int, list[dict[str, Any]]]:
@@ -154,16 +163,24 @@ def _outputs(nb: nbformat.NotebookNode, cells: list[Cell]) -> dict[int, list[dic
     return {cell.index: list(nb_cell.get("outputs", [])) for cell, nb_cell in zip(cells, code, strict=False)}
 
 
+def _marked(nb: nbformat.NotebookNode, mark: str) -> Any:
+    """The JSON a hidden cell printed after ``mark`` (searched from the last cell back), or None."""
+    for cell in reversed([c for c in nb.cells if c.cell_type == "code"]):
+        for out in cell.get("outputs", []):
+            text = "".join(out.get("text", "")) if out.get("output_type") == "stream" else ""
+            for line in text.splitlines():
+                if line.startswith(mark):
+                    return json.loads(line[len(mark):])
+    return None
+
+
 def _inline_values(nb: nbformat.NotebookNode, inline: list[str] | None) -> list[str]:
     if not inline:
         return []
-    last = [c for c in nb.cells if c.cell_type == "code"][-1]
-    for out in last.get("outputs", []):
-        text = "".join(out.get("text", "")) if out.get("output_type") == "stream" else ""
-        for line in text.splitlines():
-            if line.startswith(INLINE_MARK):
-                return json.loads(line[len(INLINE_MARK):])
-    raise CellError("the inline expressions' values are missing from the executed notebook")
+    values = _marked(nb, INLINE_MARK)
+    if values is None:
+        raise CellError("the inline expressions' values are missing from the executed notebook")
+    return values
 
 
 def _describe_failure(source: str, nb: nbformat.NotebookNode, cells: list[Cell], err: Exception) -> str:
