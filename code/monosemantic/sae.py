@@ -61,6 +61,13 @@ SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 # row is the sampled input direction scaled to 0.2 x the mean norm of the live encoder rows.
 RESAMPLE_ENCODER_SCALE = 0.2
 
+# TopK training: when a step gathers at least this fraction of the latents per input (AuxK's 512 dead
+# latents on top of the k live ones), a dense matmul in the compute dtype beats the sparse kernels: for
+# SmolLM2's 1,536 -> 6,144 SAE at batch 1,024 with AuxK on, the fp32 sparse-dense product of the encoder
+# gradient took 0.6 s a step and embedding_bag's per-sample-weight backward 0.4 s, against ~0.05 s for
+# each bf16 matmul (2 CPU cores). Below it (k alone) the sparse path does O(B k d_in) work and wins.
+DENSE_GATHER_FRACTION = 1 / 32
+
 
 @dataclasses.dataclass(frozen=True)
 class SAEConfig(StageConfig):
@@ -234,6 +241,7 @@ class _GatheredEncoder(torch.autograd.Function):
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, pre: Tensor,
                 indices: Tensor) -> Tensor:
         ctx.save_for_backward(x - b_dec, W_enc, indices)
+        ctx.compute_dtype = pre.dtype  # the dtype of the encoder's forward matmul
         return pre.gather(1, indices).float()  # pre: (B, n_features), computed without autograd
 
     @staticmethod
@@ -241,11 +249,19 @@ class _GatheredEncoder(torch.autograd.Function):
         xc, W_enc, indices = ctx.saved_tensors
         n_batch, m = indices.shape
         n_features = W_enc.shape[1]
-        grad = grad.float().reshape(-1)  # (B * m,)
         rows = indices.reshape(-1)  # feature of each entry
-        cols = torch.arange(n_batch, device=xc.device).repeat_interleave(m)  # its input
-        g = torch.sparse_coo_tensor(torch.stack([rows, cols]), grad, (n_features, n_batch), check_invariants=False)
-        grad_w = torch.sparse.mm(g, xc).t()  # (d_in, n_features)
+        if m >= DENSE_GATHER_FRACTION * n_features:  # many entries (AuxK on): one dense matmul is cheaper
+            dt = ctx.compute_dtype
+            g_dense = torch.zeros(n_batch, n_features, dtype=dt, device=xc.device)
+            g_dense.scatter_add_(1, indices, grad.to(dt))  # (B, n_features), repeated indices add up
+            grad_w = (xc.to(dt).t() @ g_dense).float()  # (d_in, n_features)
+            grad = grad.float().reshape(-1)
+        else:
+            grad = grad.float().reshape(-1)  # (B * m,)
+            cols = torch.arange(n_batch, device=xc.device).repeat_interleave(m)  # its input
+            g = torch.sparse_coo_tensor(torch.stack([rows, cols]), grad, (n_features, n_batch),
+                                        check_invariants=False)
+            grad_w = torch.sparse.mm(g, xc).t()  # (d_in, n_features)
         grad_b_enc = torch.zeros(n_features, device=xc.device).index_add_(0, rows, grad)
         return None, grad_w, grad_b_enc, -(W_enc @ grad_b_enc), None, None
 
@@ -342,7 +358,8 @@ class SAE(nn.Module):
           product instead of the (B, d_in) input gradient a plain autograd backward computes (x needs none).
         - TopK never builds the dense (B, n_features) latents: the k kept (and the AuxK latents) are gathered
           from a pre-activation computed without autograd, decoded with ``embedding_bag``, and the encoder's
-          backward touches only those B * (k + aux_k) entries (a sparse product, O(B k d_in), not O(B n d_in)).
+          backward touches only those B * (k + aux_k) entries (a sparse product, O(B k d_in), not O(B n d_in)),
+          unless AuxK gathers so many (``DENSE_GATHER_FRACTION``) that dense matmuls in ``dtype`` are cheaper.
         """
         if self.cfg.architecture == "relu":
             loss, mse, l1, recon, latents = _ReluStep.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
@@ -375,7 +392,13 @@ class SAE(nn.Module):
         if use_aux:
             residual = (x - recon).detach()  # (B, d_in) a fixed target, as in auxk_loss
             aux_values = F.relu(gathered[:, k:])  # (B, k_aux)
-            e_hat = F.embedding_bag(indices[:, k:], self.W_dec, per_sample_weights=aux_values, mode="sum")
+            if k_aux >= DENSE_GATHER_FRACTION * self.cfg.n_features:  # dense: cheaper than embedding_bag's
+                # backward here; aux indices are distinct in a row (one topk), so scatter loses nothing
+                dense = torch.zeros(x.shape[0], self.cfg.n_features, dtype=dtype, device=x.device)
+                dense = dense.scatter(1, indices[:, k:], aux_values.to(dtype))  # (B, n_features)
+                e_hat = (dense @ self.W_dec.to(dtype)).float()  # (B, d_in)
+            else:
+                e_hat = F.embedding_bag(indices[:, k:], self.W_dec, per_sample_weights=aux_values, mode="sum")
             aux = F.mse_loss(e_hat, residual)
         else:
             aux = mse.new_zeros(())

@@ -328,3 +328,18 @@ def test_smollm2_gguf_and_safetensors_folder_give_the_same_logits(smollm2, tmp_p
     ids = torch.tensor([smollm2.encode("Sparse autoencoders find features.")])
     torch.testing.assert_close(again.forward(ids).logits, smollm2.forward(ids).logits)
     assert again.encode("Hello world") == smollm2.encode("Hello world")
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_openmp_threads_sleep_unless_told_otherwise(preset):
+    # spinning OpenMP threads (the default policy) cut SmolLM2's harvest ~10x when another process shares
+    # the cores; importing the package makes them sleep, before torch starts its runtime, and keeps a user's choice
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import monosemantic, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (preset or "PASSIVE")

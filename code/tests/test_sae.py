@@ -190,9 +190,12 @@ def test_finite_stream_stops_training_early():
 
 @pytest.mark.parametrize("arch", ["relu", "topk"])
 @pytest.mark.parametrize("aux", [False, True])
-def test_training_forward_matches_forward(arch, aux):
-    # the trainer's fast path (sparse TopK encoder backward, matrix-vector b_dec gradient) computes the
-    # same loss and the same gradients as the plain forward that evaluation uses
+@pytest.mark.parametrize("dense_gather", [False, True])
+def test_training_forward_matches_forward(arch, aux, dense_gather, monkeypatch):
+    # the trainer's fast path (sparse TopK encoder backward, matrix-vector b_dec gradient; dense matmuls
+    # when AuxK gathers many latents) computes the same loss and the same gradients as the plain forward
+    # that evaluation uses
+    monkeypatch.setattr(S, "DENSE_GATHER_FRACTION", 0.0 if dense_gather else 2.0)
     cfg = _cfg(architecture=arch, k=4, n_features=64, aux_k=16)
     plain = S.SAE(cfg)
     with torch.no_grad():
