@@ -123,7 +123,10 @@ class LlamaConfig(StageConfig):
     eval_tokens: int = 16_384
     """Tokens of held-out text (after the harvested ones) for the evaluation and the feature table."""
     top_examples: int = 8
-    """Top-activating tokens kept per feature in the feature table."""
+    """Top-activating tokens (with contexts) kept per feature in the feature table."""
+    explain_tokens: int = 262_144
+    """Harvested activations the feature table reads (density, top tokens, best token family); the held-out
+    evaluation tokens score the family (concept specificity, as in :mod:`monosemantic.analysis`)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -132,7 +135,7 @@ class LlamaConfig(StageConfig):
                 raise ConfigError(f"LlamaConfig: {msg}")
 
         for name in ("seq_len", "batch_size", "harvest_tokens", "shard_tokens", "k", "sae_batch", "eval_tokens",
-                     "top_examples"):
+                     "top_examples", "explain_tokens"):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         need(self.site in SITES, f"site must be one of {', '.join(SITES)}, got {self.site!r}")
@@ -353,6 +356,25 @@ class LlamaSource:
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         return [self.tokenizer.decode([int(i)]) for i in ids]
 
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """Each token's bytes (special tokens: b""), so that text split inside a character is labelled as
+        the one-layer model's text is (:func:`monosemantic.analysis.token_families`). Byte-level BPE
+        vocabularies (GPT-2's, SmolLM2's, Llama-3's) map back exactly; others go through ``decode``."""
+        tok = self.tokenizer
+        if isinstance(tok, ByteTokenizer):
+            return [bytes([i]) if i < 256 else b"" for i in map(int, ids)]
+        special = set(getattr(tok, "all_special_ids", []) or [])
+        inv = _byte_decoder()
+        out = []
+        for i, piece in zip(ids, tok.convert_ids_to_tokens([int(i) for i in ids]), strict=True):
+            if int(i) in special or piece is None:
+                out.append(b"")
+            elif all(c in inv for c in piece):
+                out.append(bytes(inv[c] for c in piece))
+            else:
+                out.append(tok.decode([int(i)]).encode("utf-8"))
+        return out
+
     def chat_ids(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation in the model's chat format (Llama-3's header tokens for Stheno,
         ChatML for SmolLM2), as a chat front end sends it; falls back to plain text when the model has
@@ -482,6 +504,19 @@ def save_folder(source: LlamaSource, folder: str | Path) -> Path:
     if hasattr(source.tokenizer, "save_pretrained"):
         source.tokenizer.save_pretrained(folder)
     return folder
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte, inverted (byte-level BPE token text -> bytes)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 class Forward(NamedTuple):
@@ -991,13 +1026,12 @@ class EvalResult(NamedTuple):
 
 @torch.no_grad()
 def evaluate(cfg: LlamaConfig, source: LlamaSource, sae, eval_windows: Sequence[list[int]], *,
-             mean_act: torch.Tensor | None = None, progress: bool = True) -> EvalResult:
+             mean_act: torch.Tensor | None = None, explain: Shards | None = None,
+             progress: bool = True) -> EvalResult:
     """SAE metrics on held-out windows: reconstruction (mse, fvu, l0, dead_fraction on these tokens) and
     CE loss recovered by splicing into the running model: ``(L_ablated - L_sae) / (L_ablated - L_orig)``
     with the activation zeroed (``ce_loss_recovered``, the anchors' definition) and replaced by its mean
     (``ce_loss_recovered_mean``). Losses are mean next-token CE over positions after ``skip_first``."""
-    import pandas as pd
-
     from . import sae as sae_mod
 
     hook = source.hook_name(cfg.layer, cfg.site)
@@ -1044,44 +1078,141 @@ def evaluate(cfg: LlamaConfig, source: LlamaSource, sae, eval_windows: Sequence[
                "ce_loss_orig": losses["orig"], "ce_loss_sae": losses["sae"], "ce_loss_zero": losses["zero"],
                "ce_loss_mean": losses["mean"], "ce_loss_recovered": recovered(losses["zero"]),
                "ce_loss_recovered_mean": recovered(losses["mean"]), "eval_tokens": int(x.shape[0])}
-    features = feature_table(source, sae, x, tokens, cfg.top_examples)
-    features["frequency"] = freq.numpy()
-    return EvalResult(metrics, pd.DataFrame(features), freq)
+    window = cfg.seq_len - skip
+    held = _Chunk(x, tokens, window_labels(source, tokens, window))
+    chunks = (explain_chunks(source, explain, cfg.explain_tokens, window) if explain is not None
+              else [held])  # without a harvest, the held-out text explains itself
+    features = feature_table(source, sae, chunks, held, top=cfg.top_examples, window=window)
+    metrics.update(feature_summary(features))
+    metrics["explain_tokens"] = int(min(cfg.explain_tokens, explain.rows)) if explain is not None else int(x.shape[0])
+    return EvalResult(metrics, features, freq)
+
+
+def window_labels(source: LlamaSource, tokens: torch.Tensor, window: int) -> torch.Tensor:
+    """(N, F) bool token-family labels (:data:`monosemantic.analysis.FAMILY_NAMES`) of ``tokens`` (N,),
+    stored ``window`` at a time (one window read as one text, as the one-layer analysis reads its windows)."""
+    from .analysis import FAMILY_NAMES, token_families
+
+    ids = tokens.tolist()
+    cache: dict[int, bytes] = {}
+    missing = sorted(set(ids) - cache.keys())
+    cache.update(zip(missing, source.token_bytes(missing), strict=True))
+    out = torch.zeros(len(ids), len(FAMILY_NAMES), dtype=torch.bool)
+    for s in range(0, len(ids), window):
+        w = ids[s:s + window]
+        pieces = [cache[i] for i in w]
+        out[s:s + len(w)] = torch.from_numpy(token_families(pieces, [not p for p in pieces]))
+    return out
+
+
+class _Chunk(NamedTuple):
+    x: torch.Tensor  # (n, d_in) activations
+    tokens: torch.Tensor  # (n,) their token ids
+    labels: torch.Tensor  # (n, F) bool token families
 
 
 @torch.no_grad()
-def feature_table(source: LlamaSource, sae, x: torch.Tensor, tokens: torch.Tensor, top: int,
-                  chunk: int = 2048) -> dict[str, Any]:
-    """Per feature: how often it fires, its mean and max activation, and its ``top`` activating tokens (and
-    the max one's context), from activations ``x`` (N, d) at ``tokens`` (N,)."""
+def feature_table(source: LlamaSource, sae, explain: Iterable[_Chunk], heldout: _Chunk, *, top: int, window: int,
+                  chunk: int = 4096) -> Any:
+    """Per feature, measured as the one-layer model's features are (:mod:`monosemantic.analysis`):
+
+    - on the *explanation* text (harvested activations): ``density`` (share of tokens it fires on),
+      ``mean_act`` (over firings), ``max_act``, its ``top`` activating tokens and their contexts (the
+      12 tokens before, same window; the token in [[ ]]), and its best token ``family`` (largest share of
+      its activation mass);
+    - on *held-out* text (the evaluation windows): ``frequency`` (firing rate there), ``family_share`` (the
+      share of its activation mass inside that family: concept specificity), ``family_lift`` (that share over
+      the family's share of tokens), ``scored`` (fired on >= ``min_firings`` explanation tokens and on a
+      held-out one), with the analysis stage's thresholds (``specific`` when share >= 0.5 and lift >= 5).
+    """
+    import numpy as np
+    import pandas as pd
+
+    from .analysis import FAMILY_NAMES, AnalysisConfig
+
+    acfg = AnalysisConfig()
     dev = sae.W_dec.device
-    n_feat = sae.cfg.n_features
-    best_v = torch.full((top, n_feat), -1.0, device=dev)
-    best_i = torch.zeros((top, n_feat), dtype=torch.long, device=dev)
-    total = torch.zeros(n_feat, device=dev)
-    count = torch.zeros(n_feat, device=dev)
-    for s in range(0, x.shape[0], chunk):
-        lat = sae.encode(x[s:s + chunk].to(dev, torch.float32))  # (c, n_feat)
-        total += lat.sum(0)
-        count += (lat > 0).sum(0)
-        v = torch.cat([best_v, lat])
-        i = torch.cat([best_i, torch.arange(s, s + lat.shape[0], device=dev)[:, None].expand_as(lat)])
-        k = min(top, v.shape[0])
-        best_v, pos = v.topk(k, dim=0)
-        best_i = i.gather(0, pos)
-    best_v, best_i = best_v.cpu(), best_i.cpu()
-    strings = source.token_strings(tokens.tolist())
+    n_feat, n_fam = sae.cfg.n_features, len(FAMILY_NAMES)
+    best_v = torch.full((top, n_feat), -1.0)
+    best_i = torch.zeros((top, n_feat), dtype=torch.long)
+    total, count = torch.zeros(n_feat), torch.zeros(n_feat)
+    fam_mass = torch.zeros(n_feat, n_fam)
+    tokens_seen: list[torch.Tensor] = []
+    offset = 0
+    for part in explain:
+        tokens_seen.append(part.tokens)
+        for s in range(0, part.x.shape[0], chunk):
+            lat = sae.encode(part.x[s:s + chunk].to(dev, torch.float32)).cpu()  # (c, n_feat)
+            total += lat.sum(0)
+            count += (lat > 0).sum(0)
+            fam_mass += lat.t() @ part.labels[s:s + chunk].float()
+            v = torch.cat([best_v, lat])
+            i = torch.cat([best_i, torch.arange(offset + s, offset + s + lat.shape[0])[:, None].expand_as(lat)])
+            best_v, pos = v.topk(top, dim=0)
+            best_i = i.gather(0, pos)
+        offset += part.x.shape[0]
+    n_explain = offset
+    family = fam_mass.argmax(1)  # (n_feat,)
+    # held out: firing rate and the share of each feature's mass inside its explanation family
+    h_total, h_count, h_fam = torch.zeros(n_feat), torch.zeros(n_feat), torch.zeros(n_feat)
+    for s in range(0, heldout.x.shape[0], chunk):
+        lat = sae.encode(heldout.x[s:s + chunk].to(dev, torch.float32)).cpu()
+        h_total += lat.sum(0)
+        h_count += (lat > 0).sum(0)
+        in_family = heldout.labels[s:s + chunk].float()[:, family]  # (c, n_feat): token in feature's family
+        h_fam += (lat * in_family).sum(0)
+    base_rate = heldout.labels.float().mean(0)  # (F,) share of held-out tokens in each family
+    share = h_fam / h_total.clamp_min(1e-12)
+    lift = share / base_rate[family].clamp_min(1e-12)
+    scored = (count >= acfg.min_firings) & (h_count > 0)
+    all_tokens = torch.cat(tokens_seen).tolist()
+    strings = source.token_strings(sorted(set(all_tokens)))
+    text = dict(zip(sorted(set(all_tokens)), strings, strict=True))
     top_tokens, contexts = [], []
     for f in range(n_feat):
-        idx = [int(best_i[j, f]) for j in range(best_v.shape[0]) if best_v[j, f] > 0]
-        top_tokens.append(" | ".join(repr(strings[i])[1:-1] for i in idx))
-        if idx:
-            i = idx[0]
-            contexts.append("".join(strings[max(0, i - 12):i]) + "[[" + strings[i] + "]]")
-        else:
-            contexts.append("")
-    return {"feature": list(range(n_feat)), "mean_act": (total / count.clamp_min(1)).cpu().numpy(),
-            "max_act": best_v[0].clamp_min(0).numpy(), "top_tokens": top_tokens, "top_context": contexts}
+        idx = [int(best_i[j, f]) for j in range(top) if best_v[j, f] > 0]
+        top_tokens.append([text[all_tokens[i]] for i in idx])
+        contexts.append(["".join(text[t] for t in all_tokens[max(i - 12, i // window * window):i])
+                         + "[[" + text[all_tokens[i]] + "]]" for i in idx])
+    return pd.DataFrame({
+        "feature": np.arange(n_feat), "density": (count / max(n_explain, 1)).numpy(),
+        "frequency": (h_count / max(heldout.x.shape[0], 1)).numpy(),
+        "mean_act": (total / count.clamp_min(1)).numpy(), "max_act": best_v[0].clamp_min(0).numpy(),
+        "top_tokens": top_tokens, "top_contexts": contexts,
+        "top_context": [c[0] if c else "" for c in contexts],
+        "family": [FAMILY_NAMES[int(j)] if count[f] > 0 else "" for f, j in enumerate(family)],
+        "family_explain_share": (fam_mass.gather(1, family[:, None])[:, 0] / total.clamp_min(1e-12)).numpy(),
+        "family_share": share.numpy(), "family_lift": lift.numpy(), "scored": scored.numpy(),
+        "specific": (scored & (share >= acfg.specificity_threshold) & (lift >= acfg.lift_threshold)).numpy()})
+
+
+def feature_summary(features: Any) -> dict[str, Any]:
+    """The manifest's numbers about the feature table (names as in the analysis stage's metrics)."""
+    import numpy as np
+
+    scored = features[features["scored"]]
+    live = features[features["density"] > 0]
+    return {"scored_features": int(len(scored)),
+            "specific_fraction_features": round(float(scored["specific"].mean()), 4) if len(scored) else float("nan"),
+            "median_density": round(float(np.median(live["density"])), 6) if len(live) else 0.0,
+            "dead_fraction_explain": round(float((features["density"] == 0).mean()), 6)}
+
+
+def explain_chunks(source: LlamaSource, shards: Shards, n_rows: int, window: int) -> Iterator[_Chunk]:
+    """The first ``n_rows`` harvested activations (whole shards, in harvest order) with their tokens and
+    token families: the explanation text of :func:`feature_table`."""
+    from safetensors.torch import load_file
+
+    done = 0
+    for path, _ in shards.files:
+        if done >= n_rows:
+            return
+        t = load_file(str(path))
+        n = min(t["acts"].shape[0], n_rows - done)
+        n -= n % window if n > window else 0  # whole windows, so contexts never run into the next one
+        tokens = t["tokens"][:n].long()
+        yield _Chunk(t["acts"][:n], tokens, window_labels(source, tokens, window))
+        done += n
 
 
 # --- the whole run (harvest -> train -> evaluate -> cache) ---------------------------------------------------
@@ -1127,7 +1258,7 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
                          f"{source.width(hook)}: the shards and the model do not match")
     eval_start = time.perf_counter()
     ev = evaluate(cfg, source, out.sae, eval_windows(cfg, source, profile, texts() if texts else None),
-                  progress=progress)
+                  explain=shards, progress=progress)
     eval_seconds = time.perf_counter() - eval_start
     name = artifact_name(cfg, out.sae.cfg.n_features)
     with store.write("llama", profile, name, config=cfg) as w:
@@ -1473,7 +1604,9 @@ def run(args) -> int:
             raise LlamaError(f"no cached SAE for {cfg.run_name}; train one with `monosemantic llama train-sae "
                              f"--profile {args.profile}`")
         art = store.load("llama", args.profile, candidates[-1].name)
-        ev = evaluate(cfg, src, load_sae(art), eval_windows(cfg, src, args.profile))
+        acts = run_dir(args.profile, cfg) / "acts"
+        ev = evaluate(cfg, src, load_sae(art), eval_windows(cfg, src, args.profile),
+                      explain=Shards(acts) if list(acts.glob("index-r*.json")) else None)
         for k, v in ev.metrics.items():
             print(f"{k:>24}: {v:.5g}" if isinstance(v, float) else f"{k:>24}: {v}")
         return 0

@@ -215,6 +215,12 @@ def test_tiny_run_end_to_end(tiny, tmp_cache):
 
     table = pd.read_parquet(art.file("features.parquet"))
     assert len(table) == m["n_features"] and {"top_tokens", "frequency", "top_context"} <= set(table.columns)
+    # the analysis stage's measures: density on the harvested text, token family and its held-out specificity
+    assert {"density", "top_contexts", "family", "family_share", "family_lift", "specific"} <= set(table.columns)
+    live = table[table["density"] > 0]
+    assert len(live) and (live["family"] != "").all() and live["family_share"].between(0, 1).all()
+    assert all("[[" in c for cs in live["top_contexts"] for c in cs)
+    assert 0 <= m["specific_fraction_features"] <= 1 and m["explain_tokens"] > 0
     sae = llama.load_sae(art)
     assert sae.cfg.d_in == tiny.d_mlp
     with pytest.raises(llama.LlamaError, match="harvest again"):  # shards made by another config
