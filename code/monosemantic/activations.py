@@ -170,3 +170,20 @@ def get_text_activations(source: ActivationSource, texts: str | Sequence[str], *
         for r, (ids, tokens) in enumerate(chunk):
             out.append(TextActivations(acts[r, :len(ids)].float().cpu(), tokens, hook))
     return out
+
+
+@torch.no_grad()
+def feature_activations(source: ActivationSource, sae, text: str, feature: int | None = None, *,
+                        hook: str | None = None) -> TextActivations:
+    """An SAE's feature activations at every token of ``text``: (seq, n_features), or (seq, 1) for one
+    ``feature``. The SAE must read the hook's width (its ``cfg.d_in``)."""
+    n = sae.cfg.n_features
+    if feature is not None and not (isinstance(feature, int) and 0 <= feature < n):
+        raise ActivationError(f"feature {feature!r} does not exist: this SAE has {n:,} features, 0..{n - 1}")
+    acts = get_text_activations(source, text, hook=hook)[0]
+    if acts.values.shape[-1] != sae.cfg.d_in:
+        raise ActivationError(f"the SAE reads {sae.cfg.d_in} numbers but {acts.hook} has {acts.values.shape[-1]}; "
+                              "use the SAE trained on this hook of this model")
+    z = sae.encode(acts.values.to(sae.W_dec.device, torch.float32)).float().cpu()  # (seq, n)
+    return TextActivations(z if feature is None else z[:, feature:feature + 1], acts.tokens,
+                           f"{acts.hook} -> SAE" + ("" if feature is None else f" feature {feature}"))

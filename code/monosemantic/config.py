@@ -101,3 +101,22 @@ def cache_dir() -> Path:
 def work_dir() -> Path:
     """Large, ignored intermediates: corpora, token shards, activations, checkpoints, big weights."""
     return cache_dir() / "work"
+
+
+class DiskSpaceError(UserError, OSError):
+    """Not enough free disk for a long write."""
+
+
+def check_free_space(path: Path, need_bytes: int, what: str) -> None:
+    """Raise :class:`DiskSpaceError` (one line: how much is needed, how much is free, where) unless the
+    file system holding ``path`` has ``need_bytes`` free plus a 5% margin. Called before long writes, so
+    a full disk stops a run before it starts rather than with a half-written file."""
+    import shutil
+
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need_bytes * 1.05 > free:
+        raise DiskSpaceError(f"{what} needs {need_bytes / 1e9:.2f} GB free at {probe}, only {free / 1e9:.2f} GB "
+                             "is; free some space (or point MONOSEMANTIC_CACHE at a larger disk) and run again")

@@ -459,7 +459,8 @@ def fetch(pkg: Package, accept_drift: bool = False, log: Callable[[str], None] =
     if sha != pkg.sha256:
         if not accept_drift:
             raise DriftError(_drift_message(pkg, f"{path.name} has sha256 {sha[:16]}..., pinned "
-                                                 f"{pkg.sha256[:16]}... (delete {path} to download it again)"))
+                                                 f"{pkg.sha256[:16]}... (an interrupted download leaves such a "
+                                                 f"file: delete {path} to download it again)"))
         log(f"  warning: {pkg.spec} sha256 {sha} differs from the pin (accepted with --accept-drift)")
     used["sha256"] = sha
     return used

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from . import hardware
-from .config import UserError
+from .config import UserError, check_free_space
 
 HOOK = "blocks.0.mlp.hook_post"
 """The one-layer model's 512 MLP activations (post-ReLU, pre-down-projection): the SAE's input."""
@@ -145,6 +145,8 @@ def harvest_to_disk(model: torch.nn.Module, tokens: np.ndarray, n_rows: int, pat
     d_in = d.shape[-1]
     row_bytes = d_in * 2
     done = path.stat().st_size // row_bytes if path.exists() else 0
+    have = path.stat().st_size if path.exists() else 0
+    check_free_space(path.parent, n_rows * row_bytes - have, f"harvesting {n_rows:,} activations to {path.name}")
     done = min(done, n_rows) // rows_per_batch * rows_per_batch  # restart at a whole batch of windows
     with open(path, "r+b" if path.exists() else "w+b") as f:
         f.truncate(n_rows * row_bytes)

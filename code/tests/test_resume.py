@@ -91,7 +91,7 @@ def _no_half_artifacts(cache: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
-def test_killed_run_resumes_to_the_same_model(reference, sig, tmp_path):
+def test_killed_run_resumes_to_the_same_model(reference, sig, tmp_path, fault):
     cache, shards, ref = reference
     _clear_lm(cache)  # a fresh start: no checkpoint, no finished model
     assert _shards(cache) == shards  # the same corpus as the reference run
@@ -126,6 +126,12 @@ def test_killed_run_resumes_to_the_same_model(reference, sig, tmp_path):
     assert 20 <= int(resumed[1]) < 40 and int(resumed[2]) == 40
     got = _result(cache)
     assert got["weights"] == ref["weights"]  # byte for byte
+    said = [re.sub(r"after \d+ s", "after N s", line) for line in killed.splitlines() if "interrupted" in line]
+    fault(f"training: {signal.Signals(sig).name} mid-run", "monosemantic train-lm (tiny, a real process)",
+          f"{signal.Signals(sig).name} sent after the first checkpoint",
+          said[-1] if said else "nothing (the process is killed outright)",
+          "the last checkpoint (" + ("every 20 steps" if sig == signal.SIGKILL else "written at the step "
+          "reached") + "); the rerun resumed there and its weights equal an uninterrupted run's byte for byte")
     for key in ("val_loss", "train_loss", "train_tokens", "parameters", "mlp_zero_fraction",
                 "mlp_neurons_never_firing"):
         assert got["metrics"][key] == ref["metrics"][key], key
