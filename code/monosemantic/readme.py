@@ -83,6 +83,37 @@ def _bench(a: store.Artifact) -> str:
     return f"Speed against the anchor's code, same machine, same run (`{a.key}`): " + "; ".join(parts) + "."
 
 
+def _diff(a: store.Artifact) -> str:
+    import pandas as pd
+
+    m = a.metrics
+    losses = pd.read_parquet(a.file("losses.parquet")).set_index(["model", "text"])["loss"]
+    line = (f"Model-diffing pilot (`{a.key}`): fine-tuning the LM on {m['finetune_tokens'] / 1e6:.1f}M tokens of "
+            f"{a.config['source']} moves its held-out loss there from {losses['base', 'source']:.2f} to "
+            f"{losses['finetuned', 'source']:.2f} nats (mix text: {losses['base', 'mix']:.2f} to "
+            f"{losses['finetuned', 'mix']:.2f}); a TopK crosscoder on both models' MLP activations has "
+            f"{m['crosscoder_live']:,} live latents, {m['latents_finetune_only']} specific to the fine-tune and "
+            f"{m['latents_base_only']} to the base model")
+    try:
+        c = store.load(a.stage, a.profile, "finetune-mix").metrics
+        line += (f" (control, fine-tuned as long on the base mix: {c['latents_finetune_only']} and "
+                 f"{c['latents_base_only']})")
+    except store.CacheError:
+        pass
+    return line + "."
+
+
+def _stheno_cost(a: store.Artifact) -> str:
+    from . import llama
+
+    t = a.metrics
+    row = next(r for r in llama.cost_model(100e6, throughputs=[t]) if r["device"] == t["device"])
+    return (f"Stheno cost model (`{a.key}`): Llama-3-8B's full forward pass at {t['forward_tokens_per_s']:,.0f} "
+            f"tokens/s and an 8x SAE step on its 14,336-dim MLP activations at {t['sae_acts_per_s']:,.0f} "
+            f"activations/s on an {t['device']}: 100M tokens harvested and trained on once take "
+            f"{row['total_hours']:.1f} GPU-hours (${row['usd']:.0f} at ${row['usd_per_hour']:.2f}/h).")
+
+
 # (stage, artifact name, line writer), in the order the book tells the story
 HEADLINES: list[tuple[str, str, Callable[[store.Artifact], str]]] = [
     ("corpus", "minipile", _corpus),
@@ -93,6 +124,7 @@ HEADLINES: list[tuple[str, str, Callable[[store.Artifact], str]]] = [
     ("sae", "topk", _sae),
     ("analysis", "features", _analysis),
     ("llama", "smollm2-L-1-mlp-hook_post-topk32-12288", _smollm2),
+    ("diff", "finetune-shakespeare", _diff),
 ]
 
 
@@ -107,6 +139,9 @@ def headline_markdown() -> str:
             missing.append(f"{stage}/{name}")
             continue
         lines.append(f"- {line(art)}")
+    for t in store.list_artifacts("llama"):  # GPU throughput measured for the Stheno cost model
+        if t.name.startswith("throughput-gpu-"):
+            lines.append(f"- {_stheno_cost(store.load(t.stage, t.profile, t.name))}")
     for bench in store.list_artifacts("bench"):  # one per machine kind measured
         lines.append(f"- {_bench(store.load(bench.stage, bench.profile, bench.name))}")
     if missing:
