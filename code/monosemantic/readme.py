@@ -123,7 +123,7 @@ HEADLINES: list[tuple[str, str, Callable[[store.Artifact], str]]] = [
     ("sae", "anchor", _sae),
     ("sae", "topk", _sae),
     ("analysis", "features", _analysis),
-    ("llama", "smollm2-L-1-mlp-hook_post-topk32-12288", _smollm2),
+    ("llama", "smollm2-*", _smollm2),  # whichever SmolLM2 run is cached (its name carries the SAE's shape)
     ("diff", "finetune-shakespeare", _diff),
 ]
 
@@ -134,7 +134,14 @@ def headline_markdown() -> str:
     missing = []
     for stage, name, line in HEADLINES:
         try:
-            art = store.find(stage, name)
+            if name.endswith("*"):
+                found = [a for a in store.list_artifacts(stage) if a.name.startswith(name[:-1])]
+                if not found:
+                    raise store.CacheError(f"no {stage}/{name}")
+                best = max(found, key=lambda a: ("tiny", "cpu", "gpu").index(a.profile))
+                art = store.load(stage, best.profile, best.name)
+            else:
+                art = store.find(stage, name)
         except store.CacheError:
             missing.append(f"{stage}/{name}")
             continue
