@@ -1084,7 +1084,7 @@ def evaluate(cfg: LlamaConfig, source: LlamaSource, sae, eval_windows: Sequence[
               else [held])  # without a harvest, the held-out text explains itself
     features = feature_table(source, sae, chunks, held, top=cfg.top_examples, window=window)
     metrics.update(feature_summary(features))
-    metrics["explain_tokens"] = int(min(cfg.explain_tokens, explain.rows)) if explain is not None else int(x.shape[0])
+    metrics["explain_tokens"] = int(features.attrs["explain_tokens"])
     return EvalResult(metrics, features, freq)
 
 
@@ -1174,7 +1174,7 @@ def feature_table(source: LlamaSource, sae, explain: Iterable[_Chunk], heldout: 
         top_tokens.append([text[all_tokens[i]] for i in idx])
         contexts.append(["".join(text[t] for t in all_tokens[max(i - 12, i // window * window):i])
                          + "[[" + text[all_tokens[i]] + "]]" for i in idx])
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "feature": np.arange(n_feat), "density": (count / max(n_explain, 1)).numpy(),
         "frequency": (h_count / max(heldout.x.shape[0], 1)).numpy(),
         "mean_act": (total / count.clamp_min(1)).numpy(), "max_act": best_v[0].clamp_min(0).numpy(),
@@ -1184,6 +1184,8 @@ def feature_table(source: LlamaSource, sae, explain: Iterable[_Chunk], heldout: 
         "family_explain_share": (fam_mass.gather(1, family[:, None])[:, 0] / total.clamp_min(1e-12)).numpy(),
         "family_share": share.numpy(), "family_lift": lift.numpy(), "scored": scored.numpy(),
         "specific": (scored & (share >= acfg.specificity_threshold) & (lift >= acfg.lift_threshold)).numpy()})
+    table.attrs["explain_tokens"] = n_explain
+    return table
 
 
 def feature_summary(features: Any) -> dict[str, Any]:
