@@ -392,3 +392,56 @@ def test_the_build_reports_what_each_chapter_reads_and_refuses_an_artifact_that_
         build_book(root, pdf_book=False, log=quiet)
     message = str(err.value)
     assert "report/01-a.qmd reads toy/tiny-numbers" in message and "corrupt" in message and "\n" not in message
+
+
+SITE_BOOK = {
+    "index.qmd": """
+        # Preface {.unnumbered}
+
+        See @sec-one and @fig-dots; [the first chapter](01-one.qmd).
+        """,
+    "01-one.qmd": """
+        # One {#sec-one}
+
+        ```{python}
+        #| label: fig-dots
+        #| fig-cap: "Dots."
+        import matplotlib.pyplot as plt
+        plt.plot([1, 2, 3], "o")
+        ```
+
+        ![A pixel](pixel.png){#fig-pixel}
+
+        Back to @fig-dots, and an external [link](https://example.org).
+        """,
+}
+
+
+def test_every_page_of_the_site_loads_without_console_errors_or_broken_links(book_env):
+    import shutil
+    import subprocess
+
+    from monosemantic.book import linkcheck
+
+    root = make_book(book_env, SITE_BOOK)
+    (root / "report" / "pixel.png").write_bytes(PIXEL)
+    report = build_book(root, pdf_book=False, log=quiet)
+    pages, refs, problems = linkcheck.check_site(report.site.parent if report.site.is_file() else report.site)
+    assert pages == 2 and refs >= 5 and problems == [], problems
+    if shutil.which("chromium"):
+        for page in sorted((root / "_book").glob("*.html")):
+            res = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                  "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", "--dump-dom",
+                                  page.as_uri()], capture_output=True, text=True, timeout=120)
+            assert "<body" in res.stdout, page.name
+            errors = [line for line in res.stderr.splitlines() if "CONSOLE" in line
+                      or "ERR_FILE_NOT_FOUND" in line]
+            assert not errors, f"{page.name}: {errors[:3]}"
+    # a broken image is refused, naming the page and the reference
+    (root / "report" / "02-two.qmd").write_text("# Two\n\n![Gone](missing.png)\n", encoding="utf-8")
+    (root / "_quarto.yml").write_text((root / "_quarto.yml").read_text().replace(
+        "    - report/01-one.qmd\n", "    - report/01-one.qmd\n    - report/02-two.qmd\n"), encoding="utf-8")
+    with pytest.raises(Exception) as err:
+        build_book(root, pdf_book=False, log=quiet)
+    assert "missing.png" in str(err.value) and "\n" not in str(err.value)

@@ -22,7 +22,7 @@ import nbformat
 
 from ..config import project_root
 from . import ast as A
-from . import crossref, execute, html, pandoc, pdf, project, qmd, quarto_options
+from . import crossref, execute, html, linkcheck, pandoc, pdf, project, qmd, quarto_options
 from .assemble import align_columns, chapter_markdown, embed_tables
 from .crossref import CrossrefError
 
@@ -135,6 +135,12 @@ def build(root: Path | None = None, *, profile: str | None = None, html_site: bo
 
     api = chapters[0].api
     site = _write_site(proj, chapters, resolved["html"], api, with_pdf=pdf_book) if html_site else None
+    if site is not None:  # every local link and image of every page resolves, or nothing is published
+        n_pages, n_refs, broken = linkcheck.check_site(proj.output_dir)
+        if broken:
+            raise linkcheck.LinkError(f"{len(broken)} broken link(s) or image(s) in the site: "
+                                      + "; ".join(broken[:3]) + ("; ..." if len(broken) > 3 else ""))
+        log(f"book: site checked: {n_pages} pages, {n_refs} local links and images, all resolve")
     if html_site or pdf_book:  # which chapter read which artifact (and its content hash), for the record
         proj.output_dir.mkdir(parents=True, exist_ok=True)
         (proj.output_dir / "artifacts.json").write_text(

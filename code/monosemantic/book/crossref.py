@@ -319,7 +319,19 @@ def resolve(blocks: list[Node], labels: dict[str, Label], *, page: str, target: 
         setup = f'#set math.equation(numbering: _ => "({number})", number-align: end + horizon)'
         return A.div([A.raw_block("typst", setup), *math], id_, classes)
 
-    return A.walk(A.walk(blocks, cites), equations)
+    def qmd_links(node: Node):  # [text](01-x.qmd#sec) -> the chapter's page, as Quarto rewrites it
+        if node["t"] != "Link":
+            return None
+        url, title = node["c"][2]
+        path, _, fragment = url.partition("#")
+        if "://" in path or not path.endswith(".qmd"):
+            return None
+        if target == "typst":  # one PDF: the link text stays, the link to a page goes
+            return node["c"][1]
+        href = path.rsplit("/", 1)[-1][:-len(".qmd")] + ".html" + (f"#{fragment}" if fragment else "")
+        return {"t": "Link", "c": [node["c"][0], node["c"][1], [href, title]]}
+
+    return A.walk(A.walk(A.walk(blocks, cites), equations), qmd_links)
 
 
 def referenced_labels(blocks: list[Node]) -> set[str]:
