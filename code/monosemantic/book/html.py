@@ -83,7 +83,8 @@ def sidebar(book_title: str, nav: list[NavEntry], current: str, pdf: str | None)
         active = ' class="active" aria-current="page"' if e.page == current else ""
         items.append(f'<li><a href="{e.page}"{active}>{_entry_text(e)}</a></li>')
     downloads = f'<p class="downloads"><a href="{html.escape(pdf)}">Download PDF</a></p>' if pdf else ""
-    return (f'<nav class="sidebar" aria-label="Chapters"><p class="book-title"><a href="index.html">'
+    home = nav[0].page if nav else "index.html"  # the book's first page (index.html in a Quarto book)
+    return (f'<nav class="sidebar" aria-label="Chapters"><p class="book-title"><a href="{home}">'
             f'{html.escape(book_title)}</a></p><ol>{"".join(items)}</ol>{downloads}</nav>')
 
 
