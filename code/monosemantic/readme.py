@@ -50,8 +50,13 @@ def _smollm2(a: store.Artifact) -> str:
     m = a.metrics
     return (f"Llama-family extension (`{a.key}`): a TopK SAE ({m['n_features']:,} features, k={m['k']}) on "
             f"SmolLM2-135M's last-layer MLP ({m['d_in']:,} dims) recovers {m['ce_loss_recovered']:.1%} of the CE "
-            f"loss (zero-ablation baseline) at FVU {m['fvu']:.2f}; {m['dead_fraction']:.0%} of its features are "
-            f"dead after {m['train_activations'] / 1e3:.0f}k training activations (undertrained on CPU).")
+            f"loss (zero-ablation baseline) at FVU {m['fvu']:.2f}, trained on {a.config['harvest_tokens'] / 1e6:.1f}M "
+            f"harvested tokens ({m['train_activations'] / 1e6:.1f}M activations); "
+            + (f"{m['dead_fraction_explain']:.0%} of its features never fire on {m['explain_tokens'] / 1e3:.0f}k "
+               f"harvested tokens" if "dead_fraction_explain" in m else
+               f"{m['dead_fraction']:.1%} of its features are dead on held-out text")
+            + (f", {m['specific_fraction_features']:.0%} of the scored ones specific to one token family (the "
+               f"analysis stage's detectors)." if "specific_fraction_features" in m else "."))
 
 
 def _sae(a: store.Artifact) -> str:
