@@ -155,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"monosemantic {args.command}: interrupted after {time.perf_counter() - start:.0f} s; "
               "run the same command again to resume", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"monosemantic {args.command}: error: out of memory after {time.perf_counter() - start:.0f} s; "
+              "free memory or use a smaller profile, then run the same command again",
+              file=sys.stderr)
+        return 2
     return int(status or 0)
 
 

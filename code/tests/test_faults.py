@@ -208,3 +208,51 @@ def test_fault_rows_are_one_line_and_paths_are_hidden(fault, tmp_path):
 
     assert _FAULTS["self-check: the recorder"]["what the program said"] == "see <tmp>/x"
     del _FAULTS["self-check: the recorder"]
+
+
+# --- resource limits ----------------------------------------------------------------------------------------
+
+MEMORY_CAP_GB = 2
+
+
+@pytest.mark.slow
+def test_the_tiny_pipeline_runs_under_a_memory_cap(tmp_path, fault):
+    """Every stage of the tiny pipeline, each a real process whose address space is capped, as a laptop
+    with little free memory would cap it: harvesting and training stream, so none needs more."""
+    import os
+    import subprocess
+    import sys
+
+    from monosemantic import profiles
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MONOSEMANTIC_CACHE": str(cache)}
+    os.environ["MONOSEMANTIC_CACHE"] = str(cache)
+    try:
+        corpus.build(profiles.get("tiny").corpus, "tiny", workers=1, threads=1, command="test")
+    finally:
+        del os.environ["MONOSEMANTIC_CACHE"]
+    cap = int(MEMORY_CAP_GB * (1 << 30))
+    for stage in ("train-lm", "harvest", "train-sae", "analyze", "diff"):
+        code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}));"
+                f"from monosemantic.cli import main; sys.exit(main([{stage!r}, '--profile', 'tiny', '--no-progress']))")
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"{stage} under {MEMORY_CAP_GB} GB: {res.stderr[-1500:]}"
+    assert (cache / "diff" / "tiny-finetune-numpy-docs" / "manifest.json").is_file()
+    fault("memory: the tiny pipeline under a cap", "monosemantic train-lm, harvest, train-sae, analyze, diff",
+          f"each stage run with its address space capped at {MEMORY_CAP_GB} GB (RLIMIT_AS)", "nothing: every "
+          "stage completed", "every artifact written")
+
+
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys, fault):
+    from monosemantic import toy
+
+    def boom(args):
+        raise MemoryError
+
+    monkeypatch.setattr(toy, "run", boom)
+    err = cli_error(["toy", "--profile", "tiny"], capsys)
+    assert "out of memory" in err
+    fault("memory: out of memory in a stage", "every CLI stage", "a MemoryError raised inside the stage",
+          err.replace(" after 0 s", " after N s"),
+          "whatever the stage last checkpointed; training stages resume from it")
