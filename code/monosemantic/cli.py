@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     start = time.perf_counter()
+    outer = os.environ.get("MONOSEMANTIC_COMMAND_START")
+    os.environ["MONOSEMANTIC_COMMAND_START"] = str(time.time())  # store.COMMAND_START_ENV: artifacts' wall time
     try:
         status = _implementation(args._module).run(args)
     except UserError as e:
@@ -160,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
               "free memory or use a smaller profile, then run the same command again",
               file=sys.stderr)
         return 2
+    finally:
+        if outer is None:
+            os.environ.pop("MONOSEMANTIC_COMMAND_START", None)
+        else:
+            os.environ["MONOSEMANTIC_COMMAND_START"] = outer
     return int(status or 0)
 
 

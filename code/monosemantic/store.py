@@ -216,7 +216,10 @@ class ArtifactWriter:
         else:
             config, config_hash = dict(self.config), stable_hash(self.config)
         _check_finite(self.metrics, f"{self.stage} metrics")
-        wall = self.wall_time_s if self.wall_time_s is not None else time.perf_counter() - self._start
+        wall = self.wall_time_s
+        if wall is None:  # the whole command so far when run from the CLI (which records its start), else this block
+            started = os.environ.get(COMMAND_START_ENV)
+            wall = time.time() - float(started) if started else time.perf_counter() - self._start
         return {
             "format": FORMAT,
             "stage": self.stage,
@@ -303,6 +306,9 @@ def _read_manifest(path: Path, key: str, command: str) -> dict[str, Any]:
         raise CacheError(f"{key}/{MANIFEST} is not a manifest; regenerate it with `{command}`")
     return manifest
 
+
+COMMAND_START_ENV = "MONOSEMANTIC_COMMAND_START"
+"""Set by the CLI to the epoch time its command started: an artifact's wall time is then the command's."""
 
 READS: dict[str, str] = {}
 """Every artifact :func:`load` returned in this process, with its content hash: the book build reads it

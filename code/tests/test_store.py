@@ -172,3 +172,18 @@ def test_cli_user_error_is_one_line(tmp_cache, capsys, monkeypatch):
     assert cli.main(["cache", "list"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error: lm/cpu-model is not in the cache" in err
+
+
+def test_wall_time_is_the_commands_when_the_cli_started_it(tmp_cache, monkeypatch):
+    """A stage's artifacts record the time since its command started (set by the CLI), not just the
+    seconds spent writing them."""
+    import time
+
+    monkeypatch.setenv(store.COMMAND_START_ENV, str(time.time() - 120))
+    with store.write("toy", "tiny", "timed", config=StageConfig()) as w:
+        w.metrics["x"] = 1
+    assert 119 < store.load("toy", "tiny", "timed").manifest["wall_time_s"] < 200
+    monkeypatch.delenv(store.COMMAND_START_ENV)
+    with store.write("toy", "tiny", "quick", config=StageConfig()) as w:
+        w.metrics["x"] = 1
+    assert store.load("toy", "tiny", "quick").manifest["wall_time_s"] < 5
