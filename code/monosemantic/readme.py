@@ -143,7 +143,8 @@ def headline_markdown() -> str:
                 found = [a for a in store.list_artifacts(stage) if a.name.startswith(name[:-1])]
                 if not found:
                     raise store.CacheError(f"no {stage}/{name}")
-                best = max(found, key=lambda a: ("tiny", "cpu", "gpu").index(a.profile))
+                best = max(found, key=lambda a: (("tiny", "cpu", "gpu").index(a.profile),  # then the widest
+                                                 a.metrics.get("n_features", 0)))
                 art = store.load(stage, best.profile, best.name)
             else:
                 art = store.find(stage, name)
