@@ -135,17 +135,17 @@ def build(root: Path | None = None, *, profile: str | None = None, html_site: bo
 
     api = chapters[0].api
     site = _write_site(proj, chapters, resolved["html"], api, with_pdf=pdf_book) if html_site else None
-    if site is not None:  # every local link and image of every page resolves, or nothing is published
-        n_pages, n_refs, broken = linkcheck.check_site(proj.output_dir)
-        if broken:
-            raise linkcheck.LinkError(f"{len(broken)} broken link(s) or image(s) in the site: "
-                                      + "; ".join(broken[:3]) + ("; ..." if len(broken) > 3 else ""))
-        log(f"book: site checked: {n_pages} pages, {n_refs} local links and images, all resolve")
     if html_site or pdf_book:  # which chapter read which artifact (and its content hash), for the record
         proj.output_dir.mkdir(parents=True, exist_ok=True)
         (proj.output_dir / "artifacts.json").write_text(
             json.dumps({r.source: sorted(r.reads) for r in reports}, indent=1) + "\n")
     pdf_path = _write_book_pdf(proj, chapters, resolved["typst"], api) if pdf_book else None
+    if site is not None:  # every local link and image of every page resolves (the PDF's too, written above)
+        n_pages, n_refs, broken = linkcheck.check_site(proj.output_dir)
+        if broken:
+            raise linkcheck.LinkError(f"{len(broken)} broken link(s) or image(s) in the site: "
+                                      + "; ".join(broken[:3]) + ("; ..." if len(broken) > 3 else ""))
+        log(f"book: site checked: {n_pages} pages, {n_refs} local links and images, all resolve")
     seconds = time.perf_counter() - start
     done = ", ".join(str(p.relative_to(root)) for p in (site, pdf_path) if p)
     log(f"book: {done or 'checked'} in {seconds:.1f} s "
