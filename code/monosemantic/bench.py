@@ -345,7 +345,7 @@ def _train_sae_steps(device: torch.device, steps: int, seed: int = 0) -> tuple[f
     return fvu, {k: v.detach().float().cpu() for k, v in sae.state_dict().items()}
 
 
-def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+def _rel_l2_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """The largest relative difference of any weight tensor, ||a - b|| / ||a|| (Frobenius norms)."""
     return max(float((a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)) for k in a)
 
@@ -365,17 +365,17 @@ def bench_numerics(ctx: BenchContext, lm_steps: int = 30, sae_steps: int = 60) -
         rows.append(_row(f"numerics {what} {steps} steps: {metric} {where}", "abs diff", abs(dev_metric - ref_metric),
                          None, cpu_value=round(ref_metric, 6), device_value=round(dev_metric, 6)))
         rows.append(_row(f"numerics {what} {steps} steps: weights {where}", "rel L2 diff",
-                         _max_rel_diff(ref_w, dev_w), None))
+                         _rel_l2_diff(ref_w, dev_w), None))
         rows.append(_row(f"numerics {what} {steps} steps: {metric} {ctx.device.type} run to run", "abs diff",
                          abs(again_metric - dev_metric), None))
         rows.append(_row(f"numerics {what} {steps} steps: weights {ctx.device.type} run to run", "rel L2 diff",
-                         _max_rel_diff(dev_w, again_w), None))
+                         _rel_l2_diff(dev_w, again_w), None))
         if ctx.device.type == "cuda":  # the same twice with PyTorch's deterministic kernels only
             try:
                 torch.use_deterministic_algorithms(True)
                 (m1, w1), (m2, w2) = fn(ctx.device, steps), fn(ctx.device, steps)
                 rows.append(_row(f"numerics {what} {steps} steps: weights cuda run to run, deterministic "
-                                 "algorithms", "rel L2 diff", _max_rel_diff(w1, w2), None,
+                                 "algorithms", "rel L2 diff", _rel_l2_diff(w1, w2), None,
                                  metric_diff=abs(m1 - m2)))
             except RuntimeError as e:  # an op without a deterministic CUDA kernel
                 rows.append({"name": f"numerics {what}: deterministic algorithms", "unit": "rel L2 diff",

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .config import PROFILES, UserError
+from .config import COMMAND_START_ENV, PROFILES, UserError
 
 # (subcommand, module that implements it, one-line help). A stage adds its row here.
 COMMANDS: list[tuple[str, str, str]] = [
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     start = time.perf_counter()
-    outer = os.environ.get("MONOSEMANTIC_COMMAND_START")
-    os.environ["MONOSEMANTIC_COMMAND_START"] = str(time.time())  # store.COMMAND_START_ENV: artifacts' wall time
+    outer = os.environ.get(COMMAND_START_ENV)
+    os.environ[COMMAND_START_ENV] = str(time.time())  # what the store records as each artifact's wall time
     try:
         status = _implementation(args._module).run(args)
     except UserError as e:
@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         if outer is None:
-            os.environ.pop("MONOSEMANTIC_COMMAND_START", None)
+            os.environ.pop(COMMAND_START_ENV, None)
         else:
-            os.environ["MONOSEMANTIC_COMMAND_START"] = outer
+            os.environ[COMMAND_START_ENV] = outer
     return int(status or 0)
 
 

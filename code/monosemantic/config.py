@@ -103,6 +103,10 @@ def work_dir() -> Path:
     return cache_dir() / "work"
 
 
+COMMAND_START_ENV = "MONOSEMANTIC_COMMAND_START"
+"""Set by the CLI to the epoch time its command started: an artifact's wall time is then the command's."""
+
+
 class DiskSpaceError(UserError, OSError):
     """Not enough free disk for a long write."""
 

@@ -16,9 +16,10 @@ the model, measured with sparse dictionaries. This stage asks the same of our on
    the base model's only, near 1 the fine-tune's only; the cosine of its two halves says whether a shared
    latent points the same way in both.
 
-The artifact ``diff/<profile>-finetune`` holds the losses, the transfer table, one row per crosscoder
-latent (relative norm, cosine, densities on each text, top tokens) and the crosscoder's training curve.
-The fine-tuned weights stay in ``cache/work/diff/`` (not committed).
+The artifact ``diff/<profile>-finetune-<source>`` holds the losses, the transfer table, one row per
+crosscoder latent (relative norm, cosine, densities on each text, top tokens) and the crosscoder's training
+curve. The fine-tuned weights stay in ``cache/work/diff/<profile>-<source>/`` (not committed). ``--source
+mix`` is the control: as many steps on the base model's own mix.
 """
 
 from __future__ import annotations
@@ -160,30 +161,30 @@ def mean_loss(model, windows) -> float:
 
 
 @torch.no_grad()
-def paired_activations(models, windows) -> torch.Tensor:
-    """(tokens, 2 d_mlp): each model's MLP activations at the same tokens, side by side."""
+def _paired_rows(models, ids: torch.Tensor) -> torch.Tensor:
+    """(B * T, 2 d_mlp): each model's MLP activations at the tokens ``ids`` (B, T), side by side."""
     from .harvest import HOOK
 
-    rows = []
-    for x, _ in windows:
-        acts = [m.run_with_cache(x, [HOOK])[HOOK] for m in models]  # each (B, T, d)
-        rows.append(torch.cat(acts, dim=-1).reshape(-1, sum(a.shape[-1] for a in acts)))
-    return torch.cat(rows)
+    acts = [m.run_with_cache(ids, [HOOK])[HOOK] for m in models]  # each (B, T, d)
+    return torch.cat(acts, dim=-1).reshape(ids.numel(), -1)
+
+
+def paired_activations(models, windows) -> torch.Tensor:
+    """(tokens, 2 d_mlp): the paired rows of every window, in order."""
+    return torch.cat([_paired_rows(models, x) for x, _ in windows])
 
 
 @torch.no_grad()
 def harvest_pairs(models, texts: list[np.ndarray], n_rows: int, seq_len: int, seed: int) -> torch.Tensor:
     """``n_rows`` paired rows from random windows, an equal share from each text, shuffled."""
-    from .harvest import HOOK, random_windows
+    from .harvest import random_windows
 
     per_text = n_rows // len(texts)
     out = []
     for i, tokens in enumerate(texts):
         got, chunks = 0, []
         for ids, _ in random_windows(tokens, seq_len, seed=seed + i, batch=32):
-            acts = [m.run_with_cache(ids, [HOOK])[HOOK] for m in models]
-            chunk = torch.cat(acts, dim=-1).reshape(ids.numel(), -1)
-            chunks.append(chunk[: per_text - got])
+            chunks.append(_paired_rows(models, ids)[: per_text - got])
             got += len(chunks[-1])
             if got >= per_text:
                 break
@@ -200,6 +201,11 @@ def relative_norms(w_dec: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Ten
     r = nb / (na + nb).clamp_min(1e-12)
     cos = (a * b).sum(1) / (na * nb).clamp_min(1e-12)
     return r, cos
+
+
+def live_latents(table):
+    """The rows of a latent table (:func:`latent_table`) whose latent fired on some held-out text."""
+    return table[(table[[c for c in table if c.startswith("density_")]] > 0).any(axis=1)]
 
 
 def latent_kind(r: torch.Tensor, low: float = 0.1, high: float = 0.9) -> list[str]:
@@ -304,7 +310,7 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
         transfer.to_parquet(w.dir / "transfer.parquet", index=False)
         table.to_parquet(w.dir / "latents.parquet", index=False)
         pd.DataFrame(res.history).to_parquet(w.dir / "crosscoder_curve.parquet", index=False)
-        live = table[(table[[c for c in table if c.startswith("density_")]] > 0).any(axis=1)]
+        live = live_latents(table)
         counts = live["kind"].value_counts()
         w.metrics.update({
             "finetune_tokens": cfg.steps * cfg.batch_size * seq,

@@ -71,9 +71,9 @@ def estimate_val_loss(model: Transformer, val: TokenSplit, cfg: LMConfig) -> flo
         raise UserError(f"the val split has {len(val)} tokens, too few for context {cfg.context_length}")
     starts = np.linspace(0, n, cfg.eval_batches * cfg.batch_size).astype(np.int64)
     losses = []
+    dev = model.unembed.weight.device
     for b in range(cfg.eval_batches):
         x, y = val.windows(starts[b * cfg.batch_size:(b + 1) * cfg.batch_size], cfg.context_length)
-        dev = model.unembed.weight.device
         losses.append(model(x.to(dev), y.to(dev)).loss.item())
     model.train(was_training)
     return float(np.mean(losses))

@@ -91,25 +91,27 @@ def _bench(a: store.Artifact) -> str:
 def _diff(a: store.Artifact) -> str:
     import pandas as pd
 
+    from . import diffing
+
     m = a.metrics
     losses = pd.read_parquet(a.file("losses.parquet")).set_index(["model", "text"])["loss"]
 
     def median_cos(art: store.Artifact) -> float:
-        lat = pd.read_parquet(art.file("latents.parquet"))
-        return float(lat[(lat.density_mix > 0) | (lat.density_source > 0)].cos.median())
+        return float(diffing.live_latents(pd.read_parquet(art.file("latents.parquet"))).cos.median())
+    cos = median_cos(a)
     line = (f"Model-diffing pilot (`{a.key}`): fine-tuning the LM on {m['finetune_tokens'] / 1e6:.1f}M tokens of "
             f"{a.config['source']} moves its held-out loss there from {losses['base', 'source']:.2f} to "
             f"{losses['finetuned', 'source']:.2f} nats (mix text: {losses['base', 'mix']:.2f} to "
             f"{losses['finetuned', 'mix']:.2f}); a TopK crosscoder on both models' MLP activations has "
             f"{m['crosscoder_live']:,} live latents, {m['latents_finetune_only']} specific to the fine-tune and "
             f"{m['latents_base_only']} to the base model, the median cosine of a latent's two decoder halves is "
-            f"{median_cos(a):.2f}")
+            f"{cos:.2f}")
     try:
         c_art = store.load(a.stage, a.profile, "finetune-mix")
         c = c_art.metrics
         line += (f" (control, fine-tuned as long on the base mix: {c['latents_finetune_only']}, "
                  f"{c['latents_base_only']} and {median_cos(c_art):.2f})")
-        if m["latents_finetune_only"] + m["latents_base_only"] == 0 and median_cos(a) < median_cos(c_art) - 0.1:
+        if m["latents_finetune_only"] + m["latents_base_only"] == 0 and cos < median_cos(c_art) - 0.1:
             line += ": the fine-tune rotated features rather than adding or removing them"
     except store.CacheError:
         pass

@@ -32,7 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, hardware
-from .config import StageConfig, UserError, cache_dir, check_profile, project_root, stable_hash, work_dir
+from .config import (
+    COMMAND_START_ENV,
+    StageConfig,
+    UserError,
+    cache_dir,
+    check_profile,
+    project_root,
+    stable_hash,
+    work_dir,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # bumped when the manifest's own layout changes
@@ -306,9 +315,6 @@ def _read_manifest(path: Path, key: str, command: str) -> dict[str, Any]:
         raise CacheError(f"{key}/{MANIFEST} is not a manifest; regenerate it with `{command}`")
     return manifest
 
-
-COMMAND_START_ENV = "MONOSEMANTIC_COMMAND_START"
-"""Set by the CLI to the epoch time its command started: an artifact's wall time is then the command's."""
 
 READS: dict[str, str] = {}
 """Every artifact :func:`load` returned in this process, with its content hash: the book build reads it
