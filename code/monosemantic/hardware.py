@@ -74,6 +74,10 @@ def describe() -> dict:
 def slug() -> str:
     """A folder-safe name for this machine's kind, e.g. ``cpu-amd-epyc-2c`` or ``gpu-nvidia-h100-80gb-hbm3``."""
     gpu = cuda_device()
-    name = f"gpu-{gpu}" if gpu else f"cpu-{cpu_model()}-{os.cpu_count()}c"
+    return slug_text(f"gpu-{gpu}" if gpu else f"cpu-{cpu_model()}-{os.cpu_count()}c")
+
+
+def slug_text(name: str) -> str:
+    """``name`` made folder-safe: lower case, (R) and (TM) dropped, runs of other characters as one ``-``."""
     name = re.sub(r"\((r|tm)\)", "", name.lower())
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")

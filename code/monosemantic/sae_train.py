@@ -238,6 +238,7 @@ def train_run(run: Run, *, profile: str, stage: SAEStageConfig, model, train_row
     trained = _train(run.cfg, source, checkpoint, progress, desc=f"SAE {run.name}")
     # the curve's clock runs across resumes; this process's alone would overstate a resumed run's speed
     seconds = trained.history[-1]["seconds"] if trained.history else time.perf_counter() - start
+    trained.sae.cpu()  # trained on the GPU when there is one; the LM it is evaluated in stays on the CPU
     metrics, density = evaluate_run(model, trained.sae, val_tokens, val_rows, stage, run.cfg.n_activations)
     metrics["train_seconds"] = round(seconds, 1)
     metrics["activations_per_s"] = round(run.cfg.n_activations / max(seconds, 1e-9), 1)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from monosemantic import bench, hardware, store
 from monosemantic.anchor_reference import AnchorTransformer, anchor_train_step
+from monosemantic.config import UserError
 
 
 def test_rows_carry_the_ratio_and_are_written_as_an_artifact(tmp_cache):
@@ -91,3 +93,28 @@ def test_numerics_rows_show_cpu_training_repeats_exactly():
     assert len(rows) == 8 and all(r["ours"] == 0.0 for r in rows), rows
     lm_loss = rows[0]
     assert "cpu vs cpu" in lm_loss["name"] and 0 < lm_loss["cpu_value"] < 9  # ln(2048) = 7.6 at the start
+
+
+def _pipeline_caches(root, drop=None):
+    for side, shift in (("gpu", 0.01), ("cpu", 0.0)):
+        for key, names in bench.PIPELINE_CHECK.items():
+            if side == "gpu" and key == drop:
+                continue
+            folder = root / side / key
+            folder.mkdir(parents=True)
+            (folder / "manifest.json").write_text(json.dumps({
+                "metrics": {m: 1.0 + shift for m in names}, "wall_time_s": 2.0,
+                "hardware": {"gpu": "Test GPU" if side == "gpu" else None}}))
+
+
+def test_the_gpu_pipeline_check_compares_every_stage_and_refuses_a_missing_one(tmp_cache, tmp_path):
+    _pipeline_caches(tmp_path / "ok")
+    rows, hw = bench.pipeline_check_rows(tmp_path / "ok" / "gpu", tmp_path / "ok" / "cpu")
+    assert len(rows) == sum(len(v) for v in bench.PIPELINE_CHECK.values()) and hw["gpu"] == "Test GPU"
+    assert all(abs(r["difference"] - 0.01) < 1e-9 for r in rows)
+    path = bench.store_pipeline_check(tmp_path / "ok" / "gpu", tmp_path / "ok" / "cpu")
+    art = store.load("gpucheck", "tiny", "test-gpu")
+    assert path.endswith("gpucheck/tiny-test-gpu") and abs(art.metrics["largest_relative_difference"] - 0.01) < 1e-9
+    _pipeline_caches(tmp_path / "bad", drop="sae/tiny-topk")
+    with pytest.raises(UserError, match="sae/tiny-topk is missing from the gpu cache"):
+        bench.pipeline_check_rows(tmp_path / "bad" / "gpu", tmp_path / "bad" / "cpu")
