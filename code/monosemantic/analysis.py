@@ -165,16 +165,17 @@ def token_families(pieces: Sequence[bytes], eot: Sequence[bool] | None = None) -
 
 
 def window_families(tokenizer, windows: np.ndarray) -> np.ndarray:
-    """(W, T, F) bool family labels of token windows (W, T), each window read as one text."""
+    """(W, T, F) bool family labels of token windows (W, T), each window read as one text. ``tokenizer``:
+    GPT-2's (:mod:`monosemantic.tokenizer`) or any with ``token_bytes``, ``eot_id`` and ``n_vocab``."""
+    eot, n_vocab = getattr(tokenizer, "eot_id", EOT_ID), getattr(tokenizer, "n_vocab", N_VOCAB)
     out = np.zeros((*windows.shape, len(FAMILY_NAMES)), dtype=bool)
     cache: dict[int, bytes] = {}
     for w, ids in enumerate(windows):
-        pieces = []
-        for i in ids.tolist():
-            if i not in cache:
-                cache[i] = b"" if i == EOT_ID or i >= N_VOCAB else tokenizer.encoding.decode_single_token_bytes(i)
-            pieces.append(cache[i])
-        out[w] = token_families(pieces, ids == EOT_ID)
+        missing = sorted({i for i in ids.tolist() if i not in cache})
+        real = [i for i in missing if i != eot and i < n_vocab]
+        cache.update(dict.fromkeys(missing, b""))
+        cache.update(zip(real, tokenizer.token_bytes(real), strict=True))
+        out[w] = token_families([cache[i] for i in ids.tolist()], ids == eot)
     return out
 
 
@@ -557,7 +558,12 @@ class Explainer:
 def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, val_tokens: np.ndarray,
             cfg: AnalysisConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every pass; returns pandas tables: ``units`` (one row per unit of every set), ``contexts``,
-    ``top_tokens``, ``logits``, ``histograms``, ``families`` and a ``vocab`` of the token strings used."""
+    ``top_tokens``, ``logits``, ``histograms``, ``families`` and a ``vocab`` of the token strings used.
+
+    ``model``: the one-layer LM, or any object with its interface (``config.context_length``, ``d_mlp``,
+    ``vocab_size``; ``run_with_cache(ids, [HOOK])``), a ``logit_effects(directions)`` and ``n_vocab`` (real
+    tokens) of its own, as :class:`monosemantic.llama.AnalysisModel` has for SmolLM2 or Stheno.
+    ``tokenizer``: ``token_bytes``, ``token_strings`` and ``eot_id`` (the document separator)."""
     import pandas as pd
 
     T = model.config.context_length
@@ -571,7 +577,7 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
     maxima = [st.max for st in stats]
     intervals = _interval_pass(model, sets, windows, maxima, cfg, progress)
 
-    eots = np.flatnonzero(np.asarray(explain_tokens) == EOT_ID)
+    eots = np.flatnonzero(np.asarray(explain_tokens) == getattr(tokenizer, "eot_id", EOT_ID))
 
     def document(g: np.ndarray) -> np.ndarray:  # the document of global index g (window * T + t)
         return np.searchsorted(eots, starts[g // T] + g % T)
@@ -637,7 +643,8 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
         base_v = (h["family_tokens"] / h["n"]).numpy()
         hist = st.hist.numpy()
         q = _quantiles(hist, (0.5, 0.9, 0.99))
-        effects = logit_effects(model, s.directions)[:, :N_VOCAB]
+        effects = (model.logit_effects(s.directions) if hasattr(model, "logit_effects")  # another model kind
+                   else logit_effects(model, s.directions))[:, :getattr(model, "n_vocab", N_VOCAB)]
         up_v, up_i = effects.topk(cfg.logit_tokens, dim=1)
         down_v, down_i = (-effects).topk(cfg.logit_tokens, dim=1)
         fired_e = st.fired.numpy()
@@ -684,7 +691,14 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
     for ids in contexts_df.get("tokens", []):
         used |= set(ids.tolist())
     used_ids = np.array(sorted(used), dtype=np.int64)
-    vocab = pd.DataFrame({"token": used_ids, "text": tokenizer.token_strings(used_ids)})
+    special = (used_ids == getattr(tokenizer, "eot_id", EOT_ID)) | (used_ids >= getattr(tokenizer, "n_vocab", N_VOCAB))
+    real = tokenizer.token_bytes(used_ids[~special])
+    pieces = [b""] * len(used_ids)
+    for j, piece in zip(np.flatnonzero(~special), real, strict=True):
+        pieces[j] = piece
+    # bytes too, so that the browser shows any model's tokens without its tokenizer
+    vocab = pd.DataFrame({"token": used_ids, "text": tokenizer.token_strings(used_ids), "bytes": pieces,
+                          "special": special | np.array([not p for p in pieces], dtype=bool)})
     families = pd.DataFrame({"family": list(FAMILY_NAMES), "description": [FAMILIES[f] for f in FAMILY_NAMES],
                              "token_share_explain": base_explain.numpy(),
                              "token_share_val": (held[0]["family_tokens"] / held[0]["n"]).numpy()})

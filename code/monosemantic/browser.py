@@ -38,20 +38,43 @@ def _round(x: float, digits: int = 3) -> float | None:
 def display_tokens(tokenizer, ids) -> list[str]:
     """Each token's text for display, decoded in sequence: a character whose UTF-8 bytes are split over
     several byte-level tokens is shown whole on the token that completes it (the others show nothing),
-    instead of a U+FFFD on each part."""
+    instead of a U+FFFD on each part. Special tokens (the document separator, ids past the real vocabulary,
+    tokens without bytes) show their names. ``tokenizer``: GPT-2's, or any with ``token_bytes``,
+    ``token_strings`` and ``eot_id`` (as :class:`VocabPieces` reads them from an analysis's vocab table)."""
     import codecs
 
+    from .analysis import EOT_ID, N_VOCAB
+
+    eot, n_vocab = getattr(tokenizer, "eot_id", EOT_ID), getattr(tokenizer, "n_vocab", N_VOCAB)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = []
     for i in ids:
         i = int(i)
-        if i >= tokenizer.eot_id:  # <|endoftext|> and the padding ids: their names, never bytes
+        piece = b"" if i == eot or i >= n_vocab else tokenizer.token_bytes([i])[0]
+        if not piece:  # special: its name, never bytes
             out.append(decoder.decode(b"", final=True) + tokenizer.token_strings([i])[0])
             continue
-        out.append(decoder.decode(tokenizer.encoding.decode_single_token_bytes(i)))
+        out.append(decoder.decode(piece))
     if out:
         out[-1] += decoder.decode(b"", final=True)  # a character cut off by the context's end
     return out
+
+
+class VocabPieces:
+    """The tokens an analysis used, read from its ``vocab`` table (token, text, bytes, special), so the
+    browser needs no tokenizer: any model's tables display the same way."""
+
+    def __init__(self, vocab):
+        self.text = dict(zip(vocab["token"].tolist(), vocab["text"].tolist(), strict=True))
+        self.bytes = {t: (b"" if sp else bytes(b)) for t, b, sp in
+                      zip(vocab["token"].tolist(), vocab["bytes"].tolist(), vocab["special"].tolist(), strict=True)}
+        self.eot_id, self.n_vocab = -1, 1 << 62
+
+    def token_bytes(self, ids) -> list[bytes]:
+        return [self.bytes[int(i)] for i in ids]
+
+    def token_strings(self, ids) -> list[str]:
+        return [self.text[int(i)] for i in ids]
 
 
 def _json(payload: Any) -> str:
@@ -68,9 +91,12 @@ def write(art, out: Path, sets: tuple[tuple[str, str], ...] = SETS) -> dict[str,
     out.mkdir(parents=True)
     tables = {name: pd.read_parquet(art.file(f"{name}.parquet")) for name in
               ("units", "contexts", "top_tokens", "logits", "histograms", "vocab", "families", "neighbours")}
-    from .tokenizer import load as load_tokenizer
+    if "bytes" in tables["vocab"].columns:
+        tokenizer = VocabPieces(tables["vocab"])
+    else:  # tables written before the vocab table kept bytes: the one-layer model's GPT-2 tokenizer
+        from .tokenizer import load as load_tokenizer
 
-    tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer()
     text = dict(zip(tables["vocab"].token.tolist(), tables["vocab"].text.tolist(), strict=True))
     names = [s for s, _ in sets]
     index: dict[str, Any] = {"sets": [], "families": dict(zip(tables["families"].family,

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -127,6 +128,12 @@ class LlamaConfig(StageConfig):
     explain_tokens: int = 262_144
     """Harvested activations the feature table reads (density, top tokens, best token family); the held-out
     evaluation tokens score the family (concept specificity, as in :mod:`monosemantic.analysis`)."""
+    heldout_tokens: int = 65_536
+    """Validation-split tokens on which the feature analysis scores each feature's explanation."""
+    dead_window: int = 100_000
+    """A latent that has not fired for this many training activations is dead, and AuxK trains it on the
+    residual. Too long a window leaves rare latents untouched: SmolLM2's 6,144 with a 500k window left 36%
+    silent on 262k tokens (the expected latent fires k / n_features = 1 in 192 activations)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -135,7 +142,7 @@ class LlamaConfig(StageConfig):
                 raise ConfigError(f"LlamaConfig: {msg}")
 
         for name in ("seq_len", "batch_size", "harvest_tokens", "shard_tokens", "k", "sae_batch", "eval_tokens",
-                     "top_examples", "explain_tokens"):
+                     "top_examples", "explain_tokens", "heldout_tokens", "dead_window"):
             value = getattr(self, name)
             need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
         need(self.site in SITES, f"site must be one of {', '.join(SITES)}, got {self.site!r}")
@@ -155,6 +162,12 @@ class LlamaConfig(StageConfig):
         """What the stored activations depend on (a resumed harvest must agree on all of these)."""
         return {k: getattr(self, k) for k in ("model", "layer", "site", "dtype", "seq_len", "store_dtype",
                                               "skip_first", "shard_tokens")}
+
+    def train_fields(self) -> dict[str, Any]:
+        """What a trained SAE depends on: its activations and its training settings (not the evaluation's)."""
+        return {**self.harvest_fields(), "harvest_tokens": self.harvest_tokens,
+                **{k: getattr(self, k) for k in ("expansion", "k", "sae_batch", "sae_lr", "sae_epochs", "memory_gb",
+                                                 "dead_window", "seed")}}
 
 
 def model_slug(spec: str) -> str:
@@ -881,7 +894,7 @@ def sae_config(cfg: LlamaConfig, d_in: int, n_features: int, n_steps: int):
 
     return SAEConfig(d_in=d_in, n_features=n_features, architecture="topk", k=cfg.k, lr=cfg.sae_lr,
                      batch_size=cfg.sae_batch, n_steps=n_steps, resample_every=0, dtype="auto",
-                     dead_window=min(10_000_000, max(cfg.sae_batch, cfg.harvest_tokens // 4)),
+                     dead_window=max(cfg.sae_batch, cfg.dead_window),
                      b_dec_init="geometric_median", seed=cfg.seed, log_every=max(1, min(100, n_steps // 20)))
 
 
@@ -1019,6 +1032,34 @@ def train(cfg: LlamaConfig, profile: str, *, folder: Path | None = None, fsdp: b
 
 
 # --- evaluation -----------------------------------------------------------------------------------------------
+
+def trained(cfg: LlamaConfig, profile: str, *, fsdp: bool = False, progress: bool = True) -> TrainOutput:
+    """:func:`train`, or the SAE a finished run with the same :meth:`LlamaConfig.train_fields` left in
+    ``cache/work`` (fp32, with its curve and timing), so changing only the evaluation does not retrain."""
+    from . import sae as sae_mod
+    from .config import stable_hash
+
+    folder = run_dir(profile, cfg) / "sae-runs" / stable_hash(cfg.train_fields())
+    result = folder / "result.json"
+    if result.is_file():
+        saved = json.loads(result.read_text())
+        if saved.get("fields") == json.loads(json.dumps(cfg.train_fields())):
+            init_distributed()
+            sae = sae_mod.load(folder / "sae", device=_device_for(dist_info()))
+            if dist_info().rank == 0:
+                print(f"llama train: reusing the SAE trained with this config in {folder} "
+                      f"({saved['seconds']:.0f} s of training)")
+            return TrainOutput(sae, saved["history"], MemoryPlan(**saved["plan"]), saved["acts_per_s"],
+                               saved["seconds"])
+    out = train(cfg, profile, fsdp=fsdp, progress=progress)
+    if dist_info().rank == 0:
+        if folder.exists():
+            shutil.rmtree(folder)
+        sae_mod.save(out.sae, folder / "sae", dtype=torch.float32)
+        _write_json(result, {"fields": cfg.train_fields(), "history": out.history, "plan": out.plan._asdict(),
+                             "acts_per_s": out.acts_per_s, "seconds": out.seconds})
+    return out
+
 
 class EvalResult(NamedTuple):
     metrics: dict[str, float]
@@ -1219,6 +1260,104 @@ def explain_chunks(source: LlamaSource, shards: Shards, n_rows: int, window: int
         done += n
 
 
+# --- the feature analysis of the one-layer model (explain-then-predict, dashboards, browser), on a Llama ---------
+
+class AnalysisTokenizer:
+    """A Llama tokenizer as :func:`monosemantic.analysis.analyze` reads one: bytes and text of tokens, the
+    document separator (EOS: :func:`windows` ends every document with it) and the real vocabulary size."""
+
+    def __init__(self, source: LlamaSource):
+        self.source = source
+        self.eot_id = int(getattr(source.tokenizer, "eos_token_id", None) or 0)
+        self.n_vocab = len(source.tokenizer) if hasattr(source.tokenizer, "__len__") else source.model.config.vocab_size
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        return self.source.token_bytes(ids)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return self.source.token_strings([int(i) for i in ids])
+
+
+class AnalysisModel:
+    """A Llama layer's activations as :func:`monosemantic.analysis.analyze` reads a model's MLP: each
+    window of ``T`` tokens runs after one EOS token, which takes the attention sink's outlier activations
+    (as the harvest's skipped first position does), and only the window's positions are returned."""
+
+    def __init__(self, source: LlamaSource, hook: str, window: int):
+        from types import SimpleNamespace
+
+        self.source, self.hook = source, hook
+        self.prefix = AnalysisTokenizer(source).eot_id
+        self.config = SimpleNamespace(context_length=window, d_mlp=source.width(hook),
+                                      vocab_size=source.model.config.vocab_size)
+        self.n_vocab = AnalysisTokenizer(source).n_vocab
+
+    def run_with_cache(self, ids: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        full = torch.cat([torch.full((ids.shape[0], 1), self.prefix, dtype=torch.long), ids], dim=1)
+        acts = self.source.run_with_hooks(full, [self.hook])[self.hook][:, 1:].cpu()
+        return dict.fromkeys(names, acts)
+
+    @torch.no_grad()
+    def logit_effects(self, directions: torch.Tensor) -> torch.Tensor:
+        """(n, vocab) direct effect on the logits of writing each direction into the layer: for the MLP's
+        hidden layer through ``down_proj``, then the final RMSNorm's gain (not its data-dependent scale)
+        and the unembedding. Only the direct path: exact for the last layer, partial for earlier ones."""
+        _, site = parse_hook(self.hook, self.source.n_layers)
+        layer = self.source.model.model.layers[parse_hook(self.hook, self.source.n_layers)[0]]
+        d = directions.float()
+        if site == "mlp.hook_post":
+            d = d @ layer.mlp.down_proj.weight.float().t()
+        elif site in ("mlp.hook_pre",):
+            raise LlamaError("logit effects need a site that writes into the residual stream or the MLP output")
+        d = d * self.source.model.model.norm.weight.float()
+        return d @ self.source.model.lm_head.weight.float().t()
+
+
+def token_stream(source: LlamaSource, texts: Iterable[str], n_tokens: int) -> Any:
+    """The first ``n_tokens`` of ``texts`` packed as :func:`windows` packs them (each document then EOS),
+    as a numpy array: the text the feature analysis reads."""
+    import numpy as np
+
+    eos = getattr(source.tokenizer, "eos_token_id", None)
+    out: list[int] = []
+    for text in texts:
+        out.extend(source.encode(text, add_special_tokens=True))
+        if eos is not None:
+            out.append(int(eos))
+        if len(out) >= n_tokens:
+            break
+    if not out:
+        raise LlamaError("no text to analyse: build the corpus first (`monosemantic corpus --profile ...`)")
+    return np.asarray(out[:n_tokens], dtype=np.int64)
+
+
+def analysis_config(cfg: LlamaConfig):
+    """The one-layer analysis's settings, sized for a Llama run (its explanation and held-out text)."""
+    from .analysis import AnalysisConfig
+
+    return AnalysisConfig(explain_tokens=cfg.explain_tokens, batch_windows=cfg.batch_size, top_contexts=12)
+
+
+def analyze_features(cfg: LlamaConfig, profile: str, source: LlamaSource, sae, *, progress: bool = True,
+                     texts: tuple[Iterable[str], Iterable[str]] | None = None) -> dict[str, Any]:
+    """:func:`monosemantic.analysis.analyze` on this run's layer: the SAE's features (set ``topk``) and the
+    layer's neurons (``neurons``), read on the first ``explain_tokens`` of the train text and scored on
+    ``heldout_tokens`` of the val text (``texts``: (train, val) instead of the corpus's splits)."""
+    from . import analysis
+
+    hook = source.hook_name(cfg.layer, cfg.site)
+    window = cfg.seq_len - cfg.skip_first
+    train_texts, val_texts = texts or (corpus_texts(profile, "train"), corpus_texts(profile, "val"))
+    explain = token_stream(source, train_texts, cfg.explain_tokens)
+    val = token_stream(source, val_texts, cfg.heldout_tokens)
+    sets = [analysis.UnitSet.from_sae(analysis.MAIN_SAE, sae)]
+    if cfg.site.startswith("mlp."):
+        sets.insert(0, analysis.UnitSet.neurons(source.width(hook)))
+    return analysis.analyze(AnalysisModel(source, hook, window), AnalysisTokenizer(source), sets, explain, val,
+                            analysis_config(cfg), progress=progress)
+
+
 # --- the whole run (harvest -> train -> evaluate -> cache) ---------------------------------------------------
 
 def artifact_name(cfg: LlamaConfig, n_features: int) -> str:
@@ -1241,16 +1380,17 @@ def eval_windows(cfg: LlamaConfig, source: LlamaSource, profile: str, texts: Ite
 def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | None = None,
                     texts: Callable[[], Iterable[str]] | None = None, fsdp: bool = False,
                     progress: bool = True):
-    """Train the SAE on the harvested shards, evaluate it, and write the artifact ``llama/<profile>-<name>``:
-    metrics (with the measured throughputs the cost model reads), the feature table (parquet), the
-    training curve, and the fp16 SAE (SAELens format) in the cache when small (<= 20 MB), else in
-    ``cache/work``. Only rank 0 evaluates and writes."""
+    """Train the SAE on the harvested shards, evaluate it, analyse its features, and write the artifact
+    ``llama/<profile>-<name>``: metrics (with the measured throughputs the cost model reads), the feature
+    table (parquet), the one-layer analysis's tables (:data:`monosemantic.analysis.TABLES`: scores,
+    dashboards, logit effects; the browser reads them), the training curve, and the fp16 SAE (SAELens
+    format) in ``cache/work``. Only rank 0 evaluates and writes."""
     import pandas as pd
 
+    from . import analysis, store
     from . import sae as sae_mod
-    from . import store
 
-    out = train(cfg, profile, fsdp=fsdp, progress=progress)
+    out = trained(cfg, profile, fsdp=fsdp, progress=progress)
     d = dist_info()
     if d.rank != 0:
         return None
@@ -1264,14 +1404,25 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
     ev = evaluate(cfg, source, out.sae, eval_windows(cfg, source, profile, texts() if texts else None),
                   explain=shards, progress=progress)
     eval_seconds = time.perf_counter() - eval_start
+    analysis_start = time.perf_counter()
+    tables = analyze_features(cfg, profile, source, out.sae.cpu(), progress=progress,
+                              texts=(texts(), texts()) if texts else None)
+    analysis_seconds = time.perf_counter() - analysis_start
     name = artifact_name(cfg, out.sae.cfg.n_features)
     with store.write("llama", profile, name, config=cfg) as w:
-        w.wall_time_s = shards.harvest_seconds() + out.seconds + eval_seconds
-        big = out.sae.cfg.d_in * out.sae.cfg.n_features * 2 * 2 > 20e6
-        sae_mod.save(out.sae, (w.work_dir if big else w.dir) / "sae",
-                     metadata={"hook_name": hook, "model_name": cfg.model})
+        w.wall_time_s = shards.harvest_seconds() + out.seconds + eval_seconds + analysis_seconds
+        # weights in cache/work (DESIGN: large-model SAEs commit their metrics and tables, not weights)
+        sae_mod.save(out.sae, w.work_dir / "sae", metadata={"hook_name": hook, "model_name": cfg.model})
         ev.features.to_parquet(w.dir / "features.parquet", index=False)
         pd.DataFrame(out.history).to_parquet(w.dir / "history.parquet", index=False)
+        for table in analysis.TABLES:  # the one-layer analysis's tables: chapter 04's scores and the browser
+            tables[table].to_parquet(w.dir / f"{table}.parquet", index=False)
+        acfg = analysis_config(cfg)
+        w.metrics.update({f"analysis_{k}": v for k, v in analysis.summary_metrics(tables["units"], acfg).items()
+                          if not isinstance(v, str)})
+        w.metrics.update({"analysis_explain_tokens": tables["tokens"]["explain"],
+                          "analysis_heldout_tokens": tables["tokens"]["held_out"],
+                          "analysis_seconds": round(analysis_seconds, 1)})
         w.metrics.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in ev.metrics.items()})
         w.metrics.update({"n_features": out.sae.cfg.n_features, "d_in": out.sae.cfg.d_in, "k": cfg.k,
                           "train_activations": out.sae.cfg.n_steps * cfg.sae_batch,
@@ -1285,6 +1436,19 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
     print(f"llama: wrote llama/{profile}-{name}: " + ", ".join(
         f"{k}={ev.metrics[k]:.4g}" for k in ("mse", "fvu", "l0", "dead_fraction", "ce_loss_recovered")))
     return store.load("llama", profile, name)
+
+
+def main_artifact():
+    """The Llama-family run the book shows: a Stheno (gpu profile) run when one is cached, else the widest
+    SmolLM2 SAE of the cpu profile; ``None`` when there is none. Chapter 04 and its browser read it."""
+    from . import store
+
+    arts = [a for a in store.list_artifacts("llama") if not a.name.startswith("throughput-")]
+    if not arts:
+        return None
+    arts.sort(key=lambda a: ({"gpu": 0, "cpu": 1, "tiny": 2}.get(a.profile, 3), "smollm2" in a.name,
+                             -a.metrics.get("n_features", 0), a.name))
+    return store.load("llama", arts[0].profile, arts[0].name)
 
 
 def load_sae(artifact) -> Any:

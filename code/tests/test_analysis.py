@@ -238,3 +238,13 @@ def test_browser_shows_characters_split_over_tokens_whole(tok):
         shown = display_tokens(tok, ids)
         assert len(shown) == len(ids) and "".join(shown) == text and "\ufffd" not in "".join(shown)
     assert display_tokens(tok, [A.EOT_ID])[0] == "<|endoftext|>"
+    # from an analysis's vocab table alone (any model's tables), the same text
+    import pandas as pd
+
+    from monosemantic.browser import VocabPieces
+
+    ids = tok.encode("中文字符 and مرحبا") + [A.EOT_ID]
+    used = sorted(set(ids))
+    vocab = pd.DataFrame({"token": used, "text": tok.token_strings(used), "bytes": tok.token_bytes(used),
+                          "special": [i == A.EOT_ID for i in used]})
+    assert display_tokens(VocabPieces(vocab), ids) == display_tokens(tok, ids)

@@ -202,7 +202,7 @@ def test_cost_model_from_measured_numbers():
     assert cpu["disk_gb"] == pytest.approx(1e6 * 14336 * 2 / 1e9)
 
 
-def test_tiny_run_end_to_end(tiny, tmp_cache):
+def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     texts = some_texts()
     llama.harvest(TINY_CFG, "tiny", source=tiny, texts=texts, progress=False)
     art = llama.train_and_store(TINY_CFG, "tiny", source=tiny, texts=lambda: texts, progress=False)
@@ -221,10 +221,27 @@ def test_tiny_run_end_to_end(tiny, tmp_cache):
     assert len(live) and (live["family"] != "").all() and live["family_share"].between(0, 1).all()
     assert all("[[" in c for cs in live["top_contexts"] for c in cs)
     assert 0 <= m["specific_fraction_features"] <= 1 and m["explain_tokens"] > 0
+    # the one-layer analysis on the same layer: explain-then-predict scores, dashboards, logit effects
+    units = pd.read_parquet(art.file("units.parquet"))
+    assert set(units["set"]) == {"neurons", "topk"} and (units["set"] == "topk").sum() == m["n_features"]
+    assert units.loc[units["scored"], "explain_corr"].between(-1, 1).all() and units["scored"].any()
+    contexts = pd.read_parquet(art.file("contexts.parquet"))
+    assert len(contexts) and all(len(t) == len(a) for t, a in zip(contexts.tokens, contexts.acts, strict=True))
+    logits = pd.read_parquet(art.file("logits.parquet"))
+    assert logits["token"].max() < tiny.model.config.vocab_size
+    assert 0 <= m["analysis_interpretable_fraction_features"] <= 1
     sae = llama.load_sae(art)
     assert sae.cfg.d_in == tiny.d_mlp
     with pytest.raises(llama.LlamaError, match="harvest again"):  # shards made by another config
         llama.train(TINY_CFG.replace(seq_len=16), "tiny", folder=llama.run_dir("tiny", TINY_CFG) / "acts")
+    def no_training(*a, **k):
+        raise AssertionError("retrained")
+
+    monkeypatch.setattr(llama, "train", no_training)  # the SAE trained with this config is reused
+    again = llama.trained(TINY_CFG, "tiny", progress=False)
+    assert torch.allclose(again.sae.W_dec.cpu(), sae.W_dec.cpu(), atol=1e-3)  # stored fp32, cached fp16
+    with pytest.raises(AssertionError, match="retrained"):  # another training setting trains again
+        llama.trained(TINY_CFG.replace(dead_window=1000), "tiny", progress=False)
 
 
 # --- data-parallel training: 2 processes on CPU (gloo) = 1 process on the same global batches --------------
@@ -349,3 +366,19 @@ def test_openmp_threads_sleep_unless_told_otherwise(preset):
     code = "import monosemantic, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (preset or "PASSIVE")
+
+
+def test_logit_effects_name_the_tokens_a_feature_pushes_up(tiny):
+    """Writing a huge multiple of a direction into the last MLP makes it dominate the normalised residual,
+    so the logits' argmax becomes the direct effect's argmax, whatever the rest of the pass did."""
+    hook = tiny.hook_name(-1, "mlp.hook_post")
+    am = llama.AnalysisModel(tiny, hook, window=8)
+    dirs = torch.randn(3, tiny.d_mlp, generator=torch.Generator().manual_seed(0))
+    effects = am.logit_effects(dirs)
+    assert effects.shape == (3, tiny.model.config.vocab_size)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for d, e in zip(dirs, effects, strict=True):
+        out = tiny.forward(ids, splice={hook: lambda x, d=d: x + 1e4 * d.to(x.dtype)})
+        assert int(out.logits[0, -1].argmax()) == int(e.argmax())
+    acts = am.run_with_cache(ids, [hook])[hook]
+    assert acts.shape == (1, 4, tiny.d_mlp)  # the EOS in front is read but not returned

@@ -29,7 +29,7 @@ def test_every_page_of_the_real_site_loads_cleanly(tmp_path, monkeypatch):
         pytest.skip("the committed cache has no trained model")
     copy = tmp_path / "book"
     copy.mkdir()
-    shutil.copytree(root / "report", copy / "report", ignore=shutil.ignore_patterns("browser"))
+    shutil.copytree(root / "report", copy / "report", ignore=shutil.ignore_patterns("browser", "browser-llama"))
     shutil.copy(root / "_quarto.yml", copy / "_quarto.yml")
     (copy / "cache").symlink_to(root / "cache")  # read only: chapters load, never write
     (copy / "figures").mkdir()  # figures the chapters save for the README land here, not in the checkout
