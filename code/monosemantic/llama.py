@@ -597,15 +597,19 @@ def corpus_texts(profile: str, split: str = "train") -> Iterator[str]:
         yield gpt2.decode(carry)
 
 
-def windows(source: LlamaSource, texts: Iterable[str], seq_len: int) -> Iterator[list[int]]:
-    """Pack documents (each tokenized as the model's tokenizer does by default, BOS included where it adds
-    one, followed by EOS) into consecutive windows of ``seq_len`` tokens."""
+def documents(source: LlamaSource, texts: Iterable[str]) -> Iterator[list[int]]:
+    """Each document tokenized as the model's tokenizer does by default (BOS included where it adds one),
+    followed by EOS: the packing of :func:`windows` and :func:`token_stream`."""
     eos = getattr(source.tokenizer, "eos_token_id", None)
-    buf: list[int] = []
     for text in texts:
-        buf.extend(source.encode(text, add_special_tokens=True))
-        if eos is not None:
-            buf.append(int(eos))
+        yield source.encode(text, add_special_tokens=True) + ([int(eos)] if eos is not None else [])
+
+
+def windows(source: LlamaSource, texts: Iterable[str], seq_len: int) -> Iterator[list[int]]:
+    """Pack :func:`documents` into consecutive windows of ``seq_len`` tokens."""
+    buf: list[int] = []
+    for doc in documents(source, texts):
+        buf.extend(doc)
         while len(buf) >= seq_len:
             yield buf[:seq_len]
             buf = buf[seq_len:]
@@ -1319,12 +1323,9 @@ def token_stream(source: LlamaSource, texts: Iterable[str], n_tokens: int) -> An
     as a numpy array: the text the feature analysis reads."""
     import numpy as np
 
-    eos = getattr(source.tokenizer, "eos_token_id", None)
     out: list[int] = []
-    for text in texts:
-        out.extend(source.encode(text, add_special_tokens=True))
-        if eos is not None:
-            out.append(int(eos))
+    for doc in documents(source, texts):
+        out.extend(doc)
         if len(out) >= n_tokens:
             break
     if not out:

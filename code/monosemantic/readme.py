@@ -56,7 +56,10 @@ def _smollm2(a: store.Artifact) -> str:
                f"harvested tokens" if "dead_fraction_explain" in m else
                f"{m['dead_fraction']:.1%} of its features are dead on held-out text")
             + (f", {m['specific_fraction_features']:.0%} of the scored ones specific to one token family (the "
-               f"analysis stage's detectors)." if "specific_fraction_features" in m else "."))
+               f"analysis stage's detectors)" if "specific_fraction_features" in m else "")
+            + (f"; explain-then-predict: {m['analysis_interpretable_fraction_features']:.0%} of its scored features "
+               f"and {m['analysis_interpretable_fraction_neurons']:.0%} of the layer's neurons reach a held-out "
+               f"correlation of 0.5." if "analysis_interpretable_fraction_features" in m else "."))
 
 
 def _sae(a: store.Artifact) -> str:

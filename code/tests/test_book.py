@@ -446,3 +446,20 @@ def test_every_page_of_the_site_loads_without_console_errors_or_broken_links(boo
     with pytest.raises(Exception) as err:
         build_book(root, pdf_book=False, log=quiet)
     assert "missing.png" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_table_cell_starting_with_an_equals_sign_is_text_not_a_heading(tmp_path):
+    """A context such as '= &cpu_data' in a table cell: pandoc writes ``[= ...]``, which typst reads as a
+    heading, and the book's heading rule (a page break) cannot run inside a table."""
+    import typst
+
+    from monosemantic.book.pdf import escape_cell_headings
+
+    src = "#show heading.where(level: 1): it => { pagebreak(weak: true); it }\n#table(columns: 2, [a], [= b &c])\n"
+    bad, good = tmp_path / "bad.typ", tmp_path / "good.typ"
+    bad.write_text(src)
+    good.write_text(escape_cell_headings(src))
+    with pytest.raises(Exception, match="pagebreak"):
+        typst.compile(str(bad), output=str(tmp_path / "bad.pdf"))
+    typst.compile(str(good), output=str(tmp_path / "good.pdf"))
+    assert escape_cell_headings("[a = b], [=x]") == "[a = b], [=x]"  # only a heading's opening

@@ -44,6 +44,12 @@ def modernise_symbols(source: str) -> str:
     return source
 
 
+def escape_cell_headings(source: str) -> str:
+    """Escape an ``=`` that opens a content block (``[= x]``, as pandoc writes a table cell whose text starts
+    with ``= ``): typst reads it as a heading, and a heading inside a table is an error."""
+    return re.sub(r"(?<=\[)(=+)(?= )", lambda m: "\\=" * len(m.group(1)), source)
+
+
 def write_pdf(blocks: list[A.Node], meta: dict[str, Any], *, out_dir: Path, name: str,
               bibliography: list[Path], api: list[int] | None = None) -> Path:
     """Typeset ``blocks`` (all chapters, references resolved for typst) to ``out_dir/name``."""
@@ -55,7 +61,7 @@ def write_pdf(blocks: list[A.Node], meta: dict[str, Any], *, out_dir: Path, name
         args += ["--citeproc", *[f"--bibliography={b}" for b in bibliography],
                  "-M", "reference-section-title=References", "-M", "link-citations=true"]
     source = pandoc.write(pandoc.document(fit_tables(blocks), meta, api), "typst", "the book (typst)", args)
-    source = modernise_symbols(source)
+    source = escape_cell_headings(modernise_symbols(source))
     typ = out_dir / (Path(name).stem + ".typ")
     typ.write_text(source, encoding="utf-8")
     pdf = out_dir / name
