@@ -1141,14 +1141,12 @@ def window_labels(source: LlamaSource, tokens: torch.Tensor, window: int) -> tor
     from .analysis import FAMILY_NAMES, token_families
 
     ids = tokens.tolist()
-    cache: dict[int, bytes] = {}
-    missing = sorted(set(ids) - cache.keys())
-    cache.update(zip(missing, source.token_bytes(missing), strict=True))
+    distinct = sorted(set(ids))
+    piece = dict(zip(distinct, source.token_bytes(distinct), strict=True))
     out = torch.zeros(len(ids), len(FAMILY_NAMES), dtype=torch.bool)
     for s in range(0, len(ids), window):
-        w = ids[s:s + window]
-        pieces = [cache[i] for i in w]
-        out[s:s + len(w)] = torch.from_numpy(token_families(pieces, [not p for p in pieces]))
+        pieces = [piece[i] for i in ids[s:s + window]]
+        out[s:s + len(pieces)] = torch.from_numpy(token_families(pieces, [not p for p in pieces]))
     return out
 
 
@@ -1279,7 +1277,7 @@ class AnalysisTokenizer:
         return self.source.token_bytes(ids)
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
-        return self.source.token_strings([int(i) for i in ids])
+        return self.source.token_strings(ids)
 
 
 class AnalysisModel:
@@ -1291,10 +1289,10 @@ class AnalysisModel:
         from types import SimpleNamespace
 
         self.source, self.hook = source, hook
-        self.prefix = AnalysisTokenizer(source).eot_id
+        tokenizer = AnalysisTokenizer(source)
+        self.prefix, self.n_vocab = tokenizer.eot_id, tokenizer.n_vocab
         self.config = SimpleNamespace(context_length=window, d_mlp=source.width(hook),
                                       vocab_size=source.model.config.vocab_size)
-        self.n_vocab = AnalysisTokenizer(source).n_vocab
 
     def run_with_cache(self, ids: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         ids = torch.as_tensor(ids, dtype=torch.long)
@@ -1307,12 +1305,11 @@ class AnalysisModel:
         """(n, vocab) direct effect on the logits of writing each direction into the layer: for the MLP's
         hidden layer through ``down_proj``, then the final RMSNorm's gain (not its data-dependent scale)
         and the unembedding. Only the direct path: exact for the last layer, partial for earlier ones."""
-        _, site = parse_hook(self.hook, self.source.n_layers)
-        layer = self.source.model.model.layers[parse_hook(self.hook, self.source.n_layers)[0]]
+        layer, site = parse_hook(self.hook, self.source.n_layers)
         d = directions.float()
         if site == "mlp.hook_post":
-            d = d @ layer.mlp.down_proj.weight.float().t()
-        elif site in ("mlp.hook_pre",):
+            d = d @ self.source.model.model.layers[layer].mlp.down_proj.weight.float().t()
+        elif site == "mlp.hook_pre":
             raise LlamaError("logit effects need a site that writes into the residual stream or the MLP output")
         d = d * self.source.model.model.norm.weight.float()
         return d @ self.source.model.lm_head.weight.float().t()
