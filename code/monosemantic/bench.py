@@ -40,9 +40,10 @@ class BenchContext:
     threads: int
     peaks: dict[str, float] = dataclasses.field(default_factory=dict)  # FLOP/s by dtype name
 
-    @property
-    def bf16_peak(self) -> float:
-        return self.peaks.get("bfloat16") or measure_peaks(self)["bfloat16"]
+    def peak(self, dtype: str | torch.dtype) -> float:
+        """Best measured matmul FLOP/s in ``dtype`` (the peak an MFU in that dtype is against)."""
+        name = str(dtype).removeprefix("torch.")
+        return self.peaks.get(name) or measure_peaks(self)[name]
 
 
 def _sync(device: torch.device) -> None:
@@ -97,10 +98,16 @@ def measure_peaks(ctx: BenchContext) -> dict[str, float]:
     for dtype in (torch.float32, torch.bfloat16):
         best = 0.0
         for label, (m, k, n) in shapes.items():
-            a = torch.randn(m, k, dtype=dtype, device=ctx.device)
+            # rows cut so that one product takes about a quarter of a second: an emulated bf16 (AVX2-only
+            # CPUs, ~1 GFLOP/s) would otherwise spend minutes here; a probe of ~2e8 FLOPs gives the rate
+            probe = max(8, min(m, int(2e8 / (2 * k * n))))
             b = torch.randn(k, n, dtype=dtype, device=ctx.device)
+            a = torch.randn(probe, k, dtype=dtype, device=ctx.device)
+            rate = 2 * probe * k * n / time_call(lambda a=a, b=b: a @ b, ctx.device, repeat=1)
+            rows_used = min(m, max(probe, int(0.25 * rate / (2 * k * n))))
+            a = torch.randn(rows_used, k, dtype=dtype, device=ctx.device)
             seconds = time_call(lambda a=a, b=b: a @ b, ctx.device, repeat=2 if ctx.quick else 3)
-            rate = 2 * m * k * n / seconds
+            rate = 2 * rows_used * k * n / seconds
             rows.append((str(dtype).removeprefix("torch."), label, rate))
             best = max(best, rate)
         out[str(dtype).removeprefix("torch.")] = best
@@ -146,11 +153,12 @@ def _bench_lm_batch(ctx: BenchContext, batch: int, forward_too: bool) -> list[di
     from .anchor_reference import AnchorTransformer, anchor_train_step
     from .lm import LMConfig, Transformer
 
-    peak = ctx.bf16_peak
     repeat = 2 if ctx.quick else 3
     torch.manual_seed(0)
     # the anchor's exact architecture (its quirks: no W_O, 1/sqrt(d_model)); the standard form adds 0.25% FLOPs
     cfg = LMConfig(batch_size=batch, anchor_quirks=True, loss_chunk=batch * 128 if ctx.device.type == "cuda" else 128)
+    dtype = str(cfg.compute_dtype(ctx.device)).removeprefix("torch.")  # what `auto` picks on this machine
+    peak, anchor_peak = ctx.peak(dtype), ctx.peak("float32")
     ours = Transformer(cfg).to(ctx.device)
     ours_opt = torch.optim.AdamW(ours.parameters(), lr=5e-4, fused=True)
     anchor = AnchorTransformer().to(ctx.device)
@@ -174,18 +182,18 @@ def _bench_lm_batch(ctx: BenchContext, batch: int, forward_too: bool) -> list[di
     tokens = batch * 128
     f_ours, f_anchor = ours.flops_per_token(), model_flops_per_token(anchor, 128, 128)
     rows = [_row(f"lm train step, batch {batch}", "tokens/s", tokens / t_ours, tokens / t_anchor,
-                 ours_mfu=tokens / t_ours * f_ours / peak, anchor_mfu=tokens / t_anchor * f_anchor / peak,
-                 ours_dtype="bfloat16", anchor_dtype="float32", flops_per_token=f_ours)]
+                 ours_mfu=tokens / t_ours * f_ours / peak, anchor_mfu=tokens / t_anchor * f_anchor / anchor_peak,
+                 ours_dtype=dtype, anchor_dtype="float32", flops_per_token=f_ours)]
     if forward_too and not ctx.quick:
-        # where the gain comes from: the same model with autocast bf16 but the plain logits + F.cross_entropy
+        # where the gain comes from: the same model and dtype but the plain logits + F.cross_entropy
         plain = Transformer(cfg.replace(loss_chunk=0)).to(ctx.device)
         plain_step = train_step(plain, torch.optim.AdamW(plain.parameters(), lr=5e-4, fused=True))
         t_plain, t_anchor2 = time_pair(plain_step, lambda: anchor_train_step(anchor, anchor_opt, x, y), ctx.device,
                                        repeat=repeat)
-        rows.append(_row(f"lm train step, batch {batch}, bf16 without the fused loss", "tokens/s", tokens / t_plain,
-                         tokens / t_anchor2, ours_mfu=tokens / t_plain * f_ours / peak,
-                         anchor_mfu=tokens / t_anchor2 * f_anchor / peak, ours_dtype="bfloat16",
-                         anchor_dtype="float32", note="ablation: autocast bf16, logits + F.cross_entropy"))
+        rows.append(_row(f"lm train step, batch {batch}, {dtype} without the fused loss", "tokens/s",
+                         tokens / t_plain, tokens / t_anchor2, ours_mfu=tokens / t_plain * f_ours / peak,
+                         anchor_mfu=tokens / t_anchor2 * f_anchor / anchor_peak, ours_dtype=dtype,
+                         anchor_dtype="float32", note=f"ablation: {dtype}, logits + F.cross_entropy"))
         del plain, plain_step  # the step holds its optimizer
     if forward_too:
         ours.eval()
@@ -194,13 +202,14 @@ def _bench_lm_batch(ctx: BenchContext, batch: int, forward_too: bool) -> list[di
             t_ours, t_anchor = time_pair(lambda: ours.run_with_cache(x, ["blocks.0.mlp.hook_post"]),
                                          lambda: anchor.forward_embedding(x), ctx.device, repeat=repeat + 2)
             rows.append(_row(f"lm forward to MLP activations (harvest), batch {batch}", "tokens/s",
-                             tokens / t_ours, tokens / t_anchor, ours_dtype="bfloat16", anchor_dtype="float32",
+                             tokens / t_ours, tokens / t_anchor, ours_dtype=dtype, anchor_dtype="float32",
                              note="stops after blocks.0.mlp.hook_post; no unembedding"))
             t_ours, t_anchor = time_pair(lambda: ours(x, y), lambda: anchor(x, y), ctx.device, repeat=repeat)
         f_fwd, f_fwd_anchor = ours.flops_per_token(train=False), model_flops_per_token(anchor, 128, 128, train=False)
         rows.append(_row(f"lm forward with loss, batch {batch}", "tokens/s", tokens / t_ours, tokens / t_anchor,
-                         ours_mfu=tokens / t_ours * f_fwd / peak, anchor_mfu=tokens / t_anchor * f_fwd_anchor / peak,
-                         ours_dtype="bfloat16", anchor_dtype="float32"))
+                         ours_mfu=tokens / t_ours * f_fwd / peak,
+                         anchor_mfu=tokens / t_anchor * f_fwd_anchor / anchor_peak, ours_dtype=dtype,
+                         anchor_dtype="float32"))
     return rows
 
 
@@ -215,11 +224,13 @@ def bench_sae(ctx: BenchContext, d_in: int = 512, n_features: int = 4096, batch:
     from . import sae as S
     from .anchor_reference import anchor_sae_step, make_anchor_sae
 
-    peak = ctx.bf16_peak
+    relu = S.SAEConfig(d_in=d_in, n_features=n_features, batch_size=batch, dtype="auto")
+    dtype_name = str(relu.compute_dtype(ctx.device)).removeprefix("torch.")
+    peak, anchor_peak = ctx.peak(dtype_name), ctx.peak("float32")
     repeat, warmup = (3, 1) if ctx.quick else (9, 2)
     flops = 6 * d_in * n_features  # per activation: a dense step's forward + backward, both sides alike
     note = (f"MFU counts every step as a dense one, 6 B d_in n_features = {flops / 1e6:.3g} MFLOP per activation "
-            "(the work the anchor's step does), over this machine's bf16 matmul peak, for both sides")
+            "(the work the anchor's step does), over this machine's matmul peak in the dtype each side uses")
     torch.manual_seed(0)
     anchor, anchor_opt = make_anchor_sae(d_in, n_features)
     anchor.to(ctx.device)
@@ -243,7 +254,6 @@ def bench_sae(ctx: BenchContext, d_in: int = 512, n_features: int = 4096, batch:
     def anchor_step() -> float:
         return anchor_sae_step(anchor, anchor_opt, x_small)
 
-    relu = S.SAEConfig(d_in=d_in, n_features=n_features, batch_size=batch, dtype="auto")
     k = max(1, min(32, n_features // 8))
     topk = relu.replace(architecture="topk", k=k, aux_k=min(512, n_features // 2))
     cases = [
@@ -260,8 +270,7 @@ def bench_sae(ctx: BenchContext, d_in: int = 512, n_features: int = 4096, batch:
         t_ours, t_anchor = time_pair(fn, anchor_step, ctx.device, repeat=repeat, warmup=warmup)
         ours_rate, anchor_rate = n_ours / t_ours, batch / t_anchor
         rows.append(_row(name, "activations/s", ours_rate, anchor_rate, ours_mfu=ours_rate * flops / peak,
-                         anchor_mfu=anchor_rate * flops / peak,
-                         ours_dtype=str(relu.compute_dtype(ctx.device)).removeprefix("torch."),
+                         anchor_mfu=anchor_rate * flops / anchor_peak, ours_dtype=dtype_name,
                          anchor_dtype="float32", anchor_batch=batch, note=note, **extra))
     if lm_in_loop:
         rows.append(_bench_fused(ctx, relu, anchor, anchor_opt, batch))

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 import platform
 import re
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -24,11 +28,16 @@ def cpu_model() -> str:
 def cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(("flags", "Features")):
                 return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
     return frozenset()
+
+
+# the flags that decide how fast the matrix products are (a manifest records those the CPU has)
+SIMD_FLAGS = frozenset({"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                        "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve", "bf16"})
 
 
 def cpu_bf16_unit() -> str | None:
@@ -58,7 +67,9 @@ def describe() -> dict:
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_bf16": cpu_bf16_unit(),
+        "cpu_flags": sorted(cpu_flags() & SIMD_FLAGS),
         "gpu": cuda_device(),
+        "compute_dtype": dtype_decisions(),
         "python": platform.python_version(),
     }
     try:
@@ -81,3 +92,130 @@ def slug_text(name: str) -> str:
     """``name`` made folder-safe: lower case, (R) and (TM) dropped, runs of other characters as one ``-``."""
     name = re.sub(r"\((r|tm)\)", "", name.lower())
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+# --- the compute dtype: one policy for every stage ------------------------------------------------------------
+#
+# bf16 is fast on GPUs, on Intel AMX, on AVX-512 BF16 and on recent Arm, and emulated (~28x slower than fp32)
+# on AVX2-only CPUs. CPU flags alone do not tell which (an AVX-512 machine without BF16 may still have a fast
+# oneDNN path; an Arm machine exposes other flags), so ``auto`` is decided by timing the stage's own matrix
+# shapes in both dtypes once per machine, and the answer is kept in a small JSON file.
+
+# bf16 rounds to 8 bits of mantissa; choose it only when it clearly pays for that
+BF16_MIN_SPEEDUP = 1.25
+# each timed product is cut to about this many FLOPs (rows dropped), so an emulated bf16 costs ~0.1 s a shape
+_MEASURE_FLOPS = 2e8
+DTYPE_CACHE_ENV = "MONOSEMANTIC_DTYPE_CACHE"
+
+Shape = tuple[int, int, int]  # (m, k, n) of one (m, k) @ (k, n) product
+
+_decisions: dict[str, dict] = {}  # what this process decided, by stage label: goes into every manifest
+_memo: dict[str, dict] = {}  # key -> entry, so a forward pass asking every call costs a dict lookup
+
+
+def dtype_cache_path() -> Path:
+    """Where decided dtypes are kept: ``$MONOSEMANTIC_DTYPE_CACHE``, else ``~/.cache/monosemantic/dtype.json``
+    (per machine, since the home folder is; the key also names the machine, torch and thread count)."""
+    env = os.environ.get(DTYPE_CACHE_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "monosemantic" / "dtype.json"
+
+
+def measure_matmuls(shapes: Sequence[Shape], dtype, device: str = "cpu") -> float:
+    """Seconds for one pass of ``(m, k) @ (k, n)`` over ``shapes`` in ``dtype`` (best of two after a warm-up),
+    each shape's rows cut so it costs about 2e8 FLOPs. Used by :func:`auto_dtype`; tests inject their own."""
+    import torch
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    total = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for m, k, n in shapes:
+        m = max(8, min(m, int(_MEASURE_FLOPS / (2 * k * n))))
+        a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)  # (m, k)
+        b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)  # (k, n)
+        a @ b
+        sync()
+        best = math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        total += best
+    return total
+
+
+def auto_dtype(label: str, shapes: Sequence[Shape], device="cpu", *, measure=None):
+    """The compute dtype for a stage's ``shapes`` on ``device``: ``torch.bfloat16`` when its products run at
+    least 1.25x faster than in float32, else ``torch.float32``. Measured once per machine, torch version,
+    thread count and shape set; the answer is kept in :func:`dtype_cache_path` and recorded under ``label``
+    for this process's manifests. ``measure(shapes, dtype, device) -> seconds`` replaces the timing."""
+    import torch
+
+    dev = str(torch.device(device))
+    if dev == "cuda":
+        dev = "cuda:0"
+    shapes = [tuple(int(v) for v in s) for s in shapes]
+    machine = slug_text(f"gpu-{cuda_device()}") if dev.startswith("cuda") else slug()
+    key = f"{machine}|{dev}|torch {torch.__version__}|threads {torch.get_num_threads()}|{shapes}"
+    entry = _memo.get(key) if measure is None else None
+    if entry is None and measure is None:
+        path = dtype_cache_path()
+        known = _read_json(path)
+        entry = known.get(key)
+    if entry is None:
+        timer = measure or measure_matmuls
+        fp32 = float(timer(shapes, torch.float32, dev))
+        bf16 = float(timer(shapes, torch.bfloat16, dev))
+        entry = {"dtype": "bfloat16" if bf16 * BF16_MIN_SPEEDUP <= fp32 else "float32",
+                 "fp32_s": fp32, "bf16_s": bf16, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if measure is None:
+            known[key] = entry
+            _write_json(path, known)
+    if measure is None:
+        _memo[key] = entry
+    _decisions[label] = {"device": dev, "shapes": [list(s) for s in shapes], **entry}
+    return torch.bfloat16 if entry["dtype"] == "bfloat16" else torch.float32
+
+
+def resolve_dtype(name: str, label: str, shapes: Sequence[Shape], device="cpu"):
+    """A config's dtype field as a torch dtype: ``"float32"`` or ``"bfloat16"`` as given, ``"auto"`` through
+    :func:`auto_dtype`. The one place every stage turns its ``dtype`` setting into a compute dtype."""
+    import torch
+
+    if name == "auto":
+        return auto_dtype(label, shapes, device)
+    if name not in ("float32", "bfloat16"):
+        from .config import ConfigError
+
+        raise ConfigError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+    _decisions.setdefault(label, {"dtype": name, "forced": True})
+    return getattr(torch, name)
+
+
+def dtype_decisions() -> dict[str, dict]:
+    """The compute dtypes this process chose, by stage label (a copy)."""
+    return {k: dict(v) for k, v in _decisions.items()}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:  # a read-only home only costs a re-measurement next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass

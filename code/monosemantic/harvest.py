@@ -56,17 +56,21 @@ class HarvestError(UserError, ValueError):
     """Bad input to the harvester; the message is one line and says what to do instead."""
 
 
-def resolve_dtype(dtype: ForwardDtype, device: torch.device | str = "cpu") -> str | None:
-    """The autocast dtype name of a forward pass: ``auto`` is bfloat16 on a GPU or on a CPU with bf16 units
-    (AMX, AVX512-BF16), else float32; ``model`` (None) keeps the model's own ``config.dtype``."""
+def resolve_dtype(dtype: ForwardDtype, device: torch.device | str = "cpu",
+                  model: torch.nn.Module | None = None) -> str | None:
+    """The autocast dtype name of a forward pass: ``auto`` is whichever of bfloat16 and float32 runs the
+    model's products faster here (:func:`monosemantic.hardware.auto_dtype`, measured once per machine on the
+    shapes of ``model``'s config, or of the one-layer model's when it has none); ``model`` (None) keeps
+    the model's own ``config.dtype``."""
     if dtype == "model":
         return None
-    if dtype == "auto":
-        on_gpu = torch.device(device).type == "cuda"
-        return "bfloat16" if on_gpu or hardware.cpu_bf16_unit() else "float32"
-    if dtype not in ("bfloat16", "float32"):
+    if dtype not in ("auto", "bfloat16", "float32"):
         raise HarvestError(f"dtype must be 'auto', 'bfloat16', 'float32' or 'model', got {dtype!r}")
-    return dtype
+    if dtype != "auto":
+        return dtype
+    shapes = getattr(getattr(model, "config", None), "forward_shapes", None)
+    shapes = shapes(rows=1024) if callable(shapes) else [(1024, 128, 512), (1024, 512, 128)]
+    return str(hardware.resolve_dtype("auto", "forward", shapes, device)).removeprefix("torch.")
 
 
 @contextlib.contextmanager
@@ -137,7 +141,7 @@ def harvest_to_disk(model: torch.nn.Module, tokens: np.ndarray, n_rows: int, pat
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cast = resolve_dtype(dtype, next(model.parameters()).device)
+    cast = resolve_dtype(dtype, next(model.parameters()).device, model)
     windows = random_windows(tokens, seq_len, seed=seed, batch=batch)
     rows_per_batch = batch * seq_len
     with torch.no_grad():  # the width, from one window
@@ -222,7 +226,7 @@ class ActivationBuffer:
     capacity: rows held in memory. Half of them are served between refills, so one batch draws from about
         ``capacity / T`` windows; a row is served at most once (served rows are overwritten).
     seed: seeds the shuffles; the windows' order is the ``windows`` iterator's (seed it too).
-    dtype: autocast of the model's forward (:func:`resolve_dtype`; ``auto`` = bf16 where the hardware has it).
+    dtype: autocast of the model's forward (:func:`resolve_dtype`; ``auto`` = the faster of bf16 and fp32 here).
     track: also keep each row's origin (window number, position, window start token), served beside each
         batch as ``last_origin`` ((batch_size, 3) int64): for tests and for looking features up in the text.
     """
@@ -236,7 +240,7 @@ class ActivationBuffer:
         self.model, self.windows, self.hook = model, windows, hook
         self.capacity, self.batch_size, self.track = capacity, batch_size, track
         self.device = torch.device(device or next(model.parameters()).device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device, model)
         self.gen = torch.Generator().manual_seed(seed)
         self.n_windows = 0  # windows run through the model so far
         self.last_origin: Tensor | None = None

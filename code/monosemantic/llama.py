@@ -95,7 +95,8 @@ class LlamaConfig(StageConfig):
     """Hook site in that layer: ``mlp.hook_post`` (MLP hidden, d_mlp wide) or e.g. ``hook_mlp_out`` (d_model,
     the cheaper alternative: 4,096 instead of 14,336 numbers per token in Llama-3-8B)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Model dtype. ``auto``: bfloat16 on a GPU or on a CPU with bf16 units (AMX), else float32."""
+    """Model dtype. ``auto``: the faster of bfloat16 and float32 for the model's layer on this machine,
+    measured once (:func:`monosemantic.hardware.auto_dtype`)."""
     seq_len: int = 256
     """Tokens per forward window (text is packed into windows of this length)."""
     batch_size: int = 8
@@ -192,12 +193,14 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        from . import hardware
+def resolve_dtype(dtype: str, device: torch.device, hidden: int = 4096, mlp: int = 14_336) -> torch.dtype:
+    """The dtype a Llama model is loaded and run in: ``auto`` is the faster of bf16 and fp32 on this machine
+    for a layer of this shape (:func:`monosemantic.hardware.auto_dtype`, measured once per machine)."""
+    from . import hardware
 
-        return torch.bfloat16 if device.type == "cuda" or hardware.cpu_bf16_unit() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    rows = 512
+    return hardware.resolve_dtype(dtype, "llama", [(rows, hidden, mlp), (rows, mlp, hidden), (rows, hidden, hidden)],
+                                  device)
 
 
 class ByteTokenizer:
@@ -213,6 +216,22 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def _layer_shape(spec: str) -> tuple[int, int]:
+    """(hidden, MLP width) of the model ``spec`` names, read without loading it (for the dtype choice):
+    a random preset's, a folder's config.json, SmolLM2's; else Llama-3-8B's."""
+    fields: dict[str, Any] = {}
+    if spec.startswith("random"):
+        fields = RANDOM_PRESETS.get((spec.split(":") + ["tiny"])[1], {})
+    elif spec == "smollm2":
+        fields = RANDOM_PRESETS["smollm2-135m"]
+    elif (Path(spec).expanduser() / "config.json").is_file():
+        try:
+            fields = json.loads((Path(spec).expanduser() / "config.json").read_text())
+        except ValueError:
+            fields = {}
+    return int(fields.get("hidden_size", 4096)), int(fields.get("intermediate_size", 14_336))
 
 
 def _random_model(spec: str, dtype: torch.dtype, device: torch.device, **overrides: Any):
@@ -285,11 +304,12 @@ def load_model(spec: str = "smollm2", *, device: str | torch.device | None = Non
                device_map: Any = None) -> LlamaSource:
     """Load a Llama-family causal LM (see the module docstring for ``spec``) as an activation source.
 
-    bfloat16 on a GPU (``auto``), float32 or bfloat16 on CPU. For models larger than one GPU pass
-    ``device_map="auto"`` (accelerate places the layers). GGUF weights are de-quantised on load.
+    ``auto``: the faster of bfloat16 and float32 here (bf16 on a GPU or a CPU with bf16 units). For models
+    larger than one GPU pass ``device_map="auto"`` (accelerate places the layers). GGUF weights are
+    de-quantised on load.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device, *_layer_shape(spec))
     if spec.startswith("random"):
         model, tokenizer = _random_model(spec, torch_dtype, device)
     else:

@@ -265,8 +265,10 @@ class LMConfig(StageConfig):
     """Steps between checkpoints in cache/work/lm/ (a run resumes from the last one)."""
 
     # how the arithmetic is done (results agree to bf16 rounding; the hash still tracks them)
-    dtype: str = "bfloat16"
-    """Autocast dtype of the forward pass, "bfloat16" or "float32"; weights and Adam stay fp32."""
+    dtype: str = "auto"
+    """Autocast dtype of the forward pass, "bfloat16", "float32" or "auto" (whichever of the two runs this
+    model's products faster on this machine, measured once: :func:`monosemantic.hardware.auto_dtype`; bf16 is
+    emulated and ~28x slower on AVX2-only CPUs). Weights and Adam state stay fp32."""
     loss_chunk: int = 128
     """Tokens per chunk of the fused unembedding + cross-entropy (0: plain logits + F.cross_entropy)."""
     compile: bool = True
@@ -286,8 +288,8 @@ class LMConfig(StageConfig):
             raise ConfigError(f"lm.lr_drop_at must be a fraction in [0, 1], got {self.lr_drop_at}")
         if self.warmup_steps < 0 or self.loss_chunk < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("lm.warmup_steps, loss_chunk, grad_clip and weight_decay must be >= 0")
-        if self.dtype not in ("bfloat16", "float32"):
-            raise ConfigError(f"lm.dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ConfigError(f"lm.dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -297,9 +299,18 @@ class LMConfig(StageConfig):
     def train_tokens(self) -> int:
         return self.steps * self.tokens_per_step
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+    def forward_shapes(self, rows: int | None = None) -> list[tuple[int, int, int]]:
+        """The (m, k, n) of the model's largest products for ``rows`` tokens (default: a training batch):
+        attention's q/k/v, the MLP's two, and the unembedding over one loss chunk."""
+        m = rows or self.tokens_per_step
+        d, f = self.d_model, self.d_mlp
+        return [(m, d, 3 * d), (m, d, f), (m, f, d), (min(m, self.loss_chunk or m), d, self.vocab_size)]
+
+    def compute_dtype(self, device: torch.device | str = "cpu") -> torch.dtype:
+        """``dtype`` as a torch dtype on ``device`` (``auto`` decided once per machine)."""
+        from . import hardware
+
+        return hardware.resolve_dtype(self.dtype, "lm", self.forward_shapes(), device)
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step ``step`` (0-based): linear warmup, then lr, then lr_final after the drop."""
@@ -365,7 +376,8 @@ class Transformer(nn.Module):
         if T > c.context_length:
             raise ValueError(f"sequence of {T} tokens is longer than the context of {c.context_length}")
         pos = torch.arange(T, device=idx.device)  # (T,)
-        with torch.autocast(idx.device.type, dtype=c.torch_dtype, enabled=c.dtype != "float32"):
+        dtype = c.compute_dtype(idx.device)
+        with torch.autocast(idx.device.type, dtype=dtype, enabled=dtype != torch.float32):
             x = self.hook_embed(self.embed(idx)) + self.hook_pos_embed(self.pos_embed(pos))  # (B, T, C)
             for block in self.blocks:
                 x = block(x)  # (B, T, C)
@@ -374,7 +386,7 @@ class Transformer(nn.Module):
                 logits = self.unembed(x).float()  # (B, T, V)
         if targets is not None and c.loss_chunk > 0:
             loss = LinearCrossEntropy.apply(x.reshape(B * T, -1).float(), self.unembed.weight, self.unembed.bias,
-                                            targets.reshape(B * T), c.loss_chunk, c.torch_dtype, c.compile,
+                                            targets.reshape(B * T), c.loss_chunk, dtype, c.compile,
                                             torch.is_grad_enabled())
             return LMOutput(None, loss)
         loss = None

@@ -90,7 +90,7 @@ def run_evaluation(model: torch.nn.Module, sae: SAE, windows: Sequence[tuple[Ten
         raise MetricsError("no eval windows given; pass at least one (x, y) batch of held-out tokens")
     device = next(model.parameters()).device
     sae_device = sae.W_dec.device
-    cast = resolve_dtype(dtype, device)
+    cast = resolve_dtype(dtype, device, model)
 
     # pass 1: the activations' width, finiteness, mean and total variance (float64 sums)
     n_tok, total, sq = 0, None, None

@@ -111,8 +111,9 @@ class SAEConfig(StageConfig):
     """TopK only: decode with the k active rows (``embedding_bag``) or a dense matmul; ``auto`` picks the
     sparse path when ``k`` is under 1/8 of ``n_features``. Both give the same numbers (a test says so)."""
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
-    """Compute dtype of the matmuls (autocast; weights and Adam state stay float32). ``auto``: bfloat16 on
-    a GPU or on a CPU with bf16 units (AMX, AVX512-BF16), else float32."""
+    """Compute dtype of the matmuls (autocast; weights and Adam state stay float32). ``auto``: whichever of
+    bfloat16 and float32 runs this SAE's products faster on this machine, measured once
+    (:func:`monosemantic.hardware.auto_dtype`; bf16 only when it is >= 1.25x faster)."""
     seed: int = 0
     """Seed of the initial weights and of the batch order of a tensor source: same seed, same SAE."""
     log_every: int = 100
@@ -159,10 +160,8 @@ class SAEConfig(StageConfig):
         return self.decode == "sparse" or self.k * 8 <= self.n_features
 
     def compute_dtype(self, device: torch.device | str = "cpu") -> torch.dtype:
-        if self.dtype == "auto":
-            on_gpu = torch.device(device).type == "cuda"
-            return torch.bfloat16 if on_gpu or hardware.cpu_bf16_unit() else torch.float32
-        return torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+        b, d, n = self.batch_size, self.d_in, self.n_features
+        return hardware.resolve_dtype(self.dtype, "sae", [(b, d, n), (b, n, d)], device)
 
 
 class SAEOutput(NamedTuple):
