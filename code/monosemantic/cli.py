@@ -29,6 +29,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train-sae", "monosemantic.sae_train:TrainCommand",
      "SAEs on the MLP activations: the anchor's recipe, TopK, frontiers, width sweep (resumes)"),
     ("export-sae", "monosemantic.sae_train:ExportCommand", "write a committed SAE in SAELens's on-disk format"),
+    ("evaluate", "monosemantic.evaluation",
+     "every committed SAE on the whole held-out split, with 95% intervals over documents"),
     ("analyze", "monosemantic.analysis",
      "features and neurons measured alike: dashboards, logit effects, monosemanticity scores, splitting"),
     ("diff", "monosemantic.diffing", "chapter 5's pilot: fine-tune the LM on one source and diff the two models"),

@@ -27,11 +27,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .config import UserError
 from .harvest import HOOK, ForwardDtype, forward_dtype, resolve_dtype
+from .intervals import Interval, bootstrap, group_sums
 from .sae import SAE
 
 ULTRALOW_DENSITY = 1e-5
@@ -58,6 +61,14 @@ class Evaluation(NamedTuple):
     metrics: dict[str, float]  # exactly METRIC_NAMES
     density: Tensor  # (n_features,) fraction of eval tokens each feature fires on
     histogram: DensityHistogram
+    per_window: dict[str, np.ndarray]  # WINDOW_SUMS -> (n_windows,) float64 sums over each window's tokens
+    window_fires: np.ndarray | None  # (n_windows, n_features) int32 firings per window, when asked for
+    d_in: int  # width of the activations (mse is a mean over tokens and d_in)
+
+
+# What run_evaluation sums per window, so that every metric can be recomputed on resampled documents:
+# tokens, squared residual, squared deviation from the eval mean, active latents, and the four token losses
+WINDOW_SUMS = ("tokens", "resid", "centred", "active", "loss_orig", "loss_sae", "loss_zero", "loss_mean")
 
 
 def density_histogram(density: Tensor, bins: int = 50, low: float = -10.0) -> DensityHistogram:
@@ -76,7 +87,8 @@ def _recovered(l_baseline: float, l_sae: float, l_orig: float) -> float:
 
 @torch.no_grad()
 def run_evaluation(model: torch.nn.Module, sae: SAE, windows: Sequence[tuple[Tensor, Tensor]], *,
-                   hook: str = HOOK, dtype: ForwardDtype = "float32", bins: int = 50) -> Evaluation:
+                   hook: str = HOOK, dtype: ForwardDtype = "float32", bins: int = 50,
+                   keep_fires: bool = False) -> Evaluation:
     """Evaluate ``sae`` (trained on ``hook`` of ``model``) on ``windows``, a list of ``(x, y)`` token batches
     (B, T) with next-token targets (:func:`monosemantic.harvest.sequential_windows` of the val split).
 
@@ -84,6 +96,8 @@ def run_evaluation(model: torch.nn.Module, sae: SAE, windows: Sequence[tuple[Ten
     SAE and takes their mean; the second runs four forward passes per batch (as is, SAE-spliced, zeroed,
     mean-ablated), measuring the reconstruction on the way. The SAE runs in float32; ``dtype`` is the
     model's autocast (float32 by default, so that the losses differ only by what the splice changes).
+    Every sum is also kept per window (``per_window``; with ``keep_fires`` the firings per window and
+    feature too), for intervals over documents: :func:`metric_intervals`.
     """
     windows = list(windows)
     if not windows:
@@ -110,33 +124,44 @@ def run_evaluation(model: torch.nn.Module, sae: SAE, windows: Sequence[tuple[Ten
     variance_sum = float(sq - n_tok * mean.pow(2).sum())  # sum over tokens of |x - mean|^2
     mean_act = mean.float().to(device)
 
-    # pass 2: the losses, and the reconstruction measured inside the spliced forward pass
-    stats = {"resid": 0.0, "active": 0.0}
+    # pass 2: the losses, and the reconstruction measured inside the spliced forward pass, per window
+    sums: dict[str, list[Tensor]] = {name: [] for name in WINDOW_SUMS}
     fires = torch.zeros(sae.cfg.n_features, dtype=torch.long, device=sae_device)
+    per_window_fires: list[Tensor] = []
+    mean64 = mean.to(sae_device)
 
     def splice(h: Tensor, name: str) -> Tensor:
+        B, T = h.shape[0], h.shape[1]
         flat = h.reshape(-1, h.shape[-1]).to(sae_device, torch.float32)  # (B*T, d)
         with torch.autocast(sae_device.type, enabled=False):
             out = sae(flat)
         recon = out.recon.float()
         if not torch.isfinite(recon).all():
             raise MetricsError("the SAE's reconstruction contains NaN or inf; check its weights")
-        stats["resid"] += float((recon - flat).double().pow(2).sum())
+        sums["resid"].append((recon - flat).double().pow(2).reshape(B, -1).sum(1).cpu())  # (B,)
+        sums["centred"].append((flat.double() - mean64).pow(2).reshape(B, -1).sum(1).cpu())  # (B,)
         active = out.latents > 0  # (B*T, n_features)
-        stats["active"] += float(active.sum())
+        sums["active"].append(active.reshape(B, -1).sum(1).double().cpu())  # (B,)
         fires.add_(active.sum(0))
+        if keep_fires:
+            per_window_fires.append(active.reshape(B, T, -1).sum(1, dtype=torch.int32).cpu())  # (B, n_features)
         return recon.to(h.device, h.dtype).reshape(h.shape)
 
-    losses = {"orig": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}
     replace = {"orig": None, "sae": splice, "zero": lambda h, name: torch.zeros_like(h),
                "mean": lambda h, name: mean_act.to(h.dtype).expand_as(h)}
     with forward_dtype(model, cast):
         for x, y in windows:
             x, y = x.to(device), y.to(device)
+            sums["tokens"].append(torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64))
             for key, fn in replace.items():
                 with model.hooks({hook: fn} if fn else {}):
-                    losses[key] += float(model(x, y).loss) * x.numel()
-    losses = {k: v / n_tok for k, v in losses.items()}
+                    logits = model(x).logits  # (B, T, V) float32
+                token_loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+                sums[f"loss_{key}"].append(token_loss.double().reshape(x.shape).sum(1).cpu())  # (B,)
+                del logits
+    per_window = {k: torch.cat(v).numpy() for k, v in sums.items()}
+    losses = {k: float(per_window[f"loss_{k}"].sum()) / n_tok for k in replace}
+    stats = {"resid": float(per_window["resid"].sum()), "active": float(per_window["active"].sum())}
 
     density = (fires.double() / n_tok).cpu()
     metrics = {
@@ -155,7 +180,42 @@ def run_evaluation(model: torch.nn.Module, sae: SAE, windows: Sequence[tuple[Ten
         "eval_tokens": n_tok,
     }
     assert tuple(metrics) == METRIC_NAMES
-    return Evaluation(metrics, density, density_histogram(density, bins=bins))
+    window_fires = torch.cat(per_window_fires).numpy() if keep_fires else None
+    return Evaluation(metrics, density, density_histogram(density, bins=bins), per_window, window_fires,
+                      sae.cfg.d_in)
+
+
+# the metrics an interval is given for, as functions of the summed per-window quantities (any leading axes)
+def _ratio(num: str, den: str, scale: float = 1.0):
+    return lambda s: s[num] / (s[den] * scale)
+
+
+def _recovered_of(baseline: str):
+    return lambda s: (s[baseline] - s["loss_sae"]) / (s[baseline] - s["loss_orig"])
+
+
+def metric_intervals(ev: Evaluation, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0
+                     ) -> dict[str, Interval]:
+    """95% intervals of the evaluation's metrics when the ``groups`` (one label per eval window: its document,
+    :func:`monosemantic.intervals.window_documents`) are resampled with replacement. Dead and ultra-low
+    fractions need ``run_evaluation(..., keep_fires=True)``."""
+    sums, _ = group_sums(ev.per_window, groups)
+    stats = {
+        "fvu": _ratio("resid", "centred"),
+        "mse": _ratio("resid", "tokens", float(ev.d_in)),
+        "l0": _ratio("active", "tokens"),
+        "ce_loss_recovered": _recovered_of("loss_zero"),
+        "ce_loss_recovered_mean_ablation": _recovered_of("loss_mean"),
+        **{f"ce_loss_{k}": _ratio(f"loss_{k}", "tokens") for k in ("orig", "sae", "zero", "mean")},
+    }
+    out = {name: bootstrap(sums, fn, n_boot=n_boot, seed=seed) for name, fn in stats.items()}
+    if ev.window_fires is not None:
+        fired, _ = group_sums({"fires": ev.window_fires, "tokens": ev.per_window["tokens"]}, groups)
+        out["dead_fraction"] = bootstrap(fired, lambda s: (s["fires"] == 0).mean(-1), n_boot=n_boot, seed=seed)
+        out["ultralow_fraction"] = bootstrap(
+            fired, lambda s: (s["fires"] / s["tokens"][..., None] < ULTRALOW_DENSITY).mean(-1), n_boot=n_boot,
+            seed=seed)
+    return out
 
 
 def evaluate(model: torch.nn.Module, sae: SAE, windows: Sequence[tuple[Tensor, Tensor]], *, hook: str = HOOK,

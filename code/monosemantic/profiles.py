@@ -1,7 +1,8 @@
 """The three profiles, each a set of stage configs, in one place.
 
 - ``tiny``: seconds on one CPU core; what the tests and CI run end to end.
-- ``cpu``:  the committed default; the whole pipeline on a 2-core laptop CPU in about an hour.
+- ``cpu``:  the committed default, at reduced scale; the whole pipeline takes hours on a 2-core CPU (the
+           README and the book's appendix A give each profile's wall time, summed from the manifests).
 - ``gpu``:  the anchor's scale (~819M LM tokens, >= 90M SAE activations) and beyond, on one H100.
 
 Each stage module defines its config dataclass; this module picks its numbers per profile. A stage
@@ -31,7 +32,7 @@ class Profile:
     corpus: CorpusConfig  # the text corpus and its token shards
     llama: LlamaConfig  # Llama-family models (SmolLM2 here, Stheno on a rented GPU)
     lm: LMConfig  # the one-layer language model and its training
-    sae: SAEStageConfig  # SAEs on the one-layer model's MLP: harvest, two recipes, frontiers, width sweep
+    sae: SAEStageConfig  # SAEs on the one-layer model's MLP: harvest, three recipes, frontiers, width sweep
     analysis: AnalysisConfig  # features and neurons measured alike: dashboards, scores, splitting
     diff: DiffConfig  # chapter 5's pilot: a fine-tune of the LM diffed with a crosscoder
 
@@ -82,34 +83,44 @@ def _gpu() -> Profile:
 def _sae_tiny() -> SAEStageConfig:  # the tiny LM: 128 neurons, context 32
     relu = SAEConfig(d_in=128, n_features=512, batch_size=128, n_steps=64, resample_every=20, resample_pool=1024,
                      dead_window=2048, log_every=16)
+    # the literal recipe at this scale: a window of 8 batches, resampled after updates 21, 41 and 61
+    anchor = relu.replace(**{**_LITERAL, "resample_every": 20, "dead_window": 1024})
     topk = relu.replace(architecture="topk", k=8, aux_k=64, lr=1e-3)
     return SAEStageConfig(harvest=HarvestConfig(train_activations=8192, val_activations=2048, seq_len=32),
-                          anchor=relu, topk=topk, l1_coeffs=(1e-3, 1e-2), ks=(4, 8), widths=(256, 512),
-                          sweep_activations=4096, eval_windows=8)
+                          anchor=anchor, anchor_fixed=relu, topk=topk, l1_coeffs=(1e-3, 1e-2), ks=(4, 8),
+                          widths=(256, 512), sweep_activations=4096, eval_windows=8)
 
 
-# The anchor's SAE recipe: ReLU, 3e-3 L1, Adam 1e-4, batch 896, resampling every 1,000 steps; we keep its
-# numbers and compute in bf16 where the machine has bf16 units. Ours: TopK k = 24 (L0 under the issue's 30)
-# with AuxK, Adam 4e-4 (Gao et al.'s 2e-4 / sqrt(n / 2^14) at 4,096 latents), batch 1,024.
-_ANCHOR_SAE = SAEConfig(architecture="relu", l1_coeff=3e-3, lr=1e-4, batch_size=896, dtype="auto")
+# The anchor's SAE recipe (jnward/monosemanticity-repro: autoencoder.py, neuron_resampling.ipynb cells 9, 11
+# and 17): ReLU, 3e-3 L1, Adam 1e-4, batch 896, resampling every 1,000 steps; we keep its numbers and compute
+# in the stage's dtype policy. _LITERAL is the rest of its algorithm: nn.Linear's initialisation, the decoder
+# normalised per input coordinate, and its resampling rule (dead = no firing on a fresh 10,240 // 896 = 11-batch
+# window; for the whole run). The fixed variant keeps Gao et al.'s init, unit feature directions and
+# Anthropic's rule over the first half. Ours: TopK k = 24 (L0 under the issue's 30) with AuxK, Adam 4e-4
+# (Gao et al.'s 2e-4 / sqrt(n / 2^14) at 4,096 latents), batch 1,024.
+_LITERAL = dict(init="anchor-linear", init_encoder_transpose=False, b_dec_init="init", decoder_norm_axis="input",
+                resample_rule="anchor", resample_every=1000, resample_until=1.0, dead_window=10_240)
+_ANCHOR_FIXED_SAE = SAEConfig(architecture="relu", l1_coeff=3e-3, lr=1e-4, batch_size=896, dtype="auto")
+_ANCHOR_SAE = _ANCHOR_FIXED_SAE.replace(**_LITERAL)
 _TOPK_SAE = SAEConfig(architecture="topk", k=24, lr=4e-4, batch_size=1024, dtype="auto", resample_every=0)
 
 
-def _sae_cpu() -> SAEStageConfig:  # the two main SAEs on 6M activations, the 17 frontier and width runs on 1M each
+def _sae_cpu() -> SAEStageConfig:  # the three main SAEs on 6M activations, the 17 frontier and width runs on 1M each
     n = 6_000_000
     # L1 frontier: our MLP activations are small (E|x|^2 = 5.7 against the d_in = 512 that input-normalised
     # SAEs assume), so the anchor's 3e-3 silences almost every feature here; 3e-4 is about what 3e-3 means on
     # normalised inputs (3e-3 / sqrt(512 / 5.7)), and the grid brackets both
     return SAEStageConfig(harvest=HarvestConfig(train_activations=n, val_activations=1_000_000),
-                          anchor=_ANCHOR_SAE.with_activations(n), topk=_TOPK_SAE.with_activations(n),
-                          l1_coeffs=(1e-4, 2e-4, 3e-4, 1e-3, 3e-3), sweep_activations=1_000_000,
-                          eval_windows=256)
+                          anchor=_ANCHOR_SAE.with_activations(n), anchor_fixed=_ANCHOR_FIXED_SAE.with_activations(n),
+                          topk=_TOPK_SAE.with_activations(n), l1_coeffs=(1e-4, 2e-4, 3e-4, 1e-3, 3e-3),
+                          sweep_activations=1_000_000, eval_windows=256)
 
 
 def _sae_gpu() -> SAEStageConfig:  # the anchor's ~90M activations (3 epochs of 30M harvested: 31 GB of fp16)
     n = 90_000_000
     return SAEStageConfig(harvest=HarvestConfig(train_activations=30_000_000, val_activations=10_000_000),
-                          anchor=_ANCHOR_SAE.replace(dead_window=10_000_000).with_activations(n),
+                          anchor=_ANCHOR_SAE.replace(n_steps=100_000),  # its 100,000 steps: 89.6M activations
+                          anchor_fixed=_ANCHOR_FIXED_SAE.replace(dead_window=10_000_000).with_activations(n),
                           topk=_TOPK_SAE.replace(dead_window=10_000_000).with_activations(n),
                           widths=(512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
                           sweep_activations=30_000_000, eval_windows=2048)

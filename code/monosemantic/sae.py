@@ -10,9 +10,12 @@ An SAE rewrites an activation vector ``x`` (``d_in`` numbers) as a sparse, non-n
 
 - ``"relu"``: ReLU, and sparsity comes from an L1 penalty. This is the recipe of Bricken et al. 2023 as
   the anchor (jnward/monosemanticity-repro) implements it: pre-encoder bias = ``b_dec`` subtracted from the
-  input, decoder rows renormalised to unit norm after every step, loss = MSE + ``l1_coeff`` * (sum over
-  features of |f|, mean over the batch), where MSE is ``F.mse_loss``, i.e. the mean over batch *and*
-  ``d_in``; dead features are resampled every ``resample_every`` steps (:func:`resample_dead`).
+  input, decoder renormalised after every step, loss = MSE + ``l1_coeff`` * (sum over features of |f|,
+  mean over the batch), where MSE is ``F.mse_loss``, i.e. the mean over batch *and* ``d_in``; dead
+  features are resampled every ``resample_every`` steps (:func:`resample_dead`). Three switches give the
+  anchor's own algorithm exactly (``init="anchor-linear"``, ``decoder_norm_axis="input"``,
+  ``resample_rule="anchor"``); their defaults are the fixed recipe (unit feature directions, Anthropic's
+  resampling, Gao et al.'s initialisation).
 - ``"topk"``: keep the ``k`` largest pre-activations (then ReLU), no L1 (Gao et al. 2024). Dead latents
   are pushed back to life by the AuxK loss (:func:`auxk_loss`): the ``aux_k`` largest dead latents must
   reconstruct the residual the live ones left, weighted 1/32 (Gao et al. 2024, appendix A.2).
@@ -49,7 +52,10 @@ from .config import ConfigError, StageConfig
 
 Architecture = Literal["relu", "topk"]
 ARCHITECTURES = ("relu", "topk")
-B_DEC_INITS = ("geometric_median", "mean", "zeros")
+B_DEC_INITS = ("geometric_median", "mean", "zeros", "init")
+INITS = ("gao", "anchor-linear")
+DECODER_NORM_AXES = ("feature", "input")
+RESAMPLE_RULES = ("anthropic", "anchor")
 DTYPES = ("float32", "bfloat16", "auto")
 DECODES = ("auto", "sparse", "dense")
 
@@ -94,19 +100,43 @@ class SAEConfig(StageConfig):
     resample_every: int = 1000
     """Resample dead features every this many steps (0: never). The anchor: every 1,000 steps."""
     resample_until: float = 0.5
-    """Stop resampling after this fraction of the steps, so the last resampled features can settle."""
+    """Stop resampling after this fraction of the steps, so the last resampled features can settle (the
+    anchor: 1.0, it resamples for the whole run)."""
+    resample_rule: Literal["anthropic", "anchor"] = "anthropic"
+    """Which dead features are resampled, when, and from which inputs (:func:`resample_dead`).
+    ``"anthropic"``: after every ``resample_every``-th step, the latents that have not fired on the last
+    ``min(dead_window, resample_every * batch_size)`` training activations, new directions drawn from the
+    last ``resample_pool`` training inputs. ``"anchor"``: the anchor's notebook (neuron_resampling.ipynb,
+    cell 11): after update s + 1 for every s > 0 with s % ``resample_every`` == 0, ``dead_window //
+    batch_size`` fresh batches are drawn from the stream (and not trained on), the latents that fire on none
+    of them are dead, and the new directions are drawn from those same inputs."""
     resample_pool: int = 16_384
-    """How many recent inputs are scored to choose the new directions of dead features."""
+    """``"anthropic"`` rule: how many recent inputs are scored to choose the new directions of dead features."""
     dead_window: int = 1_000_000
-    """A latent that has not fired in this many activations counts as dead (Gao et al.: 10M tokens)."""
+    """A latent that has not fired in this many activations counts as dead (Gao et al.: 10M tokens). Under
+    ``resample_rule="anchor"`` also the size of the fresh dead-detection window, in whole batches: the
+    anchor's 10,240 samples at batch 896 are ``10_240 // 896`` = 11 batches, 9,856 activations."""
     aux_k: int = 512
     """TopK only: dead latents used by the AuxK loss (Gao et al. 2024: 512; at most ``n_features``)."""
     aux_coeff: float = 1 / 32
     """TopK only: weight of the AuxK loss (Gao et al. 2024, appendix A.2: 1/32). 0 turns AuxK off."""
+    init: Literal["gao", "anchor-linear"] = "gao"
+    """How the weights start. ``"gao"``: random unit decoder rows, ``W_enc`` their transpose when
+    ``init_encoder_transpose`` (else uniform in +-1/sqrt(d_in)), ``b_enc`` = 0. ``"anchor-linear"``: the
+    anchor's, PyTorch's ``nn.Linear`` default for both of its layers (weights and biases uniform in
+    +-1/sqrt(fan_in): 1/sqrt(d_in) for the encoder, 1/sqrt(n_features) for the decoder, whose rows are then
+    not unit norm until the first step), drawn in ``nn.Linear``'s order, so ``torch.manual_seed(seed)``
+    before the anchor's constructor gives the same numbers."""
     init_encoder_transpose: bool = True
-    """Initialise ``W_enc`` as the transpose of ``W_dec`` (Gao et al. 2024, section 2.4)."""
-    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
-    """Initial ``b_dec`` from the first batch: its geometric median (Bricken et al.), mean, or zeros."""
+    """``init="gao"`` only: initialise ``W_enc`` as the transpose of ``W_dec`` (Gao et al. 2024, sec. 2.4)."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros", "init"] = "geometric_median"
+    """Initial ``b_dec`` from the first batch: its geometric median (Bricken et al.), mean, or zeros; or
+    ``"init"``, the one ``init`` drew (zeros for ``"gao"``, nn.Linear's uniform bias for ``"anchor-linear"``)."""
+    decoder_norm_axis: Literal["feature", "input"] = "feature"
+    """Which unit norm the decoder is held to after every step (:meth:`SAE.normalize_decoder`).
+    ``"feature"``: each feature's direction, a row of ``W_dec`` (Bricken et al.). ``"input"``: each input
+    coordinate across the features, a column of ``W_dec``: what the anchor's ``F.normalize(decoder.weight,
+    dim=1)`` does to its (d_in, n_features) weight (autoencoder.py)."""
     decode: Literal["auto", "sparse", "dense"] = "auto"
     """TopK only: decode with the k active rows (``embedding_bag``) or a dense matmul; ``auto`` picks the
     sparse path when ``k`` is under 1/8 of ``n_features``. Both give the same numbers (a test says so)."""
@@ -133,6 +163,16 @@ class SAEConfig(StageConfig):
              f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         need(self.b_dec_init in B_DEC_INITS, f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, "
              f"got {self.b_dec_init!r}")
+        need(self.init in INITS, f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        need(self.init == "gao" or not self.init_encoder_transpose,
+             f"init_encoder_transpose is a choice of init='gao'; set it False with init={self.init!r}")
+        need(self.decoder_norm_axis in DECODER_NORM_AXES, f"decoder_norm_axis must be one of "
+             f"{', '.join(DECODER_NORM_AXES)}, got {self.decoder_norm_axis!r}")
+        need(self.resample_rule in RESAMPLE_RULES, f"resample_rule must be one of {', '.join(RESAMPLE_RULES)}, "
+             f"got {self.resample_rule!r}")
+        need(self.resample_rule != "anchor" or not self.resample_every or self.dead_window >= self.batch_size,
+             f"dead_window = {self.dead_window} is under batch_size = {self.batch_size}: the anchor rule "
+             "checks dead_window // batch_size whole batches")
         need(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.decode in DECODES, f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
         need(self.architecture != "topk" or self.k <= self.n_features,
@@ -265,6 +305,22 @@ class _GatheredEncoder(torch.autograd.Function):
         return None, grad_w, grad_b_enc, -(W_enc @ grad_b_enc), None, None
 
 
+def _linear_init(d_in: int, n_features: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(W_enc, b_enc, W_dec, b_dec) as the anchor's ``nn.Linear(d_in, n_features)`` encoder and
+    ``nn.Linear(n_features, d_in)`` decoder start (autoencoder.py): ``nn.Linear.reset_parameters``, i.e.
+    ``kaiming_uniform_(a=sqrt(5))`` for the weight (uniform in +-1/sqrt(fan_in)) then a uniform bias in
+    +-1/sqrt(fan_in), drawn in that order, encoder first, from ``gen``. Their weights are (out, in); ours are
+    stored (in, out) for the encoder and (n_features, d_in) for the decoder, so both are transposed."""
+    def linear(fan_in: int, fan_out: int) -> tuple[Tensor, Tensor]:
+        weight = nn.init.kaiming_uniform_(torch.empty(fan_out, fan_in), a=math.sqrt(5), generator=gen)
+        bound = 1 / math.sqrt(fan_in)
+        return weight, nn.init.uniform_(torch.empty(fan_out), -bound, bound, generator=gen)
+
+    enc_w, enc_b = linear(d_in, n_features)  # (n_features, d_in), (n_features,)
+    dec_w, dec_b = linear(n_features, d_in)  # (d_in, n_features), (d_in,)
+    return enc_w.t().contiguous(), enc_b, dec_w.t().contiguous(), dec_b
+
+
 class SAE(nn.Module):
     """A sparse autoencoder; ``cfg.architecture`` selects ReLU + L1 or TopK (+ AuxK)."""
 
@@ -272,18 +328,22 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(cfg.seed)
-        # Decoder rows: random unit directions. Encoder: their transpose (Gao et al. 2024, sec. 2.4), which
-        # starts the SAE near a (scaled) identity on the span of the dictionary and avoids early dead latents.
-        w_dec = F.normalize(torch.randn(cfg.n_features, cfg.d_in, generator=gen), dim=1)
-        if cfg.init_encoder_transpose:
-            w_enc = w_dec.t().contiguous()  # a copy, stored row-major like every other weight
+        if cfg.init == "anchor-linear":
+            w_enc, b_enc, w_dec, b_dec = _linear_init(cfg.d_in, cfg.n_features, gen)
         else:
-            bound = 1 / math.sqrt(cfg.d_in)  # nn.Linear's default for a d_in -> n_features layer
-            w_enc = (torch.rand(cfg.d_in, cfg.n_features, generator=gen) * 2 - 1) * bound
+            # Decoder rows: random unit directions. Encoder: their transpose (Gao et al. 2024, sec. 2.4), which
+            # starts the SAE near a (scaled) identity on the span of the dictionary and avoids early dead latents.
+            w_dec = F.normalize(torch.randn(cfg.n_features, cfg.d_in, generator=gen), dim=1)
+            if cfg.init_encoder_transpose:
+                w_enc = w_dec.t().contiguous()  # a copy, stored row-major like every other weight
+            else:
+                bound = 1 / math.sqrt(cfg.d_in)  # nn.Linear's default for a d_in -> n_features layer
+                w_enc = (torch.rand(cfg.d_in, cfg.n_features, generator=gen) * 2 - 1) * bound
+            b_enc, b_dec = torch.zeros(cfg.n_features), torch.zeros(cfg.d_in)
         self.W_enc = nn.Parameter(w_enc)  # (d_in, n_features)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.n_features))  # (n_features,)
-        self.W_dec = nn.Parameter(w_dec)  # (n_features, d_in), unit-norm rows
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))  # (d_in,)
+        self.b_enc = nn.Parameter(b_enc)  # (n_features,)
+        self.W_dec = nn.Parameter(w_dec)  # (n_features, d_in), unit-norm rows under init="gao"
+        self.b_dec = nn.Parameter(b_dec)  # (d_in,)
         if device is not None:
             self.to(device)
 
@@ -338,12 +398,16 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        """Rescale every decoder row (one feature's direction) to unit L2 norm, so the L1 penalty cannot be
-        dodged by shrinking f and growing its direction. (The anchor's code normalises its
-        ``nn.Linear(n_features, d_in).weight``, shape (d_in, n_features), along dim 1: each *input
-        coordinate* across features, not each feature's direction; we follow Bricken et al., who normalise
-        the features' directions.)"""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+        """Hold the decoder to unit norm along ``cfg.decoder_norm_axis``, so the L1 penalty cannot be dodged
+        by shrinking f and growing the decoder. ``"feature"`` (Bricken et al.): every decoder row, one
+        feature's direction, has unit L2 norm. ``"input"`` (the anchor's code): its
+        ``nn.Linear(n_features, d_in).weight``, shape (d_in, n_features), is normalised along dim 1, so each
+        *input coordinate* is unit-norm across the features: a column of our ``W_dec``."""
+        if self.cfg.decoder_norm_axis == "input":
+            # F.normalize's formula and eps, as autoencoder.py's normalize_decoder_weights calls it
+            self.W_dec.div_(self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12))  # (n_features, d_in)
+        else:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
     # --- the training step's fast path ------------------------------------------------------------------
@@ -426,34 +490,63 @@ def auxk_loss(sae: SAE, x: Tensor, recon: Tensor, pre: Tensor, dead_mask: Tensor
 
 
 @torch.no_grad()
+def never_fired(sae: SAE, inputs: Tensor, chunk: int = 4096) -> Tensor:
+    """(n_features,) bool: the latents that are > 0 on none of ``inputs`` (N, d_in). The anchor's dead test
+    (neuron_resampling.ipynb, cell 11: a density of exactly 0 over its fresh window)."""
+    fired = torch.zeros(sae.cfg.n_features, dtype=torch.bool, device=sae.W_dec.device)
+    for part in inputs.split(chunk):
+        fired |= (sae.encode(part.to(sae.W_dec.device, torch.float32)) > 0).any(0)
+    return ~fired
+
+
+@torch.no_grad()
 def resample_dead(sae: SAE, optimizer: torch.optim.Optimizer, inputs: Tensor, dead_mask: Tensor,
                   generator: torch.Generator | None = None) -> int:
     """Give dead features new directions (Bricken et al. 2023, "Neuron resampling"); returns how many.
 
     For each dead feature, draw an input with probability proportional to its squared reconstruction loss
-    under the current SAE; its unit direction becomes the decoder row, and the encoder column is the same
-    direction scaled to ``0.2 x`` the mean norm of the live features' encoder columns; the encoder bias is
-    0. Adam's moments for exactly those rows and columns are zeroed; live features are not touched.
+    under the current SAE, without replacement; its unit direction becomes the decoder row, and the encoder
+    column is the same direction scaled to ``0.2 x`` the mean norm of the live features' encoder columns; the
+    encoder bias is 0. Adam's moments (not its step count) for exactly those rows and columns are zeroed;
+    ``b_dec`` and its moments are not touched. Under ``decoder_norm_axis="feature"`` live features are not
+    touched at all; under ``"input"`` the decoder is renormalised afterwards, which rescales every feature.
 
-    inputs: (N, d_in) a pool of recent activations; dead_mask: (n_features,) bool.
+    The anchor's rule (``resample_rule="anchor"``, neuron_resampling.ipynb cells 11 and 17) is this same
+    algorithm: its loss is the per-input MSE (mean over ``d_in``), squared, whose normalised weights are those
+    of the squared summed error; it pairs the dead features in ascending order with the inputs in the order
+    they were drawn, as we do. It draws with ``np.random.choice(p=..., replace=False)``, we with
+    ``torch.multinomial(replacement=False)``: the same distribution, another random stream.
+
+    inputs: (N, d_in) the inputs to draw from (the rule decides which: recent training inputs, or the
+    anchor's fresh window); dead_mask: (n_features,) bool.
     """
     dead = dead_mask.nonzero().squeeze(1)
     n_dead = dead.numel()
     if n_dead == 0:
-        return 0
+        return 0  # the anchor still renormalises its (already normalised) decoder here: a no-op but rounding
+    anchor = sae.cfg.resample_rule == "anchor"
     inputs = inputs.to(sae.W_dec.device, torch.float32)
     losses = []
     for chunk in inputs.split(4096):
-        losses.append((sae(chunk).recon.float() - chunk).pow(2).sum(-1))
-    weights = torch.cat(losses).pow(2).cpu().double()  # probability ~ squared loss
+        err = (sae(chunk).recon.float() - chunk).pow(2)  # (n, d_in)
+        losses.append(err.mean(-1) if anchor else err.sum(-1))
+    if anchor:
+        # cell 11: squared_loss = np.square(per-input MSE); dist = squared_loss / squared_loss.sum(), float32
+        squared = torch.cat(losses).pow(2)
+        weights = (squared / squared.sum()).cpu().double()
+    else:
+        weights = torch.cat(losses).pow(2).cpu().double()  # probability ~ squared loss
     if not torch.isfinite(weights).all() or weights.sum() <= 0:
         weights = torch.ones_like(weights)
+    # more dead features than inputs with a non-zero loss: draw with replacement (the anchor's
+    # np.random.choice raises here; at 4,096 features and 9,856 inputs it cannot happen)
     replace = n_dead > int((weights > 0).sum())
     picked = torch.multinomial(weights, n_dead, replacement=replace, generator=generator)
-    directions = F.normalize(inputs[picked.to(inputs.device)], dim=1)  # (n_dead, d_in)
+    directions = F.normalize(inputs[picked.to(inputs.device)], dim=1)  # (n_dead, d_in) the raw inputs' directions
 
     live = ~dead_mask
     enc_norms = sae.W_enc.norm(dim=0)  # (n_features,)
+    # no live feature at all: the anchor's mean over an empty set is nan; we take 1
     scale = enc_norms[live].mean() if bool(live.any()) else enc_norms.new_tensor(1.0)
     sae.W_dec[dead] = directions
     sae.W_enc[:, dead] = directions.t() * (RESAMPLE_ENCODER_SCALE * scale)
@@ -465,6 +558,10 @@ def resample_dead(sae: SAE, optimizer: torch.optim.Optimizer, inputs: Tensor, de
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if key in state:
                 state[key][index] = 0.0
+    if sae.cfg.decoder_norm_axis == "input":
+        # the new rows are unit directions, but the input-axis norm couples every feature: renormalise, as
+        # cell 11 does after its loop (``autoencoder.normalize_decoder_weights()``)
+        sae.normalize_decoder()
     return n_dead
 
 
@@ -485,6 +582,18 @@ def geometric_median(x: Tensor, n_iter: int = 50, eps: float = 1e-6) -> Tensor:
 
 
 # --- training -------------------------------------------------------------------------------------------
+
+def _resample_due(cfg: SAEConfig, step: int) -> bool:
+    """Whether dead features are resampled right after optimizer update number ``step`` (1-based)."""
+    if not cfg.resample_every or cfg.architecture != "relu":
+        return False
+    if cfg.resample_rule == "anchor":
+        # cell 11 tests `if step and step % resample_frequency == 0` on its 0-based step after that step's
+        # update: after updates 1,001, 2,001, ..., 99,001 of its 100,000
+        s = step - 1
+        return s > 0 and s % cfg.resample_every == 0 and s < cfg.n_steps * cfg.resample_until
+    return step % cfg.resample_every == 0 and step <= int(cfg.n_steps * cfg.resample_until) and step < cfg.n_steps
+
 
 class TrainResult(NamedTuple):
     sae: SAE
@@ -582,9 +691,14 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
           log: Callable[[str], None] = print) -> TrainResult:
     """Train an SAE on ``source``: an :class:`IndexedSource` (``source.batch(step)``), an (N, d_in) tensor
     (shuffled epochs) or an iterable of (*, d_in) batches (e.g. a streaming activation buffer). Adam, decoder
-    rows renormalised after every step, dead latents tracked over ``cfg.dead_window`` activations and
-    handled by resampling (``resample_every``) or AuxK (TopK). Deterministic on CPU for a given
-    ``cfg.seed`` and source. Returns the SAE and the curve.
+    renormalised after every step, dead latents tracked over ``cfg.dead_window`` activations and
+    handled by resampling (``resample_every``, ``resample_rule``) or AuxK (TopK). Deterministic on CPU for
+    a given ``cfg.seed`` and source. Returns the SAE and the curve; its ``resampled`` column counts the
+    features resampled in each logged interval.
+
+    Source batches are consumed in order: one per step and, under ``resample_rule="anchor"``, the
+    ``dead_window // batch_size`` batches of each dead-detection window, which are not trained on (the
+    anchor draws them from its training iterator). Batch ``i`` of an indexed source is ``source.batch(i)``.
 
     ``checkpoint``: a file written (atomically) every ``checkpoint_every`` steps and when SIGINT or SIGTERM
     arrives (then training stops with ``KeyboardInterrupt``), deleted when training completes. With an
@@ -599,12 +713,12 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
     sae.to(device)
     indexed = isinstance(source, IndexedSource) and not isinstance(source, Tensor)
     if indexed:
-        def next_batch(step: int) -> Tensor | None:
-            return source.batch(step)
+        def next_batch(i: int) -> Tensor | None:
+            return source.batch(i)
     else:
         batches = _batches(source, cfg.batch_size, gen)
 
-        def next_batch(step: int) -> Tensor | None:
+        def next_batch(i: int) -> Tensor | None:
             return next(batches, None)
 
     optimizer = make_optimizer(sae)
@@ -612,10 +726,11 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
     since_fired = torch.zeros(cfg.n_features, dtype=torch.long, device=device)  # activations since last fire
     pool: collections.deque[Tensor] = collections.deque()
     pool_rows = 0
-    resample_stop = int(cfg.n_steps * cfg.resample_until)
+    anthropic_pool = bool(cfg.resample_every) and cfg.architecture == "relu" and cfg.resample_rule == "anthropic"
     history: list[dict[str, float]] = []
     sums: dict[str, float] = collections.defaultdict(float)
     n_in_interval, resampled, seconds, step = 0, 0, 0.0, 0
+    drawn = 0  # source batches consumed: one per step, plus the anchor rule's dead-detection windows
 
     state = None
     if checkpoint is not None and checkpoint.is_file():
@@ -635,6 +750,7 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
         history, step, seconds = state["history"], state["step"], state["seconds"]
         sums.update(state["sums"])
         n_in_interval, resampled = state["n_in_interval"], state["resampled"]
+        drawn = state.get("drawn", step)  # checkpoints from before the anchor rule: one batch per step
         log(f"resuming SAE training from {checkpoint} at step {step:,}")
 
     def save_checkpoint() -> None:
@@ -643,22 +759,31 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
                 "config": cfg.to_dict(), "config_hash": cfg.config_hash(), "step": step,
                 "sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
                 "since_fired": since_fired.cpu(), "pool": [t.cpu() for t in pool], "history": history,
-                "sums": dict(sums), "n_in_interval": n_in_interval, "resampled": resampled,
+                "sums": dict(sums), "n_in_interval": n_in_interval, "resampled": resampled, "drawn": drawn,
                 "seconds": seconds + time.perf_counter() - start})
 
-    batch = next_batch(step) if step < cfg.n_steps else None
+    def draw() -> Tensor | None:
+        """The next source batch (B, d_in) float32 on ``device``, or None when a finite stream has ended."""
+        nonlocal drawn
+        batch = next_batch(drawn)
+        if batch is None:
+            return None
+        drawn += 1
+        return batch.to(device, torch.float32)
+
+    batch = draw() if step < cfg.n_steps else None
     if batch is None and state is None:
         raise ConfigError(f"the activation source gave fewer than batch_size = {cfg.batch_size} rows")
-    if batch is not None:
-        batch = batch.to(device, torch.float32)
-        if batch.shape[1] != cfg.d_in:
-            raise ConfigError(f"activations have width {batch.shape[1]} but SAEConfig.d_in is {cfg.d_in}")
+    if batch is not None and batch.shape[1] != cfg.d_in:
+        raise ConfigError(f"activations have width {batch.shape[1]} but SAEConfig.d_in is {cfg.d_in}")
     if state is None:
         with torch.no_grad():
             if cfg.b_dec_init == "geometric_median":
                 sae.b_dec.copy_(geometric_median(batch))
             elif cfg.b_dec_init == "mean":
                 sae.b_dec.copy_(batch.mean(0))
+            elif cfg.b_dec_init == "zeros" and cfg.init != "gao":  # "gao" draws it as zeros already
+                sae.b_dec.zero_()
 
     bar = tqdm(total=cfg.n_steps, initial=step, desc=desc or f"SAE {cfg.architecture} {cfg.d_in}->{cfg.n_features}",
                disable=not progress, mininterval=1.0, leave=False)
@@ -670,14 +795,13 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
         while step < cfg.n_steps:
             if batch is None:
                 try:
-                    batch = next_batch(step)
+                    batch = draw()
                 except KeyboardInterrupt:  # raised by the source between steps: the state is whole
                     save_checkpoint()
                     raise
                 if batch is None:  # a finite stream ran out: stop here, the curve says where
                     break
-                batch = batch.to(device, torch.float32)
-            if cfg.resample_every and cfg.architecture == "relu":
+            if anthropic_pool:
                 pool.append(batch)
                 pool_rows += batch.shape[0]
                 while pool_rows - pool[0].shape[0] >= cfg.resample_pool:
@@ -698,12 +822,19 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
             batch = None
             bar.update(1)
 
-            if (cfg.resample_every and cfg.architecture == "relu" and step % cfg.resample_every == 0
-                    and step <= resample_stop and step < cfg.n_steps):
-                dead_now = since_fired >= min(cfg.dead_window, cfg.resample_every * cfg.batch_size)
-                n = resample_dead(sae, optimizer, torch.cat(list(pool)), dead_now, generator=gen)
-                since_fired[dead_now] = 0
-                resampled += n
+            if _resample_due(cfg, step):
+                if cfg.resample_rule == "anchor":
+                    # cell 11: a fresh window drawn from the stream and not trained on, encoded by the SAE as it
+                    # is now (a finite stream that ends inside it leaves a shorter window, or none)
+                    window = [b for b in (draw() for _ in range(cfg.dead_window // cfg.batch_size)) if b is not None]
+                    inputs = torch.cat(window) if window else None
+                    dead_now = never_fired(sae, inputs) if window else None
+                else:
+                    inputs = torch.cat(list(pool))
+                    dead_now = since_fired >= min(cfg.dead_window, cfg.resample_every * cfg.batch_size)
+                if dead_now is not None:
+                    resampled += resample_dead(sae, optimizer, inputs, dead_now, generator=gen)
+                    since_fired[dead_now] = 0
 
             if step % cfg.log_every == 0 or step == cfg.n_steps:
                 row = {"step": step, "n_activations": step * cfg.batch_size}

@@ -3,7 +3,7 @@
 The pipeline of chapter 3, for one profile::
 
     monosemantic harvest   --profile cpu    # MLP activations of the train split (and the val split) -> cache/work
-    monosemantic train-sae --profile cpu    # the anchor's recipe, TopK, the L1/k frontiers, the width sweep
+    monosemantic train-sae --profile cpu    # the anchor's recipe (literal and fixed), TopK, frontiers, width sweep
     monosemantic export-sae --profile cpu --recipe topk --out my_sae/   # SAELens's on-disk format
 
 ``harvest`` runs the model once over random windows of the train split and writes every position's 512
@@ -16,8 +16,12 @@ Every SAE is evaluated on held-out tokens (:mod:`monosemantic.metrics`): reconst
 ultra-low fractions over ``density_activations`` val activations, and the cross-entropy loss recovered
 with the SAE spliced into the model over ``eval_windows`` val windows. Artifacts:
 
-- ``sae/<profile>-anchor``: the anchor's recipe (ReLU + L1 3e-3, Adam 1e-4, batch 896, resampling),
-  weights committed (fp16, SAELens layout), training curve, per-feature density;
+- ``sae/<profile>-anchor``: the anchor's recipe literally (ReLU + L1 3e-3, Adam 1e-4, batch 896, nn.Linear
+  initialisation, its decoder normalisation, its resampling every 1,000 steps for the whole run), weights
+  committed (fp16, SAELens layout), training curve (with the features resampled per interval), per-feature
+  density; its metrics include ``resampled_total``;
+- ``sae/<profile>-anchor-fixed``: the anchor's loss, optimiser, batch and schedule with the fixes: unit
+  feature directions, Gao et al.'s initialisation, Anthropic's resampling over the first half; the same files;
 - ``sae/<profile>-topk``: the better recipe (TopK + AuxK), the same files;
 - ``sae/<profile>-sweep``: one row per sweep run (L1 coefficients, k values, dictionary widths) with its
   metrics, curves and density histograms; the sweep's weights stay in ``cache/work/`` (a 32,768-feature
@@ -46,7 +50,8 @@ from .harvest import HOOK, ArraySource, harvest_to_disk, open_rows, sequential_w
 from .sae import SAE, SAEConfig
 
 DEFAULT_PROFILE = "cpu"
-RECIPES = ("anchor", "topk")
+RECIPES = ("anchor", "anchor-fixed", "topk")
+"""The SAEs written as artifacts of their own (``sae/<profile>-<recipe>``), each a field of SAEStageConfig."""
 D_IN = 512  # the one-layer model's MLP width (checked against the model when it is loaded)
 
 
@@ -78,12 +83,18 @@ class SAEStageConfig(StageConfig):
     VERSION: ClassVar[int] = 1
 
     harvest: HarvestConfig = HarvestConfig()
-    anchor: SAEConfig = SAEConfig()
-    """The anchor's recipe (jnward/monosemanticity-repro): ReLU + 3e-3 L1, Adam 1e-4, batch 896."""
+    anchor: SAEConfig = SAEConfig(init="anchor-linear", init_encoder_transpose=False, b_dec_init="init",
+                                  decoder_norm_axis="input", resample_rule="anchor", resample_until=1.0,
+                                  dead_window=10_240)
+    """The anchor's recipe literally (jnward/monosemanticity-repro, neuron_resampling.ipynb): ReLU + 3e-3 L1,
+    Adam 1e-4, batch 896, nn.Linear init, decoder normalised per input coordinate, its resampling rule."""
+    anchor_fixed: SAEConfig = SAEConfig()
+    """The anchor's loss, optimiser and batch with the fixes: unit feature directions, transposed-encoder init,
+    geometric-median decoder bias, Anthropic's resampling rule over the first half of the run."""
     topk: SAEConfig = SAEConfig(architecture="topk", k=24)
     """Our recipe: TopK (Gao et al. 2024) with AuxK, transposed-encoder init."""
     l1_coeffs: tuple[float, ...] = (1e-3, 2e-3, 3e-3, 6e-3, 1.2e-2)
-    """The L1 frontier: the anchor's recipe at these coefficients (4,096 features)."""
+    """The L1 frontier: the fixed anchor recipe (``anchor_fixed``) at these coefficients (4,096 features)."""
     ks: tuple[int, ...] = (8, 16, 24, 32, 64)
     """The TopK frontier: these k (4,096 features)."""
     widths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -93,9 +104,13 @@ class SAEStageConfig(StageConfig):
     eval_windows: int = 256
     """Val windows (of ``seq_len`` tokens) for the spliced cross-entropy, MSE, FVU and L0."""
 
+    def recipe(self, name: str) -> SAEConfig:
+        """The SAEConfig of recipe ``name`` (one of ``RECIPES``)."""
+        return getattr(self, name.replace("-", "_"))
+
     def __post_init__(self) -> None:
-        if self.anchor.architecture != "relu" or self.topk.architecture != "topk":
-            raise ConfigError("SAEStageConfig: anchor must be a relu SAE and topk a topk SAE")
+        if {self.anchor.architecture, self.anchor_fixed.architecture} != {"relu"} or self.topk.architecture != "topk":
+            raise ConfigError("SAEStageConfig: anchor and anchor_fixed must be relu SAEs and topk a topk SAE")
         if min(self.widths, default=1) < 1 or min(self.ks, default=1) < 1 or min(self.l1_coeffs, default=1) <= 0:
             raise ConfigError("SAEStageConfig: widths and ks must be positive integers, l1_coeffs positive")
 
@@ -105,16 +120,16 @@ class Run:
     """One SAE to train: its name (a folder name), its sweep family, and its config."""
 
     name: str
-    family: str  # "main", "l1", "k" or "width"
+    family: str  # "main" (the RECIPES), "l1", "k" or "width"
     cfg: SAEConfig
 
 
 def plan(stage: SAEStageConfig) -> list[Run]:
     """Every run of the stage, main runs first. Runs that would repeat another's config are listed once."""
     sweep = stage.sweep_activations
-    runs = [Run("anchor", "main", stage.anchor), Run("topk", "main", stage.topk)]
+    runs = [Run(name, "main", stage.recipe(name)) for name in RECIPES]
     for c in stage.l1_coeffs:
-        runs.append(Run(f"l1-{c:g}", "l1", stage.anchor.replace(l1_coeff=c).with_activations(sweep)))
+        runs.append(Run(f"l1-{c:g}", "l1", stage.anchor_fixed.replace(l1_coeff=c).with_activations(sweep)))
     for k in stage.ks:
         runs.append(Run(f"k-{k}", "k", stage.topk.replace(k=k).with_activations(sweep)))
     for n in stage.widths:
@@ -241,6 +256,7 @@ def train_run(run: Run, *, profile: str, stage: SAEStageConfig, model, train_row
     trained.sae.cpu()  # trained on the GPU when there is one; the LM it is evaluated in stays on the CPU
     metrics, density = evaluate_run(model, trained.sae, val_tokens, val_rows, stage, run.cfg.n_activations)
     metrics["train_seconds"] = round(seconds, 1)
+    metrics["resampled_total"] = int(sum(row.get("resampled", 0) for row in trained.history))
     metrics["activations_per_s"] = round(run.cfg.n_activations / max(seconds, 1e-9), 1)
     sae_mod.save(trained.sae, folder / "sae", dtype=torch.float16,
                  metadata={"hook_name": stage.harvest.hook, "model_name": f"monosemantic-lm-{profile}"})
@@ -326,9 +342,9 @@ def write_sweep(profile: str, stage: SAEStageConfig, runs: list[Run], results: d
 
 # --- commands ----------------------------------------------------------------------------------------
 
-def run_stage(profile: str, stage: SAEStageConfig, only: tuple[str, ...] = ("anchor", "topk", "sweep"),
+def run_stage(profile: str, stage: SAEStageConfig, only: tuple[str, ...] = (*RECIPES, "sweep"),
               progress: bool = True, fresh: bool = False, log=print) -> list[Path]:
-    """Train what ``only`` names (``anchor``, ``topk``, ``sweep``) and write their artifacts."""
+    """Train what ``only`` names (any of ``RECIPES`` and ``sweep``) and write their artifacts."""
     from . import store
     from .data import TokenDataset
     from .lm import load_pretrained
@@ -414,9 +430,10 @@ class TrainCommand:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
         add_arguments(p)
-        p.add_argument("--recipe", choices=("anchor", "topk", "sweep", "all"), default="all",
-                       help="anchor: the anchor's ReLU+L1 recipe; topk: ours; sweep: the L1/k frontiers and the "
-                            "width sweep; all (default): the three")
+        p.add_argument("--recipe", choices=(*RECIPES, "sweep", "all"), default="all",
+                       help="anchor: the anchor's ReLU+L1 recipe, literally; anchor-fixed: the same with its "
+                            "initialisation, decoder norm and resampling fixed; topk: ours; sweep: the L1/k "
+                            "frontiers and the width sweep; all (default): every one")
         p.add_argument("--fresh", action="store_true", help="retrain runs that are already staged")
 
     @staticmethod
@@ -424,7 +441,7 @@ class TrainCommand:
         from . import profiles
 
         _threads(args)
-        only = ("anchor", "topk", "sweep") if args.recipe == "all" else (args.recipe,)
+        only = (*RECIPES, "sweep") if args.recipe == "all" else (args.recipe,)
         for path in run_stage(args.profile, profiles.get(args.profile).sae, only, progress=not args.no_progress,
                               fresh=args.fresh):
             print(f"wrote {path}")

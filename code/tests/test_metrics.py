@@ -123,3 +123,35 @@ def test_nan_activations_are_a_one_line_error():
 def test_no_windows_is_an_error():
     with pytest.raises(MetricsError, match="no eval windows"):
         evaluate(tiny_model(), SAE(cfg()), [])
+
+
+def test_per_window_sums_add_up_to_the_metrics_and_intervals_hold_them():
+    from monosemantic.metrics import WINDOW_SUMS, metric_intervals
+
+    torch.manual_seed(0)
+    ev = run_evaluation(tiny_model(), SAE(cfg()), windows(12), keep_fires=True)
+    m, w = ev.metrics, ev.per_window
+    assert set(w) == set(WINDOW_SUMS) and all(len(v) == 12 for v in w.values())
+    assert w["tokens"].sum() == m["eval_tokens"]
+    for key in ("orig", "sae", "zero", "mean"):
+        assert w[f"loss_{key}"].sum() / m["eval_tokens"] == pytest.approx(m[f"ce_loss_{key}"], rel=1e-9)
+    assert w["resid"].sum() / w["centred"].sum() == pytest.approx(m["fvu"], rel=1e-6)
+    assert ev.window_fires.shape == (12, 128)
+    assert (ev.window_fires.sum(0) / m["eval_tokens"]) == pytest.approx(ev.density.numpy())
+    docs = np.repeat(np.arange(6), 2)  # two windows per document
+    cis = metric_intervals(ev, docs, n_boot=200)
+    for name in ("fvu", "l0", "mse", "ce_loss_recovered", "ce_loss_sae", "dead_fraction", "ultralow_fraction"):
+        ci = cis[name]
+        assert ci.value == pytest.approx(m[name], rel=1e-6), name
+        assert ci.low <= ci.value <= ci.high and ci.n_groups == 6, name
+
+
+def test_a_perfect_sae_has_a_zero_width_interval_at_full_recovery():
+    from monosemantic.metrics import metric_intervals
+
+    ev = run_evaluation(tiny_model(), IdentitySAE(cfg()), windows(8))
+    ci = metric_intervals(ev, np.arange(8), n_boot=100)
+    assert ci["ce_loss_recovered"].value == pytest.approx(1.0)
+    assert ci["ce_loss_recovered"].low == pytest.approx(1.0) and ci["ce_loss_recovered"].high == pytest.approx(1.0)
+    assert ci["fvu"].high == pytest.approx(0.0, abs=1e-12)
+    assert "dead_fraction" not in ci  # needs keep_fires

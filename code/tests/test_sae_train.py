@@ -36,14 +36,19 @@ def in_tiny_cache(tiny_cache, monkeypatch):
 
 
 def test_artifacts_carry_the_issue_metric_names_and_the_sweep_table(in_tiny_cache):
+    import pandas as pd
+
     stage = profiles.get("tiny").sae
-    for recipe in ("anchor", "topk"):
+    for recipe in sae_train.RECIPES:  # anchor (literal), anchor-fixed, topk
         art = store.load("sae", "tiny", recipe, config=stage)
-        assert set(metrics.METRIC_NAMES) | {"train_activations", "density_tokens"} <= set(art.metrics)
+        names = set(metrics.METRIC_NAMES) | {"train_activations", "density_tokens", "resampled_total"}
+        assert names <= set(art.metrics)
         assert art.metrics["n_features"] == 512 and art.metrics["train_activations"] > 0
         assert 0 <= art.metrics["dead_fraction"] <= art.metrics["ultralow_fraction"] <= 1
+        curve = pd.read_parquet(art.file("training_curve.parquet"))
+        assert curve["resampled"].sum() == art.metrics["resampled_total"]  # per interval, and in total
+    assert store.load("sae", "tiny", "anchor").config["anchor"]["resample_rule"] == "anchor"
     sweep = store.load("sae", "tiny", "sweep", config=stage)
-    import pandas as pd
 
     table = pd.read_parquet(sweep.file("sweep.parquet"))
     names = [r.name for r in sae_train.plan(stage)]
@@ -200,3 +205,21 @@ def test_feature_browser_loads_finds_a_feature_by_token_and_highlights_its_conte
     _chromium(f"{page.as_uri()}#{set_name}/{unit}", "--window-size=1200,1000", f"--screenshot={shot}")
     assert shot.is_file() and shot.stat().st_size > 10_000
     shutil.copy(shot, tmp_path / "browser.png")
+
+
+def test_evaluate_gives_every_committed_sae_intervals_over_heldout_documents(in_tiny_cache):
+    import pandas as pd
+
+    from monosemantic import evaluation
+
+    assert evaluation.committed_saes("tiny")[:3] == ["anchor", "anchor-fixed", "topk"]
+    assert cli.main(["evaluate", "--profile", "tiny", "--sae", "topk", "--no-progress"]) == 0
+    art = store.load("sae", "tiny", "heldout")
+    table = pd.read_parquet(art.file("heldout.parquet"))
+    assert set(table["sae"]) == {"topk"}
+    assert set(evaluation.HEADLINE) <= set(table["metric"])
+    assert (table["low"] <= table["value"] + 1e-12).all() and (table["value"] <= table["high"] + 1e-12).all()
+    assert art.metrics["n_documents"] >= 2 and art.metrics["eval_tokens"] % 32 == 0
+    # the same numbers as evaluating the SAE directly on those windows (the point estimate is no bootstrap)
+    topk_ce = table.set_index("metric").loc[lambda t: t["sae"] == "topk", "value"]["ce_loss_recovered"]
+    assert art.metrics["topk_ce_loss_recovered"] == pytest.approx(topk_ce)
