@@ -24,6 +24,20 @@ For every SAE feature and, for comparison, every MLP neuron of the one-layer mod
      family's share of all tokens (Anthropic: Arabic is 0.13% of tokens but 81% of the Arabic feature's
      activation).
 
+**Units that take both signs.** Every measurement above is of a non-negative quantity: SAE features and
+ReLU neurons are non-negative already, but a SiLU-gated neuron (SmolLM2's, Llama's) takes both signs, and a
+share of a signed sum is not a share (it can be negative, or 10^16). So every unit, neuron or feature, is
+read through its *polarity* p = +1 or -1, the sign that carries more of its activation mass on the
+explanation text (p = -1 when the sum of max(-a, 0) exceeds the sum of max(a, 0); ties and non-negative
+units get +1), and what is measured is its stronger half, a+ = max(p a, 0): density is the share of tokens
+with a+ > 0, the mean, quantiles, histogram, top contexts, interval samples, explanations, held-out
+correlation, family share and lift are all of a+, and its logit effects are those of p times its direction
+(what it writes when it is active in its polarity). A family share is then a share of a non-negative mass,
+in [0, 1] by construction (clipped there against float32 rounding). A non-negative unit has p = +1 and
+a+ = a: its numbers are exactly what they were before polarity existed. The ``units`` table records ``p``
+(``polarity``) and the share of the unit's |a| mass on the other sign (``other_sign_share``), which the
+measurement leaves out; the browser shows both.
+
 The text: ``explain_tokens`` of the train split in windows of the model's context spread evenly over it
 (dashboards, explanations, best families) and the whole val split (scores, held-out densities). Tables are
 top-k summaries, small enough to commit; no raw activations are stored.
@@ -186,16 +200,30 @@ class UnitSet:
     """A set of units read off the MLP's hidden activations: the neurons themselves, or an SAE's features.
 
     ``encode`` maps (N, d_mlp) activations to (N, n_units); ``directions`` (n_units, d_mlp) are what each
-    unit writes back into the MLP's hidden layer (an SAE's decoder rows; the identity for neurons)."""
+    unit writes back into the MLP's hidden layer (an SAE's decoder rows; the identity for neurons).
+    ``polarity`` (n_units,) of +-1 is each unit's stronger sign (module docstring), chosen by
+    :func:`analyze` after its first pass; None until then."""
 
     name: str
     encode: Callable[[Tensor], Tensor]
     directions: Tensor
     contexts: bool = True  # keep dashboards (contexts, interval samples) for this set
+    polarity: Tensor | None = None
 
     @property
     def n_units(self) -> int:
         return self.directions.shape[0]
+
+    def orient(self, a: Tensor) -> Tensor:
+        """(N, n_units) raw activations -> what is measured, max(polarity * a, 0): ``a`` itself (no copy)
+        for a non-negative unit set."""
+        if self.polarity is not None and bool((self.polarity < 0).any()):
+            a = a * self.polarity.to(a.dtype)
+        return a if not a.numel() or a.min() >= 0 else a.clamp_min(0)
+
+    def activations(self, h: Tensor) -> Tensor:
+        """(N, d_mlp) MLP activations -> (N, n_units) oriented unit activations, all >= 0."""
+        return self.orient(self.encode(h))
 
     @classmethod
     def neurons(cls, d_mlp: int) -> UnitSet:
@@ -227,7 +255,7 @@ _HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 61)[1:]])  # bins o
 class _PairSums:
     """Sums and counts of values per (unit, token) pair, accumulated sparsely and compacted as it grows."""
 
-    def __init__(self, n_tokens: int = 1 << 16):
+    def __init__(self, n_tokens: int = 1 << 20):  # above every vocabulary we read (Llama-3's: 128,256)
         self.v = n_tokens
         self.keys: list[np.ndarray] = []
         self.sums: list[np.ndarray] = []
@@ -258,6 +286,18 @@ class _PairSums:
             return e, e, e.astype(np.float64), e
         keys = self.keys[0]
         return keys // self.v, keys % self.v, self.sums[0], self.counts[0]
+
+    def where(self, other: _PairSums, flip: np.ndarray) -> _PairSums:
+        """The pairs of the units not in ``flip`` (n,) bool from ``self``, of those in it from ``other``."""
+        out = _PairSums(self.v)
+        for mine, pairs in ((False, self), (True, other)):
+            units, tokens, sums, counts = pairs.result()
+            keep = flip[units] == mine
+            out.keys.append(units[keep] * self.v + tokens[keep])
+            out.sums.append(sums[keep])
+            out.counts.append(counts[keep])
+        out._compact()
+        return out
 
 
 def _top_tokens_frame(set_name: str, st: _Stats, top: int) -> Any:
@@ -316,6 +356,8 @@ class _Stats:
     hist: Tensor = None  # (n, bins) counts of non-zero activations by log bin
     family_mass: Tensor = None  # (n, F) float64
     pairs: _PairSums = None
+    polarity: Tensor = None  # (n,) +-1: the half these statistics are of (module docstring)
+    other: Tensor = None  # (n,) float64: activation mass of the other half, left out
 
     def __post_init__(self) -> None:
         self.fired = torch.zeros(self.n, dtype=torch.int64)
@@ -326,6 +368,37 @@ class _Stats:
         self.hist = torch.zeros((self.n, len(_HIST_EDGES) - 1), dtype=torch.int64)
         self.family_mass = torch.zeros((self.n, len(FAMILY_NAMES)), dtype=torch.float64)
         self.pairs = _PairSums()
+        self.polarity = torch.ones(self.n)
+        self.other = torch.zeros(self.n, dtype=torch.float64)
+
+    def add(self, a: Tensor, lab: Tensor, ids: np.ndarray, offset: int, pool: bool, edges: Tensor) -> None:
+        """Accumulate (N, n) non-negative activations of tokens ``ids`` (N,) with family labels ``lab``
+        (N, F); ``offset``: the global index of the first; ``pool``: keep the top-activation pool too."""
+        on = a > 0
+        self.fired += on.sum(0)
+        self.total += a.sum(0, dtype=torch.float64)
+        self.family_mass += (a.t() @ lab).double()
+        self.max = torch.maximum(self.max, a.amax(0))
+        if pool:  # the top-activation pool is only needed for dashboards
+            rows, units = torch.nonzero(on & (a > self.best_v[-1]), as_tuple=True)  # beats the pool's smallest
+            _pool_merge(self.best_v, self.best_i, None, a[rows, units], rows + offset, None, units)
+        rows, units = torch.nonzero(on, as_tuple=True)
+        vals = a[rows, units]
+        bins = torch.bucketize(vals, edges)
+        self.hist.view(-1).index_add_(0, units * self.hist.shape[1] + bins, torch.ones_like(bins))
+        self.pairs.add(units.numpy(), ids[rows.numpy()], vals.numpy())
+
+    def choose(self, neg: _Stats) -> None:
+        """In place: these statistics (of the positive halves, max(a, 0)) become those of each unit's
+        stronger half, taking ``neg``'s (of max(-a, 0)) where the negative half carries more mass."""
+        flip = neg.total > self.total  # (n,) polarity -1
+        self.other = torch.where(flip, self.total, neg.total)
+        self.polarity = torch.where(flip, -1.0, 1.0)
+        for name in ("fired", "max", "total", "hist", "family_mass"):
+            getattr(self, name)[flip] = getattr(neg, name)[flip]
+        self.best_v[:, flip] = neg.best_v[:, flip]
+        self.best_i[:, flip] = neg.best_i[:, flip]
+        self.pairs = self.pairs.where(neg.pairs, flip.numpy())
 
 
 def _mlp_batches(model, windows: np.ndarray, batch: int) -> Iterator[tuple[int, Tensor]]:
@@ -391,30 +464,30 @@ def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndar
                 progress: bool) -> list[_Stats]:
     from tqdm.auto import tqdm
 
+    """Each set's statistics on the explanation text, of each unit's stronger half (module docstring):
+    both halves are accumulated for a set once it has shown a negative activation, and each unit keeps
+    the half with more mass (``polarity``)."""
     W, T = windows.shape
     pool = 8 * cfg.top_contexts  # candidates, thinned to one per document
     stats = [_Stats(s.n_units, pool) for s in sets]
+    negative: list[_Stats | None] = [None] * len(sets)  # the negative halves, made when first needed
     edges = torch.as_tensor(_HIST_EDGES[1:-1], dtype=torch.float32)
     for b, h in tqdm(_mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
                      desc="analyze: explanation text", disable=not progress):
         ids = windows[b:b + cfg.batch_windows].reshape(-1)  # (N,)
         lab = torch.as_tensor(labels[b:b + cfg.batch_windows].reshape(-1, labels.shape[-1]), dtype=torch.float32)
-        for s, st in zip(sets, stats, strict=True):
+        for k, (s, st) in enumerate(zip(sets, stats, strict=True)):
             with torch.no_grad():
                 a = s.encode(h)  # (N, n)
-            on = a > 0
-            st.fired += on.sum(0)
-            st.total += a.sum(0, dtype=torch.float64)
-            st.family_mass += (a.t() @ lab).double()
-            st.max = torch.maximum(st.max, a.amax(0))
-            if s.contexts:  # the top-activation pool is only needed for dashboards
-                rows, units = torch.nonzero(on & (a > st.best_v[-1]), as_tuple=True)  # beats the pool's smallest
-                _pool_merge(st.best_v, st.best_i, None, a[rows, units], rows + b * T, None, units)
-            rows, units = torch.nonzero(on, as_tuple=True)
-            vals = a[rows, units]
-            bins = torch.bucketize(vals, edges)
-            st.hist.view(-1).index_add_(0, units * st.hist.shape[1] + bins, torch.ones_like(bins))
-            st.pairs.add(units.numpy(), ids[rows.numpy()], vals.numpy())
+            if a.numel() and a.min() < 0:  # a unit set that takes both signs (a non-negative one never gets here)
+                if negative[k] is None:
+                    negative[k] = _Stats(s.n_units, pool)
+                negative[k].add((-a).clamp_min(0), lab, ids, b * T, s.contexts, edges)
+                a = a.clamp_min(0)
+            st.add(a, lab, ids, b * T, s.contexts, edges)
+    for st, neg in zip(stats, negative, strict=True):
+        if neg is not None:
+            st.choose(neg)
     return stats
 
 
@@ -437,7 +510,7 @@ def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list
                 continue
             keys, idx, val = state[k]
             with torch.no_grad():
-                a = s.encode(h)  # (N, n)
+                a = s.activations(h)  # (N, n)
             rows, units = torch.nonzero(a > 0, as_tuple=True)
             v = a[rows, units]
             which = (torch.ceil(v / mx[units].clamp_min(1e-12) * I).long() - 1).clamp(0, I - 1)
@@ -470,7 +543,7 @@ def _context_pass(model, sets: list[UnitSet], windows: np.ndarray, examples: lis
             for k, e, unit in wanted[w]:
                 if k not in encoded:
                     with torch.no_grad():
-                        encoded[k] = sets[k].encode(h).reshape(len(ws), T, -1)
+                        encoded[k] = sets[k].activations(h).reshape(len(ws), T, -1)
                 g = examples[k][e][1]
                 t = g % T
                 lo, hi = max(0, t - cfg.before), min(T, t + cfg.after + 1)
@@ -481,11 +554,13 @@ def _context_pass(model, sets: list[UnitSet], windows: np.ndarray, examples: lis
 def _held_out_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndarray,
                    explanations: list[Any], cfg: AnalysisConfig, progress: bool) -> list[dict[str, Tensor]]:
     """Per set: held-out firing counts, activation mass by family, and the sums for each unit's Pearson
-    correlation between its activation and its explanation's prediction."""
+    correlation between its activation and its explanation's prediction, all of the oriented activations
+    (``sets`` carry their polarity); ``raw_aa``: the sum of squares of the raw ones."""
     from tqdm.auto import tqdm
 
     W, T = windows.shape
-    acc = [{name: torch.zeros(s.n_units, dtype=torch.float64) for name in ("a", "aa", "p", "pp", "ap", "fired")}
+    acc = [{name: torch.zeros(s.n_units, dtype=torch.float64) for name in ("a", "aa", "p", "pp", "ap", "fired",
+                                                                            "raw_aa")}
            | {"family_mass": torch.zeros((s.n_units, len(FAMILY_NAMES)), dtype=torch.float64)} for s in sets]
     family_tokens = torch.zeros(len(FAMILY_NAMES), dtype=torch.float64)
     for b, h in tqdm(_mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
@@ -495,13 +570,15 @@ def _held_out_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.n
         family_tokens += lab.sum(0, dtype=torch.float64)
         for s, st, ex in zip(sets, acc, explanations, strict=True):
             with torch.no_grad():
-                a = s.encode(h)  # (N, n)
+                raw = s.encode(h)  # (N, n)
+                a = s.orient(raw)
             p = torch.as_tensor(ex[ids].toarray(), dtype=torch.float32)  # (N, n) predictions
             st["a"] += a.sum(0, dtype=torch.float64)
             st["aa"] += (a * a).sum(0, dtype=torch.float64)
             st["p"] += p.sum(0, dtype=torch.float64)
             st["pp"] += (p * p).sum(0, dtype=torch.float64)
             st["ap"] += (a * p).sum(0, dtype=torch.float64)
+            st["raw_aa"] += (raw * raw).sum(0, dtype=torch.float64)
             st["fired"] += (a > 0).sum(0).double()
             st["family_mass"] += (a.t() @ lab).double()
     n = W * T
@@ -574,6 +651,8 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
     labels = window_families(tokenizer, windows)
     val_labels = window_families(tokenizer, val_windows)
     stats = _first_pass(model, sets, windows, labels, cfg, progress)
+    # from here on every set is read through its units' polarities: oriented activations max(p a, 0)
+    sets = [dataclasses.replace(s, polarity=st.polarity) for s, st in zip(sets, stats, strict=True)]
     maxima = [st.max for st in stats]
     intervals = _interval_pass(model, sets, windows, maxima, cfg, progress)
 
@@ -639,12 +718,16 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
         choice = np.where(lift_e >= 2, share_e, -1.0)
         best = choice.argmax(1)
         has_family = choice.max(1) > 0
-        share_v = (h["family_mass"] / h["a"].clamp_min(1e-12)[:, None]).numpy()
+        # a share of a non-negative mass: in [0, 1] but for float32 rounding of the family sums
+        share_v = np.clip((h["family_mass"] / h["a"].clamp_min(1e-12)[:, None]).numpy(), 0.0, 1.0)
         base_v = (h["family_tokens"] / h["n"]).numpy()
         hist = st.hist.numpy()
         q = _quantiles(hist, (0.5, 0.9, 0.99))
         effects = (model.logit_effects(s.directions) if hasattr(model, "logit_effects")  # another model kind
                    else logit_effects(model, s.directions))[:, :getattr(model, "n_vocab", N_VOCAB)]
+        effects = effects * st.polarity[:, None]  # what the unit writes when active in its polarity
+        polarity, other = st.polarity.numpy(), st.other.numpy()
+        absolute = st.total.numpy() + other  # the unit's |a| mass on the explanation text
         up_v, up_i = effects.topk(cfg.logit_tokens, dim=1)
         down_v, down_i = (-effects).topk(cfg.logit_tokens, dim=1)
         fired_e = st.fired.numpy()
@@ -660,7 +743,9 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
                 "q50": q[u, 0], "q90": q[u, 1], "q99": q[u, 2], "scored": bool(scored),
                 "explain_corr": float(corr[u]) if scored else float("nan"),
                 "family": fam, "family_share": sv if scored else float("nan"),
-                "family_base": bv_, "family_lift": sv / bv_ if scored and bv_ > 0 else float("nan")})
+                "family_base": bv_, "family_lift": sv / bv_ if scored and bv_ > 0 else float("nan"),
+                "polarity": int(polarity[u]),
+                "other_sign_share": float(other[u] / absolute[u]) if absolute[u] > 0 else 0.0})
             for j, (v, i) in enumerate(zip(up_v[u].tolist(), up_i[u].tolist(), strict=True)):
                 logit_rows.append({"set": s.name, "unit": u, "sign": 1, "rank": j, "token": i, "effect": v})
             for j, (v, i) in enumerate(zip(down_v[u].tolist(), down_i[u].tolist(), strict=True)):
@@ -674,7 +759,7 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
     for s in sets:
         if s.name == "neurons":
             continue  # the standard basis: every pair is orthogonal
-        d = torch.nn.functional.normalize(s.directions.float(), dim=1)
+        d = torch.nn.functional.normalize(s.directions.float() * s.polarity[:, None], dim=1)
         cos = d @ d.t()
         cos.fill_diagonal_(-2.0)
         v, i = cos.topk(min(cfg.neighbours, s.n_units - 1), dim=1)
@@ -704,7 +789,8 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
                              "token_share_val": (held[0]["family_tokens"] / held[0]["n"]).numpy()})
     # E|h|^2 of the MLP's activations on held-out text (the neurons' sum of squares): the scale an L1
     # coefficient is relative to
-    mean_sq = {s.name: float(h["aa"].sum() / h["n"]) for s, h in zip(sets, held, strict=True) if s.name == "neurons"}
+    mean_sq = {s.name: float(h["raw_aa"].sum() / h["n"]) for s, h in zip(sets, held, strict=True)
+               if s.name == "neurons"}
     return {"mlp_mean_sq_norm": mean_sq.get("neurons"),
             "units": units_df, "contexts": contexts_df, "top_tokens": top_tokens_df, "logits": logits_df,
             "histograms": pd.concat(hist_rows, ignore_index=True), "vocab": vocab, "families": families,

@@ -4,11 +4,15 @@
 with plain ``<script>`` tags, so it works from a web server and from ``file://`` alike (no ``fetch``):
 
 - ``index.js``: the sets (SAE features, neurons), one summary row per unit (density, score, family, top
-  tokens) and the search index from token text to the units that fire on it most;
+  tokens, polarity) and the search index from token text to the units that fire on it most;
 - ``<set>-<k>.js``: the dashboards of units ``k*SHARD .. (k+1)*SHARD - 1`` of a set (top contexts with
   every token's activation, interval samples, top tokens, logit effects, histogram, nearest features),
   loaded only when one of them is opened;
 - ``browser.js`` and ``browser.css``: the page's code (package data, ``book/assets/``).
+
+Every number and example is of a unit's stronger half, max(p a, 0) with its polarity p = +1 or -1
+(:mod:`monosemantic.analysis`); a unit read negated (p = -1) says so, with the share of its activation mass
+on the other sign that the page leaves out. Tables written before polarity existed read as p = +1.
 
 Nothing is served at read time and nothing is computed in the reader's browser beyond drawing.
 """
@@ -109,6 +113,8 @@ def write(art, out: Path, sets: tuple[tuple[str, str], ...] = SETS) -> dict[str,
         if not len(units):
             continue
         n = len(units)
+        if "polarity" not in units.columns:  # tables written before polarity existed: every unit as read
+            units = units.assign(polarity=1, other_sign_share=float("nan"))
         by = {name: t[t["set"] == set_name] for name, t in tables.items() if "set" in t.columns}
         top_tokens = {u: g.sort_values("rank") for u, g in by["top_tokens"].groupby("unit")}
         contexts = {u: g for u, g in by["contexts"].groupby("unit")}
@@ -120,7 +126,8 @@ def write(art, out: Path, sets: tuple[tuple[str, str], ...] = SETS) -> dict[str,
         index["sets"].append({"name": set_name, "label": label, "n": n})
         index["units"][set_name] = {
             "density": [_round(v) for v in units["density"]], "corr": [_round(v, 2) for v in units["explain_corr"]],
-            "family": units["family"].fillna("").tolist(), "label": labels}
+            "family": units["family"].fillna("").tolist(), "label": labels,
+            "polarity": [int(p) for p in units["polarity"]]}
         for u, g in top_tokens.items():
             for t, share in zip(g.token, g["share"], strict=True):
                 if share >= 0.02:
@@ -151,6 +158,7 @@ def write(art, out: Path, sets: tuple[tuple[str, str], ...] = SETS) -> dict[str,
                     "max": _round(row["max"]), "q": [_round(row[q]) for q in ("q50", "q90", "q99")],
                     "corr": _round(row["explain_corr"], 3), "family": row["family"] or None,
                     "family_share": _round(row["family_share"]), "family_lift": _round(row["family_lift"]),
+                    "polarity": int(row["polarity"]), "other_sign_share": _round(row["other_sign_share"]),
                     "hist": [int(c) for c in hists.get(u, [])], **examples,
                     "tokens": [] if tt is None else [[text[int(t)], _round(s), int(c)] for t, s, c in
                                                      zip(tt.token, tt["share"], tt["count"], strict=True)],

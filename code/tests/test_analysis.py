@@ -149,6 +149,141 @@ def test_a_unit_firing_exactly_on_one_family_scores_high_and_a_random_unit_low(t
     assert units.loc[0, "density"] > 0 and units.loc[0, "q50"] == pytest.approx(1.05, rel=0.15)
 
 
+def _digit_tokens(tok, vocab: int) -> torch.Tensor:
+    out = torch.zeros(vocab, dtype=torch.bool)
+    for i in range(A.N_VOCAB):
+        if any(c.isdigit() for c in tok.token_strings([i])[0]):
+            out[i] = True
+    return out
+
+
+@pytest.fixture(scope="module")
+def signed_analysis(tok):
+    """The analysis of units with known answers: a non-negative digit unit (0), a mostly negative one (1:
+    -3 on every digit token, small positive noise elsewhere) and a two-signed one (2: -3 on digits, +2 on
+    " cat"); and (``ref``) that of the non-negative units max(-a, 0) of units 1 and 2 beside unit 0."""
+    model = TokenModel()
+    digits = _digit_tokens(tok, model.config.vocab_size)
+    cat = tok.encode(" cat")[0]
+
+    def nonneg(h):
+        return digits[h[:, 0].long()].float() * (1.0 + 0.1 * h[:, 1])
+
+    def signed(h):
+        t = h[:, 0].long()
+        d = digits[t].float()
+        mostly_negative = -3.0 * d + 0.05 * h[:, 1] * (1 - d)
+        two_signed = -3.0 * d + 2.0 * (t == cat).float()
+        return torch.stack([nonneg(h), mostly_negative, two_signed], 1)
+
+    def negated(h):  # what units 1 and 2 should be read as: their negative halves, as non-negative units
+        a = signed(h)
+        return torch.cat([a[:, :1], (-a[:, 1:]).clamp_min(0)], 1)
+
+    cfg = A.AnalysisConfig(explain_tokens=20_000, top_contexts=8, interval_samples=4, batch_windows=16,
+                           min_firings=3)
+    explain, val = _synthetic_text(tok, 400, 0), _synthetic_text(tok, 100, 1)
+    out, ref = (A.analyze(model, tok, [A.UnitSet("signed", encode, torch.eye(4)[:3])], explain, val, cfg,
+                          progress=False, log=lambda s: None) for encode in (signed, negated))
+    windows, _ = A.spread_windows(explain, model.config.context_length, cfg.explain_tokens)
+    val_windows, _ = A.spread_windows(val, model.config.context_length, len(val))
+    return SimpleNamespace(out=out, ref=ref, cfg=cfg, model=model, digits=digits, cat=cat,
+                           digit_share=float(digits[torch.as_tensor(windows.astype(np.int64))].double().mean()),
+                           digit_share_val=float(digits[torch.as_tensor(val_windows.astype(np.int64))].double().mean()))
+
+
+def test_a_mostly_negative_unit_is_read_negated_with_the_family_density_and_share_expected(signed_analysis):
+    r = signed_analysis
+    units = r.out["units"]
+    row = units[(units["set"] == "signed") & (units["unit"] == 1)].iloc[0]
+    assert row["polarity"] == -1 and row["scored"]
+    assert row["family"] == "digits"
+    # it "fires" (is active in its polarity) on the digit tokens exactly, at 3
+    assert row["density"] == pytest.approx(r.digit_share, rel=1e-9)
+    assert row["density_val"] == pytest.approx(r.digit_share_val, rel=1e-9)
+    assert row["mean"] == pytest.approx(3 * r.digit_share, rel=1e-6) and row["max"] == pytest.approx(3.0)
+    assert row["q50"] == pytest.approx(3.0, rel=0.15)
+    assert 0.99 < row["family_share"] <= 1.0 and row["family_lift"] > 5
+    assert 0 < row["other_sign_share"] < 0.2  # the positive noise, left out
+    assert row["explain_corr"] > 0.9
+    tops = r.out["top_tokens"]
+    tops = tops[(tops["set"] == "signed") & (tops["unit"] == 1)]
+    assert set(tops.token) <= set(np.flatnonzero(r.digits.numpy())) and tops["share"].between(0, 1).all()
+    # logit effects: those of -1 times its direction (what it writes when it is active, at a < 0)
+    effect = A.logit_effects(r.model, torch.eye(4)[1:2])[0, :A.N_VOCAB]
+    lg = r.out["logits"]
+    up = lg[(lg["set"] == "signed") & (lg["unit"] == 1) & (lg["sign"] == 1)].sort_values("rank")
+    assert up["effect"].iloc[0] == pytest.approx(float(-effect.min()), rel=1e-5)
+    # every share of every unit is a share
+    shares = units["family_share"].dropna()
+    assert len(shares) and shares.between(0, 1).all()
+
+
+def test_a_two_signed_unit_s_dashboard_shows_its_stronger_polarity(signed_analysis):
+    r = signed_analysis
+    units = r.out["units"].set_index(["set", "unit"])
+    assert units.loc[("signed", 2), "polarity"] == -1 and units.loc[("signed", 2), "family"] == "digits"
+    assert 0.1 < units.loc[("signed", 2), "other_sign_share"] < 0.5  # the +2 on " cat"
+    ctx = r.out["contexts"]
+    top = ctx[(ctx["set"] == "signed") & (ctx["unit"] == 2) & (ctx["kind"] == "top")]
+    assert len(top) == r.cfg.top_contexts
+    for _, row in top.iterrows():  # the -3s on digits, shown as 3; never the +2 on " cat"
+        assert r.digits[int(row.tokens[row.center])] and row.activation == pytest.approx(3.0)
+        assert row.acts[row.center] == pytest.approx(3.0) and (row.acts >= 0).all()
+        assert (row.acts[row.tokens == r.cat] == 0).all()
+    samples = ctx[(ctx["set"] == "signed") & (ctx["unit"] == 2) & (ctx["kind"] == "interval")]
+    assert len(samples) and all(r.digits[int(t[c])] for t, c in zip(samples.tokens, samples.center, strict=True))
+
+
+def test_a_non_negative_unit_is_measured_as_before_and_a_signed_one_as_its_stronger_half(signed_analysis):
+    """A non-negative unit has polarity +1 and is measured on a itself, whatever else its set holds: its
+    row, dashboards, tokens and histogram are the same beside two-signed units (the set then takes the
+    two-halves path) as beside non-negative ones, and its numbers are the direct ones. A unit read negated
+    is measured exactly as the non-negative unit max(-a, 0) would be."""
+    import pandas as pd
+
+    r = signed_analysis
+    units, ref = r.out["units"], r.ref["units"]
+    assert list(units["polarity"]) == [1, -1, -1] and list(ref["polarity"]) == [1, 1, 1]
+    assert ref["other_sign_share"].eq(0).all() and units.loc[0, "other_sign_share"] == 0
+    cols = [c for c in units.columns if c not in ("polarity", "other_sign_share")]
+    pd.testing.assert_frame_equal(units[cols], ref[cols], check_exact=True)
+    for table in ("contexts", "top_tokens", "histograms"):
+        assert len(r.out[table])
+        pd.testing.assert_frame_equal(r.out[table], r.ref[table], check_exact=True)
+    lg, lg_ref = r.out["logits"], r.ref["logits"]
+    pd.testing.assert_frame_equal(lg[lg["unit"] == 0], lg_ref[lg_ref["unit"] == 0], check_exact=True)
+    row = units.loc[0]
+    assert row["density"] == pytest.approx(r.digit_share, rel=1e-9) and row["family"] == "digits"
+    assert row["mean"] == pytest.approx(1.05 * r.digit_share, rel=0.05) and row["family_share"] > 0.99
+
+
+def test_unit_orientation_keeps_non_negative_activations_as_they_are():
+    a = torch.tensor([[0.0, 2.0, -1.0], [3.0, 0.0, 4.0]])
+    plain = A.UnitSet("s", lambda h: h, torch.eye(3))
+    assert plain.orient(a[:, :2]) is not None and torch.equal(plain.orient(a[:, :2]), a[:, :2])
+    assert torch.equal(plain.orient(a), a.clamp_min(0))
+    oriented = A.UnitSet("s", lambda h: h, torch.eye(3), polarity=torch.tensor([1.0, 1.0, -1.0]))
+    assert torch.equal(oriented.activations(a), torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]]))
+
+
+def test_browser_says_which_units_are_read_negated(signed_analysis, tmp_path):
+    import json
+
+    from monosemantic import browser
+
+    for name in A.TABLES:
+        r = signed_analysis.out[name]
+        r.to_parquet(tmp_path / f"{name}.parquet", index=False)
+    art = SimpleNamespace(file=lambda name: tmp_path / name, profile="test", config={"intervals": 4})
+    browser.write(art, tmp_path / "browser", sets=(("signed", "synthetic units"),))
+    index = json.loads((tmp_path / "browser" / "index.js").read_text().split("=", 1)[1].rstrip(";\n"))
+    assert index["units"]["signed"]["polarity"] == [1, -1, -1]
+    shard = json.loads((tmp_path / "browser" / "signed-0.js").read_text().split(",", 1)[1].rsplit(")", 1)[0])
+    assert shard["1"]["polarity"] == -1 and 0 < shard["1"]["other_sign_share"] < 0.2
+    assert shard["2"]["top"] and all(x["a"] == 3.0 for x in shard["2"]["top"])
+
+
 def test_sparse_pool_merge_keeps_the_largest_per_column_like_a_dense_topk():
     g = torch.Generator().manual_seed(0)
     keys, index = torch.full((5, 7), -1.0), torch.zeros((5, 7), dtype=torch.int64)

@@ -46,6 +46,7 @@
   const pct = (x) => (x === null || x === undefined ? "–"
     : (x > 0 && x < 0.001 ? (100 * x).toPrecision(2) : (100 * x).toFixed(1)) + "%");
   const show = (t) => t.replace(/\n/g, "⏎").replace(/ /g, "·").replace(/\t/g, "⇥");
+  const negated = (meta, u) => meta.polarity && meta.polarity[u] < 0;  // old indexes have no polarity
   const setLabel = (name) => (INDEX.sets.find((s) => s.name === name) || { label: name }).label;
 
   // --- the controls -------------------------------------------------------------------------------
@@ -76,7 +77,7 @@
       const name = INDEX.sets[s].name;
       const meta = INDEX.units[name];
       list.append(el("li", {}, el("a", { href: `#${name}/${u}` }, `${INDEX.sets[s].label} #${u}`),
-        ` — ${meta.label[u]} · density ${fmt(meta.density[u], 2)} · score ${fmt(meta.corr[u], 2)}`
+        (negated(meta, u) ? " (read negated)" : "") + ` — ${meta.label[u]} · density ${fmt(meta.density[u], 2)} · score ${fmt(meta.corr[u], 2)}`
         + (meta.family[u] ? ` · ${meta.family[u]}` : "")));
     }
     results.append(el("p", {}, `${hits.length} units fire most on "${q}":`), list);
@@ -138,7 +139,13 @@
     const data = (await loadShard(`${set}-${Math.floor(unit / INDEX.shard)}`))[String(unit)];
     const scale = data.max || 1;
     const head = el("div", { class: "mono-head" },
-      el("h3", {}, `${setLabel(set)} #${unit}`),
+      el("h3", {}, `${setLabel(set)} #${unit}` + (data.polarity < 0 ? " (read negated)" : "")),
+      data.polarity < 0 ? el("p", { class: "mono-polarity" }, "This unit takes both signs and its negative "
+        + "activations carry more of its mass, so every number and example here is of −a (its values below 0, "
+        + `shown as positive); its positive side, ${pct(data.other_sign_share)} of its mass, is left out.`)
+        : (data.other_sign_share > 0 ? el("p", { class: "mono-polarity" }, "This unit takes both signs: every "
+          + `number and example here is of its positive side; its negative side, ${pct(data.other_sign_share)} `
+          + "of its mass, is left out.") : null),
       el("p", {}, `density ${pct(data.density)} of tokens (held-out ${pct(data.density_val)}) · max ${fmt(data.max)}`
         + ` · median ${fmt(data.q[0])}, 90% ${fmt(data.q[1])}, 99% ${fmt(data.q[2])}`),
       el("p", {}, `explain-then-predict score ${fmt(data.corr)} · best family: `
