@@ -12,6 +12,7 @@ TokenActivations(values=tensor([...]), position=5, token=' mat', hook='blocks.0.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -85,6 +86,24 @@ def _check_text(text: object) -> str:
     return text
 
 
+def _check_texts(texts: object) -> list[str]:
+    """One string or a list (or tuple) of strings, as a list; anything else is a one-line error."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise ActivationError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise ActivationError("no texts given: pass a string or a non-empty list of strings")
+    return [_check_text(t) for t in texts]
+
+
+def _check_int(name: str, value: object) -> int:
+    """An integer argument (Python or numpy; not a bool) as an int, else a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ActivationError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 def _check_hook(source: ActivationSource, hook: str | None) -> str:
     hook = hook or source.default_hook
     if hook not in source.hook_names:
@@ -114,6 +133,13 @@ def resolve_position(tokens: Sequence[str], *, position: int | None = None, toke
     if len(given) != 1:
         raise ActivationError("say which token with exactly one of position=, token= or char= "
                               f"(got {', '.join(given) or 'none'})")
+    occurrence = _check_int("occurrence", occurrence)
+    if occurrence < 0:
+        raise ActivationError(f"occurrence counts matches from 0, got {occurrence}")
+    position = None if position is None else _check_int("position", position)
+    char = None if char is None else _check_int("char", char)
+    if token is not None and not isinstance(token, str):
+        raise ActivationError(f"token must be the token's text, e.g. ' mat', got {token!r}")
     n = len(tokens)
     if position is not None:
         if not -n <= position < n:
@@ -153,12 +179,9 @@ def get_activations(source: ActivationSource, text: str, *, position: int | None
 def get_text_activations(source: ActivationSource, texts: str | Sequence[str], *,
                          hook: str | None = None, batch_size: int = 32) -> list[TextActivations]:
     """The activations at every token of each text (batched, padded on the right, padding dropped)."""
-    if isinstance(texts, str):
-        texts = [texts]
-    if not texts:
-        raise ActivationError("no texts given")
+    texts = _check_texts(texts)
     hook = _check_hook(source, hook)
-    encoded = [_encode(source, _check_text(t)) for t in texts]
+    encoded = [_encode(source, t) for t in texts]
     out: list[TextActivations] = []
     for b in range(0, len(encoded), batch_size):
         chunk = encoded[b:b + batch_size]
@@ -178,9 +201,11 @@ def feature_activations(source: ActivationSource, sae, text: str, feature: int |
     """An SAE's feature activations at every token of ``text``: (seq, n_features), or (seq, 1) for one
     ``feature``. The SAE must read the hook's width (its ``cfg.d_in``)."""
     n = sae.cfg.n_features
-    if feature is not None and not (isinstance(feature, int) and 0 <= feature < n):
-        raise ActivationError(f"feature {feature!r} does not exist: this SAE has {n:,} features, 0..{n - 1}")
-    acts = get_text_activations(source, text, hook=hook)[0]
+    if feature is not None:
+        feature = _check_int("feature", feature)
+        if not 0 <= feature < n:
+            raise ActivationError(f"feature {feature} does not exist: this SAE has {n:,} features, 0..{n - 1}")
+    acts = get_text_activations(source, _check_text(text), hook=hook)[0]
     if acts.values.shape[-1] != sae.cfg.d_in:
         raise ActivationError(f"the SAE reads {sae.cfg.d_in} numbers but {acts.hook} has {acts.values.shape[-1]}; "
                               "use the SAE trained on this hook of this model")

@@ -33,6 +33,8 @@ COMMANDS: list[tuple[str, str, str]] = [
      "every committed SAE on the whole held-out split, with 95% intervals over documents"),
     ("analyze", "monosemantic.analysis",
      "features and neurons measured alike: dashboards, logit effects, monosemanticity scores, splitting"),
+    ("causal", "monosemantic.causal",
+     "clamp and ablate named features in the running model, against random directions of equal norm"),
     ("diff", "monosemantic.diffing", "chapter 5's pilot: fine-tune the LM on one source and diff the two models"),
     ("llama", "monosemantic.llama", "Llama-family models (SmolLM2, L3-8B-Stheno): activations, harvest, SAE, cost"),
 ]

@@ -76,3 +76,41 @@ def test_clear_errors_for_empty_and_too_long_text(source):
         get_activations(source, "   ", position=0)
     with pytest.raises(ActivationError, match="longer than the model's context of 32"):
         get_activations(source, "word " * 40, position=0)
+
+
+@pytest.fixture(scope="module")
+def sae():
+    from monosemantic.sae import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    return SAE(SAEConfig(d_in=64, n_features=16, b_dec_init="zeros"))
+
+
+def test_feature_ids_may_be_numpy_integers(source, sae):
+    import numpy as np
+
+    from monosemantic.activations import feature_activations
+
+    a = feature_activations(source, sae, TEXT, np.int64(7))
+    b = feature_activations(source, sae, TEXT, 7)
+    assert a.values.shape == (6, 1) and torch.equal(a.values, b.values)
+    assert get_activations(source, TEXT, position=np.int32(-1)).position == 5
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s, sae: __import__("monosemantic.activations").activations.feature_activations(s, sae, 42),
+     "text must be a string, got int"),
+    (lambda s, sae: __import__("monosemantic.activations").activations.feature_activations(s, sae, TEXT, True),
+     "feature must be an integer, got True"),
+    (lambda s, sae: __import__("monosemantic.activations").activations.feature_activations(s, sae, TEXT, 16),
+     "feature 16 does not exist: this SAE has 16 features, 0..15"),
+    (lambda s, sae: get_text_activations(s, None), "texts must be a string or a list of strings, got NoneType"),
+    (lambda s, sae: get_text_activations(s, []), "no texts given"),
+    (lambda s, sae: get_text_activations(s, [TEXT, 3]), "text must be a string, got int"),
+    (lambda s, sae: get_activations(s, TEXT, position=1.0), "position must be an integer"),
+    (lambda s, sae: get_activations(s, TEXT, token=5), "token must be the token's text"),
+])
+def test_the_public_api_says_what_is_wrong_in_one_line(source, sae, call, message):
+    with pytest.raises(ActivationError) as err:
+        call(source, sae)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -1,0 +1,267 @@
+"""``monosemantic causal``: do the named features *do* what their labels say? Clamp and ablate them in the
+running model, against random directions of the same norm (issue 18, item 6).
+
+A feature i of an SAE on the MLP's hidden layer has an activation f_i(h) and a unit decoder direction d_i.
+Interventions edit the hidden activation h at every position and keep everything the SAE does not
+explain (the "error term"), as Templeton et al. (2024, "Scaling Monosemanticity", section "Feature
+steering") and the anchor's generation notebook do:
+
+- **clamp** to a value c: h' = h + (c - f_i(h)) d_i, so that the SAE's account of h' carries c d_i in place
+  of f_i(h) d_i at every position; c is a multiple of the largest activation the feature reaches on the
+  explanation text (``clamp_multiple``);
+- **ablate**: h' = h - f_i(h) d_i, the feature's contribution removed where it fires.
+
+The control replaces d_i by a random direction r of the same (unit) norm, with the same coefficients, so
+a feature's effect is compared with what any push of that size does. Measured on held-out windows: the
+KL divergence KL(p || p') of the next-token distribution (nats per token; for ablation over the positions
+where the feature fires) and the change of the probability mass on the feature's family (the vocabulary
+tokens that family's detector marks when the token is read alone, :func:`monosemantic.analysis.token_families`),
+each with a 95% interval over held-out documents; and greedy continuations of a few prompts.
+
+Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x intervention x direction) and
+``generations.parquet``.
+
+    monosemantic causal --profile cpu         # ~10 min on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ConfigError, StageConfig, UserError
+
+DEFAULT_PROFILE = "cpu"
+PROMPTS = ("The", "In 1998, the", "def main(", "The license", "Der")
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalConfig(StageConfig):
+    """Which features, how hard they are pushed, on how much held-out text."""
+
+    STAGE: ClassVar[str] = "analysis"
+
+    sae: str = "topk"
+    """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
+    n_features: int = 6
+    """Features tested: the most specific scored feature of each of this many families (see :func:`pick`)."""
+    min_heldout_firings: int = 50
+    """A feature is only picked if it fires at least this often on the held-out text."""
+    min_family_tokens: int = 20
+    """A family is only used if at least this many vocabulary tokens belong to it when read alone."""
+    clamp_multiple: float = 5.0
+    """Clamp value = this x the feature's largest activation on the explanation text (a high value, as
+    feature steering uses: the largest natural value barely moves the output of a rare feature)."""
+    n_random: int = 3
+    """Random directions per feature for the control (their results are averaged)."""
+    eval_windows: int = 128
+    """Held-out windows (of the model's context) the distributions are measured on."""
+    batch_windows: int = 16
+    new_tokens: int = 16
+    """Greedy tokens generated per prompt."""
+    n_boot: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_features", "min_heldout_firings", "min_family_tokens", "n_random", "eval_windows",
+                     "batch_windows", "new_tokens", "n_boot"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"causal.{name} must be a positive integer, got {value!r}")
+        if not self.clamp_multiple > 0:
+            raise ConfigError(f"causal.clamp_multiple must be > 0, got {self.clamp_multiple}")
+
+
+# --- the interventions ------------------------------------------------------------------------------------
+
+def edit_hook(sae, feature: int, mode: str, direction: Tensor | None = None, value: float = 0.0
+              ) -> Callable[[Tensor, str], Tensor]:
+    """A hook ``fn(h, name) -> h'`` on the SAE's hook point: ``mode`` "clamp" sets feature ``feature`` to
+    ``value`` (h + (value - f) d), "ablate" removes it (h - f d). ``direction`` (d_in,) replaces the
+    feature's decoder direction d (the random-direction control); the coefficients are the feature's own."""
+    if mode not in ("clamp", "ablate"):
+        raise UserError(f"mode must be 'clamp' or 'ablate', got {mode!r}")
+    d = (sae.W_dec[feature] if direction is None else direction).detach().float()  # (d_in,)
+
+    def fn(h: Tensor, name: str) -> Tensor:
+        flat = h.reshape(-1, h.shape[-1]).float()  # (N, d_in)
+        with torch.no_grad():
+            f = sae.encode(flat)[:, feature]  # (N,)
+        coeff = (value - f) if mode == "clamp" else -f
+        return (flat + coeff[:, None] * d.to(flat.device)).to(h.dtype).reshape(h.shape)
+    return fn
+
+
+def random_directions(d_in: int, n: int, seed: int) -> Tensor:
+    """(n, d_in) random unit vectors (uniform on the sphere), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(n, d_in, generator=g)
+    return r / r.norm(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def distribution_shift(model, hook: str, windows, edit: Callable, family_mask: Tensor, sae=None,
+                       feature: int | None = None) -> dict[str, np.ndarray]:
+    """Per-window sums of the next-token shift an edit causes: ``kl`` (sum over tokens of KL(p || p')),
+    ``dmass`` (sum of p'(family) - p(family)), ``tokens``; and the same restricted to the positions where
+    ``feature`` fires (``kl_fire``, ``dmass_fire``, ``fire``), when an SAE and feature are given."""
+    out: dict[str, list[Tensor]] = {k: [] for k in ("kl", "dmass", "tokens", "kl_fire", "dmass_fire", "fire")}
+    mask = family_mask.float()  # (V,); padded with zeros to the model's (padded) vocabulary below
+    for x, _ in windows:
+        B, T = x.shape
+        logp = F.log_softmax(model(x).logits.float(), dim=-1)  # (B, T, V)
+        with model.hooks({hook: edit}):
+            logq = F.log_softmax(model(x).logits.float(), dim=-1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T)
+        if len(mask) < logp.shape[-1]:
+            mask = F.pad(mask, (0, logp.shape[-1] - len(mask)))
+        dmass = (logq.exp() - logp.exp()) @ mask[: logp.shape[-1]]  # (B, T)
+        if sae is not None and feature is not None:
+            h = model.run_with_cache(x, [hook])[hook]  # (B, T, d_in)
+            fires = (sae.encode(h.reshape(-1, h.shape[-1]).float())[:, feature] > 0).reshape(B, T).double()
+        else:
+            fires = torch.zeros(B, T, dtype=torch.float64)
+        out["kl"].append(kl.double().sum(1))
+        out["dmass"].append(dmass.double().sum(1))
+        out["tokens"].append(torch.full((B,), float(T), dtype=torch.float64))
+        out["kl_fire"].append((kl.double() * fires).sum(1))
+        out["dmass_fire"].append((dmass.double() * fires).sum(1))
+        out["fire"].append(fires.sum(1))
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def vocab_family_masks(token_bytes: list[bytes]) -> np.ndarray:
+    """(V, n_families) bool: the families each vocabulary token belongs to when read alone."""
+    from .analysis import token_families
+
+    return np.concatenate([token_families([b]) for b in token_bytes]) if token_bytes else np.zeros((0, 0), bool)
+
+
+def pick(units, families: list[str], family_sizes: dict[str, int], cfg: CausalConfig, heldout_tokens: int):
+    """The features to test: for each family with enough vocabulary tokens, the scored feature of ``units``
+    (the analysis's table for one set) with the highest family share among those labelled with it, that
+    fire at least ``min_heldout_firings`` times on the held-out text; the ``n_features`` best of those."""
+    ok = units[units["scored"] & (units["density_val"] * heldout_tokens >= cfg.min_heldout_firings)]
+    rows = []
+    for fam in families:
+        if family_sizes.get(fam, 0) < cfg.min_family_tokens:
+            continue
+        cand = ok[ok["family"] == fam].sort_values(["family_share", "family_lift"], ascending=False)
+        if len(cand):
+            rows.append(cand.iloc[0])
+    rows.sort(key=lambda r: -float(r["family_share"]))
+    return rows[: cfg.n_features]
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
+    import pandas as pd
+
+    from . import sae as sae_mod
+    from . import store, tokenizer
+    from .analysis import FAMILY_NAMES, N_VOCAB
+    from .data import TokenDataset
+    from .harvest import HOOK, sequential_windows
+    from .intervals import bootstrap, group_sums, window_documents
+    from .lm import load_pretrained
+
+    model = load_pretrained(profile).eval()
+    lm_art = store.load("lm", profile, "model")
+    sae_art = store.load("sae", profile, cfg.sae)
+    sae = sae_mod.load(sae_art.path).eval()
+    an = store.load("analysis", profile, "features")
+    units_all = pd.read_parquet(an.file("units.parquet"))
+    set_name = cfg.sae if cfg.sae in set(units_all["set"]) else "topk"
+    units = units_all[units_all["set"] == set_name]
+    if units.empty:
+        raise UserError(f"analysis/{profile}-features has no units of set {set_name!r}; "
+                        f"run `monosemantic analyze --profile {profile}`")
+    heldout_tokens = int(an.metrics.get("held_out_tokens", 0))
+    tok = tokenizer.load()
+    masks = vocab_family_masks(tok.token_bytes(list(range(N_VOCAB))))  # (V, F)
+    sizes = {f: int(masks[:, j].sum()) for j, f in enumerate(FAMILY_NAMES)}
+    picks = pick(units, list(FAMILY_NAMES), sizes, cfg, heldout_tokens)
+    if not picks:
+        raise UserError("no feature qualifies (scored, specific to a family with vocabulary tokens, firing "
+                        f">= {cfg.min_heldout_firings} times held out); lower min_heldout_firings")
+
+    data = TokenDataset.open(profile, "val")
+    seq = model.config.context_length
+    n_windows = min(cfg.eval_windows, (len(data.tokens) - 1) // seq)
+    windows = [(x, y) for x, y in sequential_windows(data.tokens, seq, n_windows, batch=cfg.batch_windows)]
+    docs = window_documents(data.tokens, np.arange(n_windows) * seq, data.eot_id)
+    randoms = random_directions(sae.cfg.d_in, cfg.n_random, cfg.seed)
+    rows, gens = [], []
+    prompts = [torch.tensor([tok.encode(p)]) for p in PROMPTS]
+
+    def greedy(edit) -> list[str]:
+        texts = []
+        for ids in prompts:
+            with model.hooks({HOOK: edit} if edit else {}):
+                out = model.generate(ids, cfg.new_tokens, temperature=0)
+            texts.append(tok.decode(out[0, ids.shape[1]:].tolist()))
+        return texts
+
+    base_text = greedy(None)
+    for n, unit in enumerate(picks, 1):
+        feature, family = int(unit["unit"]), str(unit["family"])
+        fam_mask = torch.as_tensor(masks[:, FAMILY_NAMES.index(family)])
+        value = cfg.clamp_multiple * float(unit["max"])
+        log(f"[{n}/{len(picks)}] feature {feature} ({family}, share {unit['family_share']:.2f}): clamp to "
+            f"{value:.2f}, ablate; {cfg.n_random} random directions")
+        for mode in ("clamp", "ablate"):
+            per_dir = {"feature": [distribution_shift(model, HOOK, windows, edit_hook(sae, feature, mode, None, value),
+                                                      fam_mask, sae, feature)]}
+            per_dir["random"] = [distribution_shift(model, HOOK, windows,
+                                                    edit_hook(sae, feature, mode, r, value), fam_mask, sae, feature)
+                                 for r in randoms]
+            for direction, results in per_dir.items():
+                mean = {k: np.mean([r[k] for r in results], axis=0) for k in results[0]}  # random: averaged
+                sums, _ = group_sums(mean, docs)
+                where = ("kl", "dmass", "tokens") if mode == "clamp" else ("kl_fire", "dmass_fire", "fire")
+                kl = bootstrap(sums, lambda s, w=where: s[w[0]] / s[w[2]], n_boot=cfg.n_boot, seed=cfg.seed)
+                dm = bootstrap(sums, lambda s, w=where: s[w[1]] / s[w[2]], n_boot=cfg.n_boot, seed=cfg.seed)
+                rows.append({"feature": feature, "family": family, "family_share": float(unit["family_share"]),
+                             "mode": mode, "direction": direction, "value": value if mode == "clamp" else 0.0,
+                             "positions": float(sums[where[2]].sum()), "kl": kl.value, "kl_low": kl.low,
+                             "kl_high": kl.high, "dmass": dm.value, "dmass_low": dm.low, "dmass_high": dm.high})
+        clamped = greedy(edit_hook(sae, feature, "clamp", None, value))
+        rand = greedy(edit_hook(sae, feature, "clamp", randoms[0], value))
+        for p, b, c, r in zip(PROMPTS, base_text, clamped, rand, strict=True):
+            gens.append({"feature": feature, "family": family, "prompt": p, "as_is": b, "clamped": c,
+                         "random_direction": r})
+    table = pd.DataFrame(rows)
+    clamp = table[table["mode"] == "clamp"].pivot(index="feature", columns="direction", values="dmass")
+    ablate = table[table["mode"] == "ablate"].pivot(index="feature", columns="direction", values="kl")
+    with store.write("analysis", profile, "causal", config=cfg, inputs=[lm_art, sae_art, an]) as w:
+        table.to_parquet(w.dir / "causal.parquet", index=False)
+        pd.DataFrame(gens).to_parquet(w.dir / "generations.parquet", index=False)
+        w.metrics.update({
+            "features": len(picks), "eval_tokens": n_windows * seq, "n_documents": int(len(np.unique(docs))),
+            "clamp_dmass_feature_median": float(clamp["feature"].median()),
+            "clamp_dmass_random_median": float(clamp["random"].median()),
+            "clamp_family_up_fraction": float((clamp["feature"] > clamp["random"]).mean()),
+            "ablate_kl_feature_median": float(ablate["feature"].median()),
+            "ablate_kl_random_median": float(ablate["random"].median()),
+        })
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", default="topk", help="which SAE's features (default: topk)")
+    p.add_argument("--windows", type=int, default=None, help="held-out windows to measure on (default 128)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = CausalConfig(sae=args.sae)
+    if args.windows:
+        cfg = cfg.replace(eval_windows=args.windows)
+    run_stage(args.profile, cfg)
+    return 0
