@@ -3,8 +3,9 @@
 These are the only numbers in the book that our code does not compute: they are what the anchor's
 repository and Anthropic's paper state, and the chapters print them beside ours. Sources:
 ``ward``: jnward/monosemanticity-repro ("Monosemanticity at Home"), its README, code and logged training
-run; ``bricken``: Bricken et al. 2023, "Towards Monosemanticity" (transformer-circuits.pub). The figures are
-collected in ``shared/ANCHORS.md`` §A and §B.
+run (``WARD_SOURCES`` gives the file and notebook cell of each fact); ``bricken``: Bricken et al. 2023,
+"Towards Monosemanticity" (transformer-circuits.pub). The figures are collected in ``shared/ANCHORS.md`` §A
+and §B.
 """
 
 from __future__ import annotations
@@ -18,12 +19,82 @@ WARD: dict[str, object] = {
     "sae_lr": 1e-4,
     "sae_l1_coeff": 3e-3,
     "sae_resample_every": 1000,
+    "sae_steps": 100_000,
+    "sae_dead_check_inputs": 10_240,  # `neuron_resampling_samples`: drawn afresh, 10,240 // 896 = 11 batches
     "sae_mse": 0.094,  # logged end state, "about"
     "sae_l1": 0.05,  # logged L1 term at the end, "about"
     "sae_dead_fraction": (0.30, 0.40),  # "30-40% dead through most of training"
     "sae_hours": 11,  # on an Apple M3 laptop, ~2.5 steps/s
     "features": ("`{` in code", "LaTeX `$`", "Scandinavian-language text", "citation markers such as `[@b`",
                  "`' was'`", "`'!'`"),
+    # --- printed in the outputs of neuron_resampling.ipynb (read from the notebook's JSON; cells by index,
+    # 0-based; execution counts vary because the notebook was run over several sessions) ---
+    # the language model, `estimate_loss(64)`: 64 random batches of 32 x 128 tokens from each file
+    "lm_dev_loss": 4.4350,  # 'dev': data/pile_val.h5
+    "lm_train_loss": 4.4069,  # 'train': data/med_pile_train.h5
+    "lm_loss_tokens": 64 * 32 * 128,
+    # the SAE spliced in (`forward_ablated`: the MLP hidden layer replaced before the down-projection, its
+    # bias kept), 16 random batches of 32 x 128 tokens of the *training* file data/med_pile_train.h5
+    "ce_loss_clean": 4.5109544694423676,
+    "ce_loss_sae": 5.106215983629227,
+    "ce_loss_zero": 6.797475069761276,  # hidden layer zeroed
+    "ce_loss_recovered_printed": 0.739664924031808,  # (zero - sae) / (zero - clean), as printed
+    "ce_loss_tokens": 16 * 32 * 128,
+    # L0: features > 1e-3 per input, one batch of 4,096 inputs (one random position per training sequence)
+    "sae_l0_mean": 21.01,
+    "sae_l0_median": 21.0,
+    "sae_l0_tokens": 4096,
+    "sae_l0_threshold": 1e-3,
+    # Per-unit interpretability ratings, 1 (no clear singular function) to 5 (clear, singular function).
+    # Hand ratings: typed at an `input("Rating: ")` prompt, one unit at a time, neuron or feature chosen by a
+    # coin flip and not shown, each unit shown as its 10 strongest (token, 9-token context) pairs among units
+    # firing on at least 100 sampled positions. The two lists as printed:
+    "ratings_manual_neurons": (5, 3, 1, 4, 1, 5, 5, 1, 1, 1, 3, 2, 1, 4, 2, 4, 2, 1, 4, 1, 1, 1, 5, 1, 2, 1, 1,
+                               1, 4, 4, 5, 5, 4, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 5, 1, 2, 1, 1, 1, 3, 2, 1),
+    "ratings_manual_features": (4, 2, 2, 5, 5, 5, 1, 5, 5, 5, 3, 5, 5, 5, 5, 5, 4, 5, 1, 5, 5, 5, 5, 3, 5, 5,
+                                5, 4, 5, 3, 5, 3, 5, 5, 2, 5, 5, 3, 4, 1, 1, 5, 5, 3, 5, 5, 5, 2),
+    "ratings_manual_n": 100,  # the figure's title, "Manual Interpretability Scores (N = 100)"
+    # Automated ratings: GPT-4 (OpenAI chat API) asked for a few-word description and an
+    # `interpretabilityScore` on the same 1-5 scale, 12 shuffled units (neurons and features mixed, not
+    # labelled) per request, the same 10 (token, context) pairs per unit. The scores themselves are not
+    # printed; only their number and means, in the legend of the plotted histograms, and the features' median.
+    "ratings_llm_model": "gpt-4",
+    "ratings_llm_n": 192,  # the figure's title, "Automated Interpretability Scores (N = 192)"
+    "ratings_llm_mean_neurons": 2.72,  # figure legend (an image output)
+    "ratings_llm_mean_features": 3.41,  # figure legend (an image output)
+    "ratings_llm_median_features": 3.0,  # printed: np.median(a_scores)
+    "sae_compute": "float32 on an Apple-silicon GPU (`device = 'mps'`)",
+}
+
+# Where each of WARD's facts is written (repository jnward/monosemanticity-repro; notebook cells by 0-based
+# index in the committed notebook's JSON).
+WARD_SOURCES: dict[str, str] = {
+    "lm_train_tokens": "config.py (T_TRAIN_STEPS, T_BATCH_SIZE, T_CONTEXT_LENGTH)",
+    "sae_train_activations": "neuron_resampling.ipynb cell 9 (train_steps, batch_size)",
+    "sae_batch_size": "neuron_resampling.ipynb cell 9", "sae_lr": "neuron_resampling.ipynb cell 9",
+    "sae_l1_coeff": "neuron_resampling.ipynb cell 9 (lambda_reg)",
+    "sae_resample_every": "neuron_resampling.ipynb cell 9 (resample_frequency)",
+    "sae_steps": "neuron_resampling.ipynb cell 9 (train_steps)",
+    "sae_dead_check_inputs": "neuron_resampling.ipynb cells 9 and 11 (neuron_resampling_samples)",
+    "sae_mse": "neuron_resampling.ipynb cell 11 (progress bar, 100-step means near the end)",
+    "sae_l1": "neuron_resampling.ipynb cell 11", "sae_dead_fraction": "neuron_resampling.ipynb cell 11",
+    "sae_hours": "neuron_resampling.ipynb cell 11 (progress bar: ~2.5 it/s, 11 h estimated)",
+    "lm_dev_loss": "neuron_resampling.ipynb cell 7 (estimate_loss(64))",
+    "lm_train_loss": "neuron_resampling.ipynb cell 7", "lm_loss_tokens": "neuron_resampling.ipynb cells 4 and 7",
+    "ce_loss_clean": "neuron_resampling.ipynb cell 32", "ce_loss_sae": "neuron_resampling.ipynb cell 32",
+    "ce_loss_zero": "neuron_resampling.ipynb cell 32",
+    "ce_loss_recovered_printed": "neuron_resampling.ipynb cell 32", "ce_loss_tokens": "neuron_resampling.ipynb cell 32",
+    "sae_l0_mean": "neuron_resampling.ipynb cell 30", "sae_l0_median": "neuron_resampling.ipynb cell 30",
+    "sae_l0_tokens": "neuron_resampling.ipynb cell 30", "sae_l0_threshold": "neuron_resampling.ipynb cell 30",
+    "ratings_manual_neurons": "neuron_resampling.ipynb cell 53 (print(t_ratings)); made in cell 50",
+    "ratings_manual_features": "neuron_resampling.ipynb cell 53 (print(a_ratings)); made in cell 50",
+    "ratings_manual_n": "neuron_resampling.ipynb cell 51 (figure title)",
+    "ratings_llm_model": "neuron_resampling.ipynb cell 45 (prompt and `model=\"gpt-4\"`)",
+    "ratings_llm_n": "neuron_resampling.ipynb cells 46 and 51 (figure titles)",
+    "ratings_llm_mean_neurons": "neuron_resampling.ipynb cells 46 and 51 (figure legend)",
+    "ratings_llm_mean_features": "neuron_resampling.ipynb cells 46 and 51 (figure legend)",
+    "ratings_llm_median_features": "neuron_resampling.ipynb cell 47",
+    "sae_compute": "neuron_resampling.ipynb cell 0",
 }
 
 BRICKEN: dict[str, object] = {
