@@ -3,12 +3,17 @@
 Each step is the same CLI call a researcher would type, so the pipeline has no logic of its own: it runs
 the stages one after the other and stops at the first that fails. Stages that are already in the cache
 with the current config are cheap to re-run (they resume or overwrite; see each stage's --help).
+
+:func:`profile_time` says how long a profile took end to end, from the committed manifests (the README and
+the book's setup appendix show it).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
+from typing import NamedTuple
 
 # (what it makes, argv after `monosemantic`); the profile is appended to each
 STAGES: list[tuple[str, list[str]]] = [
@@ -21,6 +26,145 @@ STAGES: list[tuple[str, list[str]]] = [
     ("SmolLM2 last-layer MLP SAE (chapter 4)", ["llama", "run"]),
     ("model diffing pilot: fine-tune and crosscoder (chapter 5)", ["diff"]),
 ]
+
+# The cache stages (cache/<stage>/) each command above writes.
+WRITES: dict[str, tuple[str, ...]] = {
+    "corpus": ("corpus", "tokens"), "train-lm": ("lm",), "harvest": ("activations",), "train-sae": ("sae",),
+    "analyze": ("analysis",), "toy": ("toy",), "llama": ("llama",), "diff": ("diff",),
+}
+# Artifacts that are measurements, not stages: benchmarks, the tests' fault table, the GPU check of the tiny
+# pipeline and the Llama throughput rows. Their time is not a stage's.
+MEASUREMENT_STAGES = ("bench", "faults", "gpucheck")
+# A stage manifest written before `store` recorded the whole command's time holds only the time it took to
+# write the files (well under a second); a real stage of the cpu or gpu profile never takes that little.
+LEGACY_WALL_S = 1.0
+
+
+# --- how long each profile took, from the committed manifests ------------------------------------------------
+
+class Timed(NamedTuple):
+    """A wall time read from the manifests."""
+
+    seconds: float
+    lower_bound: bool  # True: the manifests recorded only part of it (a legacy manifest: see artifact_time)
+
+
+class RunTime(NamedTuple):
+    """One run of one command, which wrote one or more artifacts."""
+
+    command: str  # as the manifest records it, without `monosemantic ` and `--no-progress`
+    step: str  # the pipeline's command it belongs to (a key of WRITES)
+    artifacts: list  # the store.Artifacts it wrote
+    time: Timed
+    machine: str
+
+    @property
+    def keys(self) -> list[str]:
+        return [a.key for a in self.artifacts]
+
+
+class StepTime(NamedTuple):
+    """One command of the pipeline: its runs (several for `toy --part ...`, `diff --source mix`, a second
+    SAE width), their time together, work shared by several runs counted once."""
+
+    step: str
+    time: Timed
+    runs: list[RunTime]
+    shared_seconds: float  # time several runs report for one piece of work (e.g. one harvest), counted once
+
+
+class ProfileTime(NamedTuple):
+    """What running every committed stage of one profile took, end to end."""
+
+    profile: str
+    time: Timed  # the sum of the steps'
+    steps: list[StepTime]  # in the pipeline's order; only those with artifacts
+    missing: list[str]  # pipeline commands with no artifact of this profile in the cache
+    machines: list[str]  # the machines the runs were made on
+
+
+def is_measurement(a) -> bool:
+    """``a`` (a :class:`~monosemantic.store.Artifact`) is a benchmark or check, not a pipeline stage's output."""
+    return a.stage in MEASUREMENT_STAGES or a.name.startswith("throughput-")
+
+
+def _parts_seconds(a) -> float:
+    """The seconds the artifact's metrics record for parts of its run (``*_seconds``); for the SAE sweep, its
+    runs' training time (its manifest has no total)."""
+    parts = sum(v for k, v in a.metrics.items() if k.endswith("_seconds") and isinstance(v, int | float))
+    if a.stage == "sae" and a.name == "sweep" and "sweep.parquet" in a.files:
+        import pandas as pd
+
+        parts += float(pd.read_parquet(a.file("sweep.parquet"), columns=["train_seconds"]).train_seconds.sum())
+    return parts
+
+
+def artifact_time(a) -> Timed:
+    """The wall time of the command that made ``a``, as its manifest records it. A legacy stage manifest
+    (written before the whole command was timed: ``wall_time_s`` under :data:`LEGACY_WALL_S`, or none) gives
+    what its metrics record of the run's parts (``*_seconds``) as a lower bound, or 0 as a lower bound."""
+    wall = a.manifest.get("wall_time_s")
+    if wall is not None and (wall >= LEGACY_WALL_S or is_measurement(a) or a.profile == "tiny"):
+        return Timed(float(wall), False)
+    return Timed(_parts_seconds(a), True)
+
+
+def machine(a) -> str:
+    hw = a.manifest.get("hardware", {})
+    return hw.get("gpu") or f"{hw.get('cpu', '?')}, {hw.get('cpu_cores', '?')} cores"
+
+
+def _short(command: str) -> str:
+    return command.removeprefix("monosemantic ").replace(" --no-progress", "")
+
+
+def profile_time(profile: str, artifacts=None) -> ProfileTime:
+    """Every committed stage artifact of ``profile`` (``artifacts``: default, the cache's), grouped into the
+    runs that made them (artifacts recording the same command), each run's time counted once: a run's is its
+    longest artifact's (each records the time since the command started), or, where the run's manifests are
+    legacy, the sum of the parts they record (a lower bound). A ``*_seconds`` part that several runs of a step
+    report with the same value is one piece of work they share (the SmolLM2 SAEs' one harvest): counted once."""
+    from . import store
+
+    arts = [a for a in (store.list_artifacts() if artifacts is None else artifacts)
+            if a.profile == profile and not is_measurement(a)]
+    step_of = {stage: step for step, stages in WRITES.items() for stage in stages}
+    by_command: dict[str, list] = {}
+    for a in arts:
+        if a.stage in step_of:
+            by_command.setdefault(_short(a.command), []).append(a)
+    runs = []
+    for command, group in sorted(by_command.items()):
+        times = [artifact_time(a) for a in group]
+        exact = [t.seconds for t in times if not t.lower_bound]
+        partial = sum(t.seconds for t in times if t.lower_bound)
+        lower = any(t.lower_bound for t in times)
+        seconds = max(max(exact, default=0.0), partial) if lower else max(exact)
+        group.sort(key=lambda a: a.key)
+        runs.append(RunTime(command, step_of[group[0].stage], group, Timed(seconds, lower), machine(group[0])))
+    steps = []
+    for _, argv in STAGES:
+        mine = [r for r in runs if r.step == argv[0]]
+        if not mine:
+            continue
+        parts = Counter((k, v) for r in mine
+                        for k, v in {(k, v) for a in r.artifacts for k, v in a.metrics.items()
+                                     if k.endswith("_seconds") and isinstance(v, int | float) and v > 0})
+        shared = sum(v * (n - 1) for (_, v), n in parts.items() if n > 1)
+        time_ = Timed(sum(r.time.seconds for r in mine) - shared, any(r.time.lower_bound for r in mine))
+        steps.append(StepTime(argv[0], time_, mine, shared))
+    total = Timed(sum(s.time.seconds for s in steps), any(s.time.lower_bound for s in steps))
+    missing = [argv[0] for _, argv in STAGES if argv[0] not in {s.step for s in steps}]
+    return ProfileTime(profile, total, steps, missing, sorted({r.machine for r in runs}))
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for a reader: "45 s", "12 min", "2.6 h"."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

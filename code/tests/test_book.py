@@ -463,3 +463,80 @@ def test_a_table_cell_starting_with_an_equals_sign_is_text_not_a_heading(tmp_pat
         typst.compile(str(bad), output=str(tmp_path / "bad.pdf"))
     typst.compile(str(good), output=str(tmp_path / "good.pdf"))
     assert escape_cell_headings("[a = b], [=x]") == "[a = b], [=x]"  # only a heading's opening
+
+
+# --- scripts in the PDF, and content for one format ---------------------------------------------------------
+
+SCRIPTS_TABLE = """
+| script | text |
+|---|---|
+| Arabic | السلام |
+| CJK | 中文字符 日本語 한국어 |
+| Greek, Cyrillic, accents | αβγ Привет ĉŝ ñ ő |
+| GPT-2 token | {fragment} |
+| code | `السلام 中文` |
+
+: Scripts {{#tbl-scripts}}
+"""
+
+
+def test_the_pdf_embeds_fonts_for_every_script_and_keeps_table_cells_as_text(tmp_path):
+    """Arabic and CJK table cells come out as those characters, set in embedded Noto fonts (not as empty
+    boxes), and a token holding part of a character as its bytes, through the builder's own PDF path."""
+    import shutil
+    import subprocess
+
+    from monosemantic.book import pandoc, pdf
+    from monosemantic.tokenizer import load as load_tokenizer
+
+    if not (shutil.which("pdffonts") and shutil.which("pdftotext")):
+        pytest.skip("poppler-utils (pdffonts, pdftotext) is not installed")
+    fragment = load_tokenizer().token_strings(load_tokenizer().encode("日"))[0]  # 日 is 2 GPT-2 tokens
+    assert fragment == "<0xE6><0x97>"
+    doc = pandoc.read(SCRIPTS_TABLE.format(fragment=fragment), pandoc.READER, "scripts")
+    out = pdf.write_pdf(doc["blocks"], {"title": pandoc.meta_string("Scripts")}, out_dir=tmp_path,
+                        name="scripts.pdf", bibliography=[], api=doc["pandoc-api-version"])
+    fonts = subprocess.run(["pdffonts", str(out)], capture_output=True, text=True, check=True).stdout
+    for family in ("NotoSansArabic", "NotoSansCJK", "LibertinusSerif"):
+        assert family in fonts, fonts
+    assert re.search(r"NotoSansCJK\S* .* yes yes yes", fonts), fonts  # embedded, subset, with a ToUnicode map
+    text = subprocess.run(["pdftotext", str(out), "-"], capture_output=True, text=True, check=True).stdout
+    text = re.sub("[\u200e\u200f\u202a-\u202e\u2066-\u2069]", "", text)  # bidi marks pdftotext adds
+    for cell in ("السلام", "中文字符 日本語 한국어", "αβγ Привет ĉŝ ñ ő", "<0xE6><0x97>"):
+        assert cell in text, (cell, text)
+    assert "\ufffd" not in text
+
+
+def test_content_for_one_format_is_kept_for_that_target_only():
+    from monosemantic.book import ast as A
+    from monosemantic.book import crossref, pandoc
+
+    doc = pandoc.read(textwrap.dedent("""
+        Both.
+
+        ::: {.content-visible when-format="typst"}
+        PDF only.
+        :::
+
+        ::: {.content-visible when-format="html"}
+        HTML only.
+        :::
+
+        ::: {.content-hidden when-format="typst"}
+        Not in the PDF.
+        :::
+
+        ::: {.content-visible unless-format="html"}
+        Not in HTML.
+        :::
+
+        ::: {.content-visible when-format="pdf"}
+        LaTeX only, as in Quarto.
+        :::
+
+        A span [for the PDF]{.content-visible when-format="typst"}.
+        """), pandoc.READER, "conditional")
+    shown = {t: " ".join(A.stringify(b) for b in crossref.conditional_content(doc["blocks"], t))
+             for t in ("html", "typst")}
+    assert shown["html"].split() == "Both. HTML only. Not in the PDF. A span .".split()
+    assert shown["typst"].split() == "Both. PDF only. Not in HTML. A span for the PDF.".split()

@@ -21,3 +21,12 @@ def test_headline_says_what_is_missing(tmp_cache):
 def test_readme_without_markers_is_refused():
     with pytest.raises(UserError, match="no <!-- headline:start -->"):
         readme.render("# a README without the block\n")
+
+
+def test_readme_states_each_profiles_wall_time_from_the_manifests():
+    text = (project_root() / "README.md").read_text()
+    block = text.split(readme.WALLTIME_START)[1].split(readme.WALLTIME_END)[0]
+    assert [line.split("`")[1] for line in block.splitlines() if line.startswith("- ")] == list(readme.PROFILES)
+    assert "about an hour" not in text
+    with pytest.raises(UserError, match="no <!-- walltime:start -->"):
+        readme.render(f"{readme.START}\n{readme.END}\n")

@@ -32,7 +32,9 @@ def test_every_page_of_the_real_site_loads_cleanly(tmp_path, monkeypatch):
     shutil.copytree(root / "report", copy / "report", ignore=shutil.ignore_patterns("browser", "browser-llama"))
     shutil.copy(root / "_quarto.yml", copy / "_quarto.yml")
     (copy / "cache").symlink_to(root / "cache")  # read only: chapters load, never write
-    (copy / "figures").mkdir()  # figures the chapters save for the README land here, not in the checkout
+    # the committed figures the chapters show (the browsers' screenshots); figures the chapters save for the
+    # README land in this copy, not in the checkout
+    shutil.copytree(root / "figures", copy / "figures")
     monkeypatch.setenv("MONOSEMANTIC_CACHE", str(root / "cache"))
     monkeypatch.setenv("MONOSEMANTIC_ROOT", str(copy))
     report = build_book(copy, pdf_book=False, log=lambda _: None)

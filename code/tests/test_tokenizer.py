@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 
@@ -37,10 +38,29 @@ def test_decode_and_token_strings():
     strings = tok.token_strings(ids)
     assert len(strings) == len(ids)
     assert strings[0] == "h"
-    # a multi-byte character split over tokens shows U+FFFD in the pieces, never raises
-    assert any("\ufffd" in s for s in strings)
+    # a multi-byte character split over tokens shows its bytes in the pieces (see the next test), never raises
+    assert "".join(strings) == "héllo <0xE6><0x97><0xA5><0xE6><0x9C><0xAC> wörld\n\tcode {x}"
     assert tok.token_strings([50256, 50300]) == ["<|endoftext|>", "<|pad:50300|>"]
     assert tok.encode_batch(["Hello world", " the"]) == [[15496, 995], [262]]
+
+
+def test_a_token_holding_part_of_a_character_shows_its_bytes_never_u_fffd():
+    tok = tokenizer.load()
+    ids = tok.encode("日本語")  # GPT-2 splits each of these characters over two tokens
+    strings = tok.token_strings(ids)
+    assert strings[:2] == ["<0xE6><0x97>", "<0xA5>"]  # 日 is E6 97 A5
+    assert all(re.fullmatch(r"(<0x[0-9A-F]{2}>)+", s) for s in strings)
+    assert not any("\ufffd" in s for s in strings)
+    # a span decoded together is whole; bytes cut off at its ends show as bytes
+    assert tok.display(ids) == "日本語"
+    assert tok.display(ids[1:]) == "<0xA5>本語" and tok.display(ids[:1]) == "<0xE6><0x97>"
+    assert tok.display(ids[:2] + [tokenizer.EOT_ID] + ids[:1]) == "日<|endoftext|><0xE6><0x97>"
+    # a tokenizer's vocab table (token, text, bytes, special) shows the same way, whatever wrote its text
+    vocab = {"token": [ids[0], 7, 99], "text": ["\ufffd", "(", "<s>"], "bytes": [b"\xe6\x97", b"(", b""],
+             "special": [False, False, True]}
+    assert tokenizer.vocab_text(vocab) == {ids[0]: "<0xE6><0x97>", 7: "(", 99: "<s>"}
+    old_table = {"token": ids[:2], "text": ["\ufffd"] * 2}  # GPT-2's, written before: no bytes, U+FFFD text
+    assert tokenizer.vocab_text(old_table) == dict(zip(ids[:2], strings[:2], strict=True))
 
 
 def test_missing_files_say_how_to_install(monkeypatch):

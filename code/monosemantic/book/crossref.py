@@ -267,10 +267,38 @@ def _prefix_caption(caption: list[Any], prefix: str) -> None:
 
 # --- resolving references ----------------------------------------------------------------------------------
 
+# Quarto's format names that match each target in ``when-format`` / ``unless-format`` (its ``isFormat``: "html"
+# is any HTML output; typst only by its own name, since Quarto's "pdf" means LaTeX).
+FORMAT_NAMES: dict[str, frozenset[str]] = {"html": frozenset({"html", "html4", "html5", "html:js"}),
+                                           "typst": frozenset({"typst"})}
+
+
+def conditional_content(blocks: list[Node], target: Target) -> list[Node]:
+    """Quarto's conditional content for ``target``: a div or span of class ``content-visible`` is kept (without
+    its wrapper) when its ``when-format`` matches and its ``unless-format`` does not, one of class
+    ``content-hidden`` the other way round; the rest is dropped."""
+    names = FORMAT_NAMES[target]
+
+    def select(node: Node):
+        if node["t"] not in ("Div", "Span"):
+            return None
+        _, classes, kv = node["c"][0]
+        if "content-visible" not in classes and "content-hidden" not in classes:
+            return None
+        options = dict(kv)
+        matches = (("when-format" not in options or options["when-format"] in names)
+                   and ("unless-format" not in options or options["unless-format"] not in names))
+        keep = matches if "content-visible" in classes else not matches
+        return node["c"][1] if keep else []
+
+    return A.walk(blocks, select)
+
+
 def resolve(blocks: list[Node], labels: dict[str, Label], *, page: str, target: Target, where: str,
             problems: list[str]) -> list[Node]:
-    """Replace ``@fig-x`` style citations by links, and lay out numbered equations for ``target``.
-    Unknown labels are appended to ``problems`` (the caller raises once, listing all of them)."""
+    """Keep the content meant for ``target`` (:func:`conditional_content`), replace ``@fig-x`` style
+    citations by links, and lay out numbered equations for ``target``. Unknown labels are appended to
+    ``problems`` (the caller raises once, listing all of them)."""
 
     def cites(node: Node):
         if node["t"] != "Cite":
@@ -331,7 +359,7 @@ def resolve(blocks: list[Node], labels: dict[str, Label], *, page: str, target: 
         href = path.rsplit("/", 1)[-1][:-len(".qmd")] + ".html" + (f"#{fragment}" if fragment else "")
         return {"t": "Link", "c": [node["c"][0], node["c"][1], [href, title]]}
 
-    return A.walk(A.walk(A.walk(blocks, cites), equations), qmd_links)
+    return A.walk(A.walk(A.walk(conditional_content(blocks, target), cites), equations), qmd_links)
 
 
 def referenced_labels(blocks: list[Node]) -> set[str]:

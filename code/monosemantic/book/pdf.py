@@ -1,5 +1,8 @@
 """The PDF: every chapter in one typst document (pandoc's typst writer, our template), compiled by the
-``typst`` package, which bundles and embeds its own fonts."""
+``typst`` package. The fonts are the package's own (Libertinus Serif for Latin, Greek, Cyrillic and Hebrew, New
+Computer Modern for maths, DejaVu Sans Mono for code) and the Noto fonts of :data:`FONT_PACKAGES` for the
+other scripts the corpus holds (Arabic, CJK, Indic, ...); typst embeds the glyphs it uses. The machine's own
+fonts are never looked at, so the PDF is the same wherever it is built."""
 
 from __future__ import annotations
 
@@ -16,6 +19,12 @@ from . import pandoc
 # has removed (typst 0.13 renamed them); the right-hand names are accepted by both.
 RENAMED_SYMBOLS = {"dot.circle": "dot.o", "plus.circle": "plus.o", "minus.circle": "minus.o",
                    "times.circle": "times.o", "div.circle": "div.o"}
+
+# PyPI packages (pinned in pyproject.toml) whose folders hold font files: Noto Sans for the scripts Libertinus
+# lacks (Arabic, Hebrew, Devanagari, Thai, ... and symbols), Noto Sans CJK (Chinese, Japanese, Korean; static
+# Regular, since typst sets a variable CJK font at its default, thinnest, instance). The template
+# (assets/book.typ) names the families in its fallback lists.
+FONT_PACKAGES = ("manimgx_fonts", "noto_cjk_sans_otc")
 
 WIDE_TABLE_COLUMNS = 9  # from this many columns on, a table is set in smaller type
 WIDE_TABLE_TEXT = "6.5pt"
@@ -50,11 +59,34 @@ def escape_cell_headings(source: str) -> str:
     return re.sub(r"(?<=\[)(=+)(?= )", lambda m: "\\=" * len(m.group(1)), source)
 
 
+def font_paths() -> list[str]:
+    """The folders of :data:`FONT_PACKAGES`, for typst's ``font_paths``."""
+    from importlib import util
+
+    missing = [p for p in FONT_PACKAGES if util.find_spec(p) is None]
+    if missing:
+        raise TypstError(f"the font package(s) {', '.join(missing)} are not installed, so the PDF would show "
+                         f"empty boxes for Arabic and CJK text: run `make setup` (or `.venv/bin/pip install -e .`)")
+    return [str(resources.files(p)) for p in FONT_PACKAGES]
+
+
+def compile_typst(typ: Path, pdf: Path, root: Path) -> Path:
+    """Compile ``typ`` to ``pdf`` with the book's fonts only (see the module's docstring)."""
+    import typst
+
+    fonts = font_paths()
+    try:
+        typst.compile(str(typ), output=str(pdf), root=str(root), font_paths=fonts, ignore_system_fonts=True)
+    except Exception as e:  # typst raises its own TypstError with a multi-line report
+        diagnostic = getattr(e, "diagnostic", None) or str(e)  # includes the line and column
+        first = " ".join(str(diagnostic).split())[:500]
+        raise TypstError(f"typst could not compile {typ.name}: {first}") from e
+    return pdf
+
+
 def write_pdf(blocks: list[A.Node], meta: dict[str, Any], *, out_dir: Path, name: str,
               bibliography: list[Path], api: list[int] | None = None) -> Path:
     """Typeset ``blocks`` (all chapters, references resolved for typst) to ``out_dir/name``."""
-    import typst
-
     template = resources.files("monosemantic.book").joinpath("assets", "book.typ")
     args = ["--template", str(template), "--wrap=preserve"]
     if bibliography:
@@ -64,11 +96,4 @@ def write_pdf(blocks: list[A.Node], meta: dict[str, Any], *, out_dir: Path, name
     source = escape_cell_headings(modernise_symbols(source))
     typ = out_dir / (Path(name).stem + ".typ")
     typ.write_text(source, encoding="utf-8")
-    pdf = out_dir / name
-    try:
-        typst.compile(str(typ), output=str(pdf), root=str(out_dir))
-    except Exception as e:  # typst raises its own TypstError with a multi-line report
-        diagnostic = getattr(e, "diagnostic", None) or str(e)  # includes the line and column
-        first = " ".join(str(diagnostic).split())[:500]
-        raise TypstError(f"typst could not compile {typ.name}: {first}") from e
-    return pdf
+    return compile_typst(typ, out_dir / name, out_dir)
