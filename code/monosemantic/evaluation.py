@@ -83,7 +83,7 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
     from .harvest import sequential_windows
     from .intervals import window_documents
     from .lm import load_pretrained
-    from .metrics import metric_intervals, run_evaluation
+    from .metrics import metric_intervals, run_evaluations
 
     names = names or committed_saes(profile)
     if not names:
@@ -101,25 +101,25 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
         raise UserError(f"the {cfg.split} split holds {len(tokens)} tokens: too few for two windows of {seq_len}")
     windows = sequential_windows(tokens, seq_len, n_windows, batch=cfg.batch_windows)
     docs = window_documents(tokens, np.arange(n_windows) * seq_len, data.eot_id)
-    rows, metrics, inputs = [], {}, [lm_art]
-    for i, name in enumerate(names, 1):
-        art = store.load("sae", profile, name)
-        inputs.append(art)
-        sae = sae_mod.load(art.path).eval()
-        start = time.perf_counter()
-        log(f"[{i}/{len(names)}] sae/{profile}-{name}: {n_windows:,} windows ({n_windows * seq_len:,} tokens, "
-            f"{len(np.unique(docs)):,} documents)")
-        with torch.no_grad():
-            ev = run_evaluation(model, sae, windows, keep_fires=True)
+    arts = [store.load("sae", profile, name) for name in names]
+    saes = [sae_mod.load(art.path).eval() for art in arts]
+    start = time.perf_counter()
+    log(f"{len(names)} SAEs ({', '.join(names)}) on {n_windows:,} windows ({n_windows * seq_len:,} tokens, "
+        f"{len(np.unique(docs)):,} documents): 3 + {len(names)} forward passes per window")
+    with torch.no_grad():
+        evals = run_evaluations(model, saes, windows, keep_fires=True)
+    rows, metrics, inputs = [], {}, [lm_art, *arts]
+    for name, ev in zip(names, evals, strict=True):
         cis = metric_intervals(ev, docs, n_boot=cfg.n_boot, seed=cfg.seed)
         for metric, ci in cis.items():
             rows.append({"sae": name, "metric": metric, "value": ci.value, "low": ci.low, "high": ci.high})
             if metric in HEADLINE:
                 metrics.update({f"{_key(name)}_{metric}": ci.value, f"{_key(name)}_{metric}_low": ci.low,
                                 f"{_key(name)}_{metric}_high": ci.high})
-        log(f"    CE loss recovered {cis['ce_loss_recovered'].value:.4f} "
+        log(f"    {name}: CE loss recovered {cis['ce_loss_recovered'].value:.4f} "
             f"[{cis['ce_loss_recovered'].low:.4f}, {cis['ce_loss_recovered'].high:.4f}], "
-            f"FVU {cis['fvu'].value:.4f}, L0 {cis['l0'].value:.1f} ({time.perf_counter() - start:.0f} s)")
+            f"FVU {cis['fvu'].value:.4f}, L0 {cis['l0'].value:.1f}")
+    log(f"    ({time.perf_counter() - start:.0f} s)")
     with store.write("sae", profile, "heldout", config=cfg, inputs=inputs) as w:
         pd.DataFrame(rows).to_parquet(w.dir / "heldout.parquet", index=False)
         w.metrics.update({"eval_tokens": n_windows * seq_len, "n_documents": int(len(np.unique(docs))),

@@ -69,7 +69,9 @@ def _smollm2(a: store.Artifact) -> str:
 
 def _sae(a: store.Artifact) -> str:
     m = a.metrics
-    recipe = "the anchor's recipe (ReLU + L1)" if a.name == "anchor" else "our TopK recipe"
+    recipe = {"anchor": "the anchor's recipe, literally (ReLU + L1, its init, normalisation and resampling)",
+              "anchor-fixed": "the anchor's loss and optimiser (ReLU + L1) with our init and decoder "
+                              "normalisation (anchor-fixed)"}.get(a.name, "our TopK recipe")
     return (f"SAE with {recipe} (`{a.key}`): {m['n_features']:,} features on the 512 MLP neurons, "
             f"{m['train_activations'] / 1e6:.0f}M training activations; on held-out text L0 {m['l0']:.1f}, "
             f"FVU {m['fvu']:.3f}, {m['ce_loss_recovered']:.1%} of the CE loss recovered (zero-ablation; "
@@ -144,6 +146,7 @@ HEADLINES: list[tuple[str, str, Callable[[store.Artifact], str]]] = [
     ("toy", "superposition", _superposition),
     ("toy", "recovery", _recovery),
     ("sae", "anchor", _sae),
+    ("sae", "anchor-fixed", _sae),
     ("sae", "topk", _sae),
     ("analysis", "features", _analysis),
     ("llama", "smollm2-*", _smollm2),  # whichever SmolLM2 run is cached (its name carries the SAE's shape)

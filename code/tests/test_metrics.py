@@ -155,3 +155,19 @@ def test_a_perfect_sae_has_a_zero_width_interval_at_full_recovery():
     assert ci["ce_loss_recovered"].low == pytest.approx(1.0) and ci["ce_loss_recovered"].high == pytest.approx(1.0)
     assert ci["fvu"].high == pytest.approx(0.0, abs=1e-12)
     assert "dead_fraction" not in ci  # needs keep_fires
+
+
+def test_several_saes_at_once_give_each_one_its_own_numbers():
+    from monosemantic.metrics import run_evaluations
+
+    torch.manual_seed(0)
+    a, b = SAE(cfg()), SAE(cfg(architecture="topk", k=4))
+    model, w = tiny_model(), windows(6)
+    both = run_evaluations(model, [a, b], w, keep_fires=True)
+    for sae, ev in zip((a, b), both, strict=True):
+        alone = run_evaluation(model, sae, w, keep_fires=True)
+        for name in METRIC_NAMES:
+            assert ev.metrics[name] == pytest.approx(alone.metrics[name], rel=1e-9, abs=1e-12), name
+        assert np.array_equal(ev.window_fires, alone.window_fires)
+    assert both[0].metrics["ce_loss_orig"] == both[1].metrics["ce_loss_orig"]
+    assert both[0].metrics["l0"] != both[1].metrics["l0"]
