@@ -16,7 +16,8 @@ def test_rows_carry_the_ratio_and_are_written_as_an_artifact(tmp_cache):
     row = bench._row("lm train step, batch 32", "tokens/s", 3000.0, 1500.0, ours_mfu=0.4)
     assert row["ratio"] == 2.0 and row["ours_mfu"] == 0.4
     assert bench._row("matmul", "TFLOP/s", 0.2, None)["ratio"] is None
-    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1, peaks={"bfloat16": 1e11})
+    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1,
+                             peaks={"bfloat16": 1e9, "float32": 1e9})
     path = bench.write_results("lm", [row], ctx, seconds=1.0)
     assert path.endswith(hardware.slug())
     profile, name = hardware.slug().split("-", 1)
@@ -47,7 +48,8 @@ def test_the_anchor_recreation_has_its_quirks_and_trains():
 
 
 def test_the_sae_group_runs_at_a_tiny_size():
-    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1, peaks={"bfloat16": 1e11})
+    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1,
+                             peaks={"bfloat16": 1e9, "float32": 1e9})
     rows = bench.bench_sae(ctx, d_in=16, n_features=64, batch=32, big_batch=128, lm_in_loop=False)
     assert len(rows) == 4 and ("sae", bench.bench_sae) in bench.BENCHES
     for row in rows:
@@ -75,7 +77,8 @@ def test_the_anchor_sae_recreation_normalises_its_decoder_as_the_anchor_does():
 def test_the_fused_harvest_and_train_row_uses_every_position_against_one_per_sequence():
     from monosemantic import sae as S
 
-    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1, peaks={"bfloat16": 1e11})
+    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1,
+                             peaks={"bfloat16": 1e9, "float32": 1e9})
     relu = S.SAEConfig(d_in=512, n_features=64, batch_size=256)
     from monosemantic.anchor_reference import make_anchor_sae
 
