@@ -62,7 +62,8 @@ class CausalConfig(StageConfig):
     n_random: int = 3
     """Random directions per feature for the control (their results are averaged)."""
     eval_windows: int = 128
-    """Held-out windows (of the model's context) the distributions are measured on."""
+    """Held-out windows (of the model's context) the distributions are measured on: for clamping, spread
+    evenly over the held-out split; for ablation, those where the feature fires most often."""
     batch_windows: int = 16
     new_tokens: int = 16
     """Greedy tokens generated per prompt."""
@@ -112,29 +113,53 @@ def distribution_shift(model, hook: str, windows, edit: Callable, family_mask: T
     """Per-window sums of the next-token shift an edit causes: ``kl`` (sum over tokens of KL(p || p')),
     ``dmass`` (sum of p'(family) - p(family)), ``tokens``; and the same restricted to the positions where
     ``feature`` fires (``kl_fire``, ``dmass_fire``, ``fire``), when an SAE and feature are given."""
-    out: dict[str, list[Tensor]] = {k: [] for k in ("kl", "dmass", "tokens", "kl_fire", "dmass_fire", "fire")}
+    return distribution_shifts(model, hook, windows, [edit], family_mask, sae, feature)[0]
+
+
+@torch.no_grad()
+def distribution_shifts(model, hook: str, windows, edits: list[Callable], family_mask: Tensor, sae=None,
+                        feature: int | None = None) -> list[dict[str, np.ndarray]]:
+    """:func:`distribution_shift` for several edits of the same windows: the unedited pass is shared."""
+    keys = ("kl", "dmass", "tokens", "kl_fire", "dmass_fire", "fire")
+    out: list[dict[str, list[Tensor]]] = [{k: [] for k in keys} for _ in edits]
     mask = family_mask.float()  # (V,); padded with zeros to the model's (padded) vocabulary below
     for x, _ in windows:
         B, T = x.shape
         logp = F.log_softmax(model(x).logits.float(), dim=-1)  # (B, T, V)
-        with model.hooks({hook: edit}):
-            logq = F.log_softmax(model(x).logits.float(), dim=-1)
-        kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T)
+        p = logp.exp()
         if len(mask) < logp.shape[-1]:
             mask = F.pad(mask, (0, logp.shape[-1] - len(mask)))
-        dmass = (logq.exp() - logp.exp()) @ mask[: logp.shape[-1]]  # (B, T)
+        base_mass = p @ mask[: logp.shape[-1]]  # (B, T)
         if sae is not None and feature is not None:
             h = model.run_with_cache(x, [hook])[hook]  # (B, T, d_in)
             fires = (sae.encode(h.reshape(-1, h.shape[-1]).float())[:, feature] > 0).reshape(B, T).double()
         else:
             fires = torch.zeros(B, T, dtype=torch.float64)
-        out["kl"].append(kl.double().sum(1))
-        out["dmass"].append(dmass.double().sum(1))
-        out["tokens"].append(torch.full((B,), float(T), dtype=torch.float64))
-        out["kl_fire"].append((kl.double() * fires).sum(1))
-        out["dmass_fire"].append((dmass.double() * fires).sum(1))
-        out["fire"].append(fires.sum(1))
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+        for edit, acc in zip(edits, out, strict=True):
+            with model.hooks({hook: edit}):
+                logq = F.log_softmax(model(x).logits.float(), dim=-1)
+            kl = (p * (logp - logq)).sum(-1).double()  # (B, T)
+            dmass = (logq.exp() @ mask[: logp.shape[-1]] - base_mass).double()  # (B, T)
+            del logq
+            acc["kl"].append(kl.sum(1))
+            acc["dmass"].append(dmass.sum(1))
+            acc["tokens"].append(torch.full((B,), float(T), dtype=torch.float64))
+            acc["kl_fire"].append((kl * fires).sum(1))
+            acc["dmass_fire"].append((dmass * fires).sum(1))
+            acc["fire"].append(fires.sum(1))
+    return [{k: torch.cat(v).numpy() for k, v in acc.items()} for acc in out]
+
+
+@torch.no_grad()
+def firing_counts(model, sae, hook: str, inputs: Tensor, features: list[int], batch: int) -> np.ndarray:
+    """(n_windows, len(features)) how many positions of each window (rows of ``inputs``) each feature fires on."""
+    out = []
+    idx = torch.as_tensor(features, dtype=torch.long)
+    for i in range(0, len(inputs), batch):
+        h = model.run_with_cache(inputs[i:i + batch], [hook])[hook]  # (B, T, d_in)
+        z = sae.encode(h.reshape(-1, h.shape[-1]).float())[:, idx]  # (B*T, F)
+        out.append((z > 0).reshape(h.shape[0], h.shape[1], -1).sum(1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(features)), dtype=np.int64)
 
 
 def vocab_family_masks(token_bytes: list[bytes]) -> np.ndarray:
@@ -169,7 +194,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     from . import store, tokenizer
     from .analysis import FAMILY_NAMES, N_VOCAB
     from .data import TokenDataset
-    from .harvest import HOOK, sequential_windows
+    from .harvest import HOOK
     from .intervals import bootstrap, group_sums, window_documents
     from .lm import load_pretrained
 
@@ -195,9 +220,20 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
 
     data = TokenDataset.open(profile, "val")
     seq = model.config.context_length
-    n_windows = min(cfg.eval_windows, (len(data.tokens) - 1) // seq)
-    windows = [(x, y) for x, y in sequential_windows(data.tokens, seq, n_windows, batch=cfg.batch_windows)]
-    docs = window_documents(data.tokens, np.arange(n_windows) * seq, data.eot_id)
+    n_all = (len(data.tokens) - 1) // seq
+    all_x = torch.from_numpy(np.asarray(data.tokens[: n_all * seq + 1]).astype(np.int64))
+    inputs_all, targets_all = all_x[:-1].view(n_all, seq), all_x[1:].view(n_all, seq)  # (n_all, seq)
+    docs_all = window_documents(data.tokens, np.arange(n_all) * seq, data.eot_id)
+    fires_all = firing_counts(model, sae, HOOK, inputs_all, [int(u["unit"]) for u in picks], cfg.batch_windows)
+
+    def batches(rows: np.ndarray):
+        rows = np.sort(rows)
+        return ([(inputs_all[rows[i:i + cfg.batch_windows]], targets_all[rows[i:i + cfg.batch_windows]])
+                 for i in range(0, len(rows), cfg.batch_windows)], docs_all[rows])
+
+    spread = np.unique(np.linspace(0, n_all - 1, min(cfg.eval_windows, n_all)).round().astype(np.int64))
+    windows, docs = batches(spread)
+    n_windows = len(spread)
     randoms = random_directions(sae.cfg.d_in, cfg.n_random, cfg.seed)
     rows, gens = [], []
     prompts = [torch.tensor([tok.encode(p)]) for p in PROMPTS]
@@ -217,15 +253,22 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         value = cfg.clamp_multiple * float(unit["max"])
         log(f"[{n}/{len(picks)}] feature {feature} ({family}, share {unit['family_share']:.2f}): clamp to "
             f"{value:.2f}, ablate; {cfg.n_random} random directions")
+        firing = fires_all[:, n - 1]  # (n_all,) how often the feature fires in each held-out window
+        top = np.argsort(-firing, kind="stable")[: cfg.eval_windows]
+        fire_windows = batches(top[firing[top] > 0])
         for mode in ("clamp", "ablate"):
-            per_dir = {"feature": [distribution_shift(model, HOOK, windows, edit_hook(sae, feature, mode, None, value),
-                                                      fam_mask, sae, feature)]}
-            per_dir["random"] = [distribution_shift(model, HOOK, windows,
-                                                    edit_hook(sae, feature, mode, r, value), fam_mask, sae, feature)
-                                 for r in randoms]
+            w, d = (windows, docs) if mode == "clamp" else fire_windows
+            if len(d) == 0:
+                continue  # never fires held out (pick() requires firings, so only on a tiny split)
+            edits = [edit_hook(sae, feature, mode, None, value)] + [edit_hook(sae, feature, mode, r, value)
+                                                                     for r in randoms]
+            shifts = distribution_shifts(model, HOOK, w, edits, fam_mask, sae, feature)
+            per_dir = {"feature": shifts[:1], "random": shifts[1:]}
             for direction, results in per_dir.items():
                 mean = {k: np.mean([r[k] for r in results], axis=0) for k in results[0]}  # random: averaged
-                sums, _ = group_sums(mean, docs)
+                sums, _ = group_sums(mean, d)
+                if len(sums["tokens"]) < 2:
+                    continue  # one document: no interval over documents
                 where = ("kl", "dmass", "tokens") if mode == "clamp" else ("kl_fire", "dmass_fire", "fire")
                 kl = bootstrap(sums, lambda s, w=where: s[w[0]] / s[w[2]], n_boot=cfg.n_boot, seed=cfg.seed)
                 dm = bootstrap(sums, lambda s, w=where: s[w[1]] / s[w[2]], n_boot=cfg.n_boot, seed=cfg.seed)
@@ -244,13 +287,16 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     with store.write("analysis", profile, "causal", config=cfg, inputs=[lm_art, sae_art, an]) as w:
         table.to_parquet(w.dir / "causal.parquet", index=False)
         pd.DataFrame(gens).to_parquet(w.dir / "generations.parquet", index=False)
+        def finite(v) -> float | None:
+            return float(v) if np.isfinite(v) else None
+
         w.metrics.update({
             "features": len(picks), "eval_tokens": n_windows * seq, "n_documents": int(len(np.unique(docs))),
-            "clamp_dmass_feature_median": float(clamp["feature"].median()),
-            "clamp_dmass_random_median": float(clamp["random"].median()),
-            "clamp_family_up_fraction": float((clamp["feature"] > clamp["random"]).mean()),
-            "ablate_kl_feature_median": float(ablate["feature"].median()),
-            "ablate_kl_random_median": float(ablate["random"].median()),
+            "clamp_dmass_feature_median": finite(clamp["feature"].median()),
+            "clamp_dmass_random_median": finite(clamp["random"].median()),
+            "clamp_family_up_fraction": finite((clamp["feature"] > clamp["random"]).mean()),
+            "ablate_kl_feature_median": finite(ablate["feature"].median()),
+            "ablate_kl_random_median": finite(ablate["random"].median()),
         })
 
 

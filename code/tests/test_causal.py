@@ -99,3 +99,17 @@ def test_bad_config_is_one_line(bad):
 def test_an_unknown_mode_is_refused():
     with pytest.raises(UserError, match="clamp"):
         edit_hook(tiny_sae(), 0, "pin")
+
+
+def test_firing_counts_count_positions_per_window():
+    from monosemantic.causal import firing_counts
+
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=64, context_length=8, d_model=16, n_heads=2, d_mlp=D, compile=False, dtype="float32")
+    model, sae = Transformer(cfg).eval(), tiny_sae()
+    x = torch.randint(0, 64, (5, 8))
+    counts = firing_counts(model, sae, HOOK, x, [3, 9], batch=2)
+    h = model.run_with_cache(x, [HOOK])[HOOK]
+    z = sae.encode(h.reshape(-1, D))
+    expected = (z[:, [3, 9]] > 0).reshape(5, 8, 2).sum(1).numpy()
+    assert counts.shape == (5, 2) and np.array_equal(counts, expected)
