@@ -21,7 +21,9 @@ STAGES: list[tuple[str, list[str]]] = [
     ("one-layer language model", ["train-lm"]),
     ("MLP activations of the one-layer model", ["harvest"]),
     ("SAEs: the anchor's recipe, TopK, frontiers, width sweep", ["train-sae"]),
+    ("every SAE on the whole held-out split, with intervals over documents", ["evaluate"]),
     ("features and neurons: dashboards and scores", ["analyze"]),
+    ("named features clamped and ablated, against random directions", ["causal"]),
     ("toy superposition and dictionary recovery (chapter 2)", ["toy"]),
     ("SmolLM2 last-layer MLP SAE (chapter 4)", ["llama", "run"]),
     ("model diffing pilot: fine-tune and crosscoder (chapter 5)", ["diff"]),
@@ -30,7 +32,8 @@ STAGES: list[tuple[str, list[str]]] = [
 # The cache stages (cache/<stage>/) each command above writes.
 WRITES: dict[str, tuple[str, ...]] = {
     "corpus": ("corpus", "tokens"), "train-lm": ("lm",), "harvest": ("activations",), "train-sae": ("sae",),
-    "analyze": ("analysis",), "toy": ("toy",), "llama": ("llama",), "diff": ("diff",),
+    "evaluate": ("sae",), "analyze": ("analysis",), "causal": ("analysis",), "toy": ("toy",), "llama": ("llama",),
+    "diff": ("diff",),
 }
 # Artifacts that are measurements, not stages: benchmarks, the tests' fault table, the GPU check of the tiny
 # pipeline and the Llama throughput rows. Their time is not a stage's.
@@ -128,7 +131,15 @@ def profile_time(profile: str, artifacts=None) -> ProfileTime:
 
     arts = [a for a in (store.list_artifacts() if artifacts is None else artifacts)
             if a.profile == profile and not is_measurement(a)]
-    step_of = {stage: step for step, stages in WRITES.items() for stage in stages}
+    step_of: dict[str, str] = {}  # a stage's artifacts belong to the first step that writes the stage ...
+    for step, stages in WRITES.items():
+        for stage in stages:
+            step_of.setdefault(stage, step)
+
+    def step_for(command: str, stage: str) -> str:  # ... unless their command names another step that does
+        first = command.split()[0] if command.split() else ""
+        return first if stage in WRITES.get(first, ()) else step_of[stage]
+
     by_command: dict[str, list] = {}
     for a in arts:
         if a.stage in step_of:
@@ -141,7 +152,8 @@ def profile_time(profile: str, artifacts=None) -> ProfileTime:
         lower = any(t.lower_bound for t in times)
         seconds = max(max(exact, default=0.0), partial) if lower else max(exact)
         group.sort(key=lambda a: a.key)
-        runs.append(RunTime(command, step_of[group[0].stage], group, Timed(seconds, lower), machine(group[0])))
+        runs.append(RunTime(command, step_for(command, group[0].stage), group, Timed(seconds, lower),
+                            machine(group[0])))
     steps = []
     for _, argv in STAGES:
         mine = [r for r in runs if r.step == argv[0]]

@@ -30,3 +30,13 @@ def test_readme_states_each_profiles_wall_time_from_the_manifests():
     assert "about an hour" not in text
     with pytest.raises(UserError, match="no <!-- walltime:start -->"):
         readme.render(f"{readme.START}\n{readme.END}\n")
+
+
+def test_the_readmes_python_example_runs_and_prints_what_it_says(capsys):
+    text = (project_root() / "README.md").read_text()
+    block = text.split("<!-- example:start -->")[1].split("<!-- example:end -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    exec(compile(code, "README example", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    said = [line.split("# ")[-1].strip() for line in code.splitlines() if line.startswith("print(")]
+    assert printed == said
