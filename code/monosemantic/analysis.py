@@ -9,20 +9,41 @@ For every SAE feature and, for comparison, every MLP neuron of the one-layer mod
 - **logit effects**: the unit's output direction through the MLP's down-projection, the final LayerNorm
   (its gain and centring folded in, its data-dependent scale left out, as Bricken et al. do) and the
   unembedding: the tokens it promotes and suppresses;
-- **two automatic monosemanticity scores**, computed identically for features and neurons:
+- **automatic monosemanticity scores**, computed identically for every kind of unit:
 
-  1. *explain, then predict*: each unit's explanation is a token table learned from its dashboard
-     only (the mean activation of each token over the contexts shown: top examples and interval samples,
-     zeros included, which is what a reader of the dashboard sees); the explanation then predicts the
-     unit's activation on held-out text it never saw (the val split) by looking up each token, and the
-     score is the Pearson correlation of prediction and truth over every held-out token. A cheap,
-     deterministic stand-in for LLM explainers (Bills et al. 2023), which need a model we cannot
-     download here; :class:`Explainer` is the extension point where one would go.
+  1. *explain, then predict* (:mod:`monosemantic.explain`): each unit's explanation is made from its
+     dashboard only (top contexts and interval samples on the explanation text; the offline default
+     explainer is a token table, the mean activation of each token over the contexts shown, zeros included;
+     ``--explainer`` points it at a chat model instead) and scored on held-out text (the val split) as the
+     field scores it: by *simulation* (Bills et al. 2023: the correlation of predicted and true activations
+     over a mix of the unit's top, interval-sampled and random held-out contexts) and by *detection*
+     (EleutherAI delphi: balanced accuracy at telling contexts where it fires from ones where it does not).
+     The older score, the whole token table's correlation over every held-out token, is kept beside them
+     (``explain_corr``).
   2. *concept specificity*: rule-based detectors (:data:`FAMILIES`) label every token; a unit's best
      family is chosen on the explanation text (the largest share of the unit's activation mass) and its
      score is the share of its activation mass inside that family on the held-out text, beside the
      family's share of all tokens (Anthropic: Arabic is 0.13% of tokens but 81% of the Arabic feature's
      activation).
+
+  A unit is scored only when it fires on at least ``min_heldout_firings`` held-out tokens (and on
+  ``min_firings`` explanation tokens); the others are counted as too rare to score. The ``units`` table
+  holds ``explanation``, ``sim_corr``, ``detection`` (with ``detection_tpr``, ``detection_tnr``), the older
+  ``explain_corr``, ``family_share``, ``family_lift``, ``heldout_firings`` and ``too_rare``.
+
+**Controls.** Four kinds of unit are measured alike: the MLP's neurons, the SAE's features, a *random
+dictionary* (unit random directions in the same space with the TopK SAE's encoding, width and k: what a
+dictionary scores by chance) and, when its artifact exists, the features of an SAE trained on a randomly
+initialised copy of the LM. Because the lift rule and the scores depend on how sparse a unit is, every
+comparison is also made within bins of held-out density (:func:`density_bins`), and the headline difference
+from the neurons is averaged over those bins with the neurons' density distribution as weights
+(:func:`matched_differences`), each with a 95% bootstrap interval over units.
+
+**Positions.** The first position of every window carries outlier activations (nothing to attend to but
+itself), so the first ``skip_first_positions`` positions of every window are not measured: they count in no
+statistic, score or top context (shown contexts show 0 there). What they would have been is reported apart:
+each unit's ``first_pos_top_share``, the share of its top activations that would have been at a window's
+first position.
 
 **Units that take both signs.** Every measurement above is of a non-negative quantity: SAE features and
 ReLU neurons are non-negative already, but a SiLU-gated neuron (SmolLM2's, Llama's) takes both signs, and a
@@ -40,7 +61,8 @@ measurement leaves out; the browser shows both.
 
 The text: ``explain_tokens`` of the train split in windows of the model's context spread evenly over it
 (dashboards, explanations, best families) and the whole val split (scores, held-out densities). Tables are
-top-k summaries, small enough to commit; no raw activations are stored.
+top-k summaries, small enough to commit; no raw activations are stored. Every pass reads the text in blocks
+of ``batch_windows`` windows: memory does not grow with the text.
 """
 
 from __future__ import annotations
@@ -55,7 +77,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import explain
 from .config import ConfigError, StageConfig, UserError
+from .explain import ContextPools, density_bins, fit_token_tables, interpretable_fraction, matched_differences
 from .harvest import HOOK
 
 DEFAULT_PROFILE = "cpu"
@@ -234,6 +258,24 @@ class UnitSet:
         sae = sae.float().eval()
         return cls(name, sae.encode, sae.W_dec.detach().float().clone(), contexts)
 
+    @classmethod
+    def random_dictionary(cls, name: str, d: int, n_units: int, k: int, seed: int = 0,
+                          centre: Tensor | None = None, contexts: bool = True) -> UnitSet:
+        """The chance control of a TopK SAE: ``n_units`` random unit directions R (n_units, d), uniform on the
+        sphere and seeded, encoded as the TopK SAE encodes, a = ReLU(TopK_k(R (h - centre))): k non-zeros per
+        token (fewer only where fewer than k projections are positive). ``centre``: the SAE's b_dec, so
+        that both read the same centred activations."""
+        gen = torch.Generator().manual_seed(seed)
+        R = torch.nn.functional.normalize(torch.randn(n_units, d, generator=gen), dim=1)  # (n_units, d)
+        c = torch.zeros(d) if centre is None else centre.detach().float().clone()
+
+        def encode(h: Tensor) -> Tensor:
+            pre = (h - c) @ R.t()  # (N, n_units)
+            values, indices = pre.topk(k, dim=-1, sorted=False)  # (N, k)
+            return torch.zeros_like(pre).scatter(-1, indices, values.clamp_min(0))
+
+        return cls(name, encode, R, contexts)
+
 
 def logit_effects(model, directions: Tensor) -> Tensor:
     """(n_units, vocab) direct effect on the logits of writing each direction (n_units, d_mlp) into the
@@ -315,7 +357,7 @@ def _top_tokens_frame(set_name: str, st: _Stats, top: int) -> Any:
 
 
 def _pool_merge(keys: Tensor, index: Tensor, extra: Tensor | None, new_keys: Tensor, new_index: Tensor,
-                new_extra: Tensor | None, slots: Tensor) -> None:
+               new_extra: Tensor | None, slots: Tensor) -> None:
     """In place: per slot (column), keep the ``P`` largest keys of the pool (P, n) and of the new entries
     (``new_keys`` (M,) in column ``slots`` (M,)), with their ``index`` (and ``extra`` values).
 
@@ -408,12 +450,22 @@ def _mlp_batches(model, windows: np.ndarray, batch: int) -> Iterator[tuple[int, 
         yield b, model.run_with_cache(x, [HOOK])[HOOK].reshape(-1, model.config.d_mlp)
 
 
+def _measured(a: Tensor, T: int, skip: int) -> Tensor:
+    """(B*T, ...) values of B windows with those at the first ``skip`` positions of each window set to 0
+    (not measured: module docstring); ``a`` itself when ``skip`` is 0. Never in place (``a`` may be the
+    model's activations, shared by every unit set)."""
+    if skip == 0 or not a.numel():
+        return a
+    keep = torch.arange(a.shape[0]) % T >= skip  # (B*T,)
+    return torch.where(keep.view(-1, *([1] * (a.dim() - 1))), a, torch.zeros((), dtype=a.dtype))
+
+
 @dataclasses.dataclass(frozen=True)
 class AnalysisConfig(StageConfig):
     """Which text, how many examples per unit, and the score thresholds."""
 
     STAGE: ClassVar[str] = "analysis"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: first positions not measured; scored needs min_heldout_firings
 
     explain_tokens: int = 2_000_000
     """Train-split tokens (in context-length windows spread evenly over the split) for dashboards,
@@ -432,21 +484,65 @@ class AnalysisConfig(StageConfig):
     """Nearest units by decoder cosine, per unit (SAE features only)."""
     batch_windows: int = 64
     min_firings: int = 10
-    """A unit is scored when it fires on at least this many explanation tokens and one held-out token."""
+    """A unit is scored when it fires on at least this many explanation tokens ..."""
+    min_heldout_firings: int = 50
+    """... and on at least this many held-out tokens; one that does not is counted as too rare to score."""
+    skip_first_positions: int = 1
+    """Positions at the start of every window that are not measured (the first one's activations are
+    outliers); what the top activations would have been there is reported apart."""
+    explainer: str = "token-table"
+    """Who explains and simulates: ``token-table`` (offline), ``openai:<model>@<base_url>`` or
+    ``hf:<model>`` (:mod:`monosemantic.explain`)."""
+    explanation_tokens: int = 20
+    """Tokens a token-table explanation lists (the largest mean activations of its dashboard)."""
+    predict_fraction: float = 0.5
+    """An explanation predicts a firing where its simulation reaches this share of its largest value (a
+    token table's; 10 on a chat model's 0-10 scale): the threshold of detection."""
+    score_context: int = 32
+    """Tokens of a held-out scoring context (a chunk of a window; delphi uses 32, Bills et al. 64)."""
+    score_top: int = 10
+    """Scoring mix per unit: its top held-out contexts ..."""
+    score_per_interval: int = 5
+    """... contexts sampled from each of ``intervals`` activation intervals ..."""
+    score_random: int = 20
+    """... and random contexts; detection adds ..."""
+    score_negatives: int = 20
+    """... random contexts where the unit does not fire."""
     corr_threshold: float = 0.5
-    """Explain-then-predict: a unit counts as interpretable when its held-out correlation reaches this."""
+    """Explain-then-predict: a unit counts as interpretable when its held-out correlation (all-token:
+    ``explain_corr``; simulation: ``sim_corr``) reaches this ..."""
+    detection_threshold: float = 0.8
+    """... and as detected when its detection balanced accuracy does."""
     specificity_threshold: float = 0.5
     """Concept specificity: when at least this share of its held-out activation mass is in its family ..."""
     lift_threshold: float = 5.0
     """... and that share is at least this many times the family's share of tokens."""
+    random_dictionary: bool = True
+    """Measure a random dictionary beside the SAE (the chance control; ``monosemantic analyze`` only)."""
+    density_bin_width: float = 0.5
+    """Width of the held-out density bins, in decades (0.5: half-decade bins)."""
+    n_boot: int = 1000
+    """Bootstrap replicates of every interval."""
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("explain_tokens", "top_contexts", "intervals", "batch_windows", "min_firings"):
+        for name in ("explain_tokens", "top_contexts", "intervals", "batch_windows", "min_firings",
+                     "min_heldout_firings", "score_context", "score_top", "explanation_tokens", "n_boot"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"AnalysisConfig: {name} must be positive, got {getattr(self, name)}")
+        for name in ("skip_first_positions", "score_per_interval", "score_random", "score_negatives"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"AnalysisConfig: {name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.corr_threshold < 1 or not 0 < self.specificity_threshold <= 1:
             raise ConfigError("AnalysisConfig: thresholds must lie in (0, 1)")
+        if not 0.5 < self.detection_threshold <= 1 or not 0 < self.predict_fraction <= 1:
+            raise ConfigError("AnalysisConfig: detection_threshold must lie in (0.5, 1], predict_fraction in (0, 1]")
+        if self.density_bin_width <= 0:
+            raise ConfigError(f"AnalysisConfig: density_bin_width must be positive, got {self.density_bin_width}")
+        try:
+            explain.check_spec(self.explainer)
+        except explain.ExplainerError as e:
+            raise ConfigError(f"AnalysisConfig: {e}") from None
 
 
 def spread_windows(tokens: np.ndarray, seq_len: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -462,11 +558,11 @@ def spread_windows(tokens: np.ndarray, seq_len: int, n_tokens: int) -> tuple[np.
 
 def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndarray, cfg: AnalysisConfig,
                 progress: bool) -> list[_Stats]:
-    from tqdm.auto import tqdm
-
     """Each set's statistics on the explanation text, of each unit's stronger half (module docstring):
     both halves are accumulated for a set once it has shown a negative activation, and each unit keeps
     the half with more mass (``polarity``)."""
+    from tqdm.auto import tqdm
+
     W, T = windows.shape
     pool = 8 * cfg.top_contexts  # candidates, thinned to one per document
     stats = [_Stats(s.n_units, pool) for s in sets]
@@ -478,7 +574,7 @@ def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndar
         lab = torch.as_tensor(labels[b:b + cfg.batch_windows].reshape(-1, labels.shape[-1]), dtype=torch.float32)
         for k, (s, st) in enumerate(zip(sets, stats, strict=True)):
             with torch.no_grad():
-                a = s.encode(h)  # (N, n)
+                a = _measured(s.encode(h), T, cfg.skip_first_positions)  # (N, n)
             if a.numel() and a.min() < 0:  # a unit set that takes both signs (a non-negative one never gets here)
                 if negative[k] is None:
                     negative[k] = _Stats(s.n_units, pool)
@@ -492,9 +588,10 @@ def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndar
 
 
 def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list[Tensor], cfg: AnalysisConfig,
-                   progress: bool) -> list[tuple[Tensor, Tensor]]:
-    """Uniform samples of tokens from each activation interval (j/I max, (j+1)/I max], j < I, per unit:
-    [(values (I, S, n), global indices (I, S, n))] per set (value -1: none)."""
+                   progress: bool) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Uniform samples of tokens from each activation interval (j/I max, (j+1)/I max], j < I, per unit, and
+    the largest activations at the first position of a window (not measured, reported apart): [(values
+    (I, S, n), global indices (I, S, n), first-position values (top_contexts, n))] per set (value -1: none)."""
     from tqdm.auto import tqdm
 
     W, T = windows.shape
@@ -503,6 +600,7 @@ def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list
     # one pool column per (interval, unit): the S largest random keys among the tokens in that interval
     state = [(torch.full((S, I * s.n_units), -1.0), torch.zeros((S, I * s.n_units), dtype=torch.int64),
               torch.zeros((S, I * s.n_units))) for s in sets]
+    first = [torch.full((cfg.top_contexts, s.n_units), -1.0) for s in sets]
     for b, h in tqdm(_mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
                      desc="analyze: interval samples", disable=not progress):
         for k, (s, mx) in enumerate(zip(sets, maxima, strict=True)):
@@ -510,7 +608,10 @@ def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list
                 continue
             keys, idx, val = state[k]
             with torch.no_grad():
-                a = s.activations(h)  # (N, n)
+                full = s.activations(h)  # (N, n)
+            at0 = torch.where(full[::T] > 0, full[::T], -1.0)  # (B, n): position 0 of each window
+            first[k] = torch.cat([first[k], at0]).topk(cfg.top_contexts, dim=0).values
+            a = _measured(full, T, cfg.skip_first_positions)
             rows, units = torch.nonzero(a > 0, as_tuple=True)
             v = a[rows, units]
             which = (torch.ceil(v / mx[units].clamp_min(1e-12) * I).long() - 1).clamp(0, I - 1)
@@ -519,11 +620,31 @@ def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list
             beat = r > keys[-1, slot]
             _pool_merge(keys, idx, val, r[beat], rows[beat] + b * T, v[beat], slot[beat])
     out = []
-    for (keys, idx, val), s in zip(state, sets, strict=True):
+    for (keys, idx, val), s, f in zip(state, sets, first, strict=True):
         n = s.n_units
         v = torch.where(keys >= 0, val, -1.0).reshape(S, I, n).transpose(0, 1)  # (I, S, n)
-        out.append((v.contiguous(), idx.reshape(S, I, n).transpose(0, 1).contiguous()))
+        out.append((v.contiguous(), idx.reshape(S, I, n).transpose(0, 1).contiguous(), f))
     return out
+
+
+def first_position_share(best_v: Tensor, best_i: Tensor, first_v: Tensor, K: int, T: int, skip: int) -> np.ndarray:
+    """(n,) the share of each unit's ``K`` largest activations, over every position, that are at the first
+    position of a window (NaN for a unit that never fired). ``best_v``, ``best_i`` (P >= K, n): the largest
+    measured activations and their global indices; ``first_v`` (K, n): the largest at position 0 (-1: none),
+    which were not measured when ``skip`` > 0 (and are in ``best_v`` already when it is 0)."""
+    if skip == 0:
+        top = best_v[:K]
+        at0 = ((best_i[:K] % T == 0) & (top > 0)).sum(0)
+        fired = (top > 0).sum(0)
+    else:
+        vals = torch.cat([best_v[:K], first_v[:K]])  # (2K, n), measured ones first: they win ties
+        src = torch.arange(len(vals)) >= len(best_v[:K])  # (2K,) from position 0
+        v, i = torch.sort(vals, dim=0, descending=True, stable=True)
+        v, i = v[:K], i[:K]
+        at0 = (src[i] & (v > 0)).sum(0)
+        fired = (v > 0).sum(0)
+    share = at0.double() / fired.clamp_min(1).double()
+    return torch.where(fired > 0, share, float("nan")).numpy()
 
 
 def _context_pass(model, sets: list[UnitSet], windows: np.ndarray, examples: list[list[tuple[int, int]]],
@@ -547,32 +668,46 @@ def _context_pass(model, sets: list[UnitSet], windows: np.ndarray, examples: lis
                 g = examples[k][e][1]
                 t = g % T
                 lo, hi = max(0, t - cfg.before), min(T, t + cfg.after + 1)
-                out[k][e] = encoded[k][row, lo:hi, unit].numpy().astype(np.float32)
+                acts = encoded[k][row, lo:hi, unit].numpy().astype(np.float32)
+                acts[:max(0, cfg.skip_first_positions - lo)] = 0  # not measured
+                out[k][e] = acts
     return out
 
 
-def _held_out_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndarray,
-                   explanations: list[Any], cfg: AnalysisConfig, progress: bool) -> list[dict[str, Tensor]]:
+def score_context(cfg: AnalysisConfig, T: int) -> int:
+    """Tokens per held-out scoring context: ``cfg.score_context``, or the whole window if that is shorter."""
+    return min(cfg.score_context, T)
+
+
+def _held_out_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndarray, tables: list[Any],
+                   maxima: list[Tensor], cfg: AnalysisConfig, progress: bool
+                   ) -> tuple[list[dict[str, Tensor]], list[ContextPools]]:
     """Per set: held-out firing counts, activation mass by family, and the sums for each unit's Pearson
-    correlation between its activation and its explanation's prediction, all of the oriented activations
-    (``sets`` carry their polarity); ``raw_aa``: the sum of squares of the raw ones."""
+    correlation between its activation and its whole token table's prediction (``tables``), all of the
+    measured oriented activations (``sets`` carry their polarity); ``raw_aa``: the sum of squares of the
+    raw ones at every position. And per set, the contexts each unit's explanation is scored on."""
     from tqdm.auto import tqdm
 
     W, T = windows.shape
+    skip = cfg.skip_first_positions
     acc = [{name: torch.zeros(s.n_units, dtype=torch.float64) for name in ("a", "aa", "p", "pp", "ap", "fired",
                                                                             "raw_aa")}
            | {"family_mass": torch.zeros((s.n_units, len(FAMILY_NAMES)), dtype=torch.float64)} for s in sets]
+    C = score_context(cfg, T)
+    pools = [ContextPools(mx, C, n_top=cfg.score_top, intervals=cfg.intervals, per_interval=cfg.score_per_interval,
+                          n_random=cfg.score_random, n_negative=cfg.score_negatives, seed=cfg.seed) for mx in maxima]
     family_tokens = torch.zeros(len(FAMILY_NAMES), dtype=torch.float64)
     for b, h in tqdm(_mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
                      desc="analyze: held-out text", disable=not progress):
         ids = windows[b:b + cfg.batch_windows].reshape(-1)
-        lab = torch.as_tensor(labels[b:b + cfg.batch_windows].reshape(-1, labels.shape[-1]), dtype=torch.float32)
+        lab = _measured(torch.as_tensor(labels[b:b + cfg.batch_windows].reshape(-1, labels.shape[-1]),
+                                        dtype=torch.float32), T, skip)
         family_tokens += lab.sum(0, dtype=torch.float64)
-        for s, st, ex in zip(sets, acc, explanations, strict=True):
+        for s, st, table, pool in zip(sets, acc, tables, pools, strict=True):
             with torch.no_grad():
                 raw = s.encode(h)  # (N, n)
-                a = s.orient(raw)
-            p = torch.as_tensor(ex[ids].toarray(), dtype=torch.float32)  # (N, n) predictions
+                a = _measured(s.orient(raw), T, skip)
+            p = _measured(torch.as_tensor(table[ids].toarray(), dtype=torch.float32), T, skip)  # (N, n) predictions
             st["a"] += a.sum(0, dtype=torch.float64)
             st["aa"] += (a * a).sum(0, dtype=torch.float64)
             st["p"] += p.sum(0, dtype=torch.float64)
@@ -581,11 +716,12 @@ def _held_out_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.n
             st["raw_aa"] += (raw * raw).sum(0, dtype=torch.float64)
             st["fired"] += (a > 0).sum(0).double()
             st["family_mass"] += (a.t() @ lab).double()
-    n = W * T
+            pool.add(a.reshape(-1, T, s.n_units), b * (T // C))
+    n = W * (T - skip)  # measured tokens
     for st in acc:
         st["n"] = torch.tensor(float(n))
         st["family_tokens"] = family_tokens
-    return acc
+    return acc, pools
 
 
 def pearson(st: dict[str, Tensor]) -> Tensor:
@@ -600,42 +736,14 @@ def pearson(st: dict[str, Tensor]) -> Tensor:
     return torch.where(var_a <= 1e-18, torch.full_like(r, float("nan")), r)
 
 
-class Explainer:
-    """Explanation = token -> mean activation over the dashboard's context tokens (zeros included).
-
-    The extension point for an LLM explainer: subclass, keep :meth:`fit`'s inputs (each unit's dashboard:
-    context token ids and activations), and return any predictor with the same (vocab, n_units) lookup
-    shape, or override :meth:`predict` in the held-out pass."""
-
-    def fit(self, n_units: int, contexts: Sequence[tuple[int, np.ndarray, np.ndarray]], vocab: int):
-        """``contexts``: (unit, token ids, activations) per shown example; returns a scipy CSR matrix
-        (vocab, n_units) of predicted activations."""
-        import scipy.sparse as sp
-
-        units, toks, vals = [], [], []
-        for unit, ids, acts in contexts:
-            units.append(np.full(len(ids), unit, dtype=np.int64))
-            toks.append(np.asarray(ids, dtype=np.int64))
-            vals.append(np.asarray(acts, dtype=np.float64))
-        if not units:
-            return sp.csr_matrix((vocab, n_units))
-        u, t, v = np.concatenate(units), np.concatenate(toks), np.concatenate(vals)
-        sums = sp.coo_matrix((v, (t, u)), shape=(vocab, n_units)).tocsr()
-        counts = sp.coo_matrix((np.ones_like(v), (t, u)), shape=(vocab, n_units)).tocsr()
-        sums.sum_duplicates()
-        counts.sum_duplicates()
-        mean = sums.copy()
-        mean.data = sums.data / counts.data  # same sparsity pattern: both built from the same (t, u) pairs
-        mean.eliminate_zeros()
-        return mean
-
-
 # --- the whole analysis -----------------------------------------------------------------------------
 
 def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, val_tokens: np.ndarray,
             cfg: AnalysisConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every pass; returns pandas tables: ``units`` (one row per unit of every set), ``contexts``,
     ``top_tokens``, ``logits``, ``histograms``, ``families`` and a ``vocab`` of the token strings used.
+    Every unit that fires on at least ``min_heldout_firings`` held-out tokens is explained and scored by the
+    explainer ``cfg.explainer`` names (:mod:`monosemantic.explain`).
 
     ``model``: the one-layer LM, or any object with its interface (``config.context_length``, ``d_mlp``,
     ``vocab_size``; ``run_with_cache(ids, [HOOK])``), a ``logit_effects(directions)`` and ``n_vocab`` (real
@@ -663,7 +771,7 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
 
     examples: list[list[tuple[int, int]]] = []
     example_meta: list[list[dict[str, Any]]] = []
-    for s, st, (iv, ii) in zip(sets, stats, intervals, strict=True):
+    for s, st, (iv, ii, _) in zip(sets, stats, intervals, strict=True):
         exs, meta = [], []
         if s.contexts:
             docs = document(st.best_i.numpy())  # (pool, n)
@@ -691,26 +799,44 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
         example_meta.append(meta)
     context_acts = _context_pass(model, sets, windows, examples, cfg)
 
-    explainer = Explainer()
-    explanations, context_rows = [], []
+    skip = cfg.skip_first_positions
+    tables, shown_by_set, context_rows = [], [], []
     for s, exs, meta, acts in zip(sets, examples, example_meta, context_acts, strict=True):
-        shown = []
+        shown: list[tuple[int, np.ndarray, np.ndarray]] = []
         for (u, g), m, a in zip(exs, meta, acts, strict=True):
             t = g % T
             lo = max(0, t - cfg.before)
             ids = windows[g // T, lo:lo + len(a)]
-            shown.append((u, ids, a))
+            measured = lo + np.arange(len(a)) >= skip
+            shown.append((u, ids[measured], a[measured]))
             context_rows.append({"set": s.name, **m, "center": t - lo, "tokens": ids.astype(np.int32),
                                  "acts": a.astype(np.float16)})
-        explanations.append(explainer.fit(s.n_units, shown, model.config.vocab_size))
-    held = _held_out_pass(model, sets, val_windows, val_labels, explanations, cfg, progress)
+        tables.append(fit_token_tables(s.n_units, shown, model.config.vocab_size))
+        shown_by_set.append(shown)
+    held, pools = _held_out_pass(model, sets, val_windows, val_labels, tables, maxima, cfg, progress)
 
-    base_explain = torch.as_tensor(labels.reshape(-1, labels.shape[-1]).mean(0), dtype=torch.float64)
+    measured_explain = labels[:, skip:].reshape(-1, labels.shape[-1])
+    base_explain = torch.as_tensor(measured_explain.mean(0), dtype=torch.float64)
+    n_explain = len(measured_explain)
+    scored_by_set = [(st.fired.numpy() >= cfg.min_firings) & (h["fired"].numpy() >= cfg.min_heldout_firings)
+                     for st, h in zip(stats, held, strict=True)]
+    explainer = explain.make_explainer(cfg.explainer, tokenizer.token_strings, n_tokens=cfg.explanation_tokens,
+                                       predict_fraction=cfg.predict_fraction)
+    log(f"analyze: explaining and scoring {sum(int(x.sum()) for x in scored_by_set):,} units with {explainer.name}"
+        f" ({sum(int((h['fired'] < cfg.min_heldout_firings).sum()) for h in held):,} fire on fewer than "
+        f"{cfg.min_heldout_firings} held-out tokens: too rare to score)")
+    scores = [explain.explain_and_score(explainer, shown, pool, scored, val_windows, skip, progress, s.name)
+              for s, shown, pool, scored in zip(sets, shown_by_set, pools, scored_by_set, strict=True)]
+    if hasattr(explainer.simulate, "failures") and explainer.simulate.failures:
+        log(f"analyze: {explainer.simulate.failures:,} simulations could not be read (predicted as zeros)")
+
     unit_rows, token_rows, logit_rows, hist_rows = [], [], [], []
-    n_explain = windows.size
-    for s, st, h, mx in zip(sets, stats, held, maxima, strict=True):
+    for s, st, h, mx, iv, scored_s, sc in zip(sets, stats, held, maxima, intervals, scored_by_set, scores,
+                                             strict=True):
         corr = pearson(h).numpy()
         maxima_s = mx.numpy()
+        first_share = first_position_share(st.best_v, st.best_i, iv[2], cfg.top_contexts, T, skip)
+        heldout_fired = h["fired"].numpy().astype(np.int64)
         # best family: the largest share of the unit's mass on the explanation text, among families with a
         # lift of at least 2 there (a unit is not "about" whitespace because whitespace is everywhere)
         share_e = (st.family_mass / st.total.clamp_min(1e-12)[:, None]).numpy()
@@ -733,7 +859,7 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
         fired_e = st.fired.numpy()
         for u in range(s.n_units):
             fam = FAMILY_NAMES[best[u]] if has_family[u] else ""
-            scored = fired_e[u] >= cfg.min_firings and h["fired"][u] > 0
+            scored = bool(scored_s[u])
             sv = float(share_v[u, best[u]]) if has_family[u] else float("nan")
             bv_ = float(base_v[best[u]]) if has_family[u] else float("nan")
             unit_rows.append({
@@ -745,7 +871,10 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
                 "family": fam, "family_share": sv if scored else float("nan"),
                 "family_base": bv_, "family_lift": sv / bv_ if scored and bv_ > 0 else float("nan"),
                 "polarity": int(polarity[u]),
-                "other_sign_share": float(other[u] / absolute[u]) if absolute[u] > 0 else 0.0})
+                "other_sign_share": float(other[u] / absolute[u]) if absolute[u] > 0 else 0.0,
+                "heldout_firings": int(heldout_fired[u]),
+                "too_rare": bool(heldout_fired[u] < cfg.min_heldout_firings),
+                **sc.get(u, explain.UNSCORED), "first_pos_top_share": float(first_share[u])})
             for j, (v, i) in enumerate(zip(up_v[u].tolist(), up_i[u].tolist(), strict=True)):
                 logit_rows.append({"set": s.name, "unit": u, "sign": 1, "rank": j, "token": i, "effect": v})
             for j, (v, i) in enumerate(zip(down_v[u].tolist(), down_i[u].tolist(), strict=True)):
@@ -773,6 +902,9 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
     logits_df = pd.DataFrame(logit_rows)
     used = set(top_tokens_df["token"].tolist() if len(top_tokens_df) else [])
     used |= set(logits_df["token"].tolist())
+    if explainer.name == explain.TOKEN_TABLE:  # an explanation's tokens, so that the browser can show them
+        for text in units_df["explanation"]:
+            used |= set(explain.parse_token_table(text)[0].tolist())
     for ids in contexts_df.get("tokens", []):
         used |= set(ids.tolist())
     used_ids = np.array(sorted(used), dtype=np.int64)
@@ -789,14 +921,14 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
                              "token_share_val": (held[0]["family_tokens"] / held[0]["n"]).numpy()})
     # E|h|^2 of the MLP's activations on held-out text (the neurons' sum of squares): the scale an L1
     # coefficient is relative to
-    mean_sq = {s.name: float(h["raw_aa"].sum() / h["n"]) for s, h in zip(sets, held, strict=True)
-               if s.name == "neurons"}
-    return {"mlp_mean_sq_norm": mean_sq.get("neurons"),
+    mean_sq = {s.name: float(h["raw_aa"].sum() / val_windows.size) for s, h in zip(sets, held, strict=True)
+               if s.name == "neurons"}  # every position: what an SAE trains on
+    return {"mlp_mean_sq_norm": mean_sq.get("neurons"), "explainer": explainer.name,
             "units": units_df, "contexts": contexts_df, "top_tokens": top_tokens_df, "logits": logits_df,
             "histograms": pd.concat(hist_rows, ignore_index=True), "vocab": vocab, "families": families,
             "neighbours": pd.concat(neighbour_rows, ignore_index=True) if neighbour_rows else pd.DataFrame(
                 columns=["set", "unit", "rank", "other", "cosine"]),
-            "tokens": {"explain": int(windows.size), "held_out": int(val_windows.size)}}
+            "tokens": {"explain": n_explain, "held_out": int(held[0]["n"]) if held else 0}}
 
 
 def _quantiles(hist: np.ndarray, qs: Sequence[float]) -> np.ndarray:
@@ -812,20 +944,6 @@ def _quantiles(hist: np.ndarray, qs: Sequence[float]) -> np.ndarray:
         idx = (cum < q * np.maximum(total, 1)).sum(1)
         out[:, j] = np.where(total[:, 0] > 0, centres[np.minimum(idx, len(centres) - 1)], np.nan)
     return out
-
-
-def interpretable_fraction(units, score: str, cfg: AnalysisConfig) -> float:
-    """Share of the scored units of a set above the threshold of ``score`` (``explain_corr`` or
-    ``specificity``)."""
-    scored = units[units["scored"]]
-    if not len(scored):
-        return float("nan")
-    if score == "explain_corr":
-        return float((scored["explain_corr"] >= cfg.corr_threshold).mean())
-    if score == "specificity":
-        ok = (scored["family_share"] >= cfg.specificity_threshold) & (scored["family_lift"] >= cfg.lift_threshold)
-        return float(ok.mean())
-    raise ValueError(f"unknown score {score!r}")
 
 
 # --- feature splitting ------------------------------------------------------------------------------
@@ -849,20 +967,22 @@ def split_table(decoders: dict[int, Tensor]) -> Any:
 
 
 def token_profiles(model, sets: list[UnitSet], tokens: np.ndarray, n_tokens: int, top: int = 5,
-                   batch_windows: int = 64, progress: bool = True) -> Any:
+                   batch_windows: int = 64, progress: bool = True, skip_first_positions: int = 1) -> Any:
     """The ``top`` tokens of each unit by activation mass over ``n_tokens`` of ``tokens`` (no dashboards):
     rows (set, unit, rank, token, mass, count, share), plus each unit's density as rank -1 rows' ``share``."""
     import pandas as pd
 
-    cfg = AnalysisConfig(explain_tokens=n_tokens, batch_windows=batch_windows)
+    cfg = AnalysisConfig(explain_tokens=n_tokens, batch_windows=batch_windows,
+                         skip_first_positions=skip_first_positions)
     windows, _ = spread_windows(tokens, model.config.context_length, n_tokens)
     labels = np.zeros((*windows.shape, len(FAMILY_NAMES)), dtype=bool)  # families are not needed here
     stats = _first_pass(model, sets, windows, labels, cfg, progress)
     frames = []
     for s, st in zip(sets, stats, strict=True):
         frames.append(_top_tokens_frame(s.name, st, top))
+        measured = len(windows) * (windows.shape[1] - cfg.skip_first_positions)
         dens = pd.DataFrame({"set": s.name, "unit": np.arange(s.n_units), "token": -1, "mass": st.total.numpy(),
-                             "count": st.fired.numpy(), "rank": -1, "share": st.fired.numpy() / windows.size})
+                             "count": st.fired.numpy(), "rank": -1, "share": st.fired.numpy() / measured})
         frames.append(dens)
     return pd.concat(frames, ignore_index=True)
 
@@ -870,12 +990,86 @@ def token_profiles(model, sets: list[UnitSet], tokens: np.ndarray, n_tokens: int
 # --- the stage ---------------------------------------------------------------------------------------
 
 MAIN_SAE = "topk"  # the SAE whose features the chapter shows (the better recipe)
+RANDOM_DICTIONARY = "random"  # the set of random directions with the TopK SAE's encoding
+RANDOM_MODEL = "random-model"  # the set (and sae/<profile>-random-model artifact) of an SAE on a random LM
 TABLES = ("units", "contexts", "top_tokens", "logits", "histograms", "vocab", "families", "neighbours")
+CONTROL_TABLES = ("density_bins", "density_matched")
+LABELS = {"neurons": "neurons", MAIN_SAE: "features", "anchor": "anchor_features",
+          RANDOM_DICTIONARY: "random_dictionary", RANDOM_MODEL: "random_model_features"}  # manifest names
+_NO_CONTEXTS = ("anchor", RANDOM_DICTIONARY, RANDOM_MODEL)  # sets whose dashboards are not kept
+
+
+def random_lm(config, seed: int = 0):
+    """A randomly initialised copy of the LM (:class:`monosemantic.lm.Transformer` of ``config``), the same
+    for the same seed: the model the ``random-model`` SAE is trained on."""
+    from .lm import Transformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Transformer(config).eval()
+
+
+def _random_model_set(profile: str, lm_art, log: Callable[[str], None]):
+    """(random LM, its SAE's unit set, the artifact) from ``sae/<profile>-random-model``, or None (said in
+    one line) when that artifact is absent. The artifact is an SAE folder (:func:`monosemantic.sae.load`)
+    trained on the MLP activations of :func:`random_lm` with the seed its config records as ``model_seed``
+    (0 if none), or of the model whose weights it holds as ``model.safetensors``."""
+    from . import sae as sae_mod
+    from . import store
+    from .lm import WEIGHTS_FILE, LMConfig, load_weights
+
+    if not store.artifact_path("sae", profile, RANDOM_MODEL).is_dir():
+        log(f"analyze: sae/{profile}-{RANDOM_MODEL} (an SAE on a randomly initialised copy of the LM) is not in "
+            "the cache: that control is left out")
+        return None
+    art = store.load("sae", profile, RANDOM_MODEL)  # present but stale or corrupt: an error that says so
+    weights = art.path / WEIGHTS_FILE
+    model = (load_weights(weights) if weights.is_file()
+             else random_lm(LMConfig(**lm_art.config), int(art.config.get("model_seed", 0))))
+    return model, UnitSet.from_sae(RANDOM_MODEL, sae_mod.load(art.path)), art
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The tables of two analyses of the same text (of different models) as one."""
+    import pandas as pd
+
+    out = dict(a)
+    for name in TABLES:
+        if name == "families":
+            continue  # the same text: the same token shares
+        frame = pd.concat([a[name], b[name]], ignore_index=True)
+        out[name] = frame.drop_duplicates("token", ignore_index=True) if name == "vocab" else frame
+    return out
+
+
+def _carried_splitting(profile: str, sweep, missing: list[str]) -> dict:
+    """The splitting tables of the analysis artifact in the cache, when it was made from the same width-sweep
+    artifact as ``sweep`` (whose weights are not on this machine); else a one-line error saying what to run."""
+    import pandas as pd
+
+    from . import store
+
+    command = f"`monosemantic train-sae --profile {profile} --recipe sweep`"
+    try:
+        old = store.load("analysis", profile, "features", check_inputs=False)
+    except store.CacheError:
+        raise UserError(f"{sweep.key}: the weights of {', '.join(missing)} are not on this machine (they live in "
+                        f"cache/work/); remake them with {command}") from None
+    if old.manifest.get("inputs", {}).get(sweep.key) != sweep.content_hash:
+        raise UserError(f"{sweep.key}: the weights of {', '.join(missing)} are not on this machine, and the cached "
+                        f"{old.key} was made from another sweep; remake them with {command}")
+    return {"splitting": pd.read_parquet(old.file("splitting.parquet")),
+            "width_top_tokens": pd.read_parquet(old.file("width_top_tokens.parquet")), "from": old.key,
+            "note": (f"splitting.parquet and width_top_tokens.parquet copied from {old.key} (content "
+                     f"{old.content_hash}, made {old.manifest.get('created')}) from the same {sweep.key} "
+                     f"(content {sweep.content_hash}), whose width SAEs' weights were not on this machine; "
+                     "those two tables still measure every position of a window, the first included")}
 
 
 def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Callable[[str], None] = print):
-    """``analysis/<profile>-features``: neurons, the TopK SAE and the anchor-recipe SAE, analysed alike;
-    plus feature splitting across the width sweep's dictionaries."""
+    """``analysis/<profile>-features``: neurons, the TopK SAE, the anchor-recipe SAE and the controls (a
+    random dictionary; an SAE on a random LM when ``sae/<profile>-random-model`` exists), analysed alike,
+    compared within density bins; plus feature splitting across the width sweep's dictionaries."""
     import time
 
     from . import profiles, sae_train, store
@@ -892,74 +1086,159 @@ def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Cal
     stage = profiles.get(profile).sae
     saes, inputs = {}, [lm_art]
     for recipe in sae_train.RECIPES:
-        art = store.load("sae", profile, recipe, config=stage)
+        try:
+            art = store.load("sae", profile, recipe, config=stage)
+        except store.CacheError as e:
+            if recipe == MAIN_SAE:
+                raise
+            log(f"{recipe} SAE not analysed: {e}")
+            continue
         saes[recipe] = sae_mod.load(art.path)
         inputs.append(art)
     sweep = store.load("sae", profile, "sweep", config=stage)
     inputs.append(sweep)
+    # the set called "anchor" is the ReLU + L1 SAE: the literal recipe when it has been run, else anchor-fixed
+    relu = "anchor" if "anchor" in saes else "anchor-fixed"
+    if relu not in saes:
+        raise UserError(f"no ReLU + L1 SAE (sae/{profile}-anchor or -anchor-fixed) in the cache; train one with "
+                        f"`monosemantic train-sae --profile {profile} --recipe anchor-fixed`")
     sets = [UnitSet.neurons(model.config.d_mlp), UnitSet.from_sae(MAIN_SAE, saes[MAIN_SAE]),
-            UnitSet.from_sae("anchor", saes["anchor"])]
+            UnitSet.from_sae("anchor", saes[relu])]
+    main = saes[MAIN_SAE]
+    if cfg.random_dictionary:  # the TopK SAE's width, k and centre, random directions
+        sets.append(UnitSet.random_dictionary(RANDOM_DICTIONARY, main.cfg.d_in, main.cfg.n_features, main.cfg.k,
+                                              seed=cfg.seed, centre=main.b_dec))
     train_tokens = TokenDataset.open(profile, "train").tokens
     val_tokens = TokenDataset.open(profile, "val").tokens
     result = analyze(model, tokenizer, sets, train_tokens, val_tokens, cfg, progress, log)
+    random_model = _random_model_set(profile, lm_art, log)
+    if random_model is not None:
+        rm_model, rm_set, rm_art = random_model
+        inputs.append(rm_art)
+        result = _merge(result, analyze(rm_model, tokenizer, [rm_set], train_tokens, val_tokens, cfg, progress, log))
 
     # feature splitting: the width sweep's dictionaries (weights in cache/work), nearest parents by cosine
     widths: dict[int, Any] = {}
+    missing = []
     for run in sae_train.plan(stage):
         if run.family != "width":
             continue
         folder = sweep.work_path / run.name
-        if not folder.is_dir():
-            raise UserError(f"{sweep.key}: the weights of {run.name} are not on this machine (they live in "
-                            f"cache/work/); remake them with `monosemantic train-sae --profile {profile} "
-                            f"--recipe sweep`")
-        widths[run.cfg.n_features] = sae_mod.load(folder)
-    splits = split_table({n: s.W_dec.detach() for n, s in widths.items()})
-    width_sets = [UnitSet.from_sae(f"width-{n}", s, contexts=False) for n, s in sorted(widths.items())]
-    width_tokens = token_profiles(model, width_sets, train_tokens, min(cfg.explain_tokens, 500_000),
-                                  progress=progress)
+        if folder.is_dir():
+            widths[run.cfg.n_features] = sae_mod.load(folder)
+        else:
+            missing.append(run.name)
+    carried = None
+    if missing:  # the sweep's weights live in cache/work: reuse the last splitting tables if made from this sweep
+        carried = _carried_splitting(profile, sweep, missing)
+        splits, width_tokens = carried["splitting"], carried["width_top_tokens"]
+        log(f"width sweep weights not on this machine ({', '.join(missing)}): splitting tables carried over from "
+            f"{carried['from']}, made from the same {sweep.key}")
+    else:
+        splits = split_table({n: s.W_dec.detach() for n, s in widths.items()})
+        width_sets = [UnitSet.from_sae(f"width-{n}", s, contexts=False) for n, s in sorted(widths.items())]
+        width_tokens = token_profiles(model, width_sets, train_tokens, min(cfg.explain_tokens, 500_000),
+                                      progress=progress, skip_first_positions=cfg.skip_first_positions)
 
     units = result["units"]
+    controls = {"density_bins": density_bins(units, cfg), "density_matched": matched_differences(units, cfg)}
     with store.write("analysis", profile, "features", config=cfg, inputs=inputs) as w:
-        # the anchor-recipe SAE's dashboards only served its explanations: its scores are kept, its
-        # contexts are not (they would double the committed size)
-        result["contexts"] = result["contexts"][result["contexts"]["set"] != "anchor"]
+        # the dashboards of the anchor-recipe SAE and of the controls only served their explanations: their
+        # scores are kept, their contexts are not (they would multiply the committed size)
+        result["contexts"] = result["contexts"][~result["contexts"]["set"].isin(_NO_CONTEXTS)]
         for name in TABLES:
             result[name].to_parquet(w.dir / f"{name}.parquet", index=False)
+        for name, frame in controls.items():
+            frame.to_parquet(w.dir / f"{name}.parquet", index=False)
         splits.to_parquet(w.dir / "splitting.parquet", index=False)
         width_tokens.to_parquet(w.dir / "width_top_tokens.parquet", index=False)
         w.wall_time_s = round(time.perf_counter() - start, 1)  # the whole stage, not just this write
         w.metrics.update(summary_metrics(units, cfg))
+        w.metrics.update(control_metrics(controls["density_matched"]))
+        w.metrics["random_model"] = ("measured" if random_model is not None else
+                                     f"absent: no sae/{profile}-{RANDOM_MODEL} in the cache")
+        w.metrics["explainer"] = result["explainer"]
+        w.metrics["anchor_set_recipe"] = relu
+        if carried is not None:
+            w.info["splitting_carried_from"] = carried["note"]
         w.metrics["explain_tokens"] = result["tokens"]["explain"]
         w.metrics["held_out_tokens"] = result["tokens"]["held_out"]
         w.metrics["mlp_mean_sq_norm"] = round(result["mlp_mean_sq_norm"], 4)
-        w.info["score"] = ("explain_corr: Pearson correlation, over every held-out (val) token, between a unit's "
-                           "activation and the prediction of a token table learned from its dashboard only")
+        w.info["score"] = ("explain_corr: Pearson correlation, over every measured held-out (val) token, between a "
+                           "unit's activation and the prediction of a token table learned from its dashboard only")
+        w.info["sim_corr"] = (f"simulation: correlation of the explanation's predicted and the true activations over "
+                              f"the tokens of a unit's {cfg.score_top} top, {cfg.score_per_interval} per activation "
+                              f"interval and {cfg.score_random} random held-out contexts of {cfg.score_context} "
+                              "tokens (Bills et al. 2023)")
+        w.info["detection"] = (f"balanced accuracy at telling the top and interval contexts from {cfg.score_negatives} "
+                               "random held-out contexts where the unit does not fire, a context predicted to fire "
+                               f"when the simulation reaches {cfg.predict_fraction:g} of the explanation's largest "
+                               "value on one of its tokens (EleutherAI delphi)")
         w.info["specificity"] = ("family_share: share of a unit's held-out activation mass inside the family it "
                                  "was assigned on the explanation text; family_lift: that share over the "
                                  "family's share of held-out tokens")
+        w.info["controls"] = ("density_bins: every score's pass fraction and median per set and half-decade of "
+                              "held-out density; density_matched: each set's pass fraction minus the neurons', raw "
+                              "and averaged over density bins with the neurons' distribution as weights; "
+                              "intervals: 95% bootstrap over units")
     return store.artifact_path("analysis", profile, "features")
 
 
+def _finite(x: float, digits: int = 4) -> float | None:
+    """``x`` rounded, or None where it is NaN (a manifest holds no NaN)."""
+    return round(float(x), digits) if np.isfinite(x) else None
+
+
 def summary_metrics(units, cfg: AnalysisConfig) -> dict[str, Any]:
-    """The manifest's headline numbers: interpretable fractions by both scores for every set."""
+    """The manifest's headline numbers for every set: the pass fraction and median of every score, the
+    units scored and too rare to score, and the mean share of top activations at a window's first position."""
     out: dict[str, Any] = {"interpretable_score": "explain_corr", "interpretable_threshold": cfg.corr_threshold,
-                           "specificity_threshold": cfg.specificity_threshold, "lift_threshold": cfg.lift_threshold}
-    names = {"neurons": "neurons", MAIN_SAE: "features", "anchor": "anchor_features"}
-    for set_name, label in names.items():
+                           "specificity_threshold": cfg.specificity_threshold, "lift_threshold": cfg.lift_threshold,
+                           "detection_threshold": cfg.detection_threshold,
+                           "min_heldout_firings": cfg.min_heldout_firings}
+    for set_name, label in LABELS.items():
         part = units[units["set"] == set_name]
         if not len(part):
             continue
-        out[f"interpretable_fraction_{label}"] = round(interpretable_fraction(part, "explain_corr", cfg), 4)
-        out[f"specific_fraction_{label}"] = round(interpretable_fraction(part, "specificity", cfg), 4)
-        out[f"median_explain_corr_{label}"] = round(float(part["explain_corr"].median()), 4)
+        scored = part[part["scored"]]
+        out[f"interpretable_fraction_{label}"] = _finite(interpretable_fraction(part, "explain_corr", cfg))
+        out[f"specific_fraction_{label}"] = _finite(interpretable_fraction(part, "specificity", cfg))
+        out[f"median_explain_corr_{label}"] = _finite(scored["explain_corr"].median())
         out[f"scored_{label}"] = int(part["scored"].sum())
+        if "sim_corr" not in part:
+            continue
+        out[f"simulation_fraction_{label}"] = _finite(interpretable_fraction(part, "sim_corr", cfg))
+        out[f"detection_fraction_{label}"] = _finite(interpretable_fraction(part, "detection", cfg))
+        out[f"median_sim_corr_{label}"] = _finite(scored["sim_corr"].median())
+        out[f"median_detection_{label}"] = _finite(scored["detection"].median())
+        out[f"too_rare_{label}"] = int(part["too_rare"].sum())
+        out[f"first_pos_top_share_{label}"] = _finite(part["first_pos_top_share"].mean())
+    return out
+
+
+def control_metrics(matched) -> dict[str, Any]:
+    """The density-matched headline: ``matched_<score>_<label>_minus_neurons`` (and ``_low``, ``_high``,
+    ``raw_...``) for the specificity, simulation and detection scores."""
+    out: dict[str, Any] = {}
+    for row in matched.itertuples():
+        if row.score == "explain_corr" or row.set not in LABELS:
+            continue
+        key = f"{row.score}_{LABELS[row.set]}_minus_{row.baseline}"
+        for kind in ("matched", "raw"):
+            out[f"{kind}_{key}"] = _finite(getattr(row, kind))
+            out[f"{kind}_{key}_low"] = _finite(getattr(row, f"{kind}_low"))
+            out[f"{kind}_{key}_high"] = _finite(getattr(row, f"{kind}_high"))
+        out[f"matched_{key}_coverage"] = _finite(row.coverage)
     return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--explainer", default=None,
+                   help="who explains and simulates: token-table (the offline default), "
+                        "openai:<model>@<base_url> (an OpenAI-compatible endpoint; key from $MONOSEMANTIC_API_KEY "
+                        "or $OPENAI_API_KEY) or hf:<model folder or hub id> (a local chat model)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -968,6 +1247,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = run_stage(args.profile, profiles.get(args.profile).analysis, progress=not args.no_progress)
+    cfg = profiles.get(args.profile).analysis
+    if getattr(args, "explainer", None):
+        cfg = cfg.replace(explainer=args.explainer)
+    path = run_stage(args.profile, cfg, progress=not args.no_progress)
     print(f"wrote {path}")
     return 0

@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from types import SimpleNamespace
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from .config import ConfigError, StageConfig, UserError
 
@@ -41,7 +43,11 @@ class EvalConfig(StageConfig):
     seq_len: int = 0
     """Tokens per window (0: the model's context length, 128 for the one-layer model)."""
     max_windows: int = 0
-    """Consecutive windows from the split's start (0: as many as the split holds)."""
+    """At most this many windows, spread evenly over the split so that every part of it is represented
+    (0: every window the split holds)."""
+    neuron_ks: tuple[int, ...] = (8, 24, 32)
+    """Baselines: the layer's own neurons with all but each token's k largest set to zero (the neuron basis
+    as a k-sparse dictionary of width d_in), evaluated like the SAEs."""
     batch_windows: int = 16
     """Windows per forward pass (the logits of a batch are batch x seq_len x 50,304 floats)."""
     n_boot: int = 1000
@@ -54,10 +60,27 @@ class EvalConfig(StageConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"evaluate.{name} must be a positive integer, got {value!r}")
+        if any(not isinstance(k, int) or k <= 0 for k in self.neuron_ks):
+            raise ConfigError(f"evaluate.neuron_ks must be positive integers, got {self.neuron_ks!r}")
         for name in ("seq_len", "max_windows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"evaluate.{name} must be an integer >= 0 (0: see its help), got {value!r}")
+
+
+class NeuronTopK(torch.nn.Module):
+    """The neuron basis as a k-sparse dictionary: each token keeps its k largest neuron activations, the rest
+    set to zero. What an SAE's fidelity at L0 = k is compared with (it has width d_in and no training)."""
+
+    def __init__(self, d_in: int, k: int):
+        super().__init__()
+        self.cfg = SimpleNamespace(d_in=d_in, n_features=d_in, k=k)
+        self.W_dec = torch.nn.Parameter(torch.eye(d_in), requires_grad=False)  # identity: neuron i is row i
+
+    def forward(self, x):  # (N, d_in) -> an output with .recon and .latents, as SAE.forward's
+        values, idx = x.topk(self.cfg.k, dim=-1)  # (N, k)
+        kept = torch.zeros_like(x).scatter_(-1, idx, values.clamp_min(0))  # ReLU neurons: >= 0 anyway
+        return SimpleNamespace(recon=kept, latents=kept)
 
 
 def committed_saes(profile: str) -> list[str]:
@@ -75,12 +98,10 @@ def committed_saes(profile: str) -> list[str]:
 def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, progress: bool = True,
               log=print) -> None:
     import pandas as pd
-    import torch
 
     from . import sae as sae_mod
     from . import store
     from .data import TokenDataset
-    from .harvest import sequential_windows
     from .intervals import window_documents
     from .lm import load_pretrained
     from .metrics import metric_intervals, run_evaluations
@@ -94,15 +115,22 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
     data = TokenDataset.open(profile, cfg.split)
     tokens = data.tokens
     seq_len = cfg.seq_len or model.config.context_length
-    n_windows = (len(tokens) - 1) // seq_len
-    if cfg.max_windows:
-        n_windows = min(n_windows, cfg.max_windows)
-    if n_windows < 2:
+    n_all = (len(tokens) - 1) // seq_len
+    if n_all < 2:
         raise UserError(f"the {cfg.split} split holds {len(tokens)} tokens: too few for two windows of {seq_len}")
-    windows = sequential_windows(tokens, seq_len, n_windows, batch=cfg.batch_windows)
-    docs = window_documents(tokens, np.arange(n_windows) * seq_len, data.eot_id)
+    rows_at = (np.unique(np.linspace(0, n_all - 1, cfg.max_windows).round().astype(np.int64)) if cfg.max_windows
+               and cfg.max_windows < n_all else np.arange(n_all))
+    n_windows = len(rows_at)
+    stream = torch.from_numpy(np.asarray(tokens[: n_all * seq_len + 1]).astype(np.int64))
+    x_all, y_all = stream[:-1].view(n_all, seq_len), stream[1:].view(n_all, seq_len)  # (n_all, seq_len)
+    windows = [(x_all[rows_at[i:i + cfg.batch_windows]], y_all[rows_at[i:i + cfg.batch_windows]])
+               for i in range(0, n_windows, cfg.batch_windows)]
+    docs = window_documents(tokens, rows_at * seq_len, data.eot_id)
     arts = [store.load("sae", profile, name) for name in names]
     saes = [sae_mod.load(art.path).eval() for art in arts]
+    d_in = saes[0].cfg.d_in
+    names = names + [f"neurons-top{k}" for k in cfg.neuron_ks]
+    saes = saes + [NeuronTopK(d_in, k) for k in cfg.neuron_ks]
     start = time.perf_counter()
     log(f"{len(names)} SAEs ({', '.join(names)}) on {n_windows:,} windows ({n_windows * seq_len:,} tokens, "
         f"{len(np.unique(docs)):,} documents): 3 + {len(names)} forward passes per window")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from monosemantic import analysis as A
+from monosemantic import explain as E
 from monosemantic.tokenizer import load as load_tokenizer
 
 
@@ -76,8 +77,8 @@ def test_whitespace_punctuation_and_the_document_separator(tok):
 # --- synthetic units through the whole analysis -------------------------------------------------------
 
 class TokenModel(torch.nn.Module):
-    """Stands in for the LM: its 'MLP activations' carry the token id (h[..., 0]) and noise (h[..., 1]),
-    so that units with known answers can be written as functions of them."""
+    """Stands in for the LM: its 'MLP activations' carry the token id (h[..., 0]), noise (h[..., 1]) and the
+    position in the window (h[..., 2]), so that units with known answers can be written as functions of them."""
 
     def __init__(self, d_model: int = 8, d_mlp: int = 4, context: int = 32, vocab: int = 50304):
         super().__init__()
@@ -93,6 +94,7 @@ class TokenModel(torch.nn.Module):
     def run_with_cache(self, x, names):
         h = torch.zeros(*x.shape, self.config.d_mlp)
         h[..., 0] = x.float()
+        h[..., 2] = torch.arange(x.shape[1]).float()
         for b, window in enumerate(x):  # noise that depends on the window only, as a real model's output does
             g = torch.Generator().manual_seed(int((window * torch.arange(1, x.shape[1] + 1)).sum()))
             h[b, :, 1] = torch.rand(x.shape[1], generator=g)
@@ -187,9 +189,13 @@ def signed_analysis(tok):
                           progress=False, log=lambda s: None) for encode in (signed, negated))
     windows, _ = A.spread_windows(explain, model.config.context_length, cfg.explain_tokens)
     val_windows, _ = A.spread_windows(val, model.config.context_length, len(val))
+    skip = cfg.skip_first_positions  # the measured positions of every window
+
+    def share(w):
+        return float(digits[torch.as_tensor(w[:, skip:].astype(np.int64))].double().mean())
+
     return SimpleNamespace(out=out, ref=ref, cfg=cfg, model=model, digits=digits, cat=cat,
-                           digit_share=float(digits[torch.as_tensor(windows.astype(np.int64))].double().mean()),
-                           digit_share_val=float(digits[torch.as_tensor(val_windows.astype(np.int64))].double().mean()))
+                           digit_share=share(windows), digit_share_val=share(val_windows))
 
 
 def test_a_mostly_negative_unit_is_read_negated_with_the_family_density_and_share_expected(signed_analysis):
@@ -258,6 +264,93 @@ def test_a_non_negative_unit_is_measured_as_before_and_a_signed_one_as_its_stron
     assert row["mean"] == pytest.approx(1.05 * r.digit_share, rel=0.05) and row["family_share"] > 0.99
 
 
+@pytest.fixture(scope="module")
+def scored_analysis(tok):
+    """Units with known held-out scores: a perfect detector of the token " 42" (0), noise firing on 3% of
+    tokens whatever they are (1), a digit unit (2), a unit firing too rarely held out to be scored (3), and
+    one at 10 on the first position of every window and at 1 on digits elsewhere (4); analysed with the
+    first position skipped (the default) and, for unit 4, not skipped."""
+    model = TokenModel()
+    digits = _digit_tokens(tok, model.config.vocab_size)
+    (t42,), (t7,) = tok.encode(" 42"), tok.encode(" 7")
+
+    def encode(h):
+        t, noise, pos = h[:, 0].long(), h[:, 1], h[:, 2]
+        detector = (t == t42).float()
+        random_unit = torch.relu(noise - 0.97) * 30
+        family = digits[t].float() * (1.0 + 0.1 * noise)
+        rare = ((t == t7) & (noise > 0.9)).float()
+        first = torch.where(pos == 0, 10.0, digits[t].float())
+        return torch.stack([detector, random_unit, family, rare, first], 1)
+
+    cfg = A.AnalysisConfig(explain_tokens=20_000, top_contexts=8, interval_samples=4, batch_windows=16,
+                           min_firings=3)
+    explain, val = _synthetic_text(tok, 400, 0), _synthetic_text(tok, 100, 1)
+    out = A.analyze(model, tok, [A.UnitSet("topk", encode, torch.eye(4)[[0, 1, 0, 1, 3]])], explain, val, cfg,
+                    progress=False, log=lambda s: None)
+    unskipped = A.analyze(model, tok, [A.UnitSet("topk", lambda h: encode(h)[:, 4:], torch.eye(4)[3:])], explain,
+                          val, cfg.replace(skip_first_positions=0), progress=False, log=lambda s: None)
+    return SimpleNamespace(out=out, unskipped=unskipped, cfg=cfg, t42=t42, digits=digits,
+                           units=out["units"].set_index("unit"))
+
+
+def test_a_perfect_token_detector_simulates_and_detects_perfectly(scored_analysis):
+    r = scored_analysis
+    row = r.units.loc[0]
+    assert row["scored"] and not row["too_rare"] and row["heldout_firings"] >= r.cfg.min_heldout_firings
+    assert row["explanation"] == f"{r.t42}:1"  # the token table: " 42" at 1, nothing else
+    assert row["sim_corr"] == pytest.approx(1.0) and row["explain_corr"] == pytest.approx(1.0)
+    assert row["detection"] == 1.0 and row["detection_tpr"] == 1.0 and row["detection_tnr"] == 1.0
+
+
+def test_a_noise_unit_scores_at_chance(scored_analysis):
+    row = scored_analysis.units.loc[1]
+    assert row["scored"] and row["heldout_firings"] > 100
+    assert abs(row["sim_corr"]) < 0.15 and abs(row["explain_corr"]) < 0.15
+    assert abs(row["detection"] - 0.5) < 0.15, row[["detection_tpr", "detection_tnr"]]
+    assert row["family"] == "" or row["family_lift"] < 2
+
+
+def test_a_family_unit_gets_its_family_and_scores_high(scored_analysis):
+    row = scored_analysis.units.loc[2]
+    assert row["family"] == "digits" and row["family_share"] > 0.99 and row["family_lift"] > 5
+    assert row["sim_corr"] > 0.9 and row["detection"] > 0.95
+
+
+def test_units_with_too_few_heldout_firings_are_counted_not_scored(scored_analysis):
+    r = scored_analysis
+    row = r.units.loc[3]
+    assert 0 < row["heldout_firings"] < r.cfg.min_heldout_firings and row["too_rare"] and not row["scored"]
+    assert np.isnan([row["sim_corr"], row["detection"], row["explain_corr"], row["family_share"]]).all()
+    assert row["explanation"] == ""
+    m = A.summary_metrics(r.out["units"], r.cfg)
+    assert m["too_rare_features"] == 1 and m["scored_features"] == 4
+    assert m["detection_fraction_features"] == pytest.approx(3 / 4)  # detector, digits, first-position unit
+    assert m["simulation_fraction_features"] == pytest.approx(3 / 4)
+    assert all(v is None or np.isfinite(v) for v in m.values() if not isinstance(v, str))
+
+
+def test_the_first_position_of_a_window_is_not_measured_but_reported(scored_analysis):
+    r = scored_analysis
+    row = r.units.loc[4]
+    # skipped: the 10s at position 0 are not measured, the unit reads as the digit unit it is elsewhere
+    assert row["max"] == pytest.approx(1.0) and row["first_pos_top_share"] == 1.0
+    assert row["density"] == pytest.approx(r.units.loc[2, "density"])
+    ctx = r.out["contexts"]
+    top = ctx[(ctx.unit == 4) & (ctx.kind == "top")]
+    assert len(top) and (top.activation == 1.0).all()
+    for _, c in top.iterrows():
+        assert r.digits[int(c.tokens[c.center])]
+        if c.center < r.cfg.before:  # the context starts at the window's first position: shown as 0
+            assert c.acts[0] == 0
+    assert r.units.loc[2, "first_pos_top_share"] < 0.5  # a digit at position 0 is no outlier
+    # not skipped: the first positions are its top activations
+    plain = r.unskipped["units"].iloc[0]
+    assert plain["max"] == pytest.approx(10.0) and plain["first_pos_top_share"] == 1.0
+    ctx = r.unskipped["contexts"]
+    assert (ctx[ctx.kind == "top"].center == 0).all()
+
+
 def test_unit_orientation_keeps_non_negative_activations_as_they_are():
     a = torch.tensor([[0.0, 2.0, -1.0], [3.0, 0.0, 4.0]])
     plain = A.UnitSet("s", lambda h: h, torch.eye(3))
@@ -275,13 +368,18 @@ def test_browser_says_which_units_are_read_negated(signed_analysis, tmp_path):
     for name in A.TABLES:
         r = signed_analysis.out[name]
         r.to_parquet(tmp_path / f"{name}.parquet", index=False)
-    art = SimpleNamespace(file=lambda name: tmp_path / name, profile="test", config={"intervals": 4})
-    browser.write(art, tmp_path / "browser", sets=(("signed", "synthetic units"),))
+    art = SimpleNamespace(file=lambda name: tmp_path / name, stage="analysis", profile="test", name="signed",
+                          content_hash="test", config={"intervals": 4})
+    browser.write(art, tmp_path / "browser", sets=(("signed", "synthetic units"),), reuse=False)
     index = json.loads((tmp_path / "browser" / "index.js").read_text().split("=", 1)[1].rstrip(";\n"))
     assert index["units"]["signed"]["polarity"] == [1, -1, -1]
     shard = json.loads((tmp_path / "browser" / "signed-0.js").read_text().split(",", 1)[1].rsplit(")", 1)[0])
     assert shard["1"]["polarity"] == -1 and 0 < shard["1"]["other_sign_share"] < 0.2
     assert shard["2"]["top"] and all(x["a"] == 3.0 for x in shard["2"]["top"])
+    # the explanation, read as tokens, and its held-out scores
+    assert index["units"]["signed"]["sim"][1] > 0.9 and index["units"]["signed"]["det"][1] > 0.9
+    assert shard["1"]["explanation"].startswith("'") and not shard["1"]["too_rare"]
+    assert shard["1"]["sim"] > 0.9 and shard["1"]["heldout_firings"] > 50 and shard["1"]["first_pos"] is not None
 
 
 def test_sparse_pool_merge_keeps_the_largest_per_column_like_a_dense_topk():
@@ -299,9 +397,9 @@ def test_sparse_pool_merge_keeps_the_largest_per_column_like_a_dense_topk():
     assert torch.equal(torch.where(want_v > 0, index, 0), torch.where(want_v > 0, want_i, 0))
 
 
-def test_explainer_predicts_the_mean_shown_activation_of_each_token():
-    ex = A.Explainer().fit(2, [(0, np.array([5, 6, 5]), np.array([1.0, 0.0, 3.0])),
-                               (1, np.array([7]), np.array([2.0]))], vocab=10)
+def test_token_tables_predict_the_mean_shown_activation_of_each_token():
+    ex = E.fit_token_tables(2, [(0, np.array([5, 6, 5]), np.array([1.0, 0.0, 3.0])),
+                                (1, np.array([7]), np.array([2.0]))], vocab=10)
     dense = ex.toarray()
     assert dense[5, 0] == 2.0 and dense[6, 0] == 0.0 and dense[7, 1] == 2.0 and dense.sum() == 4.0
 

@@ -171,3 +171,16 @@ def test_several_saes_at_once_give_each_one_its_own_numbers():
         assert np.array_equal(ev.window_fires, alone.window_fires)
     assert both[0].metrics["ce_loss_orig"] == both[1].metrics["ce_loss_orig"]
     assert both[0].metrics["l0"] != both[1].metrics["l0"]
+
+
+def test_the_neuron_basis_as_a_k_sparse_dictionary():
+    from monosemantic.evaluation import NeuronTopK
+
+    full, four = NeuronTopK(D_MLP, D_MLP), NeuronTopK(D_MLP, 4)
+    m_full = evaluate(tiny_model(), full, windows())
+    assert m_full["fvu"] == pytest.approx(0.0, abs=1e-12) and m_full["ce_loss_recovered"] == pytest.approx(1.0)
+    m4 = evaluate(tiny_model(), four, windows())
+    assert m4["l0"] <= 4 and 0 < m4["fvu"] < 1
+    x = torch.tensor([[0.0, 3.0, 1.0, 2.0, 0.5]])
+    out = NeuronTopK(5, 2)(x)
+    assert out.recon.tolist() == [[0.0, 3.0, 0.0, 2.0, 0.0]] and torch.equal(out.latents, out.recon)

@@ -150,7 +150,7 @@ def test_analyze_measures_neurons_and_both_saes_alike_and_tracks_splitting(in_ti
         assert 0 <= m[f"interpretable_fraction_{label}"] <= 1 and m[f"scored_{label}"] > 0
     assert m["interpretable_score"] == "explain_corr" and 0 < m["interpretable_threshold"] < 1
     units = pd.read_parquet(art.file("units.parquet"))
-    assert units.groupby("set").size().to_dict() == {"neurons": 128, "topk": 512, "anchor": 512}
+    assert units.groupby("set").size().to_dict() == {"neurons": 128, "topk": 512, "anchor": 512, "random": 512}
     contexts = pd.read_parquet(art.file("contexts.parquet"))
     assert {"top", "interval"} <= set(contexts.kind) and (contexts.tokens.map(len) == contexts.acts.map(len)).all()
     vocab = set(pd.read_parquet(art.file("vocab.parquet")).token)
@@ -194,6 +194,7 @@ def test_feature_browser_loads_finds_a_feature_by_token_and_highlights_its_conte
     token, hits = max(index["tokens"].items(), key=lambda kv: len(kv[1]))  # the token most units fire on
     dom, log = _chromium(f"{page.as_uri()}#q={token}", "--dump-dom")
     found = re.findall(r'href="#(topk|neurons)/(\d+)"', dom)
+    hits = [h for h in hits if h[0] == 0]  # the page lists the selected set's units (the first set's)
     assert len(found) == len(hits) and not re.search(r"CONSOLE.*(Uncaught|Error)", log), log[-2000:]
     set_name, unit = found[0]
     dom, log = _chromium(f"{page.as_uri()}#{set_name}/{unit}", "--dump-dom")
@@ -216,7 +217,9 @@ def test_evaluate_gives_every_committed_sae_intervals_over_heldout_documents(in_
     assert cli.main(["evaluate", "--profile", "tiny", "--sae", "topk", "--no-progress"]) == 0
     art = store.load("sae", "tiny", "heldout")
     table = pd.read_parquet(art.file("heldout.parquet"))
-    assert set(table["sae"]) == {"topk"}
+    assert set(table["sae"]) == {"topk", "neurons-top8", "neurons-top24", "neurons-top32"}
+    l0 = table[table["metric"] == "l0"].set_index("sae")["value"]
+    assert l0["neurons-top8"] <= 8 and l0["neurons-top24"] <= 24  # at most k (fewer where fewer neurons fire)
     assert set(evaluation.HEADLINE) <= set(table["metric"])
     assert (table["low"] <= table["value"] + 1e-12).all() and (table["value"] <= table["high"] + 1e-12).all()
     assert art.metrics["n_documents"] >= 2 and art.metrics["eval_tokens"] % 32 == 0
