@@ -96,7 +96,7 @@ def committed_saes(profile: str) -> list[str]:
 
 
 def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, progress: bool = True,
-              log=print) -> None:
+              log=print, device: str | torch.device = "cpu") -> None:
     import pandas as pd
 
     from . import sae as sae_mod
@@ -110,7 +110,7 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
     if not names:
         raise UserError(f"no SAE with weights in cache/sae/{profile}-*; train them with "
                         f"`monosemantic train-sae --profile {profile}`")
-    model = load_pretrained(profile).eval()
+    model = load_pretrained(profile).to(device).eval()
     lm_art = store.load("lm", profile, "model")
     data = TokenDataset.open(profile, cfg.split)
     tokens = data.tokens
@@ -127,10 +127,10 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
                for i in range(0, n_windows, cfg.batch_windows)]
     docs = window_documents(tokens, rows_at * seq_len, data.eot_id)
     arts = [store.load("sae", profile, name) for name in names]
-    saes = [sae_mod.load(art.path).eval() for art in arts]
+    saes = [sae_mod.load(art.path, device=device).eval() for art in arts]
     d_in = saes[0].cfg.d_in
     names = names + [f"neurons-top{k}" for k in cfg.neuron_ks]
-    saes = saes + [NeuronTopK(d_in, k) for k in cfg.neuron_ks]
+    saes = saes + [NeuronTopK(d_in, k).to(device) for k in cfg.neuron_ks]
     start = time.perf_counter()
     log(f"{len(names)} SAEs ({', '.join(names)}) on {n_windows:,} windows ({n_windows * seq_len:,} tokens, "
         f"{len(np.unique(docs)):,} documents): 3 + {len(names)} forward passes per window")
