@@ -16,7 +16,8 @@ import pytest
 from monosemantic.book import quarto_options
 from monosemantic.config import project_root
 
-SCHEMA = Path(os.environ.get("QUARTO_SCHEMA_DIR", "/work/shared/quarto-schema"))
+# Quarto's own schema files sit in shared/ beside the repository (or where QUARTO_SCHEMA_DIR says)
+SCHEMA = Path(os.environ.get("QUARTO_SCHEMA_DIR") or project_root().parent / "shared" / "quarto-schema")
 
 
 def test_the_real_book_uses_only_documented_options_and_resolves_every_reference():
