@@ -540,3 +540,104 @@ def test_content_for_one_format_is_kept_for_that_target_only():
              for t in ("html", "typst")}
     assert shown["html"].split() == "Both. HTML only. Not in the PDF. A span .".split()
     assert shown["typst"].split() == "Both. PDF only. Not in HTML. A span for the PDF.".split()
+
+
+# --- tables and figures as a reader meets them (issue 21) -----------------------------------------------------
+
+def _long_table(rows: int, caption: str, label: str) -> str:
+    body = "\n".join(f"| row {i} | value {i} |" for i in range(rows))
+    return f"| name | value |\n|---|---|\n{body}\n\n: {caption} {{#{label}}}\n"
+
+
+def test_every_table_of_the_pdf_keeps_its_caption_with_it_and_short_tables_whole(book_env):
+    """Each table is inside a figure with its caption (the builder refuses one without); a short table is set
+    whole on one page, a long one breaks with its caption and first rows together, wherever the page ends."""
+    import shutil
+    import subprocess
+
+    from monosemantic.book.pdf import TypstError, uncaptioned_tables
+
+    if not shutil.which("pdftotext"):
+        pytest.skip("poppler-utils (pdftotext) is not installed")
+    filler = "\n\n".join(["A paragraph of prose that fills the page, line after line, as chapters do. " * 6] * 7)
+    text = (f"# Tables {{#sec-tables}}\n\n{filler}\n\n{_long_table(12, 'A short table.', 'tbl-short')}\n\n"
+            f"{filler}\n\n{_long_table(90, 'A long table.', 'tbl-long')}\n\nSee @tbl-short and @tbl-long.\n")
+    root = make_book(book_env, {"01-tables.qmd": text})
+    report = build_book(root, html_site=False, log=quiet)
+    typ = (root / "_book" / "test.typ").read_text()
+    assert uncaptioned_tables(typ) == [] and typ.count("#table(") == 2
+    pages = subprocess.run(["pdftotext", "-layout", str(report.pdf), "-"], capture_output=True, text=True,
+                           check=True).stdout.split("\f")
+
+    def page_of(needle: str) -> int:
+        return next(i for i, p in enumerate(pages) if needle in p)
+
+    assert page_of("Table 1.1: A short table.") == page_of("row 0 ") == page_of("row 11 ")  # whole
+    first = page_of("Table 1.2: A long table.")
+    assert first == page_of("value 0\n") or first == page_of("value 0 ")  # the caption with its first rows
+    assert all(f"row {i} " in pages[first] or f"row {i}\n" in pages[first] for i in range(3))
+    assert page_of("row 89") > first and pages[page_of("row 89")].count("name") >= 1  # the header repeated
+    assert page_of("row 88 ") == page_of("row 89")  # the last row never alone on a page
+
+    # a table without a caption is refused, naming it
+    root2 = make_book(book_env / "other", {"01-a.qmd": "# A\n\n| a | b |\n|---|---|\n| x1 | y |\n"})
+    with pytest.raises(TypstError, match=r"1 table\(s\) without a caption.*x1"):
+        build_book(root2, html_site=False, log=quiet)
+
+
+def test_tables_made_equal_by_pandoc_get_natural_widths_and_literal_columns_stay_text():
+    import pandas as pd
+
+    from monosemantic import style
+    from monosemantic.book import pandoc
+    from monosemantic.book.assemble import natural_widths
+
+    frame = pd.DataFrame({"name": ["`code` and $x^2$"], "token": ["' $5 `x` *y*'"],
+                          "long": ["a cell long enough to make pandoc size the columns of the table " * 2]})
+    markdown = style.table(frame, index=False, literal=["token"]).data
+    table = next(b for b in pandoc.read(markdown, pandoc.READER, "t")["blocks"] if b["t"] == "Table")
+    assert len({str(spec[1]) for spec in table["c"][2]}) == 1 and table["c"][2][0][1]["t"] == "ColWidth"
+    table = natural_widths([table])[0]
+    assert all(spec[1] == {"t": "ColWidthDefault"} for spec in table["c"][2])
+    typ = pandoc.write(pandoc.document([table]), "typst", "t")
+    assert "`code`" in typ and "$x^2$" in typ  # markdown in a markdown column renders (code, maths) ...
+    assert "\\$5 \\`x\\` \\*y\\*" in typ  # ... and a literal column's characters are text
+
+
+def test_one_meaning_per_colour_and_chapters_pick_colours_by_meaning():
+    from monosemantic import style
+    from monosemantic.config import project_root
+
+    assert len(set(style.COLORS.values())) == len(style.COLORS)  # each colour means one thing
+    assert {"ours", "anchor", "neurons", "random"} <= set(style.COLORS)
+    assert not set(style.sequence(5)) & set(style.COLORS.values())
+    chapters = sorted((project_root() / "report").glob("*.qmd"))
+    assert chapters
+    for path in chapters:
+        text = path.read_text(encoding="utf-8")
+        assert "PALETTE[" not in text, f"{path.name}: a colour picked by position, not by meaning"
+        assert not re.search(r"colou?rs?=\s*['\"](#[0-9A-Fa-f]{6}|black|C\d|tab:\w+|red|blue|orange|green|grey|gray)",
+                             text), f"{path.name}: a colour literal instead of style.COLORS"
+
+
+def test_point_labels_do_not_collide_and_legends_sit_above_the_data(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from monosemantic import style
+
+    fig, ax = style.figure("half")
+    xs, ys = [8, 16, 24, 32, 64], [0.89, 0.94, 0.95, 0.96, 0.97]  # crowded points, as figure 3.1's TopK runs
+    ax.plot(xs, ys, "o-", label="TopK")
+    ax.plot([24], [1.0], "*", ms=11, label="main run")
+    ax.set_xscale("log")
+    legend = style.legend_above(ax)
+    labels = style.label_points(ax, xs, ys, [str(x) for x in xs])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    frame, box = ax.get_window_extent(renderer), legend.get_window_extent(renderer)
+    assert box.y0 >= frame.y1 - 1  # the legend is above the plotting area, over no data
+    assert frame.x0 - 2 <= box.x0 and box.x1 <= frame.x1 + 2  # and no wider than it (no other panel's label)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)

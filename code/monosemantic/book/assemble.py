@@ -190,3 +190,22 @@ def align_columns(blocks: list[Node]) -> list[Node]:
         return node
 
     return A.walk(blocks, align)
+
+
+def natural_widths(blocks: list[Node]) -> list[Node]:
+    """Let both outputs size the columns of a table whose widths pandoc made equal. pandoc gives a pipe table
+    with a line longer than 72 characters relative widths from the dashes of its separator line, and a
+    generated table (:func:`monosemantic.style.table`) has the same dashes under every column: equal widths,
+    which squeeze a column of text to the width of one of numbers. Tables given unequal widths keep them."""
+
+    def natural(node: Node):
+        if node["t"] != "Table":
+            return None
+        widths = [spec[1] for spec in node["c"][2]]
+        if len(widths) > 1 and all(w["t"] == "ColWidth" for w in widths) and len({w["c"] for w in widths}) == 1:
+            for spec in node["c"][2]:
+                spec[1] = {"t": "ColWidthDefault"}
+            return node
+        return None
+
+    return A.walk(blocks, natural)

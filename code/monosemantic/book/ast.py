@@ -5,6 +5,7 @@ A node is a dict ``{"t": type, "c": content}``; an attribute is ``[id, [classes]
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -82,12 +83,21 @@ def walk(node: Any, fn: Callable[[Node], Any]) -> Any:
                 out.append(new)
         return out
     if isinstance(node, dict):
-        node = {k: walk(v, fn) for k, v in node.items()}
-        if "t" in node:
+        kind = node.get("t")
+        if kind in _LEAVES:  # no node inside: copy it without visiting its content (the walk's hot path)
+            node = {k: (v if isinstance(v, str) else copy.deepcopy(v)) for k, v in node.items()}
+        else:
+            node = {k: walk(v, fn) for k, v in node.items()}
+        if kind is not None:
             result = fn(node)
             return node if result is None else result
         return node
     return node
+
+
+# node types whose content holds no other node (text, attributes, a format name): most of a document
+_LEAVES = frozenset({"Str", "Space", "SoftBreak", "LineBreak", "Code", "Math", "RawInline", "RawBlock",
+                     "CodeBlock", "HorizontalRule"})
 
 
 def preorder(node: Any) -> list[Node]:

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import nbformat
 from ..config import project_root
 from . import ast as A
 from . import crossref, execute, html, linkcheck, pandoc, pdf, project, qmd, quarto_options
-from .assemble import align_columns, chapter_markdown, embed_tables
+from .assemble import align_columns, chapter_markdown, embed_tables, natural_widths
 from .crossref import CrossrefError
 
 FIGURES = "figures"  # cell outputs, under the output folder
@@ -76,9 +77,22 @@ class _Run:
     documented_cells: frozenset[str]
 
 
+def default_jobs() -> int:
+    """Chapters executed at once: one kernel per core, at most :data:`MAX_JOBS` (each kernel holds the package
+    and its data in memory)."""
+    return max(1, min(MAX_JOBS, os.cpu_count() or 1))
+
+
+MAX_JOBS = 4
+
+
 def build(root: Path | None = None, *, profile: str | None = None, html_site: bool = True, pdf_book: bool = True,
-          log: Callable[[str], None] = print) -> BuildReport:
+          log: Callable[[str], None] = print, jobs: int | None = None) -> BuildReport:
     """Build the book in ``root`` (default: the checkout) into its ``_book/``; returns what was done.
+
+    Chapters that must run execute ``jobs`` at a time (default :func:`default_jobs`), each in its own kernel;
+    they are read, numbered and reported in book order all the same. The site's pages and the PDF are
+    written at the same time too.
 
     Raises a :class:`~monosemantic.config.UserError` (one line) for invalid sources, a failing cell or an
     unresolved reference."""
@@ -108,14 +122,23 @@ def build(root: Path | None = None, *, profile: str | None = None, html_site: bo
     reports: list[ChapterReport] = []
     chapters: list[_Chapter] = []
     numbering = crossref.Numbering()
-    for file, doc in zip(proj.chapters, docs, strict=True):
-        chapter, report = _prepare_chapter(proj, file, doc, run, numbering)
-        chapters.append(chapter)
-        reports.append(report)
-        status = ("no code" if report.cells == 0 and not report.executed and not report.cache_hit
-                  else "cache hit" if report.cache_hit else f"executed {report.executed} cells")
-        log(f"  {file.source:<32} {status:<20} {report.seconds:5.1f} s"
-            + (f"  reads {', '.join(sorted(report.reads))}" if report.reads else ""))
+    # the kernels inherit this process's environment: set once for all of them (they run at the same time)
+    with execute.environment(run.env), ThreadPoolExecutor(max_workers=jobs or default_jobs()) as pool:
+        runs = [pool.submit(_execute_chapter, proj, file, doc, run) for file, doc in zip(proj.chapters, docs,
+                                                                                          strict=True)]
+        try:
+            for file, doc, ran in zip(proj.chapters, docs, runs, strict=True):
+                chapter, report = _prepare_chapter(proj, file, doc, ran.result(), numbering)
+                chapters.append(chapter)
+                reports.append(report)
+                status = ("no code" if report.cells == 0 and not report.executed and not report.cache_hit
+                          else "cache hit" if report.cache_hit else f"executed {report.executed} cells")
+                log(f"  {file.source:<32} {status:<20} {report.seconds:5.1f} s"
+                    + (f"  reads {', '.join(sorted(report.reads))}" if report.reads else ""))
+        except BaseException:
+            for ran in runs:  # a failing chapter stops the build: chapters not started yet never start
+                ran.cancel()
+            raise
     _check_reads(reports)
 
     # every reference resolved for both outputs before anything is written
@@ -134,12 +157,15 @@ def build(root: Path | None = None, *, profile: str | None = None, html_site: bo
         raise CrossrefError(f"{len(problems)} unresolved reference(s): " + "; ".join(dict.fromkeys(problems)))
 
     api = chapters[0].api
-    site = _write_site(proj, chapters, resolved["html"], api, with_pdf=pdf_book) if html_site else None
     if html_site or pdf_book:  # which chapter read which artifact (and its content hash), for the record
         proj.output_dir.mkdir(parents=True, exist_ok=True)
         (proj.output_dir / "artifacts.json").write_text(
             json.dumps({r.source: sorted(r.reads) for r in reports}, indent=1) + "\n")
-    pdf_path = _write_book_pdf(proj, chapters, resolved["typst"], api) if pdf_book else None
+    with ThreadPoolExecutor(max_workers=1) as pdf_thread:  # the PDF typesets while the site's pages are written
+        typeset = pdf_thread.submit(_write_book_pdf, proj, chapters, resolved["typst"], api) if pdf_book else None
+        site = _write_site(proj, chapters, resolved["html"], api, with_pdf=pdf_book,
+                           jobs=jobs or default_jobs()) if html_site else None
+        pdf_path = typeset.result() if typeset is not None else None
     if site is not None:  # every local link and image of every page resolves (the PDF's too, written above)
         n_pages, n_refs, broken = linkcheck.check_site(proj.output_dir)
         if broken:
@@ -147,45 +173,83 @@ def build(root: Path | None = None, *, profile: str | None = None, html_site: bo
                                       + "; ".join(broken[:3]) + ("; ..." if len(broken) > 3 else ""))
         log(f"book: site checked: {n_pages} pages, {n_refs} local links and images, all resolve")
     seconds = time.perf_counter() - start
+    # what this build did, for the record and for `monosemantic book --time` (book/timing.py)
+    (proj.output_dir / "build.json").write_text(json.dumps(
+        {"seconds": round(seconds, 1), "chapters": [
+            {"source": r.source, "cells": r.cells, "executed": r.executed, "cache_hit": r.cache_hit,
+             "seconds": round(r.seconds, 1)} for r in reports]}, indent=1) + "\n")
     done = ", ".join(str(p.relative_to(root)) for p in (site, pdf_path) if p)
     log(f"book: {done or 'checked'} in {seconds:.1f} s "
         f"({sum(r.executed for r in reports)} cells executed, {sum(r.cache_hit for r in reports)} chapters from cache)")
     return BuildReport(reports, site, pdf_path, seconds)
 
 
-def _prepare_chapter(proj: project.Project, file: project.ChapterFile, doc: qmd.Qmd, run: _Run,
-                     numbering: crossref.Numbering) -> tuple[_Chapter, ChapterReport]:
-    """Execute one chapter (or take it from the cache), read it into pandoc's AST and number it."""
-    t0 = time.perf_counter()
-    out = proj.output_dir
-    # execution options: _quarto.yml's execute:, the chapter's execute:, its top-level echo: and the like
+def _execution_defaults(proj: project.Project, doc: qmd.Qmd) -> list[dict[str, Any]]:
+    """Execution options: _quarto.yml's execute:, the chapter's execute:, its top-level echo: and the like."""
     front = doc.front_matter
-    defaults = [proj.execute, front.get("execute") or {},
-                {k: v for k, v in front.items() if k in qmd.DOCUMENT_EXECUTE_KEYS}]
+    return [proj.execute, front.get("execute") or {},
+            {k: v for k, v in front.items() if k in qmd.DOCUMENT_EXECUTE_KEYS}]
+
+
+@dataclasses.dataclass
+class _Executed:
+    """A chapter's cells after execution (or from the cache)."""
+
+    cells: int  # evaluated cells (an inline expression counts as one when there is no cell)
+    outputs: dict[int, list[dict[str, Any]]]
+    values: list[str]  # the inline expressions' values
+    executed: int
+    cache_hit: bool
+    reads: dict[str, str]
+    seconds: float
+    blocks: list[A.Node] = dataclasses.field(default_factory=list)  # the chapter read, before numbering
+    api: list[int] = dataclasses.field(default_factory=list)
+
+
+def _execute_chapter(proj: project.Project, file: project.ChapterFile, doc: qmd.Qmd, run: _Run) -> _Executed:
+    """Execute one chapter's cells (or take them from the cache) and read it with its outputs into pandoc's
+    AST; runs in a worker thread, several chapters at once (numbering, which needs book order, comes after)."""
+    ran = _run_cells(proj, file, doc, run)
+    t0 = time.perf_counter()
+    parsed = _read_chapter(file, doc, ran.outputs, ran.values, _execution_defaults(proj, doc), proj.output_dir)
+    blocks = natural_widths(align_columns(crossref.normalise(_relocate_images(parsed["blocks"], file,
+                                                                               proj.output_dir))))
+    title = doc.front_matter.get("title")
+    if title and not any(b["t"] == "Header" and b["c"][0] == 1 for b in blocks):
+        # a chapter titled in its front matter (Quarto allows either); its heading is made from it
+        title_blocks = pandoc.read(str(title), pandoc.READER, f"{file.source} (title)")["blocks"]
+        inlines = title_blocks[0]["c"] if title_blocks else A.text(str(title))
+        blocks.insert(0, {"t": "Header", "c": [1, A.attr(), inlines]})
+    return dataclasses.replace(ran, blocks=blocks, api=parsed["pandoc-api-version"],
+                               seconds=ran.seconds + time.perf_counter() - t0)
+
+
+def _run_cells(proj: project.Project, file: project.ChapterFile, doc: qmd.Qmd, run: _Run) -> _Executed:
+    t0 = time.perf_counter()
+    defaults = _execution_defaults(proj, doc)
     for cell in doc.cells:
         qmd.check_cell_options(file.path.relative_to(proj.root), cell, run.documented_cells)
     evaluated = [c for c in doc.cells if qmd.effective_options(c, *defaults)["eval"] is not False]
     chapter_eval = {k: v for d in defaults for k, v in d.items()}.get("eval", True) is not False
     inline = doc.inline_expressions if chapter_eval else []
-    outputs: dict[int, list[dict[str, Any]]] = {}
-    values: list[str] = []
-    executed, hit, reads = 0, False, {}
-    if evaluated or inline:
-        ran = execute.execute_chapter(file.source, evaluated, jupyter_cache=run.jupyter_cache, cwd=run.root,
-                                      setup=run.setup, inline=inline, env=run.env)
-        outputs, values, executed, hit, reads = ran.outputs, ran.inline, ran.executed, ran.cache_hit, ran.reads
-    parsed = _read_chapter(file, doc, outputs, values, defaults, out)
-    blocks = align_columns(crossref.normalise(_relocate_images(parsed["blocks"], file, out)))
-    if front.get("title") and not any(b["t"] == "Header" and b["c"][0] == 1 for b in blocks):
-        # a chapter titled in its front matter (Quarto allows either); its heading is made from it
-        title_blocks = pandoc.read(str(front["title"]), pandoc.READER, f"{file.source} (title)")["blocks"]
-        inlines = title_blocks[0]["c"] if title_blocks else A.text(str(front["title"]))
-        blocks.insert(0, {"t": "Header", "c": [1, A.attr(), inlines]})
-    chapter = _Chapter(file, doc, blocks, api=parsed["pandoc-api-version"])
-    chapter.number, chapter.title = numbering.number_chapter(blocks, file.page, file.appendix, file.source)
-    chapter.notebook = _write_notebook(doc, outputs, out, file.stem)
     cells = len(evaluated) + (1 if inline and not evaluated else 0)
-    return chapter, ChapterReport(file.source, cells, executed, hit, time.perf_counter() - t0, reads)
+    if not (evaluated or inline):
+        return _Executed(cells, {}, [], 0, False, {}, time.perf_counter() - t0)
+    ran = execute.execute_chapter(file.source, evaluated, jupyter_cache=run.jupyter_cache, cwd=run.root,
+                                  setup=run.setup, inline=inline)
+    return _Executed(cells, ran.outputs, ran.inline, ran.executed, ran.cache_hit, ran.reads,
+                     time.perf_counter() - t0)
+
+
+def _prepare_chapter(proj: project.Project, file: project.ChapterFile, doc: qmd.Qmd, ran: _Executed,
+                     numbering: crossref.Numbering) -> tuple[_Chapter, ChapterReport]:
+    """Number one executed and read chapter (in book order) and write its notebook."""
+    t0 = time.perf_counter()
+    chapter = _Chapter(file, doc, ran.blocks, api=ran.api)
+    chapter.number, chapter.title = numbering.number_chapter(ran.blocks, file.page, file.appendix, file.source)
+    chapter.notebook = _write_notebook(doc, ran.outputs, proj.output_dir, file.stem)
+    return chapter, ChapterReport(file.source, ran.cells, ran.executed, ran.cache_hit,
+                                  ran.seconds + time.perf_counter() - t0, ran.reads)
 
 
 def _check_reads(reports: list[ChapterReport]) -> None:
@@ -289,7 +353,7 @@ def _nav(chapters: list[_Chapter]) -> list[html.NavEntry]:
 
 
 def _write_site(proj: project.Project, chapters: list[_Chapter], resolved: dict[str, list[A.Node]],
-                api: list[int], with_pdf: bool) -> Path:
+                api: list[int], with_pdf: bool, jobs: int = 1) -> Path:
     out = proj.output_dir
     (out / html.CSS_NAME).write_text(html.stylesheet(pandoc.highlighting_css()), encoding="utf-8")
     authors = proj.book.get("author") or []
@@ -302,7 +366,8 @@ def _write_site(proj: project.Project, chapters: list[_Chapter], resolved: dict[
     nav = _nav(chapters)
     if all_keys and cite_args:
         nav.append(html.NavEntry(REFERENCES_PAGE, None, "References", False))
-    for ch in chapters:
+
+    def write_page(ch: _Chapter) -> None:
         blocks = resolved[ch.file.page]
         args = ["--mathml", "--wrap=none"]
         if crossref.cited_keys(blocks) and cite_args:
@@ -313,6 +378,9 @@ def _write_site(proj: project.Project, chapters: list[_Chapter], resolved: dict[
                       pdf=pdf_name, notebook=ch.notebook, generator=version, toc=html.page_toc(blocks),
                       header=header if ch is chapters[0] else ""),
             encoding="utf-8")
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # one pandoc process per page
+        list(pool.map(write_page, chapters))
     if all_keys and cite_args:
         # every work cited anywhere in the book, on one page (each chapter also lists its own at its end)
         text = ("---\nnocite: |\n  " + ", ".join(f"@{k}" for k in sorted(all_keys)) + "\n---\n\n"

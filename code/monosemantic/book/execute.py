@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..config import UserError
 from .qmd import Cell
 
 KERNEL = "python3"
+_CACHE_LOCK = threading.Lock()  # one thread at a time reads or writes the cache's database (sqlite)
 CELL_TIMEOUT_S = 1800
 
 
@@ -47,10 +49,12 @@ class ExecutedChapter:
 
 
 def artifacts_key(cache: Path) -> str:
-    """sha256 over the path and content of every ``manifest.json`` under ``cache`` (``cache/work/`` excluded)."""
+    """sha256 over the path and content of every ``manifest.json`` under ``cache`` (``cache/work/`` excluded)
+    and of the book's own measurements, ``cache/book/*.json`` (its build times: not an artifact of the
+    pipeline, but read by a chapter all the same)."""
     h = hashlib.sha256()
     if cache.is_dir():
-        for path in sorted(cache.rglob("manifest.json")):
+        for path in sorted([*cache.rglob("manifest.json"), *cache.glob("book/*.json")]):
             rel = path.relative_to(cache).as_posix()
             if rel.startswith("work/") or "/.tmp-" in f"/{rel}":
                 continue
@@ -108,8 +112,10 @@ def build_notebook(cells: list[Cell], setup: str, inline: list[str] | None = Non
 
 
 @contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Environment variables for the kernel (it inherits this process's environment)."""
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Environment variables for the kernels (they inherit this process's environment). Set it once around
+    every execution of a build: chapters execute in several threads at once, and a variable set and
+    restored by one of them would change another's."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -135,14 +141,15 @@ def execute_chapter(source: str, cells: list[Cell], *, jupyter_cache: Path, cwd:
 
     start = time.perf_counter()
     nb = build_notebook(cells, setup, inline)
-    cache = get_cache(str(jupyter_cache))
     try:
-        _, merged = cache.merge_match_into_notebook(nb)
+        with _CACHE_LOCK:
+            cache = get_cache(str(jupyter_cache))
+            _, merged = cache.merge_match_into_notebook(nb)
         return ExecutedChapter(merged, _outputs(merged, cells), _inline_values(merged, inline), 0, True,
                                time.perf_counter() - start, _marked(merged, READS_MARK) or {})
     except KeyError:
         pass
-    with _environment(env or {}):
+    with environment(env) if env else contextlib.nullcontext():
         try:
             # --log-level=ERROR: the kernel's warning about its loopback TCP transport is noise in the log
             result = single_nb_execution(nb, cwd=str(cwd), timeout=CELL_TIMEOUT_S, allow_errors=False,
@@ -153,7 +160,8 @@ def execute_chapter(source: str, cells: list[Cell], *, jupyter_cache: Path, cwd:
     if result.err is not None:
         raise CellError(_describe_failure(source, result.nb, cells, result.err))
     values = _inline_values(result.nb, inline)  # before caching: a malformed result must not be kept
-    cache.cache_notebook_bundle(CacheBundleIn(result.nb, source), check_validity=False, overwrite=True)
+    with _CACHE_LOCK:
+        cache.cache_notebook_bundle(CacheBundleIn(result.nb, source), check_validity=False, overwrite=True)
     return ExecutedChapter(result.nb, _outputs(result.nb, cells), values, len(cells), False,
                            time.perf_counter() - start, _marked(result.nb, READS_MARK) or {})
 

@@ -34,16 +34,65 @@ class TypstError(UserError, RuntimeError):
     """typst could not compile the book."""
 
 
+LONG_TABLE_ROWS = 12  # from this many body rows on, a table may break across pages: its last rows stay together
+
+
 def fit_tables(blocks: list[A.Node]) -> list[A.Node]:
     """Lay tables out for the page. typst shrinks auto-width columns to the text width by wrapping their
-    cells, which fails only for many columns of unbreakable numbers: those tables get smaller type."""
+    cells, which fails only for many columns of unbreakable numbers: those tables get smaller type. A table
+    long enough to break across pages keeps its last two rows together (:func:`keep_last_rows`)."""
 
     def fit(node: A.Node):
-        if node["t"] == "Table" and len(node["c"][2]) >= WIDE_TABLE_COLUMNS:
+        if node["t"] != "Table":
+            return None
+        if sum(len(body[3]) for body in node["c"][4]) >= LONG_TABLE_ROWS:
+            node = keep_last_rows(node)
+        if len(node["c"][2]) >= WIDE_TABLE_COLUMNS:
             return A.div([A.raw_block("typst", f"#set text(size: {WIDE_TABLE_TEXT})"), node], "", ["wide-table"])
-        return None
+        return node
 
     return A.walk(blocks, fit)
+
+
+def keep_last_rows(table: A.Node, n: int = 2) -> A.Node:
+    """``table`` with an empty last column whose cell in the last ``n`` rows is one cell spanning them. The
+    template makes every cell unbreakable, and typst never splits an unbreakable cell's rows over two pages,
+    so a table that breaks never leaves its last row alone on a page under a repeated header. (The column is
+    empty and unruled, so it shows as a few points of margin.)"""
+    attr, caption, colspecs, head, bodies, foot = table["c"]
+    rows = [row for body in bodies for row in body[3]]
+    if len(rows) < n:
+        return table
+
+    def cell(rowspan: int = 1) -> A.Node:
+        return [A.attr(), {"t": "AlignDefault"}, rowspan, 1, []]
+
+    colspecs.append([{"t": "AlignDefault"}, {"t": "ColWidthDefault"}])
+    for row in head[1] + [r for body in bodies for r in body[2]] + foot[1]:
+        row[1].append(cell())
+    for i, row in enumerate(rows):
+        if i < len(rows) - n:
+            row[1].append(cell())
+        elif i == len(rows) - n:
+            row[1].append(cell(n))
+    return table
+
+
+def uncaptioned_tables(source: str) -> list[str]:
+    """The tables of a typst source, as pandoc writes them, that are not inside a figure with a caption
+    (each as its first cells, to name it). The template keeps a table's caption with the table (see
+    assets/book.typ), which works only for a caption inside the table's own figure."""
+    found = []
+    starts = [m.start() for m in re.finditer(r"#table\(", source)] + [len(source)]
+    for start, end in zip(starts, starts[1:], strict=False):
+        opening = source.rfind("#figure(", 0, start)
+        in_figure = opening >= 0 and re.fullmatch(r"#figure\(\s*align\(\w+\)\[", source[opening:start]) is not None
+        tail = source[start:end]
+        figure_end = tail.find("\n  , kind: table")
+        if not in_figure or figure_end < 0 or "\n  , caption: [" not in tail[:figure_end]:
+            cells = re.findall(r"^    (\[.*)$", tail, flags=re.MULTILINE)
+            found.append((cells[0] if cells else tail.split("\n", 1)[0])[:80])
+    return found
 
 
 def modernise_symbols(source: str) -> str:
@@ -96,4 +145,7 @@ def write_pdf(blocks: list[A.Node], meta: dict[str, Any], *, out_dir: Path, name
     source = escape_cell_headings(modernise_symbols(source))
     typ = out_dir / (Path(name).stem + ".typ")
     typ.write_text(source, encoding="utf-8")
+    if missing := uncaptioned_tables(source):
+        raise TypstError(f"{len(missing)} table(s) without a caption in {typ.name} (give each one a label and a "
+                         f"caption, `#| label: tbl-...` and `#| tbl-cap: ...`); the first starts {missing[0]}")
     return compile_typst(typ, out_dir / name, out_dir)

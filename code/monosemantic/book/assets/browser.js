@@ -59,28 +59,56 @@
   root.append(el("div", { class: "mono-controls" }, input, setSelect,
     el("button", { type: "button", id: "mono-go" }, "Search")), results, view);
 
+  // A search lists the units of the selected set that fire on tokens with this text: one line per unit
+  // (' the', 'the' and 'The' are one text), ranked as monosemantic.browser.rank_hits ranks them.
+  function rank(hits) {
+    const top = Math.max(0, ...hits.map((h) => h[3] || 0));
+    const weak = (h) => ((h[3] || 0) < INDEX.rank_mass * top ? 1 : 0);
+    return hits.sort((a, b) => weak(a) - weak(b) || b[2] - a[2] || b[3] - a[3] || a[1] - b[1]);
+  }
+
+  function matches(key) {  // [set, unit, share, activation, firings] per unit, over every matching text
+    const entries = INDEX.tokens[key] ? [INDEX.tokens[key]]
+      : Object.entries(INDEX.tokens).filter(([k]) => k.startsWith(key)).map(([, v]) => v);  // a prefix
+    const units = new Map();
+    for (const hits of entries) {
+      for (const [s, u, share, mass, count] of hits) {
+        const h = units.get(`${s}/${u}`) || [s, u, 0, 0, 0];
+        h[2] += share || 0; h[3] += mass || 0; h[4] += count || 0;
+        units.set(`${s}/${u}`, h);
+      }
+    }
+    return [...units.values()];
+  }
+
   function search(query) {
     const q = query.trim();
     const set = setSelect.value;
+    const s = INDEX.sets.findIndex((x) => x.name === set);
     results.replaceChildren();
     if (!q) return;
     if (/^\d+$/.test(q)) { location.hash = `${set}/${q}`; return; }
-    const key = q.toLowerCase();
-    let hits = INDEX.tokens[key] || [];
-    if (!hits.length) {  // prefix match over token texts
-      for (const [k, v] of Object.entries(INDEX.tokens)) if (k.startsWith(key)) hits = hits.concat(v);
-      hits = hits.slice(0, 30);
+    const all = matches(q.toLowerCase());
+    const hits = rank(all.filter((h) => h[0] === s)).slice(0, 30);
+    const elsewhere = INDEX.sets.filter((x, i) => i !== s && all.some((h) => h[0] === i))
+      .map((x) => `${x.label}: ${all.filter((h) => INDEX.sets[h[0]] === x).length}`);
+    const more = elsewhere.length ? ` (other sets, chosen above: ${elsewhere.join(", ")})` : "";
+    if (!hits.length) {
+      results.append(el("p", {}, `No unit of ${setLabel(set)} has "${q}" among the tokens it fires on most${more}.`));
+      return;
     }
-    if (!hits.length) { results.append(el("p", {}, `No unit has "${q}" among the tokens it fires on most.`)); return; }
     const list = el("ul", { class: "mono-hits" });
-    for (const [s, u] of hits) {
-      const name = INDEX.sets[s].name;
-      const meta = INDEX.units[name];
-      list.append(el("li", {}, el("a", { href: `#${name}/${u}` }, `${INDEX.sets[s].label} #${u}`),
-        (negated(meta, u) ? " (read negated)" : "") + ` — ${meta.label[u]} · density ${fmt(meta.density[u], 2)} · score ${fmt(meta.corr[u], 2)}`
+    const meta = INDEX.units[set];
+    for (const [, u, share, , count] of hits) {
+      list.append(el("li", {}, el("a", { href: `#${set}/${u}` }, `#${u}`),
+        (negated(meta, u) ? " (read negated)" : "") + ` — ${meta.label[u]} · `
+        + (share ? `"${q}" holds ${pct(Math.min(1, share))} of its activation (${count.toLocaleString()} firings) · ` : "")
+        + `density ${pct(meta.density[u])} · `
+        + (meta.sim ? `simulation ${fmt(meta.sim[u], 2)} · detection ${fmt(meta.det[u], 2)}` : `score ${fmt(meta.corr[u], 2)}`)
         + (meta.family[u] ? ` · ${meta.family[u]}` : "")));
     }
-    results.append(el("p", {}, `${hits.length} units fire most on "${q}":`), list);
+    results.append(el("p", {}, `${hits.length} ${setLabel(set)} fire most on "${q}", the largest share of their `
+      + `activation first${more}:`), list);
   }
 
   // --- one unit -----------------------------------------------------------------------------------
@@ -128,7 +156,20 @@
           i ? (Number.isInteger(x) ? x.toLocaleString() : fmt(x)) : show(x))))))));
   }
 
-  async function open(set, unit) {
+  // the explanation and its held-out scores (tables before issue 18 have only the all-token score)
+  function scores(data) {
+    if (data.sim === undefined) return el("p", {}, `explain-then-predict score ${fmt(data.corr)}`);
+    if (data.too_rare) {
+      return el("p", {}, `too rare to score: it fires on ${data.heldout_firings.toLocaleString()} held-out tokens`);
+    }
+    return el("div", {},
+      el("p", {}, "explanation: ", el("span", { class: "mono-explanation" }, data.explanation || "–")),
+      el("p", {}, `held-out scores of it: simulation ${fmt(data.sim)} (correlation over its top, interval-sampled `
+        + `and random contexts) · detection ${fmt(data.det)} (balanced accuracy; 0.5 is chance) · all-token `
+        + `correlation ${fmt(data.corr)}`));
+  }
+
+  async function open(set, unit, scroll) {
     const meta = INDEX.units[set];
     if (!meta || unit < 0 || unit >= meta.density.length) {
       view.replaceChildren(el("p", {}, `There is no unit ${unit} in "${setLabel(set)}".`));
@@ -148,9 +189,13 @@
           + "of its mass, is left out.") : null),
       el("p", {}, `density ${pct(data.density)} of tokens (held-out ${pct(data.density_val)}) · max ${fmt(data.max)}`
         + ` · median ${fmt(data.q[0])}, 90% ${fmt(data.q[1])}, 99% ${fmt(data.q[2])}`),
-      el("p", {}, `explain-then-predict score ${fmt(data.corr)} · best family: `
+      scores(data),
+      el("p", {}, "best family: "
         + (data.family ? `${data.family} (${INDEX.families[data.family]}): ${pct(data.family_share)} of its held-out`
-          + ` activation, ${fmt(data.family_lift, 2)}× the family's share of tokens` : "none")));
+          + ` activation, ${fmt(data.family_lift, 2)}× the family's share of tokens` : "none")),
+      data.first_pos > 0 ? el("p", { class: "mono-polarity" }, `${pct(data.first_pos)} of its top activations `
+        + "would have been on the first token of a window, which is not measured (its activations there are "
+        + "outliers of the position, not of the text).") : null);
     const side = el("div", { class: "mono-side" },
       el("div", { class: "mono-box" }, el("h4", {}, "Activation histogram (log scale, non-zero)"), histogram(data.hist)),
       tokenTable("Tokens it fires on most", data.tokens, ["token", "share of activation", "count"]),
@@ -167,17 +212,21 @@
         ...iv.items.map((x) => context(x, scale)));
     }
     view.replaceChildren(head, el("div", { class: "mono-grid" }, main, side));
+    // a unit opened from a link (a search hit, a nearest feature, an address) is brought into view: below
+    // the search results, or with the page scrolled down the previous unit, it would open off screen
+    if (scroll) view.scrollIntoView({ block: "start" });
   }
 
   function route() {
     const h = decodeURIComponent(location.hash.slice(1));
     if (h.startsWith("q=")) { input.value = h.slice(2); search(input.value); return; }
     const m = h.match(/^([\w-]+)\/(\d+)$/);
-    if (m) open(m[1], Number(m[2])).catch((e) => view.replaceChildren(el("p", {}, String(e))));
+    if (m) open(m[1], Number(m[2]), true).catch((e) => view.replaceChildren(el("p", {}, String(e))));
   }
 
   input.addEventListener("keydown", (e) => { if (e.key === "Enter") search(input.value); });
   document.getElementById("mono-go").addEventListener("click", () => search(input.value));
+  setSelect.addEventListener("change", () => search(input.value));  // the same search in the other set
   window.addEventListener("hashchange", route);
   route();
   if (!location.hash) open(INDEX.sets[0].name, 0);
