@@ -135,15 +135,16 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
     log(f"{len(names)} SAEs ({', '.join(names)}) on {n_windows:,} windows ({n_windows * seq_len:,} tokens, "
         f"{len(np.unique(docs)):,} documents): 3 + {len(names)} forward passes per window")
     with torch.no_grad():
-        evals = run_evaluations(model, saes, windows, keep_fires=True)
+        evals = run_evaluations(model, saes, windows)
     rows, metrics, inputs = [], {}, [lm_art, *arts]
     for name, ev in zip(names, evals, strict=True):
         cis = metric_intervals(ev, docs, n_boot=cfg.n_boot, seed=cfg.seed)
         for metric, ci in cis.items():
             rows.append({"sae": name, "metric": metric, "value": ci.value, "low": ci.low, "high": ci.high})
             if metric in HEADLINE:
-                metrics.update({f"{_key(name)}_{metric}": ci.value, f"{_key(name)}_{metric}_low": ci.low,
-                                f"{_key(name)}_{metric}_high": ci.high})
+                metrics[f"{_key(name)}_{metric}"] = ci.value
+                if np.isfinite(ci.low):  # dead and ultra-low fractions have no valid bootstrap interval
+                    metrics.update({f"{_key(name)}_{metric}_low": ci.low, f"{_key(name)}_{metric}_high": ci.high})
         log(f"    {name}: CE loss recovered {cis['ce_loss_recovered'].value:.4f} "
             f"[{cis['ce_loss_recovered'].low:.4f}, {cis['ce_loss_recovered'].high:.4f}], "
             f"FVU {cis['fvu'].value:.4f}, L0 {cis['l0'].value:.1f}")

@@ -24,6 +24,7 @@ The measures (Bricken et al. 2023, "Towards Monosemanticity", section "Sparse au
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -78,6 +79,43 @@ def density_histogram(density: Tensor, bins: int = 50, low: float = -10.0) -> De
     logd = live.log10().clamp(low, 0.0)
     counts = torch.histc(logd, bins=bins, min=low, max=0.0).long() if live.numel() else torch.zeros(bins).long()
     return DensityHistogram(torch.linspace(low, 0.0, bins + 1), counts, int((density == 0).sum()))
+
+
+# feature_fires encodes in blocks of about this many bytes of pre-activations (4,096 rows at 4,096 features,
+# 512 at 32,768): large enough for the encoder product to run near its peak, small enough to stay in memory
+FIRES_BLOCK_BYTES = 64 * 2**20
+
+
+@torch.no_grad()
+def feature_fires(sae: SAE, rows: np.ndarray | Tensor, block_rows: int | None = None) -> Tensor:
+    """(n_features,) int64: on how many of ``rows`` (N, d_in; a numpy array or memmap, or a tensor) each
+    feature fires (> 0). The density is this over N.
+
+    Costs one fp32 encoder product per row and nothing over the (rows, n_features) latents that it can avoid:
+    rows are encoded in blocks into one reused buffer; a TopK SAE counts its k indices (``bincount``) instead
+    of testing a dense latent tensor; a ReLU SAE counts ``pre > 0`` per column in int32."""
+    n, dev = sae.cfg.n_features, sae.W_dec.device
+    block = block_rows or max(1, FIRES_BLOCK_BYTES // (4 * n))
+    w_enc, b_enc, b_dec = sae.W_enc.float(), sae.b_enc.float(), sae.b_dec.float()
+    counts = torch.zeros(n, dtype=torch.int64, device=dev)
+    buf = torch.empty(min(block, max(1, rows.shape[0])), n, device=dev)  # (block, n) pre-activations
+    for start in range(0, rows.shape[0], block):
+        part = rows[start:start + block]
+        x = part if isinstance(part, Tensor) else torch.from_numpy(np.asarray(part, dtype=np.float32))
+        x = x.to(dev, torch.float32)  # (b, d_in)
+        pre = torch.addmm(b_enc, x - b_dec, w_enc, out=buf[:x.shape[0]])  # (b, n)
+        if sae.cfg.architecture == "topk":
+            values, indices = pre.topk(sae.cfg.k, dim=1, sorted=False)  # (b, k)
+            counts += torch.bincount(indices[values > 0], minlength=n)
+        else:
+            counts += (pre > 0).sum(0, dtype=torch.int32)
+    return counts
+
+
+def feature_density(sae: SAE, rows: np.ndarray | Tensor, block_rows: int | None = None) -> Tensor:
+    """(n_features,) float64: the fraction of ``rows`` (N, d_in) on which each feature fires (> 0);
+    :func:`feature_fires` over N."""
+    return feature_fires(sae, rows, block_rows).cpu().double() / max(1, rows.shape[0])
 
 
 def _recovered(l_baseline: float, l_sae: float, l_orig: float) -> float:
@@ -230,7 +268,7 @@ def metric_intervals(ev: Evaluation, groups: np.ndarray, *, n_boot: int = 1000, 
                      ) -> dict[str, Interval]:
     """95% intervals of the evaluation's metrics when the ``groups`` (one label per eval window: its document,
     :func:`monosemantic.intervals.window_documents`) are resampled with replacement. Dead and ultra-low
-    fractions need ``run_evaluation(..., keep_fires=True)``."""
+    fractions come with their value only (low and high NaN): see the comment at the end."""
     sums, _ = group_sums(ev.per_window, groups)
     stats = {
         "fvu": _ratio("resid", "centred"),
@@ -241,12 +279,12 @@ def metric_intervals(ev: Evaluation, groups: np.ndarray, *, n_boot: int = 1000, 
         **{f"ce_loss_{k}": _ratio(f"loss_{k}", "tokens") for k in ("orig", "sae", "zero", "mean")},
     }
     out = {name: bootstrap(sums, fn, n_boot=n_boot, seed=seed) for name, fn in stats.items()}
-    if ev.window_fires is not None:
-        fired, _ = group_sums({"fires": ev.window_fires, "tokens": ev.per_window["tokens"]}, groups)
-        out["dead_fraction"] = bootstrap(fired, lambda s: (s["fires"] == 0).mean(-1), n_boot=n_boot, seed=seed)
-        out["ultralow_fraction"] = bootstrap(
-            fired, lambda s: (s["fires"] / s["tokens"][..., None] < ULTRALOW_DENSITY).mean(-1), n_boot=n_boot,
-            seed=seed)
+    # Dead and ultra-low fractions get their value and no interval: "never fires in the sample" only grows when
+    # documents are dropped, and a bootstrap replicate drops about a third of them, so its percentile interval
+    # lies above the estimate (on the cpu SAE: 20.6% dead, replicates 23.9-29.4%) and covers nothing.
+    n_groups = len(np.unique(groups))
+    out["dead_fraction"] = Interval(ev.metrics["dead_fraction"], math.nan, math.nan, n_groups, 0)
+    out["ultralow_fraction"] = Interval(ev.metrics["ultralow_fraction"], math.nan, math.nan, n_groups, 0)
     return out
 
 

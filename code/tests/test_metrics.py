@@ -140,10 +140,12 @@ def test_per_window_sums_add_up_to_the_metrics_and_intervals_hold_them():
     assert (ev.window_fires.sum(0) / m["eval_tokens"]) == pytest.approx(ev.density.numpy())
     docs = np.repeat(np.arange(6), 2)  # two windows per document
     cis = metric_intervals(ev, docs, n_boot=200)
-    for name in ("fvu", "l0", "mse", "ce_loss_recovered", "ce_loss_sae", "dead_fraction", "ultralow_fraction"):
+    for name in ("fvu", "l0", "mse", "ce_loss_recovered", "ce_loss_sae"):
         ci = cis[name]
         assert ci.value == pytest.approx(m[name], rel=1e-6), name
         assert ci.low <= ci.value <= ci.high and ci.n_groups == 6, name
+    for name in ("dead_fraction", "ultralow_fraction"):  # the value, and no (invalid) bootstrap interval
+        assert cis[name].value == m[name] and np.isnan(cis[name].low) and np.isnan(cis[name].high)
 
 
 def test_a_perfect_sae_has_a_zero_width_interval_at_full_recovery():
@@ -154,7 +156,7 @@ def test_a_perfect_sae_has_a_zero_width_interval_at_full_recovery():
     assert ci["ce_loss_recovered"].value == pytest.approx(1.0)
     assert ci["ce_loss_recovered"].low == pytest.approx(1.0) and ci["ce_loss_recovered"].high == pytest.approx(1.0)
     assert ci["fvu"].high == pytest.approx(0.0, abs=1e-12)
-    assert "dead_fraction" not in ci  # needs keep_fires
+    assert np.isnan(ci["dead_fraction"].low)
 
 
 def test_several_saes_at_once_give_each_one_its_own_numbers():

@@ -221,7 +221,10 @@ def test_evaluate_gives_every_committed_sae_intervals_over_heldout_documents(in_
     l0 = table[table["metric"] == "l0"].set_index("sae")["value"]
     assert l0["neurons-top8"] <= 8 and l0["neurons-top24"] <= 24  # at most k (fewer where fewer neurons fire)
     assert set(evaluation.HEADLINE) <= set(table["metric"])
-    assert (table["low"] <= table["value"] + 1e-12).all() and (table["value"] <= table["high"] + 1e-12).all()
+    has = table["low"].notna()  # dead and ultra-low fractions: a value, no interval
+    assert set(table.loc[~has, "metric"]) == {"dead_fraction", "ultralow_fraction"}
+    assert (table.loc[has, "low"] <= table.loc[has, "value"] + 1e-12).all()
+    assert (table.loc[has, "value"] <= table.loc[has, "high"] + 1e-12).all()
     assert art.metrics["n_documents"] >= 2 and art.metrics["eval_tokens"] % 32 == 0
     # the same numbers as evaluating the SAE directly on those windows (the point estimate is no bootstrap)
     topk_ce = table.set_index("metric").loc[lambda t: t["sae"] == "topk", "value"]["ce_loss_recovered"]
