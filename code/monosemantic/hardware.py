@@ -9,7 +9,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 
@@ -82,10 +82,23 @@ def describe() -> dict:
     return info
 
 
+def simd_level(flags: Collection[str] | None = None) -> str:
+    """The widest vector unit the CPU's matrix products can use: ``amx``, ``avx512bf16``, ``avx512``, ``avx2``,
+    ``avx``, ``sve``, ``neon``, or ``""`` when the flags (default: this CPU's) say none of them."""
+    flags = cpu_flags() if flags is None else flags
+    for level, flag in (("amx", "amx_bf16"), ("avx512bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2"),
+                        ("avx", "avx"), ("sve", "sve"), ("neon", "asimd")):
+        if flag in flags:
+            return level
+    return ""
+
+
 def slug() -> str:
-    """A folder-safe name for this machine's kind, e.g. ``cpu-amd-epyc-2c`` or ``gpu-nvidia-h100-80gb-hbm3``."""
+    """A folder-safe name for this machine's kind, e.g. ``cpu-amd-epyc-2c-avx2`` or
+    ``gpu-nvidia-h100-80gb-hbm3``. A CPU's ends with :func:`simd_level`: a cloud "AMD EPYC" with 2 cores may
+    be a Zen 4 with AVX-512 BF16 or an older one with AVX2 only, 2-30x apart on the same products."""
     gpu = cuda_device()
-    return slug_text(f"gpu-{gpu}" if gpu else f"cpu-{cpu_model()}-{os.cpu_count()}c")
+    return slug_text(f"gpu-{gpu}" if gpu else f"cpu-{cpu_model()}-{os.cpu_count()}c-{simd_level()}")
 
 
 def slug_text(name: str) -> str:

@@ -89,13 +89,34 @@ def _analysis(a: store.Artifact) -> str:
             f"detector family.")
 
 
+# the rows of a bench artifact the README quotes (by name prefix; the rest are in its results.json)
+BENCH_ROWS = ("lm train step, batch 32", "sae train step relu+L1 512->4096, batch 896", "sae train step topk",
+              "feature density", "sae harvest")
+BENCH_SKIP = ("35% dead", "no dead latents", "without the fused loss")
+
+
 def _bench(a: store.Artifact) -> str:
     import json
 
-    rows = [r for r in json.loads(a.file("results.json").read_text())
-            if r.get("ratio") is not None and r["name"].startswith(("lm train step", "sae train step", "sae harvest"))]
-    parts = [f"{r['name']}: {r['ratio']:.2f}x ({r['ours']:,.0f} vs {r['anchor']:,.0f} {r['unit']})" for r in rows]
-    return f"Speed against the anchor's code, same machine, same run (`{a.key}`): " + "; ".join(parts) + "."
+    from . import hardware
+
+    hw = a.manifest.get("hardware", {})
+    if hw.get("gpu"):
+        machine = hw["gpu"]
+    else:
+        bf16 = {"amx": "amx_bf16", "avx512_bf16": "avx512_bf16"}.get(hw.get("cpu_bf16") or "")  # older manifests
+        simd = hardware.simd_level(set(hw.get("cpu_flags", ())) | ({bf16} if bf16 else set()))
+        machine = f"{hw.get('cpu', 'CPU')}, {hw.get('cpu_cores', '?')} cores" + (f", {simd.upper()}" if simd else "")
+    rows = json.loads(a.file("results.json").read_text())
+    if any(not str(r.get("group", "")).endswith("-quick") for r in rows):  # a full run's rows over --quick's
+        rows = [r for r in rows if not str(r.get("group", "")).endswith("-quick")]
+    rows = [r for r in rows if r.get("ratio") is not None and r["name"].startswith(BENCH_ROWS)
+            and not any(s in r["name"] for s in BENCH_SKIP)]
+    parts = [f"{r['name']}: {r['ratio']:.2f}x ({r['ours']:,.0f} vs {r['anchor']:,.0f} {r['unit']}"
+             + (f"; MFU {r['ours_mfu']:.0%} vs {r['anchor_mfu']:.0%}" if r.get("ours_mfu") is not None
+                and r.get("anchor_mfu") is not None else "") + ")" for r in rows]
+    return (f"Speed against the anchor's code on {machine}, same machine, same run (`{a.key}`): "
+            + "; ".join(parts) + ".")
 
 
 def _diff(a: store.Artifact) -> str:

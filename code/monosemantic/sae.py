@@ -67,12 +67,18 @@ SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 # row is the sampled input direction scaled to 0.2 x the mean norm of the live encoder rows.
 RESAMPLE_ENCODER_SCALE = 0.2
 
-# TopK training: when a step gathers at least this fraction of the latents per input (AuxK's 512 dead
-# latents on top of the k live ones), a dense matmul in the compute dtype beats the sparse kernels: for
+# TopK training: when a step gathers at least this fraction of the latents per input (k, plus AuxK's latents
+# when they are gathered one by one), a dense matmul in the compute dtype beats the sparse kernels: for
 # SmolLM2's 1,536 -> 6,144 SAE at batch 1,024 with AuxK on, the fp32 sparse-dense product of the encoder
 # gradient took 0.6 s a step and embedding_bag's per-sample-weight backward 0.4 s, against ~0.05 s for
 # each bf16 matmul (2 CPU cores). Below it (k alone) the sparse path does O(B k d_in) work and wins.
 DENSE_GATHER_FRACTION = 1 / 32
+
+# AuxK over the dead latents' columns: when its aux_k picks are at least this fraction of the dead latents
+# (always while at most 8 x aux_k latents are dead: 4,096 at aux_k 512), AuxK is computed densely on the
+# (B, n_dead) block of dead columns only, 4 products of n_dead / n_features the size of a dense step's;
+# below it, its picks are gathered one by one with the k (the sparse path above).
+AUX_DENSE_FRACTION = 1 / 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,11 +239,11 @@ class TrainOutput(NamedTuple):
 class _ReluStep(torch.autograd.Function):
     """The ReLU SAE's training loss with a hand-written backward: the same maths as :meth:`SAE.forward`
     (mse + l1_coeff * l1), in fewer passes over the (B, n_features) latents (no float32 copy of them, the
-    L1 gradient folded into the ReLU's mask), and for ``b_dec`` the matrix-vector product
-    -W_enc (sum_b dL/dpre_b) instead of the (B, d_in) input gradient (x itself needs none).
+    L1 gradient folded into the ReLU's backward, done in place), and for ``b_dec`` the matrix-vector
+    product -W_enc (sum_b dL/dpre_b) instead of the (B, d_in) input gradient (x itself needs none).
 
-    Returns (loss, mse, l1, recon (B, d_in) float32, latents (B, n_features) in ``dtype``); only the first
-    three carry gradient."""
+    Returns (loss, mse, l1, recon (B, d_in) float32, fires (n_features,) float32: on how many inputs of the
+    batch each latent is > 0); only the first three carry gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, l1_coeff: float,
@@ -249,60 +255,159 @@ class _ReluStep(torch.autograd.Function):
         diff = recon - x  # (B, d_in)
         mse = diff.pow(2).mean()
         l1 = f.sum(dtype=torch.float32) / x.shape[0]  # |f| = f after the ReLU
+        # sign(f) is 1 where f > 0, else 0: summed per column it is the count, in two vectorised passes (amax(0)
+        # with count_nonzero took 5x as long on a CPU, a bool mask summed as int 2x)
+        fires = f.sign().sum(0, dtype=torch.float32)  # (n_features,) exact counts below 2^24 inputs
         ctx.save_for_backward(xc, f, diff, W_enc, w_dec)
         ctx.l1_coeff = l1_coeff
-        ctx.mark_non_differentiable(recon, f)
-        return mse + l1_coeff * l1, mse, l1, recon, f
+        ctx.mark_non_differentiable(recon, fires)
+        return mse + l1_coeff * l1, mse, l1, recon, fires
 
     @staticmethod
-    def backward(ctx, g_loss: Tensor, g_mse: Tensor, g_l1: Tensor, _g_recon: Tensor, _g_f: Tensor):
+    def backward(ctx, g_loss: Tensor, g_mse: Tensor, g_l1: Tensor, _g_recon: Tensor, _g_fires: Tensor):
         xc, f, diff, W_enc, w_dec = ctx.saved_tensors
         n_batch, d_in = diff.shape
         g_rec = diff * ((g_loss + g_mse) * 2 / diff.numel())  # (B, d_in) dL/drecon, float32
         g_rec_c = g_rec.to(f.dtype)
         grad_w_dec = (f.t() @ g_rec_c).float()  # (n_features, d_in)
         g_pre = g_rec_c @ w_dec.t()  # (B, n_features) dL/df from the reconstruction ...
-        g_pre.add_((g_loss * ctx.l1_coeff + g_l1) / n_batch).mul_(f > 0)  # ... + the L1's, through the ReLU
+        g_pre.add_((g_loss * ctx.l1_coeff + g_l1) / n_batch)  # ... + the L1's ...
+        # ... through the ReLU (0 where f = 0), in place: ReLU's own backward kernel, one pass over g_pre and f
+        # (g_pre.mul_(f > 0) casts the mask to floats first: 3 passes and 9x the time on a CPU)
+        torch.ops.aten.threshold_backward.grad_input(g_pre, f, 0, grad_input=g_pre)
         grad_w_enc = (xc.t() @ g_pre).float()  # (d_in, n_features)
         grad_b_enc = g_pre.sum(0, dtype=torch.float32)  # (n_features,)
         grad_b_dec = g_rec.sum(0) - W_enc @ grad_b_enc  # decoder bias, and the pre-encoder bias
         return None, grad_w_enc, grad_b_enc, grad_w_dec, grad_b_dec, None, None
 
 
-class _GatheredEncoder(torch.autograd.Function):
-    """The pre-activations ``pre`` (B, n_features) gathered at ``indices`` (B, m), differentiable as
-    ((x - b_dec) @ W_enc + b_enc) would be there. Only B * m entries carry gradient, so dW_enc = (x - b_dec)^T G
-    is a sparse-dense product with a (n_features, B) COO matrix of B * m entries: O(B m d_in), not
-    O(B n_features d_in). An index may repeat in a row (a dead latent both kept and in AuxK's set): its
-    gradients add up, as they would densely."""
+_scratch_buffers: dict[tuple, Tensor] = {}
+
+
+def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised tensor kept for the next call with the same shape (one at a time), for a large
+    temporary that never leaves the function using it: a fresh (1,024, 4,096) tensor on a CPU is mapped
+    and zero-filled page by page by the OS on each step (PyTorch's CPU allocator caches nothing)."""
+    key = (shape, dtype, str(device))
+    buf = _scratch_buffers.get(key)
+    if buf is None:
+        _scratch_buffers.clear()
+        buf = _scratch_buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+def _rows_of(indices: Tensor, weights: Tensor, src: Tensor, n_rows: int, dtype: torch.dtype) -> Tensor:
+    """(n_rows, D) float32: row j = sum over the entries (b, i) with indices[b, i] = j of weights[b, i] * src[b].
+
+    indices, weights: (B, m); src: (B, D). That is onehot(indices, weights)^T @ src, the gradient of a
+    weight matrix some of whose rows were gathered; a sparse-dense product (O(B m D)) unless m is at least
+    ``DENSE_GATHER_FRACTION`` of ``n_rows``, where a dense matmul in ``dtype`` is cheaper. Repeated indices
+    add up."""
+    n_batch, m = indices.shape
+    if m >= DENSE_GATHER_FRACTION * n_rows:
+        dense = torch.zeros(n_batch, n_rows, dtype=dtype, device=src.device)
+        dense.scatter_add_(1, indices, weights.to(dtype))  # (B, n_rows)
+        return (dense.t() @ src.to(dtype)).float()
+    entry_input = torch.arange(n_batch, device=src.device).repeat_interleave(m)  # the input of each entry
+    coo = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), entry_input]), weights.reshape(-1).float(),
+                                  (n_rows, n_batch), check_invariants=False)
+    return torch.sparse.mm(coo, src.float())
+
+
+def _row_dots(weight: Tensor, indices: Tensor, vectors: Tensor) -> Tensor:
+    """(B, m): out[b, i] = weight[indices[b, i]] . vectors[b], for weight (n, D), indices (B, m), vectors (B, D):
+    the gradient of ``embedding_bag``'s per-sample weights, which is what computes it here (its kernel
+    walks the m rows of each input in place; gathering them into a (B, m, D) tensor for one ``bmm`` took
+    ~8x longer on a CPU, and the dense (B, n) product is a full matmul)."""
+    with torch.enable_grad():
+        w = torch.ones(indices.shape, dtype=weight.dtype, device=weight.device, requires_grad=True)
+        out = F.embedding_bag(indices, weight.detach(), per_sample_weights=w, mode="sum")  # (B, D)
+    return torch.autograd.grad(out, w, vectors.to(out.dtype))[0]
+
+
+class _TopKStep(torch.autograd.Function):
+    """The TopK SAE's training loss (mse + aux_coeff * AuxK) with a hand-written backward: the same maths as
+    :meth:`SAE.forward` with :func:`auxk_loss`, done without the dense (B, n_features) latents.
+
+    Forward: the pre-activations (B, n) in ``dtype`` (the step's one dense product), their top k per row,
+    decoded with ``embedding_bag`` from the k decoder rows. Backward: the decoder's and the encoder's
+    gradients at those B * k entries are sparse-dense products (:func:`_rows_of`), the k values' gradients
+    are B * k dot products (:func:`_row_dots`).
+
+    AuxK (``dead``: the dead latents' indices, empty for none) works on the dead latents alone. While its
+    ``aux_k`` picks are at least ``AUX_DENSE_FRACTION`` of them, on their (B, n_dead) block of the
+    pre-activations: the top aux_k of each row (all of the block when aux_k >= n_dead) decoded by one
+    (B, n_dead) x (n_dead, d_in) product, three more of that size in the backward, none over all n columns.
+    Otherwise its picks are gathered entry by entry like the k.
+
+    Returns (loss, mse, aux, recon (B, d_in) float32, indices (B, k), values (B, k) float32 after the ReLU);
+    only the first three carry gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, pre: Tensor,
-                indices: Tensor) -> Tensor:
-        ctx.save_for_backward(x - b_dec, W_enc, indices)
-        ctx.compute_dtype = pre.dtype  # the dtype of the encoder's forward matmul
-        return pre.gather(1, indices).float()  # pre: (B, n_features), computed without autograd
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, dead: Tensor,
+                k: int, aux_k: int, aux_coeff: float, dtype: torch.dtype):
+        xc = x - b_dec  # (B, d_in)
+        pre = _scratch((x.shape[0], W_enc.shape[1]), dtype, x.device)  # (B, n), only read in this forward
+        torch.addmm(b_enc.to(dtype), xc.to(dtype), W_enc.to(dtype), out=pre)
+        top, indices = pre.topk(k, dim=1, sorted=False)  # (B, k)
+        values = top.float().relu_()  # (B, k)
+        recon = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + b_dec  # (B, d_in)
+        diff = recon - x  # (B, d_in)
+        mse = diff.pow(2).mean()
+        aux = mse.new_zeros(())
+        ctx.aux = None
+        if dead.numel() and aux_coeff > 0:
+            k_aux = min(aux_k, dead.numel())
+            residual = x - recon  # (B, d_in) a fixed target, as in auxk_loss
+            if k_aux >= AUX_DENSE_FRACTION * dead.numel():  # the dead block
+                a = pre.index_select(1, dead).float()  # (B, n_dead)
+                if k_aux < dead.numel():  # keep each row's top k_aux
+                    keep = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.topk(k_aux, dim=1, sorted=False)[1],
+                                                                         True)
+                    a.masked_fill_(~keep, 0.0)
+                a = a.relu_().to(dtype)  # (B, n_dead)
+                w_dead = W_dec.index_select(0, dead).to(dtype)  # (n_dead, d_in)
+                diff_aux = (a @ w_dead).float() - residual  # (B, d_in)
+                ctx.aux = ("block", a, w_dead)
+            else:  # picks gathered one by one
+                aux_idx = dead[pre.index_select(1, dead).topk(k_aux, dim=1, sorted=False)[1]]  # (B, k_aux)
+                a = pre.gather(1, aux_idx).float().relu_()  # (B, k_aux)
+                diff_aux = F.embedding_bag(aux_idx, W_dec, per_sample_weights=a, mode="sum") - residual
+                ctx.aux = ("gathered", a, aux_idx)
+            aux = diff_aux.pow(2).mean()
+            ctx.diff_aux = diff_aux
+        ctx.save_for_backward(xc, W_enc, W_dec, dead, indices, values, diff)
+        ctx.aux_coeff, ctx.dtype = aux_coeff, dtype
+        ctx.mark_non_differentiable(recon, indices, values)
+        return mse + aux_coeff * aux, mse, aux, recon, indices, values
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        xc, W_enc, indices = ctx.saved_tensors
-        n_batch, m = indices.shape
-        n_features = W_enc.shape[1]
-        rows = indices.reshape(-1)  # feature of each entry
-        if m >= DENSE_GATHER_FRACTION * n_features:  # many entries (AuxK on): one dense matmul is cheaper
-            dt = ctx.compute_dtype
-            g_dense = torch.zeros(n_batch, n_features, dtype=dt, device=xc.device)
-            g_dense.scatter_add_(1, indices, grad.to(dt))  # (B, n_features), repeated indices add up
-            grad_w = (xc.to(dt).t() @ g_dense).float()  # (d_in, n_features)
-            grad = grad.float().reshape(-1)
-        else:
-            grad = grad.float().reshape(-1)  # (B * m,)
-            cols = torch.arange(n_batch, device=xc.device).repeat_interleave(m)  # its input
-            g = torch.sparse_coo_tensor(torch.stack([rows, cols]), grad, (n_features, n_batch),
-                                        check_invariants=False)
-            grad_w = torch.sparse.mm(g, xc).t()  # (d_in, n_features)
-        grad_b_enc = torch.zeros(n_features, device=xc.device).index_add_(0, rows, grad)
-        return None, grad_w, grad_b_enc, -(W_enc @ grad_b_enc), None, None
+    def backward(ctx, g_loss: Tensor, g_mse: Tensor, g_aux: Tensor, _g_recon, _g_indices, _g_values):
+        xc, W_enc, W_dec, dead, indices, values, diff = ctx.saved_tensors
+        n, dt = W_enc.shape[1], ctx.dtype
+        g_rec = diff * ((g_loss + g_mse) * 2 / diff.numel())  # (B, d_in) dL/drecon
+        g_pre = _row_dots(W_dec, indices, g_rec).mul_(values > 0)  # (B, k) dL/dpre at the k, through the ReLU
+        grad_w_dec = _rows_of(indices, values, g_rec, n, dt)  # (n, d_in)
+        enc_idx, enc_grad = indices, g_pre  # entries of dL/dpre, gathered
+        block = None
+        if ctx.aux is not None:
+            kind, a, where = ctx.aux
+            g_e = ctx.diff_aux * ((g_loss * ctx.aux_coeff + g_aux) * 2 / ctx.diff_aux.numel())  # (B, d_in)
+            if kind == "block":  # where: the dead block's decoder rows (n_dead, d_in)
+                g_ec = g_e.to(dt)
+                grad_w_dec.index_add_(0, dead, (a.t() @ g_ec).float())  # (n_dead, d_in)
+                block = (g_ec @ where.t()).float().mul_(a > 0)  # (B, n_dead) dL/dpre on the block
+            else:  # where: the picks' indices (B, k_aux)
+                grad_w_dec += _rows_of(where, a, g_e, n, dt)
+                enc_idx = torch.cat([indices, where], dim=1)
+                enc_grad = torch.cat([g_pre, _row_dots(W_dec, where, g_e).mul_(a > 0)], dim=1)
+        grad_w_enc = _rows_of(enc_idx, enc_grad, xc, n, dt)  # (n, d_in), transposed below
+        grad_b_enc = torch.zeros(n, device=xc.device).index_add_(0, enc_idx.reshape(-1), enc_grad.reshape(-1))
+        if block is not None:
+            grad_w_enc.index_add_(0, dead, (block.to(dt).t() @ xc.to(dt)).float())  # (n_dead, d_in)
+            grad_b_enc.index_add_(0, dead, block.sum(0))
+        grad_b_dec = g_rec.sum(0) - W_enc @ grad_b_enc  # the decoder bias, and the pre-encoder bias
+        return None, grad_w_enc.t(), grad_b_enc, grad_w_dec, grad_b_dec, None, None, None, None, None
 
 
 def _linear_init(d_in: int, n_features: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -419,53 +524,33 @@ class SAE(nn.Module):
 
         - The pre-encoder bias's gradient is ``-W_enc @ (sum over the batch of dL/dpre)``: a matrix-vector
           product instead of the (B, d_in) input gradient a plain autograd backward computes (x needs none).
-        - TopK never builds the dense (B, n_features) latents: the k kept (and the AuxK latents) are gathered
-          from a pre-activation computed without autograd, decoded with ``embedding_bag``, and the encoder's
-          backward touches only those B * (k + aux_k) entries (a sparse product, O(B k d_in), not O(B n d_in)),
-          unless AuxK gathers so many (``DENSE_GATHER_FRACTION``) that dense matmuls in ``dtype`` are cheaper.
+        - TopK never builds the dense (B, n_features) latents: the k kept are gathered from a pre-activation
+          computed without autograd, decoded with ``embedding_bag``, and the encoder's backward touches only
+          those B * k entries (a sparse product, O(B k d_in), not O(B n d_in)), unless k is so large
+          (``DENSE_GATHER_FRACTION``) that dense matmuls in ``dtype`` are cheaper.
+        - AuxK works on the dead latents' columns only: their (B, n_dead) block of the pre-activations, its
+          top ``aux_k`` per row, decoded by a (B, n_dead) x (n_dead, d_in) product; its backward is three more
+          products of that size. No pass over all n_features columns, so with few dead latents AuxK costs
+          little. (With very many dead and a small ``aux_k``, ``AUX_DENSE_FRACTION``, its picks are gathered
+          one by one with the k instead.)
         """
         if self.cfg.architecture == "relu":
-            loss, mse, l1, recon, latents = _ReluStep.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
-                                                             self.cfg.l1_coeff, dtype)
-            with torch.no_grad():
-                fired = latents.amax(0) > 0  # (n_features,)
-                l0 = latents.count_nonzero() / x.shape[0]
-            return TrainOutput(loss, mse, l1, mse.new_zeros(()), recon, fired, l0)
+            loss, mse, l1, recon, fires = _ReluStep.apply(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
+                                                           self.cfg.l1_coeff, dtype)
+            return TrainOutput(loss, mse, l1, mse.new_zeros(()), recon, fires > 0, fires.sum() / x.shape[0])
 
-        with torch.no_grad():
-            pre = torch.addmm(self.b_enc.to(dtype), (x - self.b_dec).to(dtype), self.W_enc.to(dtype))
-            top_pre, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)  # (B, k)
-            use_aux = dead_mask is not None and self.cfg.aux_coeff > 0 and bool(dead_mask.any())
-            if use_aux:
-                k_aux = min(self.cfg.aux_k, int(dead_mask.sum()))
-                aux_indices = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False)[1]
-                indices = torch.cat([indices, aux_indices], dim=1)  # (B, k + k_aux)
-        gathered = _GatheredEncoder.apply(x, self.W_enc, self.b_enc, self.b_dec, pre, indices)  # (B, m) float32
-        del pre, top_pre
-        k = self.cfg.k
-        values = F.relu(gathered[:, :k])  # (B, k)
-        recon = F.embedding_bag(indices[:, :k], self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
-        mse = F.mse_loss(recon, x)
+        cfg = self.cfg
+        use_aux = dead_mask is not None and cfg.aux_coeff > 0 and bool(dead_mask.any())
+        dead = dead_mask.nonzero()[:, 0] if use_aux else torch.zeros(0, dtype=torch.long, device=x.device)
+        loss, mse, aux, recon, indices, values = _TopKStep.apply(
+            x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, dead, cfg.k, cfg.aux_k, cfg.aux_coeff, dtype)
         with torch.no_grad():
             l1 = values.sum(-1).mean()
-            live = values > 0
-            fired = torch.zeros(self.cfg.n_features, dtype=torch.bool, device=x.device)
-            fired[indices[:, :k][live]] = True
+            live = values > 0  # (B, k)
+            fired = torch.zeros(cfg.n_features, dtype=torch.bool, device=x.device)
+            fired[indices[live]] = True
             l0 = live.sum(-1).float().mean()
-        if use_aux:
-            residual = (x - recon).detach()  # (B, d_in) a fixed target, as in auxk_loss
-            aux_values = F.relu(gathered[:, k:])  # (B, k_aux)
-            if k_aux >= DENSE_GATHER_FRACTION * self.cfg.n_features:  # dense: cheaper than embedding_bag's
-                # backward here; aux indices are distinct in a row (one topk), so scatter loses nothing
-                dense = torch.zeros(x.shape[0], self.cfg.n_features, dtype=dtype, device=x.device)
-                dense = dense.scatter(1, indices[:, k:], aux_values.to(dtype))  # (B, n_features)
-                e_hat = (dense @ self.W_dec.to(dtype)).float()  # (B, d_in)
-            else:
-                e_hat = F.embedding_bag(indices[:, k:], self.W_dec, per_sample_weights=aux_values, mode="sum")
-            aux = F.mse_loss(e_hat, residual)
-        else:
-            aux = mse.new_zeros(())
-        return TrainOutput(mse + self.cfg.aux_coeff * aux, mse, l1, aux, recon.detach(), fired, l0)
+        return TrainOutput(loss, mse, l1, aux, recon, fired, l0)
 
 def auxk_loss(sae: SAE, x: Tensor, recon: Tensor, pre: Tensor, dead_mask: Tensor) -> Tensor:
     """AuxK (Gao et al. 2024, appendix A.2): reconstruct the residual ``e = x - x_hat`` from the

@@ -194,14 +194,12 @@ def load_harvest(profile: str, cfg: HarvestConfig) -> tuple[Any, np.ndarray, np.
 
 # --- one run -----------------------------------------------------------------------------------------
 
-def feature_density(sae: SAE, rows: np.ndarray, batch: int = 8192) -> torch.Tensor:
-    """Fraction of ``rows`` (N, d_in) on which each feature fires (> 0): (n_features,) float64."""
-    fires = torch.zeros(sae.cfg.n_features, dtype=torch.float64)
-    with torch.no_grad():
-        for start in range(0, rows.shape[0], batch):
-            x = torch.as_tensor(np.asarray(rows[start:start + batch], dtype=np.float32))
-            fires += (sae.encode(x) > 0).sum(0).double()
-    return fires / rows.shape[0]
+def feature_density(sae: SAE, rows: np.ndarray, batch: int | None = None) -> torch.Tensor:
+    """Fraction of ``rows`` (N, d_in) on which each feature fires (> 0): (n_features,) float64
+    (:func:`monosemantic.metrics.feature_density`: blocks of ``batch`` rows, sized by bytes by default)."""
+    from . import metrics
+
+    return metrics.feature_density(sae, rows, batch)
 
 
 def evaluate_run(model, sae: SAE, val_tokens: np.ndarray, val_rows: np.ndarray, stage: SAEStageConfig,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -48,15 +49,37 @@ def test_the_anchor_recreation_has_its_quirks_and_trains():
 
 
 def test_the_sae_group_runs_at_a_tiny_size():
-    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1,
-                             peaks={"bfloat16": 1e9, "float32": 1e9})
-    rows = bench.bench_sae(ctx, d_in=16, n_features=64, batch=32, big_batch=128, lm_in_loop=False)
-    assert len(rows) == 4 and ("sae", bench.bench_sae) in bench.BENCHES
+    ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1, refresh_peaks=False,
+                             peaks={"bfloat16": 1e11, "float32": 1e11})
+    rows = list(bench.bench_sae(ctx, d_in=16, n_features=64, batch=32, topk_batch=48, lm_in_loop=False,
+                                density_features=128, density_rows=100))
+    assert len(rows) == 5 and ("sae", bench.bench_sae) in bench.BENCHES
     for row in rows:
-        assert row["unit"] == "activations/s" and row["ours"] > 0 and row["anchor"] > 0
+        assert row["ours"] > 0 and row["anchor"] > 0
         assert abs(row["ratio"] - row["ours"] / row["anchor"]) < 0.02  # of the rounded figures
-        assert 0 < row["ours_mfu"] and 0 < row["anchor_mfu"] and "6 B d_in n_features" in row["note"]
-    assert "topk" in rows[1]["name"] and "AuxK idle" in rows[2]["name"] and "128" in rows[3]["name"]
+        assert 0 < row["ours_mfu"] and 0 < row["anchor_mfu"]
+        assert row["name"].endswith("[float32, 1 thread]")  # the dtype ours computed in and the threads used
+    assert all(r["unit"] == "activations/s" and "10 d_in n_features" in r["note"] for r in rows[:4])
+    assert "10% dead" in rows[1]["name"] and "35% dead" in rows[2]["name"] and "AuxK idle" in rows[3]["name"]
+    assert rows[4]["unit"] == "rows/s" and "128 features" in rows[4]["name"]
+
+
+def test_bench_prints_each_row_as_it_is_measured_and_records_wall_times(tmp_cache, capsys, monkeypatch):
+    def group(ctx):
+        yield bench._row("first", "things/s", 2.0, 1.0)
+        assert "first" in capsys.readouterr().out  # printed before the second is measured
+        yield bench._row("second", "things/s", 1.0, 1.0, ours_mfu=0.5, anchor_mfu=0.25)
+
+    monkeypatch.setattr(bench, "BENCHES", [("fake", group)])
+    args = argparse.Namespace(quick=True, only=None, threads=1, no_write=False)
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out
+    assert "second" in out and "MFU ours 50% anchor 25%" in out and "fake:" in out
+    profile, name = hardware.slug().split("-", 1)
+    art = store.load("bench", profile, name)
+    rows = json.loads(art.file("results.json").read_text())
+    assert [r["name"] for r in rows] == ["first", "second"] and all("seconds" in r for r in rows)
+    assert art.manifest["info"]["groups"]["fake-quick"]["seconds"] == art.manifest["wall_time_s"]
 
 
 def test_the_anchor_sae_recreation_normalises_its_decoder_as_the_anchor_does():
@@ -92,7 +115,7 @@ def test_numerics_rows_show_cpu_training_repeats_exactly():
     """On a CPU both sides of every numerics row are the CPU: same seed, same data, so no difference at all,
     while the trained values themselves moved (the runs did train)."""
     ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1)
-    rows = bench.bench_numerics(ctx, lm_steps=3, sae_steps=4)
+    rows = list(bench.bench_numerics(ctx, lm_steps=3, sae_steps=4))
     assert len(rows) == 8 and all(r["ours"] == 0.0 for r in rows), rows
     lm_loss = rows[0]
     assert "cpu vs cpu" in lm_loss["name"] and 0 < lm_loss["cpu_value"] < 9  # ln(2048) = 7.6 at the start

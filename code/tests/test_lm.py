@@ -107,6 +107,40 @@ def test_fused_loss_matches_plain_cross_entropy_and_its_gradients(dtype, tol):
         assert (fused[name] - plain[name]).abs().max().item() / scale < tol * 5, name
 
 
+@pytest.mark.parametrize("chunk", [7, 40, 64])
+def test_fp32_fused_loss_equals_logits_and_cross_entropy_in_loss_and_gradients(chunk):
+    # the fp32 path (softmax in place in a reused buffer): chunks that do not divide the tokens, one chunk,
+    # one larger than them; large weights make some targets' probabilities underflow to 0 (their losses are
+    # recomputed from the logits), and a second call reuses the buffer
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(40, 8, generator=g), torch.randn(300, 8, generator=g), torch.randn(300, generator=g)
+    w[:150] *= 20
+    y = torch.randint(0, 300, (40,), generator=g)
+    ref_in = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = F.cross_entropy(ref_in[0] @ ref_in[1].T + ref_in[2], y)
+    ref.backward()
+    assert ref.item() > 50  # some tokens' probabilities underflow in fp32
+    for _ in range(2):
+        ins = [t.clone().requires_grad_() for t in (x, w, b)]
+        loss = LinearCrossEntropy.apply(*ins, y, chunk, torch.float32, False, True)
+        (2 * loss).backward()  # the stored gradients are scaled by the incoming one
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+        for got, want in zip(ins, ref_in, strict=True):
+            torch.testing.assert_close(got.grad, 2 * want.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fp32_chunks_are_sized_by_bytes_on_a_cpu_and_kept_elsewhere():
+    from monosemantic.lm import FP32_CPU_CHUNK_BYTES, loss_chunk_tokens
+
+    assert loss_chunk_tokens(128, 4096, 50304, torch.float32, "cpu") == 1024  # ~256 MB of logits
+    assert 1024 * 50304 * 4 <= FP32_CPU_CHUNK_BYTES < 2048 * 50304 * 4
+    assert loss_chunk_tokens(128, 300, 50304, torch.float32, "cpu") == 300  # never more than the tokens
+    assert loss_chunk_tokens(4096, 8192, 50304, torch.float32, "cpu") == 4096  # a larger setting stands
+    assert loss_chunk_tokens(128, 4096, 50304, torch.bfloat16, "cpu") == 128  # bf16: the config's
+    assert loss_chunk_tokens(128, 4096, 50304, torch.float32, "cuda") == 128  # GPUs: the config's
+    assert loss_chunk_tokens(0, 4096, 50304, torch.float32, "cpu") == 0  # 0: the plain loss
+
+
 def test_fused_loss_without_gradients_is_the_same_loss():
     x, w, b = torch.randn(40, 8), torch.randn(30, 8), torch.randn(30)
     y = torch.randint(0, 30, (40,))

@@ -188,15 +188,17 @@ def test_finite_stream_stops_training_early():
     assert history[-1]["step"] == 5 and history[-1]["n_activations"] == 5 * 256
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk"])
-@pytest.mark.parametrize("aux", [False, True])
+@pytest.mark.parametrize("arch,aux", [("relu", False), ("relu", True), ("topk", False), ("topk", "block"),
+                                      ("topk", "all dead"), ("topk", "gathered")])
 @pytest.mark.parametrize("dense_gather", [False, True])
 def test_training_forward_matches_forward(arch, aux, dense_gather, monkeypatch):
-    # the trainer's fast path (sparse TopK encoder backward, matrix-vector b_dec gradient; dense matmuls
-    # when AuxK gathers many latents) computes the same loss and the same gradients as the plain forward
-    # that evaluation uses
+    # the trainer's fast path (sparse TopK encoder and decoder backward, matrix-vector b_dec gradient; dense
+    # matmuls when the gathered entries are many; AuxK on the dead latents' block: their top aux_k of 22, or
+    # all of them; or AuxK's picks gathered one by one) computes the same loss and the same gradients as the
+    # plain forward that evaluation uses
     monkeypatch.setattr(S, "DENSE_GATHER_FRACTION", 0.0 if dense_gather else 2.0)
-    cfg = _cfg(architecture=arch, k=4, n_features=64, aux_k=16)
+    monkeypatch.setattr(S, "AUX_DENSE_FRACTION", 2.0 if aux == "gathered" else 1 / 8)
+    cfg = _cfg(architecture=arch, k=4, n_features=64, aux_k=32 if aux == "all dead" else 16)
     plain = S.SAE(cfg)
     with torch.no_grad():
         plain.b_dec.normal_()
