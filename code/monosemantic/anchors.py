@@ -4,8 +4,8 @@ These are the only numbers in the book that our code does not compute: they are 
 repository and Anthropic's paper state, and the chapters print them beside ours. Sources:
 ``ward``: jnward/monosemanticity-repro ("Monosemanticity at Home"), its README, code and logged training
 run (``WARD_SOURCES`` gives the file and notebook cell of each fact); ``bricken``: Bricken et al. 2023,
-"Towards Monosemanticity" (transformer-circuits.pub). The figures are collected in ``shared/ANCHORS.md`` §A
-and §B.
+"Towards Monosemanticity" (transformer-circuits.pub; ``BRICKEN_SOURCES`` names the section of each). The
+figures are collected in ``shared/ANCHORS.md`` §A and §B.
 """
 
 from __future__ import annotations
@@ -64,6 +64,28 @@ WARD: dict[str, object] = {
     "ratings_llm_mean_features": 3.41,  # figure legend (an image output)
     "ratings_llm_median_features": 3.0,  # printed: np.median(a_scores)
     "sae_compute": "float32 on an Apple-silicon GPU (`device = 'mps'`)",
+    # --- the logged training run itself (cell 11's progress bars and resampling printouts) ---
+    "sae_log_last_step": 95_000,  # the last progress line and resampling check printed (of 100,000 steps)
+    "sae_dead_peak": 0.7285,  # "72.85% of neurons are considered dead", the largest share printed ...
+    "sae_dead_peak_step": 8_000,  # ... at the check after step 8,000
+    # The checkpoint evaluated below the training cell: cell 19 saves the trained SAE to
+    # models/neuron_resampling_test_5_0.004-896-1e-4-1000-1000000_scratch_4096.pt (only if no such file
+    # exists), and cell 20 loads another file, ..._test_6_0.003-..., so the notebook does not show that the
+    # SAE it evaluates (CE loss, L0, ratings) is the one whose training it logs.
+    "sae_checkpoint_saved": "neuron_resampling_test_5_0.004-896-1e-4-1000-1000000_scratch_4096.pt",
+    "sae_checkpoint_loaded": "neuron_resampling_test_6_0.003-896-1e-4-1000-1000000_scratch_4096.pt",
+    # The units' contexts for both kinds of rating (cells 36, 42): 16,000 batches of 16 training sequences
+    # (train_path), 4 random positions per sequence; a unit fires where it exceeds 1e-5; each firing is kept
+    # with a 9-token window (4 tokens either side), but only a unit's first 511 firings are kept; a unit is
+    # shown if it fired on at least 100 of the sampled positions, as the 10 strongest of those kept (token,
+    # window) pairs; units come in index order.
+    "ratings_context_before": 4,
+    "ratings_context_after": 4,
+    "ratings_positions_per_sequence": 4,
+    "ratings_sampled_positions": 16_000 * 16 * 4,
+    "ratings_min_firings": 100,
+    "ratings_kept_firings": 511,
+    "ratings_shown": 10,
 }
 
 # Where each of WARD's facts is written (repository jnward/monosemanticity-repro; notebook cells by 0-based
@@ -95,6 +117,18 @@ WARD_SOURCES: dict[str, str] = {
     "ratings_llm_mean_features": "neuron_resampling.ipynb cells 46 and 51 (figure legend)",
     "ratings_llm_median_features": "neuron_resampling.ipynb cell 47",
     "sae_compute": "neuron_resampling.ipynb cell 0",
+    "sae_log_last_step": "neuron_resampling.ipynb cell 11 (last progress line: 95000/100000)",
+    "sae_dead_peak": "neuron_resampling.ipynb cell 11 (resampling printout after step 8,000)",
+    "sae_dead_peak_step": "neuron_resampling.ipynb cell 11",
+    "sae_checkpoint_saved": "neuron_resampling.ipynb cell 19 (torch.save under `if not os.path.exists(path)`)",
+    "sae_checkpoint_loaded": "neuron_resampling.ipynb cell 20 (torch.load)",
+    "ratings_context_before": "neuron_resampling.ipynb cell 36 (context = row[max(j-4, 0):j+5])",
+    "ratings_context_after": "neuron_resampling.ipynb cell 36",
+    "ratings_positions_per_sequence": "neuron_resampling.ipynb cell 36 (samples_per_row = 4)",
+    "ratings_sampled_positions": "neuron_resampling.ipynb cell 36 (num_iters = 16000, batch_size = 16)",
+    "ratings_min_firings": "neuron_resampling.ipynb cells 37 and 42 (`if count < 100: continue`)",
+    "ratings_kept_firings": "neuron_resampling.ipynb cell 36 (`if feature_dict[a_idx][0] < 512`)",
+    "ratings_shown": "neuron_resampling.ipynb cell 42 (ctxs[:10])",
 }
 
 BRICKEN: dict[str, object] = {
@@ -106,4 +140,35 @@ BRICKEN: dict[str, object] = {
     "features": ("Arabic script", "DNA", "base64", "Hebrew", "HTTP requests", "legal text", "nutrition statements"),
     "arabic_token_share": 0.0013,  # Arabic is 0.13% of training tokens ...
     "arabic_feature_share": 0.81,  # ... but 81% of the tokens on which the Arabic feature fires
+    # Evaluations of run A/1 as we read the paper (shared/ANCHORS.md section B; BRICKEN_SOURCES says where)
+    "ce_loss_recovered_a1": 0.79,  # share of the MLP's loss reduction recovered (vs zero-ablating the MLP)
+    "ce_loss_recovered_a5": 0.945,  # run A/5, 131,072 features
+    "dead_a1": 168,  # about 168 of A/1's 4,096 features dead
+    "rubric_median_features": 12,  # human rubric on randomly sampled activation intervals: median score ...
+    "rubric_median_neurons": 0,  # ... 12 for features against 0 for neurons
+    "logit_test_features": 0.74,  # automated logit-weight test: share of features passing ...
+    "logit_test_neurons": 0.58,  # ... against neurons (chance 50%)
+    "logit_test_chance": 0.50,
+    # feature-density histograms: above about this density a feature is suspect (too broad), as the
+    # ultra-low cluster is at the other end
+    "density_high_warning": 1e-2,
+}
+
+BRICKEN_SOURCES: dict[str, str] = {
+    "lm_train_tokens": "section 'Problem Setup' (the one-layer transformer, 100B tokens of the Pile)",
+    "sae_n_features": "section 'Problem Setup' (run A/1)",
+    "sae_widths": "section 'Feature Splitting' (runs A/0 to A/5)",
+    "sae_train_activations": "section 'Problem Setup' (8 billion activations)",
+    "features": "section 'Detailed Investigations of Individual Features' and the feature browser",
+    "arabic_token_share": "section 'Arabic Script Feature'", "arabic_feature_share": "section 'Arabic Script Feature'",
+    "ce_loss_recovered_a1": "section 'How Much of the Model Does Our Dictionary Explain?'",
+    "ce_loss_recovered_a5": "section 'How Much of the Model Does Our Dictionary Explain?'",
+    "dead_a1": "appendix on dead and ultralow-density features",
+    "rubric_median_features": "section 'Interpretability', manual rubric scores of activation intervals",
+    "rubric_median_neurons": "section 'Interpretability', manual rubric scores of activation intervals",
+    "logit_test_features": "section 'Interpretability', automated interpretability of logit weights",
+    "logit_test_neurons": "section 'Interpretability', automated interpretability of logit weights",
+    "logit_test_chance": "section 'Interpretability', automated interpretability of logit weights",
+    "density_high_warning": "the feature-density discussion of the dictionary-learning appendix (as read by "
+                            "our referee; not checked against the page here)",
 }

@@ -11,6 +11,11 @@ For one child ``u`` and ``n`` independent random parents, the cosines ``<u, p_i>
 each is distributed as ``2 B - 1`` with ``B ~ Beta((d-1)/2, (d-1)/2)`` (the first coordinate of a uniform
 point on the sphere S^{d-1}), so the largest has CDF ``F(t)^n``: :func:`max_cosine_quantile` gives its
 quantiles exactly; :func:`random_parent_cosines` simulates the same statistic the chapters compute.
+
+Dead features are counted differently by different codes: ours calls a feature dead when it never fires on
+the held-out density sample (a million activations), the anchor's notebook when it fires on none of 11
+fresh batches of 896 inputs. :func:`dead_by_check` turns measured densities into what such a small check
+would count, so the two can be compared on the same dictionary.
 """
 
 from __future__ import annotations
@@ -83,3 +88,14 @@ def splitting_baseline(pairs: list[tuple[int, int]], d: int, seed: int = 0, max_
                      "median_exact": max_cosine_quantile(0.5, d, parent_width),
                      "q_exact": max_cosine_quantile(q, d, parent_width)})
     return pd.DataFrame(rows)
+
+
+def dead_by_check(density: np.ndarray, n_inputs: int) -> float:
+    """The expected share of features that a dead-feature check over ``n_inputs`` independent inputs counts
+    as dead (no firing on any of them), for features that fire with probabilities ``density`` (n_features,):
+    the mean of ``(1 - p) ** n_inputs``. A never-firing feature counts 1, one firing everywhere 0; a feature
+    with density 1 / n_inputs is missed about 37% of the time."""
+    p = np.clip(np.asarray(density, dtype=np.float64), 0.0, 1.0)
+    if n_inputs < 0:
+        raise ValueError(f"n_inputs must be >= 0, got {n_inputs}")
+    return float(np.mean(np.power(1.0 - p, n_inputs))) if p.size else float("nan")

@@ -65,3 +65,52 @@ def test_anchor_manual_ratings_match_their_figure():
     assert len(neurons) + len(features) == w["ratings_manual_n"]  # "Manual Interpretability Scores (N = 100)"
     assert round(float(np.mean(neurons)), 2) == 2.19 and round(float(np.mean(features)), 2) == 4.08  # legend
     assert set(neurons) | set(features) <= {1, 2, 3, 4, 5}
+
+
+def test_dead_by_check_known_answers():
+    # never firing: always dead; firing everywhere: never; p = 1/2 over 3 inputs: missed 1/8 of the time
+    assert baselines.dead_by_check(np.array([0.0, 1.0]), 10) == pytest.approx(0.5)
+    assert baselines.dead_by_check(np.array([0.5]), 3) == pytest.approx(0.125)
+    # the anchor's check: 11 batches of 896 inputs; a feature at density 1/n is missed ~1/e of the time
+    n = anchors.WARD["sae_dead_check_inputs"] // anchors.WARD["sae_batch_size"] * anchors.WARD["sae_batch_size"]
+    assert n == 9856
+    assert baselines.dead_by_check(np.array([1 / n]), n) == pytest.approx(np.exp(-1), abs=1e-4)
+    assert baselines.dead_by_check(np.array([0.3, 0.0]), 0) == 1.0  # no inputs: nothing is seen firing
+    with pytest.raises(ValueError):
+        baselines.dead_by_check(np.array([0.1]), -1)
+
+
+def test_chapter_percentages_keep_small_shares():
+    from monosemantic import chapter
+
+    assert chapter.pct(0.0039) == "0.4%" and chapter.pct(0.00049) == "0.05%"
+    assert chapter.pct(0.0) == "0%" and chapter.pct(0.318) == "32%" and chapter.pct(0.05) == "5%"
+    assert chapter.pct(0.99527, 2) == "99.53%"
+    assert chapter.interval(0.5, 0.4, 0.6, "{:.1f}") == "0.5 [0.4, 0.6]"
+    assert chapter.interval(0.5, float("nan"), 0.6, "{:.1f}") == "0.5"
+    assert chapter.interval_pct(0.99321, 0.9921, 0.9945, 2) == "99.32% [99.21, 99.45]"
+
+
+def test_bricken_facts_have_sources():
+    assert set(anchors.BRICKEN_SOURCES) <= set(anchors.BRICKEN)
+    assert set(anchors.WARD_SOURCES) <= set(anchors.WARD)
+    b = anchors.BRICKEN
+    assert b["logit_test_features"] > b["logit_test_neurons"] > b["logit_test_chance"]
+    assert 0 < b["dead_a1"] < b["sae_n_features"]
+
+
+def test_neuron_baselines_bracket_an_sae_by_measured_l0():
+    import pandas as pd
+
+    from monosemantic import chapter
+
+    rows = [("topk", "l0", 24.0), ("neurons-top8", "l0", 8.0), ("neurons-top24", "l0", 21.2),
+            ("neurons-top32", "l0", 25.3), ("topk", "fvu", 0.03), ("neurons-top32", "fvu", 0.025)]
+    frame = pd.DataFrame([{"sae": s, "metric": m, "value": v, "low": v - 0.001, "high": v + 0.001}
+                          for s, m, v in rows]).set_index(["sae", "metric"]).sort_index()
+    assert [b[1] for b in chapter.neuron_baselines(frame)] == [8, 24, 32]
+    lo, hi = chapter.bracket(frame, "topk")
+    assert (lo[1], hi[1]) == (24, 32)  # top-24 keeps fewer than 24 on average: below the SAE's L0
+    assert chapter.versus(chapter.heldout_value(frame, "topk", "fvu"),
+                          chapter.heldout_value(frame, "neurons-top32", "fvu")) == "higher"
+    assert chapter.versus((1.0, 0.9, 1.1), (1.05, 1.0, 1.2)) == "indistinguishable"

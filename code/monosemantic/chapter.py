@@ -1,0 +1,133 @@
+"""Small helpers the book's chapters share: number formatting, artifacts that may not be in the cache yet,
+and the tables of ``sae/<profile>-heldout`` and ``analysis/<profile>-features`` read into one shape.
+
+Chapters only read the cache; these helpers compute nothing that a stage does not already store.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from . import store
+
+# The unit sets of analysis/<profile>-features as the chapters name them, in the order they show them.
+UNIT_SETS: dict[str, str] = {"neurons": "neurons", "topk": "TopK features", "anchor": "anchor-fixed features",
+                             "random": "random dictionary", "random-model": "SAE on a random LM"}
+SCORE_NAMES: dict[str, str] = {"specificity": "specific", "sim_corr": "simulation", "detection": "detection",
+                               "explain_corr": "all-token correlation"}  # as table columns
+SCORE_PROSE: dict[str, str] = {"specificity": "specificity", "sim_corr": "simulation", "detection": "detection",
+                               "explain_corr": "the all-token correlation"}  # "by ..." in a sentence
+
+
+def pct(v: float, digits: int | None = None) -> str:
+    """``v`` as a percentage. With ``digits`` None: no decimals, except for a small non-zero share, which
+    keeps one or two significant digits rather than printing as 0% (0.0039 -> 0.4%)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if digits is None:
+        p = abs(100 * v)
+        digits = 0 if p == 0 or p >= 1 else 1 if p >= 0.1 else 2
+    return f"{100 * v:.{digits}f}%"
+
+
+def interval(value: float, low: float, high: float, fmt: str = "{:.3f}") -> str:
+    """``value [low, high]`` in one format (``fmt``: a str.format pattern or a callable)."""
+    f = fmt if callable(fmt) else fmt.format
+    if low is None or high is None or any(isinstance(x, float) and math.isnan(x) for x in (low, high)):
+        return f(value)
+    return f"{f(value)} [{f(low)}, {f(high)}]"
+
+
+def interval_pct(value: float, low: float, high: float, digits: int = 1) -> str:
+    """A share and its interval as percentages, the unit written once: ``99.3% [99.2, 99.4]``."""
+    if any(x is None or (isinstance(x, float) and math.isnan(x)) for x in (low, high)):
+        return f"{100 * value:.{digits}f}%"
+    return f"{100 * value:.{digits}f}% [{100 * low:.{digits}f}, {100 * high:.{digits}f}]"
+
+
+class Optional(NamedTuple):
+    """An artifact a chapter can do without: the artifact (None when it cannot be read) and one sentence
+    saying why it is absent or how it was read ("" when it was read normally)."""
+
+    art: Any
+    note: str
+
+
+def optional(stage: str, profile: str, name: str, command: str | None = None, **kwargs: Any) -> Optional:
+    """:func:`store.load` for an artifact that may not be in the cache yet. Missing or corrupt: ``art`` None
+    and a sentence naming the command that makes it (``command``, else the stage's). Stale only because an
+    upstream artifact has changed since: read anyway (its own files verified), with a sentence naming the
+    upstream artifacts that differ, so that the chapter can say what the numbers were made from."""
+    try:
+        return Optional(store.load(stage, profile, name, **kwargs), "")
+    except store.CacheError as e:
+        message = str(e)
+        if "was made from a different" not in message:
+            key = store.artifact_key(stage, profile, name)
+            command = command or store.regenerate_command(stage, profile)
+            return Optional(None, f"`{key}` is not in this cache yet (made by `{command}`), so this part is "
+                                  "left out.")
+    art = store.load(stage, profile, name, check_inputs=False, **kwargs)
+    changed = ", ".join(f"`{k}`" for k in changed_inputs(art))
+    return Optional(art, f"`{art.key}` was made from earlier versions of {changed}.")
+
+
+def changed_inputs(art) -> list[str]:
+    """The upstream artifacts of ``art`` whose content in the cache now differs from what it was made from
+    (absent upstream artifacts are not counted)."""
+    out = []
+    for key, content_hash in art.manifest.get("inputs", {}).items():
+        stage, rest = key.split("/", 1)
+        profile, name = rest.split("-", 1)
+        try:
+            up = store.load(stage, profile, name, verify=False, check_inputs=False)
+        except store.CacheError:
+            continue
+        if up.content_hash != content_hash:
+            out.append(key)
+    return out
+
+
+def heldout_frame(art) -> Any:
+    """``sae/<profile>-heldout``'s ``heldout.parquet`` as one row per (sae, metric) with value, low and high,
+    indexed by (sae, metric)."""
+    import pandas as pd
+
+    return pd.read_parquet(art.file("heldout.parquet")).set_index(["sae", "metric"]).sort_index()
+
+
+def has_controls(analysis_art) -> bool:
+    """Whether an ``analysis/<profile>-features`` artifact holds the controls (its tables ``density_bins``
+    and ``density_matched``, and the simulation and detection scores): analysis version 2 and later."""
+    return "density_bins.parquet" in analysis_art.manifest.get("files", {})
+
+
+def heldout_value(frame, sae: str, metric: str) -> tuple[float, float, float]:
+    """(value, low, high) of one metric of one SAE (or neuron baseline) of :func:`heldout_frame`."""
+    r = frame.loc[(sae, metric)]
+    return float(r.value), float(r.low), float(r.high)
+
+
+def neuron_baselines(frame) -> list[tuple[str, int, float]]:
+    """The neuron top-k baselines of a held-out evaluation as (name, k, measured L0), by L0. A baseline's L0
+    is at most k: where fewer than k neurons fire on a token, it keeps fewer."""
+    names = [s for s in frame.index.get_level_values(0).unique() if s.startswith("neurons-top")]
+    return sorted(((s, int(s.removeprefix("neurons-top")), heldout_value(frame, s, "l0")[0]) for s in names),
+                  key=lambda t: t[2])
+
+
+def bracket(frame, sae: str | float) -> tuple[Any, Any]:
+    """The neuron baselines just below and just above ``sae``'s L0 (or an L0 given as a number): entries of
+    :func:`neuron_baselines`, None where there is none; the fair comparison at equal sparsity."""
+    l0 = float(sae) if isinstance(sae, (int, float)) else heldout_value(frame, sae, "l0")[0]
+    base = neuron_baselines(frame)
+    below = [b for b in base if b[2] <= l0]
+    above = [b for b in base if b[2] > l0]
+    return (below[-1] if below else None), (above[0] if above else None)
+
+
+def versus(a: tuple[float, float, float], b: tuple[float, float, float]) -> str:
+    """'lower' or 'higher' when interval ``a`` (value, low, high) lies wholly below or above ``b``, else
+    'indistinguishable'."""
+    return "lower" if a[2] < b[1] else "higher" if a[1] > b[2] else "indistinguishable"
