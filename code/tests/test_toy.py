@@ -42,7 +42,9 @@ def test_synthetic_data_has_the_requested_sparsity_and_spread():
 
 
 def test_dictionary_scores_know_a_perfect_dictionary():
-    truth = torch.nn.functional.normalize(torch.randn(20, 8), dim=1)
+    truth = torch.nn.functional.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    off = (truth @ truth.T).abs() - torch.eye(20)
+    assert off.max() < 0.9  # no two true directions count as duplicates of each other (unseeded, they could)
     learned = torch.cat([truth * 3, truth[:2]])  # scale does not matter; two duplicates
     s = T._dictionary_scores(learned, truth, 0.9)
     assert s["recovered"] == 1.0 and abs(s["mean_max_cos"] - 1) < 1e-5
