@@ -123,7 +123,9 @@ DTYPE_CACHE_ENV = "MONOSEMANTIC_DTYPE_CACHE"
 Shape = tuple[int, int, int]  # (m, k, n) of one (m, k) @ (k, n) product
 
 _decisions: dict[str, dict] = {}  # what this process decided, by stage label: goes into every manifest
-_memo: dict[str, dict] = {}  # key -> entry, so a forward pass asking every call costs a dict lookup
+# (device, threads, shapes) -> (entry, decision): a forward pass that asks on every call costs a dict lookup,
+# not a machine description and a file read
+_memo: dict[tuple, tuple[dict, dict]] = {}
 
 
 def dtype_cache_path() -> Path:
@@ -174,25 +176,31 @@ def auto_dtype(label: str, shapes: Sequence[Shape], device="cpu", *, measure=Non
     if dev == "cuda":
         dev = "cuda:0"
     shapes = [tuple(int(v) for v in s) for s in shapes]
-    machine = slug_text(f"gpu-{cuda_device()}") if dev.startswith("cuda") else slug()
-    key = f"{machine}|{dev}|torch {torch.__version__}|threads {torch.get_num_threads()}|{shapes}"
-    entry = _memo.get(key) if measure is None else None
-    if entry is None and measure is None:
-        path = dtype_cache_path()
-        known = _read_json(path)
-        entry = known.get(key)
-    if entry is None:
-        timer = measure or measure_matmuls
-        fp32 = float(timer(shapes, torch.float32, dev))
-        bf16 = float(timer(shapes, torch.bfloat16, dev))
-        entry = {"dtype": "bfloat16" if bf16 * BF16_MIN_SPEEDUP <= fp32 else "float32",
-                 "fp32_s": fp32, "bf16_s": bf16, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    memo_key = (dev, torch.get_num_threads(), tuple(shapes))
+    known_entry = _memo.get(memo_key) if measure is None else None
+    if known_entry is None:
+        machine = slug_text(f"gpu-{cuda_device()}") if dev.startswith("cuda") else slug()
+        key = f"{machine}|{dev}|torch {torch.__version__}|threads {torch.get_num_threads()}|{shapes}"
+        entry = None
         if measure is None:
-            known[key] = entry
-            _write_json(path, known)
-    if measure is None:
-        _memo[key] = entry
-    _decisions[label] = {"device": dev, "shapes": [list(s) for s in shapes], **entry}
+            path = dtype_cache_path()
+            known = _read_json(path)
+            entry = known.get(key)
+        if entry is None:
+            timer = measure or measure_matmuls
+            fp32 = float(timer(shapes, torch.float32, dev))
+            bf16 = float(timer(shapes, torch.bfloat16, dev))
+            entry = {"dtype": "bfloat16" if bf16 * BF16_MIN_SPEEDUP <= fp32 else "float32",
+                     "fp32_s": fp32, "bf16_s": bf16, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if measure is None:
+                known[key] = entry
+                _write_json(path, known)
+        known_entry = (entry, {"device": dev, "shapes": [list(s) for s in shapes], **entry})
+        if measure is None:
+            _memo[memo_key] = known_entry
+    entry, decision = known_entry
+    if _decisions.get(label) is not decision:
+        _decisions[label] = decision
     return torch.bfloat16 if entry["dtype"] == "bfloat16" else torch.float32
 
 
