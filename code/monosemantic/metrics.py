@@ -155,8 +155,11 @@ def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequen
     device = next(model.parameters()).device
     cast = resolve_dtype(dtype, device, model)
 
-    # pass 1: the activations' width, finiteness, mean and total variance (float64 sums)
+    # pass 1: the activations' width, finiteness, mean and total variance (float64 sums, kept per window too:
+    # each window's squared deviation from the mean follows from them once the mean is known)
     n_tok, total, sq = 0, None, None
+    win_sum: list[Tensor] = []  # (B, d) per batch: each window's sum of activations
+    win_sq: list[Tensor] = []  # (B,) per batch: each window's sum of squared norms
     with forward_dtype(model, cast):
         for x, _ in windows:
             acts = model.run_with_cache(x.to(device), [hook])[hook]  # (B, T, d)
@@ -166,10 +169,12 @@ def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequen
                                        f"{acts.shape[-1]}; evaluate it on the hook it was trained on")
             if not torch.isfinite(acts).all():
                 raise MetricsError(f"activations at {hook} contain NaN or inf; check the model's weights")
-            flat = acts.reshape(-1, acts.shape[-1]).double()  # (B*T, d)
-            total = flat.sum(0) if total is None else total + flat.sum(0)
-            sq = flat.pow(2).sum() if sq is None else sq + flat.pow(2).sum()
-            n_tok += flat.shape[0]
+            windowed = acts.double()  # (B, T, d)
+            win_sum.append(windowed.sum(1).cpu())
+            win_sq.append(windowed.pow(2).sum((1, 2)).cpu())
+            total = win_sum[-1].sum(0) if total is None else total + win_sum[-1].sum(0)
+            sq = win_sq[-1].sum() if sq is None else sq + win_sq[-1].sum()
+            n_tok += acts.shape[0] * acts.shape[1]
     mean = total / n_tok  # (d,)
     variance_sum = float(sq - n_tok * mean.pow(2).sum())  # sum over tokens of |x - mean|^2
     mean_act = mean.float().to(device)
@@ -210,13 +215,13 @@ def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequen
     ablations = {"zero": lambda h, name: torch.zeros_like(h),
                  "mean": lambda h, name: mean_act.to(h.dtype).expand_as(h)}
     splices = [splice_with(j) for j in range(len(saes))]
-    mean64 = mean.to(device)
     with forward_dtype(model, cast):
-        for x, y in windows:
+        for (x, y), s, q in zip(windows, win_sum, win_sq, strict=True):
             x, y = x.to(device), y.to(device)
-            shared["tokens"].append(torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64))
-            h = model.run_with_cache(x, [hook])[hook]  # (B, T, d)
-            shared["centred"].append((h.double() - mean64).pow(2).reshape(x.shape[0], -1).sum(1).cpu())
+            T = x.shape[1]
+            shared["tokens"].append(torch.full((x.shape[0],), float(T), dtype=torch.float64))
+            # sum over a window's tokens of |x - mean|^2 = sum |x|^2 - 2 mean . sum x + T |mean|^2
+            shared["centred"].append(q - 2 * (s @ mean.cpu()) + T * mean.pow(2).sum().cpu())
             shared["loss_orig"].append(token_losses(x, y))
             for key, fn in ablations.items():
                 with model.hooks({hook: fn}):
