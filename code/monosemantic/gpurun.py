@@ -74,6 +74,7 @@ import torch
 from .config import StageConfig, UserError, cache_dir, work_dir
 from .harvest import ArraySource, harvest_to_disk, open_rows, random_windows, sequential_windows
 from .sae import SAE, SAEConfig
+from .store import sha256_file
 
 PACK_DIR = ".gpu-ch3"
 """The packed inputs (ignored; the device call carries it)."""
@@ -93,12 +94,6 @@ CHECKPOINT_EVERY = 5000
 
 class GPURunError(UserError):
     """A pack, an unpacked cache or a returned folder that does not check out; one line."""
-
-
-def _sha256(path: Path) -> str:
-    from .store import sha256_file
-
-    return sha256_file(path)
 
 
 def _log(prefix: str = "") -> Callable[[str], None]:
@@ -204,7 +199,7 @@ def pack(profile: str, out: Path, *, reference_rows: int = 2048, saes: tuple[str
             "git_commit": store.git_commit(), "harvest": hcfg.to_dict(), "harvest_batch": harvest_batch(),
             "windows": int(len(starts)), "reference_rows": reference_rows, "lm": lm_art.content_hash,
             "tokens": {"name": prof.corpus.name, "content_hash": tok_art.content_hash, "train_tokens": len(train),
-                       "val_tokens": len(val), "val_sha256": _sha256(val.path)},
+                       "val_tokens": len(val), "val_sha256": sha256_file(val.path)},
             "saes": sae_hashes, "parts": {},
         }
         for part, members in parts.items():
@@ -213,7 +208,7 @@ def pack(profile: str, out: Path, *, reference_rows: int = 2048, saes: tuple[str
             if size > PART_LIMIT:
                 raise GPURunError(f"{part} is {size / 2**20:.1f} MiB, over the {PART_LIMIT / 2**20:.0f} MiB a part "
                                   "may be; pack fewer SAEs (--saes)")
-            manifest["parts"][part] = {"sha256": _sha256(out / part), "bytes": size}
+            manifest["parts"][part] = {"sha256": sha256_file(out / part), "bytes": size}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(p["bytes"] for p in manifest["parts"].values())
     log(f"packed {len(parts)} parts, {total / 2**20:.1f} MiB, into {out} in {time.perf_counter() - start:.0f} s")
@@ -240,7 +235,7 @@ def unpack(pack_dir: Path, cache: Path, log: Callable[[str], None] = print) -> d
         return manifest
     for part, entry in manifest["parts"].items():
         path = pack_dir / part
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise GPURunError(f"{path} is missing or does not match the pack's manifest (sha256); pack again")
     cache.mkdir(parents=True, exist_ok=True)
     for part in manifest["parts"]:
@@ -248,7 +243,7 @@ def unpack(pack_dir: Path, cache: Path, log: Callable[[str], None] = print) -> d
             tar.extractall(cache, filter="data")
     profile, tok = manifest["profile"], manifest["tokens"]
     tok_dir = cache / "work" / "tokens" / f"{profile}-{tok['name']}"
-    if _sha256(tok_dir / "val.bin") != tok["val_sha256"]:
+    if sha256_file(tok_dir / "val.bin") != tok["val_sha256"]:
         raise GPURunError("the unpacked val.bin does not match its sha256")
     inputs = np.load(cache / "work" / "gpu-inputs" / "windows.npz")
     starts, ids = inputs["starts"], inputs["ids"]
@@ -532,16 +527,6 @@ def _to_device(rows: np.ndarray, device: str, chunk: int = 1 << 20) -> torch.Ten
     return out
 
 
-@torch.no_grad()
-def feature_density(sae: SAE, rows: torch.Tensor) -> torch.Tensor:
-    """``sae_train.feature_density`` on rows held on the SAE's device: (n_features,) float64 on the CPU."""
-    chunk = max(1024, 2**28 // sae.cfg.n_features)  # (chunk, n_features) latents: 1 GiB in float32
-    fires = torch.zeros(sae.cfg.n_features, dtype=torch.float64, device=rows.device)
-    for part in rows.split(chunk):
-        fires += (sae.encode(part.float()) > 0).sum(0).double()
-    return (fires / rows.shape[0]).cpu()
-
-
 def staging(profile: str, name: str) -> Path:
     return work_dir() / "sae" / profile / "gpu-runs" / name
 
@@ -606,7 +591,7 @@ def train_job(job: Job, ctx: Context, plan: PlanConfig, *, deadline: float, stat
     fold_scale(sae, job.scale)
     t_eval = time.perf_counter()
     result = metrics.run_evaluation(ctx.model, sae, ctx.windows)  # model and SAE on the device, float32
-    density = feature_density(sae, ctx.val)
+    density = metrics.feature_density(sae, ctx.val)  # rows held on the SAE's device
     out: dict[str, Any] = dict(result.metrics)
     out["dead_fraction"] = float((density == 0).double().mean())
     out["ultralow_fraction"] = float((density < metrics.ULTRALOW_DENSITY).double().mean())
