@@ -194,7 +194,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     from . import store, tokenizer
     from .analysis import FAMILY_NAMES, N_VOCAB
     from .data import TokenDataset
-    from .harvest import HOOK
+    from .harvest import HOOK, split_windows, spread_rows, window_batches
     from .intervals import bootstrap, group_sums, window_documents
     from .lm import load_pretrained
 
@@ -220,18 +220,16 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
 
     data = TokenDataset.open(profile, "val")
     seq = model.config.context_length
-    n_all = (len(data.tokens) - 1) // seq
-    all_x = torch.from_numpy(np.asarray(data.tokens[: n_all * seq + 1]).astype(np.int64))
-    inputs_all, targets_all = all_x[:-1].view(n_all, seq), all_x[1:].view(n_all, seq)  # (n_all, seq)
+    inputs_all, targets_all = split_windows(data.tokens, seq)  # (n_all, seq) each
+    n_all = len(inputs_all)
     docs_all = window_documents(data.tokens, np.arange(n_all) * seq, data.eot_id)
     fires_all = firing_counts(model, sae, HOOK, inputs_all, [int(u["unit"]) for u in picks], cfg.batch_windows)
 
     def batches(rows: np.ndarray):
         rows = np.sort(rows)
-        return ([(inputs_all[rows[i:i + cfg.batch_windows]], targets_all[rows[i:i + cfg.batch_windows]])
-                 for i in range(0, len(rows), cfg.batch_windows)], docs_all[rows])
+        return window_batches(inputs_all, targets_all, rows, cfg.batch_windows), docs_all[rows]
 
-    spread = np.unique(np.linspace(0, n_all - 1, min(cfg.eval_windows, n_all)).round().astype(np.int64))
+    spread = spread_rows(n_all, cfg.eval_windows)
     windows, docs = batches(spread)
     n_windows = len(spread)
     randoms = random_directions(sae.cfg.d_in, cfg.n_random, cfg.seed)

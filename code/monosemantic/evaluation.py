@@ -102,6 +102,7 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
     from . import sae as sae_mod
     from . import store
     from .data import TokenDataset
+    from .harvest import split_windows, spread_rows, window_batches
     from .intervals import window_documents
     from .lm import load_pretrained
     from .metrics import metric_intervals, run_evaluations
@@ -115,16 +116,12 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
     data = TokenDataset.open(profile, cfg.split)
     tokens = data.tokens
     seq_len = cfg.seq_len or model.config.context_length
-    n_all = (len(tokens) - 1) // seq_len
-    if n_all < 2:
+    x_all, y_all = split_windows(tokens, seq_len)  # (n_all, seq_len) each
+    if len(x_all) < 2:
         raise UserError(f"the {cfg.split} split holds {len(tokens)} tokens: too few for two windows of {seq_len}")
-    rows_at = (np.unique(np.linspace(0, n_all - 1, cfg.max_windows).round().astype(np.int64)) if cfg.max_windows
-               and cfg.max_windows < n_all else np.arange(n_all))
+    rows_at = spread_rows(len(x_all), cfg.max_windows)
     n_windows = len(rows_at)
-    stream = torch.from_numpy(np.asarray(tokens[: n_all * seq_len + 1]).astype(np.int64))
-    x_all, y_all = stream[:-1].view(n_all, seq_len), stream[1:].view(n_all, seq_len)  # (n_all, seq_len)
-    windows = [(x_all[rows_at[i:i + cfg.batch_windows]], y_all[rows_at[i:i + cfg.batch_windows]])
-               for i in range(0, n_windows, cfg.batch_windows)]
+    windows = window_batches(x_all, y_all, rows_at, cfg.batch_windows)
     docs = window_documents(tokens, rows_at * seq_len, data.eot_id)
     arts = [store.load("sae", profile, name) for name in names]
     saes = [sae_mod.load(art.path, device=device).eval() for art in arts]

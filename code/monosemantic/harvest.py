@@ -103,6 +103,27 @@ def random_windows(tokens: np.ndarray, seq_len: int, seed: int = 0, batch: int =
         yield ids, starts
 
 
+def split_windows(tokens: np.ndarray, seq_len: int) -> tuple[Tensor, Tensor]:
+    """Every whole window of ``seq_len`` consecutive tokens of a split, from its start, with next-token
+    targets: ``(x, y)``, each (n_windows, seq_len) int64 (views of one copy of the tokens)."""
+    n = (len(tokens) - 1) // seq_len
+    stream = torch.from_numpy(np.asarray(tokens[: n * seq_len + 1]).astype(np.int64))
+    return stream[:-1].view(n, seq_len), stream[1:].view(n, seq_len)
+
+
+def spread_rows(n_all: int, n: int) -> np.ndarray:
+    """Indices of ``n`` of ``n_all`` windows spread evenly from first to last (every one when ``n`` is 0 or at
+    least ``n_all``), so that every part of a split is represented."""
+    if n <= 0 or n >= n_all:
+        return np.arange(n_all)
+    return np.unique(np.linspace(0, n_all - 1, n).round().astype(np.int64))
+
+
+def window_batches(x: Tensor, y: Tensor, rows: np.ndarray, batch: int) -> list[tuple[Tensor, Tensor]]:
+    """Rows ``rows`` of :func:`split_windows`' ``(x, y)`` in batches of ``batch`` windows, in the given order."""
+    return [(x[rows[i:i + batch]], y[rows[i:i + batch]]) for i in range(0, len(rows), batch)]
+
+
 def sequential_windows(tokens: np.ndarray, seq_len: int, n_windows: int, batch: int = 32,
                        start: int = 0) -> list[tuple[Tensor, Tensor]]:
     """Consecutive, non-overlapping windows from token ``start`` with their next-token targets, for

@@ -117,3 +117,15 @@ def test_bf16_forward_is_close_and_the_models_dtype_is_restored_even_on_error():
         assert model.config.dtype == "bfloat16"
         raise RuntimeError
     assert model.config.dtype == "float32"
+
+
+def test_split_windows_spread_rows_and_window_batches():
+    from monosemantic.harvest import split_windows, spread_rows, window_batches
+
+    tokens = np.arange(11, dtype=np.uint16)
+    x, y = split_windows(tokens, 3)  # 10 usable inputs: three whole windows
+    assert x.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]] and y.tolist() == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert spread_rows(10, 4).tolist() == [0, 3, 6, 9]
+    assert spread_rows(10, 0).tolist() == spread_rows(10, 12).tolist() == list(range(10))
+    batches = window_batches(x, y, np.array([2, 0, 1]), batch=2)
+    assert [b[0][:, 0].tolist() for b in batches] == [[6, 0], [3]]
