@@ -31,6 +31,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("export-sae", "monosemantic.sae_train:ExportCommand", "write a committed SAE in SAELens's on-disk format"),
     ("evaluate", "monosemantic.evaluation",
      "every committed SAE on the whole held-out split, with 95% intervals over documents"),
+    ("heldout", "monosemantic.heldout",
+     "the held-out windows for unit-level claims: never-seen text of every corpus source (>= 5M tokens)"),
     ("analyze", "monosemantic.analysis",
      "features and neurons measured alike: dashboards, logit effects, monosemanticity scores, splitting"),
     ("causal", "monosemantic.causal",

@@ -1151,6 +1151,59 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _source_streams(cfg: CorpusConfig, paths: dict[str, Path], used: dict[str, dict] | None = None
+                    ) -> tuple[list[tuple[SourceStats, Iterator[tuple[int, str, str]]]], list[dict[str, Any]]]:
+    """Each source's stats (empty) and its documents ``(key, id, text)`` in key order, in the order the build
+    reads them: the profile's registry sources as listed (their extracted text at ``paths``), then each
+    external spec's sub-sources by name. Also returns the external specs' info."""
+    streams: list[tuple[SourceStats, Iterator[tuple[int, str, str]]]] = []
+    external_info = []
+    for name, cap in cfg.sources:
+        if name not in SOURCE_BY_NAME:
+            continue
+        s = SOURCE_BY_NAME[name]
+        meta = json.loads(paths[name].with_suffix(".meta.json").read_text())
+        st = SourceStats(name, s.kind, s.licence, s.description,
+                         [used[p] for p in s.packages] if used is not None else [], cap, drops=meta["drops"])
+        streams.append((st, ((doc_key(cfg.seed, name, i), i, t) for i, t in read_extracted(paths[name]))))
+    for spec, cap in cfg.sources:
+        if spec in SOURCE_BY_NAME:
+            continue
+        groups, info = extract_external(spec, cfg)
+        external_info.append(info)
+        for name in sorted(groups):
+            st = SourceStats(name, "external", "see source", spec, [{"spec": spec, "sha256": info["sha256"]}],
+                             cap, drops=info["drops"])
+            streams.append((st, iter(groups[name])))
+    return streams, external_info
+
+
+def _kept_batches(st: SourceStats, stream: Iterator[tuple[int, str, str]], dedup: _Dedup, min_chars: int,
+                  size: int = 512) -> Iterator[list[tuple[int, str, str]]]:
+    """The documents of one source that survive deduplication and ``min_chars``, in batches of ``size`` (the
+    build tokenizes a batch at a time), counting candidates, duplicates and drops in ``st``. Every document of
+    a batch has been through ``dedup`` when the batch is yielded, even those after a cap the build reaches
+    inside it: a replay must consume the same batches to leave ``dedup`` as the build left it."""
+    while True:
+        batch = []
+        for key, doc_id, text in stream:
+            st.candidates += 1
+            text, removed = dedup(text)
+            if text is None:
+                st.duplicates += 1
+                continue
+            st.boilerplate_paragraphs += removed
+            if len(text.strip()) < min_chars:
+                st.drops["too-short-after-dedup"] = st.drops.get("too-short-after-dedup", 0) + 1
+                continue
+            batch.append((key, doc_id, text))
+            if len(batch) >= size:
+                break
+        if not batch:
+            return
+        yield batch
+
+
 def build(cfg: CorpusConfig, profile: str, *, accept_drift: bool = False, workers: int = 2,
           threads: int = 2, command: str | None = None) -> tuple[Any, Any]:
     """Build the corpus and its token shards; returns the (corpus, tokens) artifacts."""
@@ -1161,7 +1214,6 @@ def build(cfg: CorpusConfig, profile: str, *, accept_drift: bool = False, worker
     start = time.perf_counter()
     tok = load()
     internal = [(SOURCE_BY_NAME[n], cap) for n, cap in cfg.sources if n in SOURCE_BY_NAME]
-    external = [(n, cap) for n, cap in cfg.sources if n not in SOURCE_BY_NAME]
 
     # 1. packages
     used: dict[str, dict] = {}
@@ -1191,46 +1243,16 @@ def build(cfg: CorpusConfig, profile: str, *, accept_drift: bool = False, worker
     stats: list[SourceStats] = []
     selected: list[tuple[int, int, bool, np.ndarray]] = []  # (key, source index, is val, tokens)
     samples: list[dict[str, Any]] = []
-    external_info = []
-    streams: list[tuple[SourceStats, Iterator[tuple[int, str, str]]]] = []
-    for s, cap in internal:
-        meta = json.loads(paths[s.name].with_suffix(".meta.json").read_text())
-        st = SourceStats(s.name, s.kind, s.licence, s.description,
-                         [used[p] for p in s.packages], cap, drops=meta["drops"])
-        streams.append((st, ((doc_key(cfg.seed, s.name, i), i, t) for i, t in read_extracted(paths[s.name]))))
-    for spec, cap in external:
-        groups, info = extract_external(spec, cfg)
-        external_info.append(info)
-        for name in sorted(groups):
-            st = SourceStats(name, "external", "see source", spec, [{"spec": spec, "sha256": info["sha256"]}],
-                             cap, drops=info["drops"])
-            streams.append((st, iter(groups[name])))
+    streams, external_info = _source_streams(cfg, paths, used)
     t0 = time.perf_counter()
     bar = tqdm(total=cfg.target_tokens or None, unit="tok", unit_scale=True, desc="tokenize", mininterval=5,
                file=sys.stderr)
     for si, (st, stream) in enumerate(streams):
-        done = False
-        while not done:
-            batch = []
-            for key, doc_id, text in stream:
-                st.candidates += 1
-                text, removed = dedup(text)
-                if text is None:
-                    st.duplicates += 1
-                    continue
-                st.boilerplate_paragraphs += removed
-                if len(text.strip()) < cfg.min_chars:
-                    st.drops["too-short-after-dedup"] = st.drops.get("too-short-after-dedup", 0) + 1
-                    continue
-                batch.append((key, doc_id, text))
-                if len(batch) >= 512:
-                    break
-            if not batch:
-                break
+        for batch in _kept_batches(st, stream, dedup, cfg.min_chars):
             encoded = tok.encode_batch([t for _, _, t in batch], num_threads=threads)
             for (key, doc_id, text), ids in zip(batch, encoded, strict=True):
                 if st.cap and st.tokens >= st.cap:
-                    st.capped = done = True
+                    st.capped = True
                     break
                 arr = np.empty(len(ids) + 1, dtype=np.uint16)
                 arr[:-1] = ids
@@ -1247,6 +1269,8 @@ def build(cfg: CorpusConfig, profile: str, *, accept_drift: bool = False, worker
                     samples.append({"source": st.name, "kind": st.kind, "id": doc_id, "chars": len(text),
                                     "tokens": len(arr), "text": text[:1500]})
                 bar.update(len(arr))
+            if st.capped:
+                break
         stats.append(st)
         _log(f"{st.name}: {st.documents} docs, {st.tokens / 1e6:.2f}M tokens"
              + (f" (cap {st.cap / 1e6:.1f}M reached)" if st.capped else
@@ -1259,6 +1283,9 @@ def build(cfg: CorpusConfig, profile: str, *, accept_drift: bool = False, worker
     timings = {"extract_s": round(extract_s, 1), "tokenize_s": round(tokenize_s, 1)}
     corpus_art = _write_corpus_artifact(cfg, profile, stats, samples, external_info, command, timings, start)
     tokens_art = _write_tokens_artifact(cfg, profile, selected, corpus_art, command, tok, start)
+    write_document_sources(tokens_art.work_path, [st.name for st in stats],
+                           {split: np.array([si for _, si, v, _ in selected if v == (split == "val")], dtype=np.int64)
+                            for split in ("train", "val")})
     _log(f"corpus {profile}-{cfg.name}: {tokens_art.metrics['train_tokens'] / 1e6:.1f}M train + "
          f"{tokens_art.metrics['val_tokens'] / 1e6:.2f}M val tokens in {time.perf_counter() - start:.0f} s")
     return corpus_art, tokens_art
@@ -1333,6 +1360,142 @@ def _write_tokens_artifact(cfg, profile, selected, corpus_art, command, tok, sta
         w.info["index"] = index
         w.wall_time_s = time.perf_counter() - start
     return store.load("tokens", profile, cfg.name)
+
+
+# --- which source each document came from --------------------------------------------------------------
+
+DOCUMENT_SOURCES = "document_sources.npz"
+"""Beside the token shards: the source of every document of each split, in shard order. Kept out of the
+tokens artifact's manifest, so that writing it (or recomputing it for an old build) changes no hash that the
+stages downstream of the shards were made from; it carries the shards' sha256 and is checked against them."""
+
+
+class DocumentSources(dict):
+    """``{split: (documents,) int array of source numbers}`` in shard order, with ``names[number]``."""
+
+    def __init__(self, names: list[str], splits: dict[str, np.ndarray]):
+        super().__init__(splits)
+        self.names = list(names)
+
+
+def write_document_sources(folder: Path, names: list[str], splits: dict[str, np.ndarray]) -> Path:
+    """Write ``folder/document_sources.npz``: per split the source number of each document (in shard order),
+    the source names, and each split's sha256 from ``folder/index.json``. Written atomically."""
+    index = json.loads((folder / "index.json").read_text())
+    dtype = np.uint8 if len(names) <= 256 else np.uint16
+    arrays = {f"{split}_sources": np.asarray(splits[split]).astype(dtype) for split in index["splits"]}
+    arrays.update({f"{split}_sha256": np.array(index["splits"][split]["sha256"][0]) for split in index["splits"]})
+    path = folder / DOCUMENT_SOURCES
+    tmp = folder / f".{DOCUMENT_SOURCES}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, names=np.array(names), **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_document_sources(profile: str, name: str | None = None, folder: Path | None = None) -> DocumentSources:
+    """The source of every document of the ``profile``'s token shards (``folder``: read that folder instead).
+    A one-line error when the index is missing or was made for other shards (the commands that make it)."""
+    from . import profiles
+
+    name = name or profiles.get(profile).corpus.name
+    folder = Path(folder) if folder is not None else work_dir() / "tokens" / f"{profile}-{name}"
+    remake = f"`monosemantic corpus --profile {profile} --document-sources`"
+    path = folder / DOCUMENT_SOURCES
+    index_path = folder / "index.json"
+    if not index_path.is_file():
+        raise CorpusError(f"token shards {folder} are missing; make them with `monosemantic corpus --profile "
+                          f"{profile}`")
+    if not path.is_file():
+        raise CorpusError(f"{path} is missing (the source of each document); recompute it with {remake}")
+    index = json.loads(index_path.read_text())
+    with np.load(path) as z:
+        names = [str(x) for x in z["names"]]
+        splits = {}
+        for split, entry in index["splits"].items():
+            if f"{split}_sources" not in z or str(z[f"{split}_sha256"]) != entry["sha256"][0] or \
+                    len(z[f"{split}_sources"]) != entry["documents"]:
+                raise CorpusError(f"{path} was made for other token shards than those in {folder} ({split} split "
+                                  f"differs); recompute it with {remake}")
+            splits[split] = z[f"{split}_sources"].astype(np.int64)
+    return DocumentSources(names, splits)
+
+
+def document_lengths(tokens: np.ndarray, eot_id: int) -> np.ndarray:
+    """(documents,) int64 length of each document of a shard, its closing <|endoftext|> included."""
+    ends = np.flatnonzero(np.asarray(tokens) == eot_id) + 1
+    return np.diff(ends, prepend=0)
+
+
+def recompute_document_sources(cfg: CorpusConfig, profile: str, log: Callable[[str], None] = _log) -> Path:
+    """Recompute the document -> source index of an existing build without tokenizing: replay the build's
+    selection over each source's extracted text (same order, deduplication, ``min_chars``, batches, val
+    split and key order), taking from a capped source as many documents as its build kept (the corpus
+    artifact's ``sources.parquet`` records them). Verified before it is written: per source and split, the
+    documents and the sum of their lengths (from the shards' <|endoftext|> positions), and the candidates
+    and duplicates seen, must equal ``sources.parquet``'s; else a one-line :class:`CorpusError`."""
+    import pandas as pd
+
+    from . import store
+    from .data import TokenDataset
+
+    start = time.perf_counter()
+    corpus_art = store.load("corpus", profile, cfg.name, verify=False, check_inputs=False)
+    table = pd.read_parquet(corpus_art.file("sources.parquet"))
+    tokens_art = store.load("tokens", profile, cfg.name, verify=False, check_inputs=False)
+    folder = tokens_art.work_path
+    remake = f"rebuild with `monosemantic corpus --profile {profile}`"
+    paths = {}
+    for name, _ in cfg.sources:
+        if name in SOURCE_BY_NAME:
+            paths[name] = text_dir() / f"{name}.jsonl.gz"
+            if not paths[name].is_file() or not paths[name].with_suffix(".meta.json").is_file():
+                raise CorpusError(f"the extracted text of {name} ({paths[name]}) is missing; {remake}")
+    streams, _ = _source_streams(cfg, paths)
+    names = [st.name for st, _ in streams]
+    if names != list(table["source"]):
+        raise CorpusError(f"{corpus_art.key} lists sources {list(table['source'])}, the {profile} profile "
+                          f"{names}; {remake}")
+    want = table.set_index("source")
+    dedup = _Dedup(cfg.dedup_min_chars)
+    kept: list[tuple[int, int, bool]] = []  # (key, source number, is val), as the build's ``selected``
+    for si, (st, stream) in enumerate(streams):
+        n_keep = int(want.at[st.name, "documents"])
+        capped = bool(want.at[st.name, "capped"])
+        seen = 0  # documents of this source that survived dedup
+        for batch in _kept_batches(st, stream, dedup, cfg.min_chars):
+            for key, doc_id, _ in batch[: max(0, n_keep - seen)] if capped else batch:
+                kept.append((key, si, is_val(st.name, doc_id, cfg.val_fraction)))
+            seen += len(batch)
+            if capped and seen > n_keep:  # the build stopped at document n_keep, inside this batch
+                break
+        for field in ("candidates", "duplicates"):
+            if getattr(st, field) != int(want.at[st.name, field]):
+                raise CorpusError(f"replaying {st.name}: {getattr(st, field)} {field}, {corpus_art.key} recorded "
+                                  f"{int(want.at[st.name, field])} (the extracted text changed since the build?); "
+                                  f"{remake}")
+    kept.sort(key=lambda x: x[0])
+    splits = {split: np.array([si for _, si, v in kept if v == (split == "val")], dtype=np.int64)
+              for split in ("train", "val")}
+    expected = {"train": (want["documents"] - want["val_documents"], want["tokens"] - want["val_tokens"]),
+                "val": (want["val_documents"], want["val_tokens"])}
+    for split in ("train", "val"):
+        ds = TokenDataset.open(profile, split, name=cfg.name)
+        lengths = document_lengths(ds.tokens, ds.eot_id)
+        if len(lengths) != len(splits[split]):
+            raise CorpusError(f"replaying the {profile} corpus: {len(splits[split])} {split} documents, the shard "
+                              f"holds {len(lengths)}; {remake}")
+        docs = np.bincount(splits[split], minlength=len(names))
+        toks = np.bincount(splits[split], weights=lengths, minlength=len(names)).astype(np.int64)
+        for si, name in enumerate(names):
+            n_docs, n_toks = int(expected[split][0][name]), int(expected[split][1][name])
+            if docs[si] != n_docs or toks[si] != n_toks:
+                raise CorpusError(f"replaying the {profile} corpus: {name} gets {docs[si]} {split} documents of "
+                                  f"{toks[si]} tokens, {corpus_art.key} recorded {n_docs} of {n_toks}; {remake}")
+    path = write_document_sources(folder, names, splits)
+    log(f"document sources of {tokens_art.key}: {len(kept)} documents of {len(names)} sources replayed and "
+        f"verified in {time.perf_counter() - start:.0f} s -> {path}")
+    return path
 
 
 # --- shipping the corpus to a machine without registries ----------------------------------------------
@@ -1486,6 +1649,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-text", type=Path, metavar="FILE.jsonl.xz",
                    help="do not build: write the profile's built token shards as xz-compressed text (to carry "
                         "to a machine without registries)")
+    p.add_argument("--document-sources", action="store_true",
+                   help="do not build: recompute which source each document of the built shards came from "
+                        "(replays the selection over the extracted text, no tokenizing; verified)")
     p.add_argument("--replay", type=Path, metavar="FILE.jsonl.xz",
                    help="do not build: tokenize an --export-text file into this profile's token shards and "
                         "check they are byte-identical to the exported ones")
@@ -1500,6 +1666,9 @@ def run(args: argparse.Namespace) -> int:
         sizes = ", ".join(f"{f} ({(args.export_text.parent / f).stat().st_size / 1e6:.1f} MB)" for f in header["files"])
         print(f"wrote {sizes}: {header['index']['splits']['train']['tokens']} train tokens; on the other machine "
               f"run `monosemantic corpus --profile PROFILE --replay {args.export_text}`")
+        return 0
+    if args.document_sources:
+        recompute_document_sources(cfg.replace(name=args.name) if args.name else cfg, args.profile)
         return 0
     if args.replay:
         art = replay_text(args.replay, args.profile, args.name, threads=args.threads,

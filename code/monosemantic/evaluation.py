@@ -84,15 +84,31 @@ class NeuronTopK(torch.nn.Module):
 
 
 def committed_saes(profile: str) -> list[str]:
-    """Names of the SAE artifacts of ``profile`` that hold weights (``sae/<profile>-<name>`` with a cfg.json),
-    in a stable order: the recipes first, then the rest alphabetically."""
+    """Names of the SAE artifacts of ``profile`` that hold weights (``sae/<profile>-<name>`` with a cfg.json) and
+    read this LM (not ``random-model``), in a stable order: the recipes first, then the rest alphabetically."""
     from . import store
+
+    from .sae_train import RANDOM_MODEL
 
     root = store.artifact_path("sae", profile, "x").parent
     names = sorted(p.name.removeprefix(f"{profile}-") for p in root.glob(f"{profile}-*")
                    if (p / "cfg.json").is_file())
+    names = [n for n in names if n != RANDOM_MODEL]  # it reads another model's activations
     order = {"anchor": 0, "anchor-fixed": 1, "topk": 2}
     return sorted(names, key=lambda n: (order.get(n, 9), n))
+
+
+def seed_saes(profile: str) -> dict[str, tuple]:
+    """{run name: (the ``sae/<profile>-seeds`` artifact, its folder)} for the seed runs whose weights are on
+    this machine (they live in the artifact's work folder, not in the committed cache); {} without it."""
+    from . import store
+    from .sae_train import SEEDS
+
+    if not store.artifact_path("sae", profile, SEEDS).is_dir():
+        return {}
+    art = store.load("sae", profile, SEEDS)
+    root = art.work_path
+    return {p.name: (art, p) for p in sorted(root.glob("*")) if (p / "cfg.json").is_file()} if root.is_dir() else {}
 
 
 def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, progress: bool = True,
@@ -107,7 +123,11 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
     from .lm import load_pretrained
     from .metrics import metric_intervals, run_evaluations
 
-    names = names or committed_saes(profile)
+    committed = committed_saes(profile)
+    # the seed runs are looked up only when asked for, or for a default run (a stale seeds artifact is an error
+    # that says how to remake it)
+    seeds = seed_saes(profile) if not names or set(names) - set(committed) else {}
+    names = names or committed + sorted(seeds)
     if not names:
         raise UserError(f"no SAE with weights in cache/sae/{profile}-*; train them with "
                         f"`monosemantic train-sae --profile {profile}`")
@@ -123,8 +143,12 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
     n_windows = len(rows_at)
     windows = window_batches(x_all, y_all, rows_at, cfg.batch_windows)
     docs = window_documents(tokens, rows_at * seq_len, data.eot_id)
-    arts = [store.load("sae", profile, name) for name in names]
-    saes = [sae_mod.load(art.path, device=device).eval() for art in arts]
+    arts, saes = [], []
+    for name in names:
+        art = seeds[name][0] if name in seeds else store.load("sae", profile, name)
+        if art not in arts:
+            arts.append(art)
+        saes.append(sae_mod.load(seeds[name][1] if name in seeds else art.path, device=device).eval())
     d_in = saes[0].cfg.d_in
     names = names + [f"neurons-top{k}" for k in cfg.neuron_ks]
     saes = saes + [NeuronTopK(d_in, k).to(device) for k in cfg.neuron_ks]

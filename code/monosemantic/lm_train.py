@@ -51,14 +51,21 @@ class TokenSplit:
         return block[:, :-1], block[:, 1:]  # inputs and next-token targets, (B, T) each
 
 
+def batch_starts(n_tokens: int, cfg: LMConfig, step: int, split: str = "train") -> np.ndarray:
+    """The first token of each of step ``step``'s batch_size windows (each context_length + 1 tokens: inputs
+    and the next-token target) of a split of ``n_tokens``: (batch_size,) int64, a function of (seed, step)
+    alone, so a resumed run draws what an uninterrupted one would (:mod:`monosemantic.heldout` redraws them
+    to know which tokens the model was trained on)."""
+    n = n_tokens - cfg.context_length - 1
+    if n <= 0:
+        raise UserError(f"the {split} split has {n_tokens} tokens, too few for context {cfg.context_length}")
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return torch.randint(0, n + 1, (cfg.batch_size,), generator=g).numpy()
+
+
 def get_batch(split: TokenSplit, cfg: LMConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step ``step``'s batch: batch_size random windows, the same for a given (seed, step) everywhere."""
-    n = len(split) - cfg.context_length - 1
-    if n <= 0:
-        raise UserError(f"the {split.name} split has {len(split)} tokens, too few for context {cfg.context_length}")
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    starts = torch.randint(0, n + 1, (cfg.batch_size,), generator=g).numpy()
-    return split.windows(starts, cfg.context_length)
+    return split.windows(batch_starts(len(split), cfg, step, split.name), cfg.context_length)
 
 
 @torch.no_grad()

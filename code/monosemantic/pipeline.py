@@ -22,6 +22,7 @@ STAGES: list[tuple[str, list[str]]] = [
     ("MLP activations of the one-layer model", ["harvest"]),
     ("SAEs: the anchor's recipe, TopK, frontiers, width sweep", ["train-sae"]),
     ("every SAE on the whole held-out split, with intervals over documents", ["evaluate"]),
+    ("held-out windows of every source, never seen in training", ["heldout"]),
     ("features and neurons: dashboards and scores", ["analyze"]),
     ("named features clamped and ablated, against random directions", ["causal"]),
     ("toy superposition and dictionary recovery (chapter 2)", ["toy"]),
@@ -32,8 +33,8 @@ STAGES: list[tuple[str, list[str]]] = [
 # The cache stages (cache/<stage>/) each command above writes.
 WRITES: dict[str, tuple[str, ...]] = {
     "corpus": ("corpus", "tokens"), "train-lm": ("lm",), "harvest": ("activations",), "train-sae": ("sae",),
-    "evaluate": ("sae",), "analyze": ("analysis",), "causal": ("analysis",), "toy": ("toy",), "llama": ("llama",),
-    "diff": ("diff",),
+    "evaluate": ("sae",), "heldout": ("heldout",), "analyze": ("analysis",), "causal": ("analysis",),
+    "toy": ("toy",), "llama": ("llama",), "diff": ("diff",),
 }
 # Artifacts that are measurements, not stages: benchmarks, the tests' fault table, the GPU check of the tiny
 # pipeline and the Llama throughput rows. Their time is not a stage's.

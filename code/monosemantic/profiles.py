@@ -17,6 +17,7 @@ from .analysis import AnalysisConfig
 from .config import check_profile
 from .corpus import CorpusConfig
 from .diffing import DiffConfig
+from .heldout import HeldoutConfig
 from .llama import LlamaConfig
 from .lm import LMConfig
 from .sae import SAEConfig
@@ -35,6 +36,7 @@ class Profile:
     sae: SAEStageConfig  # SAEs on the one-layer model's MLP: harvest, three recipes, frontiers, width sweep
     analysis: AnalysisConfig  # features and neurons measured alike: dashboards, scores, splitting
     diff: DiffConfig  # chapter 5's pilot: a fine-tune of the LM diffed with a crosscoder
+    heldout: HeldoutConfig = HeldoutConfig()  # the held-out windows for unit-level claims (>= 5M tokens)
 
 
 def get(name: str) -> Profile:
@@ -53,7 +55,8 @@ def _tiny() -> Profile:
                    analysis=AnalysisConfig(explain_tokens=16_384, top_contexts=4, interval_samples=2,
                                            batch_windows=32, min_firings=3),  # seconds
                    diff=DiffConfig(source="numpy-docs", steps=8, batch_size=4, eval_windows=4, harvest_tokens=2048,
-                                   n_features=256, k=4, epochs=1))
+                                   n_features=256, k=4, epochs=1),
+                   heldout=HeldoutConfig(target_tokens=32_768, floor_tokens=2_048, fallback_gap=64))
 
 
 def _cpu() -> Profile:

@@ -52,6 +52,11 @@ from .sae import SAE, SAEConfig
 DEFAULT_PROFILE = "cpu"
 RECIPES = ("anchor", "anchor-fixed", "topk")
 """The SAEs written as artifacts of their own (``sae/<profile>-<recipe>``), each a field of SAEStageConfig."""
+RANDOM_MODEL = "random-model"
+"""The control SAE: the ``topk`` recipe on the MLP activations of a randomly initialised copy of the LM
+(``sae/<profile>-random-model``; the unit set of the same name in :mod:`monosemantic.analysis`)."""
+RANDOM_MODEL_SEED = 0
+"""The seed of that random LM (:func:`monosemantic.analysis.random_lm`), recorded in the artifact."""
 D_IN = 512  # the one-layer model's MLP width (checked against the model when it is loaded)
 
 
@@ -226,7 +231,7 @@ def _staging(profile: str, name: str) -> Path:
 
 def train_run(run: Run, *, profile: str, stage: SAEStageConfig, model, train_rows: np.ndarray,
               val_tokens: np.ndarray, val_rows: np.ndarray, upstream: str, progress: bool = True,
-              fresh: bool = False) -> dict[str, Any]:
+              fresh: bool = False, model_name: str | None = None) -> dict[str, Any]:
     """Train and evaluate one run, or return its staged result if it was already done with this config and
     these activations. Returns ``{"metrics", "history", "density", "folder"}`` (folder: SAELens layout)."""
     folder = _staging(profile, run.name)
@@ -257,7 +262,7 @@ def train_run(run: Run, *, profile: str, stage: SAEStageConfig, model, train_row
     metrics["resampled_total"] = int(sum(row.get("resampled", 0) for row in trained.history))
     metrics["activations_per_s"] = round(run.cfg.n_activations / max(seconds, 1e-9), 1)
     sae_mod.save(trained.sae, folder / "sae", dtype=torch.float16,
-                 metadata={"hook_name": stage.harvest.hook, "model_name": f"monosemantic-lm-{profile}"})
+                 metadata={"hook_name": stage.harvest.hook, "model_name": model_name or f"monosemantic-lm-{profile}"})
     np.save(folder / "density.npy", density.numpy())
     result_file.write_text(json.dumps({"stamp": stamp, "metrics": metrics, "history": trained.history}))
     return {"metrics": metrics, "history": trained.history, "density": density, "folder": folder / "sae"}
@@ -340,9 +345,9 @@ def write_sweep(profile: str, stage: SAEStageConfig, runs: list[Run], results: d
 
 # --- commands ----------------------------------------------------------------------------------------
 
-def run_stage(profile: str, stage: SAEStageConfig, only: tuple[str, ...] = (*RECIPES, "sweep"),
-              progress: bool = True, fresh: bool = False, log=print) -> list[Path]:
-    """Train what ``only`` names (any of ``RECIPES`` and ``sweep``) and write their artifacts."""
+def _stage_inputs(profile: str, stage: SAEStageConfig):
+    """(the LM, [its artifact, the harvest's], train rows, val rows, val tokens) that every run of the stage
+    trains and is evaluated on."""
     from . import store
     from .data import TokenDataset
     from .lm import load_pretrained
@@ -353,9 +358,14 @@ def run_stage(profile: str, stage: SAEStageConfig, only: tuple[str, ...] = (*REC
                           f"d_in = {stage.anchor.d_in}; fix profiles.py")
     lm_art = store.load("lm", profile, "model")
     act_art, train_rows, val_rows = load_harvest(profile, stage.harvest)
-    val_tokens = TokenDataset.open(profile, "val").tokens
-    inputs = [lm_art, act_art]
-    upstream = lm_art.content_hash + act_art.content_hash
+    return model, [lm_art, act_art], train_rows, val_rows, TokenDataset.open(profile, "val").tokens
+
+
+def run_stage(profile: str, stage: SAEStageConfig, only: tuple[str, ...] = (*RECIPES, "sweep"),
+              progress: bool = True, fresh: bool = False, log=print) -> list[Path]:
+    """Train what ``only`` names (any of ``RECIPES`` and ``sweep``) and write their artifacts."""
+    model, inputs, train_rows, val_rows, val_tokens = _stage_inputs(profile, stage)
+    upstream = "".join(a.content_hash for a in inputs)
     runs = plan(stage)
     wanted = [r for r in runs if (r.name in only) or ("sweep" in only and r.family != "main")]
     # the sweep's table holds the main runs too (the frontier plot draws them), so it needs them
@@ -385,6 +395,117 @@ def run_stage(profile: str, stage: SAEStageConfig, only: tuple[str, ...] = (*REC
     return written
 
 
+@dataclasses.dataclass(frozen=True)
+class SeedsConfig(StageConfig):
+    """Which recipes are retrained with other seeds (``sae/<profile>-seeds``): seed 0 is each recipe's own
+    artifact; the others differ from it in the seed alone (initialisation and the order of the batches)."""
+
+    STAGE: ClassVar[str] = "sae"
+
+    recipes: tuple[str, ...] = ("topk", "anchor-fixed")
+    seeds: tuple[int, ...] = (1, 2)
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.recipes if r not in RECIPES]
+        if unknown:
+            raise ConfigError(f"SeedsConfig: unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
+        if any(not isinstance(s, int) or s <= 0 for s in self.seeds):
+            raise ConfigError(f"SeedsConfig: seeds must be positive integers (0 is the recipe's own run), got "
+                              f"{self.seeds!r}")
+
+
+SEEDS = "seeds"
+
+
+def seed_run(stage: SAEStageConfig, recipe: str, seed: int) -> Run:
+    """Recipe ``recipe`` with seed ``seed`` instead of its own."""
+    return Run(f"{recipe}-seed{seed}", "seed", stage.recipe(recipe).replace(seed=seed))
+
+
+def run_seeds(profile: str, stage: SAEStageConfig, cfg: SeedsConfig = SeedsConfig(), progress: bool = True,
+              fresh: bool = False, log=print) -> Path:
+    """``sae/<profile>-seeds``: ``seeds.parquet``, one row per (recipe, seed) with the training-time metrics,
+    seed 0 read from the recipe's own artifact; the curves; the weights in the artifact's work folder (not
+    committed: ``monosemantic evaluate`` measures them on held-out text while they are on the machine)."""
+    import pandas as pd
+
+    from . import store
+
+    model, inputs, train_rows, val_rows, val_tokens = _stage_inputs(profile, stage)
+    upstream = "".join(a.content_hash for a in inputs)
+    rows, curves, results = [], [], {}
+    for recipe in cfg.recipes:
+        own = store.load("sae", profile, recipe, config=stage)  # seed 0: one line to say how to make it if absent
+        inputs.append(own)
+        rows.append({**own.metrics, "recipe": recipe, "seed": stage.recipe(recipe).seed, "run": recipe})
+        for seed in cfg.seeds:
+            run = seed_run(stage, recipe, seed)
+            log(f"{run.name}: {run.cfg.n_activations / 1e6:.1f}M activations")
+            res = train_run(run, profile=profile, stage=stage, model=model, train_rows=train_rows,
+                            val_tokens=val_tokens, val_rows=val_rows, upstream=upstream, progress=progress,
+                            fresh=fresh)
+            m = res["metrics"]
+            log(f"    L0 {m['l0']:.1f}  FVU {m['fvu']:.3f}  CE recovered {m['ce_loss_recovered']:.3f}  "
+                f"dead {m['dead_fraction']:.3f}  ({m['train_seconds']:.0f} s)")
+            results[run.name] = res
+            rows.append({**m, "recipe": recipe, "seed": seed, "run": run.name})
+            curves.append(_history_frame(res["history"], run.name))
+    with store.write("sae", profile, SEEDS, config=cfg, inputs=inputs) as w:
+        pd.DataFrame(rows).to_parquet(w.dir / "seeds.parquet", index=False)
+        pd.concat(curves, ignore_index=True).to_parquet(w.dir / "training_curves.parquet", index=False)
+        for name, res in results.items():
+            dest = w.work_dir / name
+            dest.mkdir()
+            for f in (sae_mod.SAE_CFG_FILENAME, sae_mod.SAE_WEIGHTS_FILENAME):
+                shutil.copy(res["folder"] / f, dest / f)
+        w.metrics.update({"runs": len(rows), "recipes": list(cfg.recipes), "seeds": [0, *cfg.seeds]})
+    return store.artifact_path("sae", profile, SEEDS)
+
+
+def run_random_model(profile: str, stage: SAEStageConfig, progress: bool = True, fresh: bool = False,
+                     log=print) -> Path:
+    """``sae/<profile>-random-model``: the ``topk`` recipe, with the same data, length and evaluation, on the MLP
+    activations of a randomly initialised copy of the LM (seed ``RANDOM_MODEL_SEED``): the control that tells
+    what an SAE finds in activations that no training shaped (Bricken et al. 2023, "Towards Monosemanticity",
+    compare features of a random transformer). Its activations are harvested from the same train windows as
+    the real model's, into ``cache/work/sae/<profile>/runs/random-model-harvest/`` (not committed)."""
+    from . import store
+    from .analysis import random_lm
+    from .data import TokenDataset
+    from .lm import LMConfig
+
+    lm_art = store.load("lm", profile, "model")
+    model = random_lm(LMConfig(**lm_art.config), RANDOM_MODEL_SEED)
+    h = stage.harvest
+    if model.config.d_mlp != stage.topk.d_in:
+        raise ConfigError(f"the {profile} model has {model.config.d_mlp} MLP neurons but the SAEs read "
+                          f"d_in = {stage.topk.d_in}; fix profiles.py")
+    folder = _staging(profile, f"{RANDOM_MODEL}-harvest")
+    stamp = h.config_hash() + lm_art.content_hash + f"-seed{RANDOM_MODEL_SEED}"
+    done = folder / "complete"
+    if fresh or not done.is_file() or done.read_text() != stamp:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        start = time.perf_counter()
+        for split, n in (("train", h.train_activations), ("val", h.val_activations)):
+            harvest_to_disk(model, TokenDataset.open(profile, split).tokens, n, folder / f"{split}.f16",
+                            seq_len=h.seq_len, seed=h.seed, hook=h.hook, progress=progress)
+        done.write_text(stamp)
+        log(f"harvested the random LM's activations in {time.perf_counter() - start:.0f} s")
+    train_rows = open_rows(folder / "train.f16", model.config.d_mlp, h.train_activations)
+    val_rows = open_rows(folder / "val.f16", model.config.d_mlp, h.val_activations)
+    run = Run(RANDOM_MODEL, "main", stage.topk)
+    log(f"{RANDOM_MODEL}: topk {run.cfg.d_in}->{run.cfg.n_features} k={run.cfg.k} on a random LM (seed "
+        f"{RANDOM_MODEL_SEED}), {run.cfg.n_activations / 1e6:.1f}M activations")
+    result = train_run(run, profile=profile, stage=stage, model=model, train_rows=train_rows,
+                       val_tokens=TokenDataset.open(profile, "val").tokens, val_rows=val_rows, upstream=stamp,
+                       progress=progress, fresh=fresh, model_name=f"monosemantic-lm-{profile}-random-init")
+    m = result["metrics"]
+    log(f"    L0 {m['l0']:.1f}  FVU {m['fvu']:.3f}  dead {m['dead_fraction']:.3f}  ({m['train_seconds']:.0f} s)")
+    result["metrics"]["model_seed"] = RANDOM_MODEL_SEED
+    return write_main(profile, RANDOM_MODEL, stage, result, [lm_art])
+
+
 def export(profile: str, recipe: str, out: Path) -> Path:
     """Copy a committed SAE to ``out`` in SAELens's on-disk format (cfg.json + sae_weights.safetensors)."""
     from . import store
@@ -396,9 +517,7 @@ def export(profile: str, recipe: str, out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (sae_mod.SAE_CFG_FILENAME, sae_mod.SAE_WEIGHTS_FILENAME):
-        shutil.copy(art.file(name), out / name)
-    return out
+    return sae_mod.export(art.path, out)  # SAELens 6's cfg.json (the committed one may predate its version key)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -428,10 +547,11 @@ class TrainCommand:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
         add_arguments(p)
-        p.add_argument("--recipe", choices=(*RECIPES, "sweep", "all"), default="all",
+        p.add_argument("--recipe", choices=(*RECIPES, RANDOM_MODEL, SEEDS, "sweep", "all"), default="all",
                        help="anchor: the anchor's ReLU+L1 recipe, literally; anchor-fixed: the same with its "
-                            "initialisation, decoder norm and resampling fixed; topk: ours; sweep: the L1/k "
-                            "frontiers and the width sweep; all (default): every one")
+                            "initialisation, decoder norm and resampling fixed; topk: ours; random-model: topk on "
+                            "a randomly initialised copy of the LM (a control); seeds: topk and anchor-fixed with seeds 1 and 2; sweep: the L1/k frontiers and the "
+                            "width sweep; all (default): every one")
         p.add_argument("--fresh", action="store_true", help="retrain runs that are already staged")
 
     @staticmethod
@@ -439,9 +559,16 @@ class TrainCommand:
         from . import profiles
 
         _threads(args)
+        stage = profiles.get(args.profile).sae
         only = (*RECIPES, "sweep") if args.recipe == "all" else (args.recipe,)
-        for path in run_stage(args.profile, profiles.get(args.profile).sae, only, progress=not args.no_progress,
-                              fresh=args.fresh):
+        progress = not args.no_progress
+        paths = [] if args.recipe in (RANDOM_MODEL, SEEDS) else run_stage(args.profile, stage, only, progress=progress,
+                                                                          fresh=args.fresh)
+        if args.recipe in ("all", RANDOM_MODEL):
+            paths.append(run_random_model(args.profile, stage, progress=progress, fresh=args.fresh))
+        if args.recipe in ("all", SEEDS):
+            paths.append(run_seeds(args.profile, stage, progress=progress, fresh=args.fresh))
+        for path in paths:
             print(f"wrote {path}")
         return 0
 

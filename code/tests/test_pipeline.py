@@ -71,7 +71,8 @@ def test_profile_time_counts_each_run_once_and_marks_legacy_manifests_as_lower_b
     assert steps["analyze"].time == pipeline.Timed(0.0, True)
     assert steps["llama"].time == pipeline.Timed(1700.0, False) and steps["llama"].shared_seconds == 1000.0
     assert t.time == pipeline.Timed(252.0 + 2000.0 + 500.0 + 1700.0, True)
-    assert t.missing == ["harvest", "evaluate", "causal", "toy", "diff"] and t.machines == ["Test CPU, 2 cores"]
+    assert t.missing == ["harvest", "evaluate", "heldout", "causal", "toy", "diff"]
+    assert t.machines == ["Test CPU, 2 cores"]
     assert pipeline.artifact_time(arts[0]) == pipeline.Timed(250.0, False)
     assert pipeline.profile_time("gpu", arts).steps == []
     assert [pipeline.duration(s) for s in (42, 600, 9000)] == ["42 s", "10 min", "2.5 h"]

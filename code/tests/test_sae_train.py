@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from monosemantic import cli, corpus, harvest, metrics, profiles, sae_train, store
 from monosemantic import sae as sae_mod
+from monosemantic.data import TokenDataset
 from monosemantic.harvest import HOOK, ArraySource, HarvestError, harvest_to_disk, open_rows
 from monosemantic.lm import LMConfig, Transformer
 
@@ -60,6 +61,53 @@ def test_artifacts_carry_the_issue_metric_names_and_the_sweep_table(in_tiny_cach
     assert set(curves["run"]) == set(names)
 
 
+def test_the_random_model_control_is_the_topk_recipe_on_a_random_lm(in_tiny_cache):
+    from monosemantic.analysis import random_lm
+
+    stage = profiles.get("tiny").sae
+    art = store.load("sae", "tiny", sae_train.RANDOM_MODEL, config=stage)
+    topk = store.load("sae", "tiny", "topk", config=stage)
+    assert art.metrics["model_seed"] == sae_train.RANDOM_MODEL_SEED
+    assert art.metrics["train_activations"] == topk.metrics["train_activations"]  # the same length of training
+    control, ours = sae_mod.load(art.path), sae_mod.load(topk.path)
+    assert control.cfg.config_hash() == ours.cfg.config_hash()  # the same recipe ...
+    assert not torch.equal(control.W_dec, ours.W_dec)  # ... on other activations
+    assert json.loads(art.file(sae_mod.SAE_CFG_FILENAME).read_text())["metadata"]["model_name"].endswith("random-init")
+    # the harvested rows are the random LM's: re-run the first window through it
+    lm_art = store.load("lm", "tiny", "model")
+    model = random_lm(LMConfig(**lm_art.config), sae_train.RANDOM_MODEL_SEED)
+    rows = open_rows(sae_train._staging("tiny", f"{sae_train.RANDOM_MODEL}-harvest") / "train.f16",
+                     model.config.d_mlp, stage.harvest.train_activations)
+    ids, _ = next(harvest.random_windows(TokenDataset.open("tiny", "train").tokens, stage.harvest.seq_len,
+                                         seed=stage.harvest.seed, batch=64))
+    with torch.no_grad():
+        first = model.run_with_cache(ids[:1], [HOOK])[HOOK].reshape(-1, model.config.d_mlp)
+    assert torch.allclose(torch.from_numpy(np.asarray(rows[:len(first)], dtype=np.float32)), first, atol=2e-2, rtol=1e-2)
+
+
+def test_seeds_retrain_the_recipes_with_other_seeds_and_evaluate_measures_them(in_tiny_cache):
+    import pandas as pd
+
+    from monosemantic import evaluation
+
+    stage = profiles.get("tiny").sae
+    art = store.load("sae", "tiny", sae_train.SEEDS)
+    table = pd.read_parquet(art.file("seeds.parquet"))
+    cfg = sae_train.SeedsConfig()
+    assert sorted(zip(table.recipe, table.seed)) == sorted((r, s) for r in cfg.recipes for s in (0, *cfg.seeds))
+    own = store.load("sae", "tiny", "topk", config=stage).metrics["fvu"]
+    assert table.set_index("run").loc["topk", "fvu"] == own  # seed 0 is the recipe's own artifact
+    found = evaluation.seed_saes("tiny")
+    assert sorted(found) == sorted(f"{r}-seed{s}" for r in cfg.recipes for s in cfg.seeds)
+    seed1 = sae_mod.load(found["topk-seed1"][1])
+    assert seed1.cfg.seed == 1 and seed1.cfg.replace(seed=0).config_hash() == stage.topk.config_hash()
+    assert not torch.equal(seed1.W_dec, sae_mod.load(store.load("sae", "tiny", "topk").path).W_dec)
+    assert "random-model" not in evaluation.committed_saes("tiny")  # it reads another model
+    assert cli.main(["evaluate", "--profile", "tiny", "--sae", "topk-seed1", "--no-progress"]) == 0
+    held = pd.read_parquet(store.load("sae", "tiny", "heldout").file("heldout.parquet"))
+    assert "topk-seed1" in set(held.sae)
+
+
 def test_rerun_reuses_staged_runs_and_a_fresh_run_is_bit_identical(in_tiny_cache, capsys):
     before = store.load("sae", "tiny", "topk").file(sae_mod.SAE_WEIGHTS_FILENAME).read_bytes()
     assert cli.main(["train-sae", "--profile", "tiny", "--recipe", "topk", "--no-progress"]) == 0
@@ -77,6 +125,7 @@ def test_export_round_trips_and_the_saelens_formula_reproduces_our_encoder(in_ti
         cfg = json.loads((out / "cfg.json").read_text())
         assert {"d_in", "d_sae", "architecture", "dtype", "apply_b_dec_to_input", "normalize_activations"} <= set(cfg)
         assert cfg["metadata"]["hook_name"] == HOOK
+        assert cfg["metadata"]["sae_lens_version"] >= "6"  # else SAELens 6 reads it as a pre-6 config, dropping these
         w = {k: v.float() for k, v in load_file(str(out / "sae_weights.safetensors")).items()}
         assert w["W_enc"].shape == (cfg["d_in"], cfg["d_sae"]) and w["W_dec"].shape == (cfg["d_sae"], cfg["d_in"])
         ours = sae_mod.load(out)
@@ -150,7 +199,9 @@ def test_analyze_measures_neurons_and_both_saes_alike_and_tracks_splitting(in_ti
         assert 0 <= m[f"interpretable_fraction_{label}"] <= 1 and m[f"scored_{label}"] > 0
     assert m["interpretable_score"] == "explain_corr" and 0 < m["interpretable_threshold"] < 1
     units = pd.read_parquet(art.file("units.parquet"))
-    assert units.groupby("set").size().to_dict() == {"neurons": 128, "topk": 512, "anchor": 512, "random": 512}
+    assert units.groupby("set").size().to_dict() == {"neurons": 128, "topk": 512, "anchor": 512, "random": 512,
+                                                     "random-model": 512}  # the two controls measured alike
+    assert m["random_model"] == "measured"
     contexts = pd.read_parquet(art.file("contexts.parquet"))
     assert {"top", "interval"} <= set(contexts.kind) and (contexts.tokens.map(len) == contexts.acts.map(len)).all()
     vocab = set(pd.read_parquet(art.file("vocab.parquet")).token)
