@@ -39,7 +39,9 @@ class EvalConfig(StageConfig):
     STAGE: ClassVar[str] = "sae"
 
     split: str = "val"
-    """The token split evaluated on: never seen in LM or SAE training."""
+    """What is evaluated on, never seen in LM or SAE training: a token split (``val``: consecutive windows of
+    it), or ``heldout``: the windows of ``heldout/<profile>-windows`` (every corpus source; each window of
+    ``seq_len`` tokens gives ``seq_len - 1`` predictions, its last token being the last target)."""
     seq_len: int = 0
     """Tokens per window (0: the model's context length, 128 for the one-layer model)."""
     max_windows: int = 0
@@ -98,6 +100,21 @@ def committed_saes(profile: str) -> list[str]:
     return sorted(names, key=lambda n: (order.get(n, 9), n))
 
 
+HELDOUT = "heldout"
+
+
+def _heldout_windows(profile: str):
+    """([the heldout artifact], x, y, document of each window) from ``heldout/<profile>-windows``: x and y the
+    (W, T - 1) inputs and next-token targets of its (W, T) windows; documents labelled within their split."""
+    from . import heldout, store
+
+    held = heldout.load_windows(profile)
+    table = heldout.windows_table(profile)
+    w = torch.from_numpy(held.windows.astype(np.int64))
+    docs = (table["split"].astype(str) + ":" + table["document"].astype(str)).to_numpy()
+    return [store.load(HELDOUT, profile, "windows")], w[:, :-1], w[:, 1:], docs
+
+
 def seed_saes(profile: str) -> dict[str, tuple]:
     """{run name: (the ``sae/<profile>-seeds`` artifact, its folder)} for the seed runs whose weights are on
     this machine (they live in the artifact's work folder, not in the committed cache); {} without it."""
@@ -133,16 +150,23 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
                         f"`monosemantic train-sae --profile {profile}`")
     model = load_pretrained(profile).to(device).eval()
     lm_art = store.load("lm", profile, "model")
-    data = TokenDataset.open(profile, cfg.split)
-    tokens = data.tokens
-    seq_len = cfg.seq_len or model.config.context_length
-    x_all, y_all = split_windows(tokens, seq_len)  # (n_all, seq_len) each
+    if cfg.split == HELDOUT:
+        inputs_extra, x_all, y_all, all_docs = _heldout_windows(profile)
+        seq_len = x_all.shape[1]
+        rows_at = spread_rows(len(x_all), cfg.max_windows)
+        docs = all_docs[rows_at]
+    else:
+        data = TokenDataset.open(profile, cfg.split)
+        tokens = data.tokens
+        seq_len = cfg.seq_len or model.config.context_length
+        x_all, y_all = split_windows(tokens, seq_len)  # (n_all, seq_len) each
+        inputs_extra = []
+        rows_at = spread_rows(len(x_all), cfg.max_windows)
+        docs = window_documents(tokens, rows_at * seq_len, data.eot_id)
     if len(x_all) < 2:
-        raise UserError(f"the {cfg.split} split holds {len(tokens)} tokens: too few for two windows of {seq_len}")
-    rows_at = spread_rows(len(x_all), cfg.max_windows)
+        raise UserError(f"{cfg.split} holds {len(x_all)} windows of {seq_len} tokens: too few for an interval")
     n_windows = len(rows_at)
     windows = window_batches(x_all, y_all, rows_at, cfg.batch_windows)
-    docs = window_documents(tokens, rows_at * seq_len, data.eot_id)
     arts, saes = [], []
     for name in names:
         art = seeds[name][0] if name in seeds else store.load("sae", profile, name)
@@ -157,7 +181,7 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
         f"{len(np.unique(docs)):,} documents): 3 + {len(names)} forward passes per window")
     with torch.no_grad():
         evals = run_evaluations(model, saes, windows)
-    rows, metrics, inputs = [], {}, [lm_art, *arts]
+    rows, metrics, inputs = [], {}, [lm_art, *arts, *inputs_extra]
     for name, ev in zip(names, evals, strict=True):
         cis = metric_intervals(ev, docs, n_boot=cfg.n_boot, seed=cfg.seed)
         for metric, ci in cis.items():
@@ -172,7 +196,7 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
     log(f"    ({time.perf_counter() - start:.0f} s)")
     with store.write("sae", profile, "heldout", config=cfg, inputs=inputs) as w:
         pd.DataFrame(rows).to_parquet(w.dir / "heldout.parquet", index=False)
-        w.metrics.update({"eval_tokens": n_windows * seq_len, "n_documents": int(len(np.unique(docs))),
+        w.metrics.update({"split": cfg.split, "eval_tokens": n_windows * seq_len, "n_documents": int(len(np.unique(docs))),
                           "n_boot": cfg.n_boot, "saes": len(names), **metrics})
 
 
@@ -184,11 +208,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", action="append", dest="saes", metavar="NAME",
                    help="evaluate only sae/<profile>-NAME (repeatable; default: every SAE with weights)")
     p.add_argument("--max-windows", type=int, default=None, help="at most this many windows (default: all)")
+    p.add_argument("--split", choices=("val", HELDOUT), default="val",
+                   help="val (default): the val split's consecutive windows; heldout: the windows of "
+                        "heldout/<profile>-windows, never-seen text of every corpus source")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = EvalConfig()
+    cfg = EvalConfig(split=args.split)
     if args.max_windows is not None:
         cfg = cfg.replace(max_windows=args.max_windows)
     run_stage(args.profile, cfg, names=args.saes, progress=not args.no_progress,

@@ -13,7 +13,7 @@ from monosemantic import cli, corpus, harvest, metrics, profiles, sae_train, sto
 from monosemantic import sae as sae_mod
 from monosemantic.data import TokenDataset
 from monosemantic.harvest import HOOK, ArraySource, HarvestError, harvest_to_disk, open_rows
-from monosemantic.lm import LMConfig, Transformer
+from monosemantic.lm import LMConfig, Transformer, load_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,27 @@ def test_seeds_retrain_the_recipes_with_other_seeds_and_evaluate_measures_them(i
     assert cli.main(["evaluate", "--profile", "tiny", "--sae", "topk-seed1", "--no-progress"]) == 0
     held = pd.read_parquet(store.load("sae", "tiny", "heldout").file("heldout.parquet"))
     assert "topk-seed1" in set(held.sae)
+
+
+def test_evaluate_on_the_heldout_windows_of_every_source(in_tiny_cache):
+    import pandas as pd
+
+    from monosemantic import heldout
+
+    assert cli.main(["heldout", "--profile", "tiny"]) == 0
+    assert cli.main(["evaluate", "--profile", "tiny", "--sae", "topk", "--split", "heldout", "--no-progress"]) == 0
+    art = store.load("sae", "tiny", "heldout")
+    held = heldout.load_windows("tiny")
+    T = held.windows.shape[1]
+    assert art.metrics["split"] == "heldout" and art.metrics["eval_tokens"] == len(held.windows) * (T - 1)
+    assert "heldout/tiny-windows" in art.manifest["inputs"]
+    table = pd.read_parquet(art.file("heldout.parquet")).set_index(["sae", "metric"])["value"]
+    # the point estimate is the direct evaluation on those windows
+    w = torch.from_numpy(held.windows.astype(np.int64))
+    model = load_pretrained("tiny").eval()
+    direct = metrics.evaluate(model, sae_mod.load(store.load("sae", "tiny", "topk").path).eval(),
+                              [(w[i:i + 16, :-1], w[i:i + 16, 1:]) for i in range(0, len(w), 16)])
+    assert table[("topk", "fvu")] == pytest.approx(direct["fvu"], rel=1e-4)
 
 
 def test_rerun_reuses_staged_runs_and_a_fresh_run_is_bit_identical(in_tiny_cache, capsys):
