@@ -553,6 +553,9 @@ class TrainCommand:
                             "a randomly initialised copy of the LM (a control); seeds: topk and anchor-fixed with seeds 1 and 2; sweep: the L1/k frontiers and the "
                             "width sweep; all (default): every one")
         p.add_argument("--fresh", action="store_true", help="retrain runs that are already staged")
+        p.add_argument("--seeds-of", action="append", choices=RECIPES, metavar="RECIPE",
+                       help="with --recipe seeds: retrain only this recipe with other seeds (repeatable; default: "
+                            f"{', '.join(SeedsConfig().recipes)})")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
@@ -567,7 +570,8 @@ class TrainCommand:
         if args.recipe in ("all", RANDOM_MODEL):
             paths.append(run_random_model(args.profile, stage, progress=progress, fresh=args.fresh))
         if args.recipe in ("all", SEEDS):
-            paths.append(run_seeds(args.profile, stage, progress=progress, fresh=args.fresh))
+            seeds = SeedsConfig(recipes=tuple(args.seeds_of)) if args.seeds_of else SeedsConfig()
+            paths.append(run_seeds(args.profile, stage, seeds, progress=progress, fresh=args.fresh))
         for path in paths:
             print(f"wrote {path}")
         return 0
