@@ -60,9 +60,13 @@ a+ = a: its numbers are exactly what they were before polarity existed. The ``un
 measurement leaves out; the browser shows both.
 
 The text: ``explain_tokens`` of the train split in windows of the model's context spread evenly over it
-(dashboards, explanations, best families) and the whole val split (scores, held-out densities). Tables are
-top-k summaries, small enough to commit; no raw activations are stored. Every pass reads the text in blocks
-of ``batch_windows`` windows: memory does not grow with the text.
+(dashboards, explanations, best families) and the whole val split, or held-out windows a caller gives
+(:func:`analyze`) (scores, held-out densities). Tables are top-k summaries, small enough to commit; no raw
+activations are stored. Every pass reads the text in blocks of ``batch_windows`` windows: two over the
+explanation text (statistics and top activations; then interval samples, with the activations around every
+example a dashboard shows) and one over the held-out text. Each reads a unit set's activations as their
+non-zeros (:class:`~monosemantic.explain.SparseActivations`: a TopK SAE's are k of its n features per token),
+never as a dense (tokens, units) matrix: memory does not grow with the text.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ import argparse
 import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -79,7 +83,15 @@ from torch import Tensor
 
 from . import explain
 from .config import ConfigError, StageConfig, UserError
-from .explain import ContextPools, density_bins, fit_token_tables, interpretable_fraction, matched_differences
+from .explain import (
+    ContextPools,
+    SparseActivations,
+    argsort,
+    density_bins,
+    fit_token_tables,
+    interpretable_fraction,
+    matched_differences,
+)
 from .harvest import HOOK
 
 DEFAULT_PROFILE = "cpu"
@@ -226,13 +238,16 @@ class UnitSet:
     ``encode`` maps (N, d_mlp) activations to (N, n_units); ``directions`` (n_units, d_mlp) are what each
     unit writes back into the MLP's hidden layer (an SAE's decoder rows; the identity for neurons).
     ``polarity`` (n_units,) of +-1 is each unit's stronger sign (module docstring), chosen by
-    :func:`analyze` after its first pass; None until then."""
+    :func:`analyze` after its first pass; None until then. ``sparse_encode`` maps (N, d_mlp) activations to
+    the non-zeros of ``encode``'s (N, n_units), (rows, units, values) in row-major order, without making the
+    dense matrix (a TopK SAE's is k of n_units per token); None: they are read off ``encode``."""
 
     name: str
     encode: Callable[[Tensor], Tensor]
     directions: Tensor
     contexts: bool = True  # keep dashboards (contexts, interval samples) for this set
     polarity: Tensor | None = None
+    sparse_encode: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
 
     @property
     def n_units(self) -> int:
@@ -249,6 +264,21 @@ class UnitSet:
         """(N, d_mlp) MLP activations -> (N, n_units) oriented unit activations, all >= 0."""
         return self.orient(self.encode(h))
 
+    def nonzeros(self, h: Tensor) -> SparseActivations:
+        """(N, d_mlp) MLP activations -> the non-zeros of their raw encoding (N, n_units)."""
+        if self.sparse_encode is None:
+            return SparseActivations.of(self.encode(h))
+        rows, units, values = self.sparse_encode(h)
+        return SparseActivations(rows, units, values, (h.shape[0], self.n_units))
+
+    def orient_nonzeros(self, a: SparseActivations) -> SparseActivations:
+        """:meth:`orient` on non-zeros: the entries of max(polarity * a, 0) that are > 0."""
+        values = a.values
+        if self.polarity is not None and bool((self.polarity < 0).any()):
+            values = values * self.polarity.to(values.dtype)[a.units]
+        negative = values < 0
+        return a._replace(values=values).keep(~negative) if bool(negative.any()) else a._replace(values=values)
+
     @classmethod
     def neurons(cls, d_mlp: int) -> UnitSet:
         return cls("neurons", lambda h: h, torch.eye(d_mlp))
@@ -256,7 +286,18 @@ class UnitSet:
     @classmethod
     def from_sae(cls, name: str, sae, contexts: bool = True) -> UnitSet:
         sae = sae.float().eval()
-        return cls(name, sae.encode, sae.W_dec.detach().float().clone(), contexts)
+        architecture = getattr(getattr(sae, "cfg", None), "architecture", None)
+        if architecture == "topk":  # sae.activate's own steps, without its dense scatter
+            def sparse_encode(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                return _topk_nonzeros(sae.pre_activations(h), sae.cfg.k)
+        elif architecture == "relu":  # ReLU(pre) is non-zero where pre > 0
+            def sparse_encode(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                pre = sae.pre_activations(h)
+                rows, units = torch.nonzero(pre > 0, as_tuple=True)
+                return rows, units, pre[rows, units]
+        else:
+            sparse_encode = None
+        return cls(name, sae.encode, sae.W_dec.detach().float().clone(), contexts, sparse_encode=sparse_encode)
 
     @classmethod
     def random_dictionary(cls, name: str, d: int, n_units: int, k: int, seed: int = 0,
@@ -274,7 +315,21 @@ class UnitSet:
             values, indices = pre.topk(k, dim=-1, sorted=False)  # (N, k)
             return torch.zeros_like(pre).scatter(-1, indices, values.clamp_min(0))
 
-        return cls(name, encode, R, contexts)
+        def sparse_encode(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return _topk_nonzeros((h - c) @ R.t(), k)
+
+        return cls(name, encode, R, contexts, sparse_encode=sparse_encode)
+
+
+def _topk_nonzeros(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The non-zeros of ReLU(TopK_k(pre)) for pre-activations (N, n), as (rows, units, values) in row-major
+    order: exactly what ``zeros.scatter(indices, relu(values))`` of ``pre.topk(k, sorted=False)`` holds."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)  # (N, k)
+    order = argsort(indices, dim=-1)
+    indices, values = indices.gather(-1, order), values.gather(-1, order)
+    keep = values > 0  # (N, k)
+    rows = torch.arange(len(pre)).unsqueeze(1).expand_as(indices)
+    return rows[keep], indices[keep], values[keep]
 
 
 def logit_effects(model, directions: Tensor) -> Tensor:
@@ -356,32 +411,49 @@ def _top_tokens_frame(set_name: str, st: _Stats, top: int) -> Any:
     return frame
 
 
-def _pool_merge(keys: Tensor, index: Tensor, extra: Tensor | None, new_keys: Tensor, new_index: Tensor,
-               new_extra: Tensor | None, slots: Tensor) -> None:
+def _pool_merge(keys: Tensor, index: Tensor, new_keys: Tensor, new_index: Tensor, slots: Tensor,
+                extras: Sequence[tuple[Tensor, Tensor | Callable[[Tensor], Tensor]]] = ()) -> None:
     """In place: per slot (column), keep the ``P`` largest keys of the pool (P, n) and of the new entries
-    (``new_keys`` (M,) in column ``slots`` (M,)), with their ``index`` (and ``extra`` values).
+    (``new_keys`` (M,) in column ``slots`` (M,)), with their ``index``, in rank order (largest first; among
+    equal keys the pool's entries, then the new ones in the order given). ``extras``: more per-entry values
+    kept alike, (pool (P, n, ...), the new entries' (M, ...) or a function of the positions (K,) among the
+    new entries of those that enter -> their (K, ...)).
 
     Only entries above a column's current minimum are passed in, which after the first batches is a small
-    fraction of the tokens: a sparse merge (two sorts of P n + M entries) instead of a dense top-k over
-    every token of every column."""
-    P, n = keys.shape
+    fraction of the tokens: a sparse merge instead of a dense top-k over every token of every column. Only
+    the new entries are sorted: a pool column is in rank order already, so each entry's new rank is its rank
+    on its own side plus a count, by binary search, of the entries from the other side ahead of it."""
+    P = keys.shape[0]
     if new_keys.numel() == 0:
         return
-    all_k = torch.cat([keys.t().reshape(-1), new_keys])
-    all_i = torch.cat([index.t().reshape(-1), new_index])
-    all_s = torch.cat([torch.arange(n).repeat_interleave(P), slots])
-    order = torch.argsort(all_k, descending=True, stable=True)
-    order = order[torch.argsort(all_s[order], stable=True)]  # by slot, largest key first within a slot
-    s_sorted = all_s[order]
-    start = torch.searchsorted(s_sorted, torch.arange(n))  # first entry of each slot
-    rank = torch.arange(len(order)) - start[s_sorted]
-    keep = rank < P
-    o, r, c = order[keep], rank[keep], s_sorted[keep]
-    keys[r, c] = all_k[o]
-    index[r, c] = all_i[o]
-    if extra is not None:
-        all_e = torch.cat([extra.t().reshape(-1), new_extra])
-        extra[r, c] = all_e[o]
+    new_c = _sort_key(slots, new_keys)
+    order = argsort(new_c)  # (M,) by slot, then largest key first
+    new_c = new_c[order]
+    cols, count = torch.unique_consecutive(slots[order], return_counts=True)  # (m,) the columns offered to
+    first = torch.cumsum(count, 0) - count  # (m,) each column's first new entry
+    col = torch.repeat_interleave(torch.arange(len(cols)), count)  # (M,) the column (of cols) of each new entry
+    old_k = keys[:, cols].t().contiguous()  # (m, P), rank order
+    old_c = _sort_key(cols[:, None], old_k)  # (m, P): ascending, as new_c is
+    # a new entry's rank: the new entries ahead of it, plus the pool's entries at least as large (they win ties)
+    new_rank = (torch.arange(len(order)) - first[col]
+                + torch.searchsorted(old_c.reshape(-1), new_c, right=True) - col * P)
+    # a pool entry's rank: its place, plus the new entries strictly larger
+    old_rank = torch.arange(P) + torch.searchsorted(new_c, old_c) - first[:, None]  # (m, P)
+    # only the pool's entries that move and the new ones that enter are written
+    oc, op = torch.nonzero((old_rank < P) & (old_rank != torch.arange(P)), as_tuple=True)
+    kept = torch.nonzero(new_rank < P).squeeze(1)
+    to_rank = torch.cat([old_rank[oc, op], new_rank[kept]])
+    to_col = cols[torch.cat([oc, col[kept]])]
+    for pool, new in [(keys, new_keys), (index, new_index), *extras]:
+        entering = new(order[kept]) if callable(new) else new[order[kept]]
+        pool[to_rank, to_col] = torch.cat([pool[op, cols[oc]], entering.to(pool.dtype)])  # read, then written
+
+
+def _sort_key(slots: Tensor, keys: Tensor) -> Tensor:
+    """int64 that sorts ascending as (slot ascending, float32 key descending)."""
+    bits = keys.float().view(torch.int32).long()
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # in the keys' order, in [-2^31, 2^31)
+    return slots * (1 << 32) + (0x7FFFFFFF - bits)
 
 
 @dataclasses.dataclass
@@ -413,19 +485,19 @@ class _Stats:
         self.polarity = torch.ones(self.n)
         self.other = torch.zeros(self.n, dtype=torch.float64)
 
-    def add(self, a: Tensor, lab: Tensor, ids: np.ndarray, offset: int, pool: bool, edges: Tensor) -> None:
-        """Accumulate (N, n) non-negative activations of tokens ``ids`` (N,) with family labels ``lab``
-        (N, F); ``offset``: the global index of the first; ``pool``: keep the top-activation pool too."""
-        on = a > 0
-        self.fired += on.sum(0)
-        self.total += a.sum(0, dtype=torch.float64)
-        self.family_mass += (a.t() @ lab).double()
-        self.max = torch.maximum(self.max, a.amax(0))
+    def add(self, a: SparseActivations, lab: np.ndarray, ids: np.ndarray, offset: int, pool: bool,
+            edges: Tensor) -> None:
+        """Accumulate the positive activations ``a`` (the non-zeros of (N, n), all > 0) of tokens ``ids`` (N,)
+        with family labels ``lab`` (N, F); ``offset``: the global index of the first; ``pool``: keep the
+        top-activation pool too."""
+        rows, units, vals = a.rows, a.units, a.values
+        self.fired += torch.bincount(units, minlength=self.n)
+        self.total.index_add_(0, units, vals.double())
+        self.family_mass += _family_mass(a, lab)
+        self.max.scatter_reduce_(0, units, vals.to(self.max.dtype), "amax")
         if pool:  # the top-activation pool is only needed for dashboards
-            rows, units = torch.nonzero(on & (a > self.best_v[-1]), as_tuple=True)  # beats the pool's smallest
-            _pool_merge(self.best_v, self.best_i, None, a[rows, units], rows + offset, None, units)
-        rows, units = torch.nonzero(on, as_tuple=True)
-        vals = a[rows, units]
+            beat = vals > self.best_v[-1][units]  # beats the pool's smallest
+            _pool_merge(self.best_v, self.best_i, vals[beat], rows[beat] + offset, units[beat])
         bins = torch.bucketize(vals, edges)
         self.hist.view(-1).index_add_(0, units * self.hist.shape[1] + bins, torch.ones_like(bins))
         self.pairs.add(units.numpy(), ids[rows.numpy()], vals.numpy())
@@ -450,14 +522,21 @@ def _mlp_batches(model, windows: np.ndarray, batch: int) -> Iterator[tuple[int, 
         yield b, model.run_with_cache(x, [HOOK])[HOOK].reshape(-1, model.config.d_mlp)
 
 
-def _measured(a: Tensor, T: int, skip: int) -> Tensor:
-    """(B*T, ...) values of B windows with those at the first ``skip`` positions of each window set to 0
-    (not measured: module docstring); ``a`` itself when ``skip`` is 0. Never in place (``a`` may be the
-    model's activations, shared by every unit set)."""
-    if skip == 0 or not a.numel():
-        return a
-    keep = torch.arange(a.shape[0]) % T >= skip  # (B*T,)
-    return torch.where(keep.view(-1, *([1] * (a.dim() - 1))), a, torch.zeros((), dtype=a.dtype))
+def _family_mass(a: SparseActivations, lab: np.ndarray) -> Tensor:
+    """(n, F) float64 a.t() @ lab: each unit's activation mass on each family, from the non-zeros ``a`` of
+    (N, n) and the labels ``lab`` (N, F) (a sparse product: no dense (N, n) matrix)."""
+    import scipy.sparse as sp
+
+    N, n = int(np.prod(a.shape[:-1])), a.shape[-1]
+    indptr = torch.searchsorted(a.rows, torch.arange(N + 1)).numpy()  # rows are ascending
+    m = sp.csr_matrix((a.values.double().numpy(), a.units.numpy(), indptr), shape=(N, n))
+    return torch.from_numpy(np.asarray(m.T @ lab))
+
+
+def _measured_nonzeros(a: SparseActivations, T: int, skip: int) -> SparseActivations:
+    """The entries of non-zeros ``a`` of B windows of T tokens (rows: window * T + position) that are
+    measured: not at the first ``skip`` positions of a window (module docstring)."""
+    return a if skip == 0 else a.keep(a.rows % T >= skip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,6 +635,17 @@ def spread_windows(tokens: np.ndarray, seq_len: int, n_tokens: int) -> tuple[np.
     return np.stack([np.asarray(tokens[s:s + seq_len]) for s in starts]), starts
 
 
+def held_out_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """(W, seq_len) held-out windows: ``tokens`` itself when it is already (W, seq_len) windows, else those
+    spread evenly over the 1-D ``tokens`` that cover it (:func:`spread_windows`)."""
+    if getattr(tokens, "ndim", 1) == 2:
+        if tokens.shape[1] != seq_len or not len(tokens):
+            raise UserError(f"held-out windows of shape {tuple(tokens.shape)}: the model reads windows of "
+                            f"{seq_len} tokens, at least one of them")
+        return np.asarray(tokens)
+    return spread_windows(tokens, seq_len, len(tokens))[0]
+
+
 def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndarray, cfg: AnalysisConfig,
                 progress: bool) -> list[_Stats]:
     """Each set's statistics on the explanation text, of each unit's stronger half (module docstring):
@@ -571,15 +661,17 @@ def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndar
     for b, h in tqdm(_mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
                      desc="analyze: explanation text", disable=not progress):
         ids = windows[b:b + cfg.batch_windows].reshape(-1)  # (N,)
-        lab = torch.as_tensor(labels[b:b + cfg.batch_windows].reshape(-1, labels.shape[-1]), dtype=torch.float32)
+        lab = labels[b:b + cfg.batch_windows].reshape(-1, labels.shape[-1]).astype(np.float64)  # (N, F)
         for k, (s, st) in enumerate(zip(sets, stats, strict=True)):
             with torch.no_grad():
-                a = _measured(s.encode(h), T, cfg.skip_first_positions)  # (N, n)
-            if a.numel() and a.min() < 0:  # a unit set that takes both signs (a non-negative one never gets here)
+                a = _measured_nonzeros(s.nonzeros(h), T, cfg.skip_first_positions)  # of (N, n)
+            negative_values = a.values < 0
+            if bool(negative_values.any()):  # a unit set that takes both signs (a non-negative one never gets here)
                 if negative[k] is None:
                     negative[k] = _Stats(s.n_units, pool)
-                negative[k].add((-a).clamp_min(0), lab, ids, b * T, s.contexts, edges)
-                a = a.clamp_min(0)
+                neg = a.keep(negative_values)
+                negative[k].add(neg._replace(values=-neg.values), lab, ids, b * T, s.contexts, edges)
+                a = a.keep(~negative_values)
             st.add(a, lab, ids, b * T, s.contexts, edges)
     for st, neg in zip(stats, negative, strict=True):
         if neg is not None:
@@ -587,44 +679,80 @@ def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndar
     return stats
 
 
-def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list[Tensor], cfg: AnalysisConfig,
-                   progress: bool) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Uniform samples of tokens from each activation interval (j/I max, (j+1)/I max], j < I, per unit, and
-    the largest activations at the first position of a window (not measured, reported apart): [(values
-    (I, S, n), global indices (I, S, n), first-position values (top_contexts, n))] per set (value -1: none)."""
+class _Samples(NamedTuple):
+    """What the second pass over the explanation text finds for one set (-1: no value)."""
+
+    values: Tensor  # (I, S, n) interval samples: activations ...
+    index: Tensor  # (I, S, n) ... and global token indices
+    contexts: Tensor  # (I, S, n, before + 1 + after) the unit's activations around each sample (no dashboards: 0)
+    top_contexts: list[np.ndarray]  # (before + 1 + after,) around each of the set's top examples
+    first: Tensor  # (top_contexts, n) the largest activations at the first position of a window
+
+
+def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list[Tensor],
+                   top: list[list[tuple[int, int]]], cfg: AnalysisConfig, progress: bool) -> list[_Samples]:
+    """Per set: uniform samples of tokens from each activation interval (j/I max, (j+1)/I max], j < I, per
+    unit; the unit's measured activations around each sample and around each of the ``top`` examples (unit,
+    global index), ``before`` tokens before to ``after`` after (0 where not measured; from the neighbouring
+    windows at a window's ends: cut off by :func:`_context_acts`), read while the samples are drawn rather
+    than in a pass of their own; and the largest activations at the first position of a window (not
+    measured, reported apart)."""
     from tqdm.auto import tqdm
 
     W, T = windows.shape
     I, S = cfg.intervals, cfg.interval_samples
+    L = cfg.before + 1 + cfg.after
     gen = torch.Generator().manual_seed(cfg.seed)
     # one pool column per (interval, unit): the S largest random keys among the tokens in that interval
     state = [(torch.full((S, I * s.n_units), -1.0), torch.zeros((S, I * s.n_units), dtype=torch.int64),
-              torch.zeros((S, I * s.n_units))) for s in sets]
+              torch.zeros((S, I * s.n_units)), torch.zeros((S, I * s.n_units, L) if s.contexts else (0,)))
+             for s in sets]
     first = [torch.full((cfg.top_contexts, s.n_units), -1.0) for s in sets]
+    # the top examples by batch: (unit, global index, example number) sorted by global index
+    wanted = [np.array([(u, g, e) for e, (u, g) in enumerate(exs)], dtype=np.int64).reshape(-1, 3) for exs in top]
+    wanted = [x[np.argsort(x[:, 1], kind="stable")] for x in wanted]
+    top_contexts = [[np.zeros(L, dtype=np.float32)] * len(exs) for exs in top]
     for b, h in tqdm(_mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
                      desc="analyze: interval samples", disable=not progress):
         for k, (s, mx) in enumerate(zip(sets, maxima, strict=True)):
             if not s.contexts:
                 continue
-            keys, idx, val = state[k]
+            keys, idx, val, ctx = state[k]
             with torch.no_grad():
-                full = s.activations(h)  # (N, n)
-            at0 = torch.where(full[::T] > 0, full[::T], -1.0)  # (B, n): position 0 of each window
+                full = s.orient_nonzeros(s.nonzeros(h))  # of (N, n), all > 0
+            at0 = torch.full((len(h) // T, s.n_units), -1.0)  # (B, n): position 0 of each window
+            zero = full.rows % T == 0
+            at0[full.rows[zero] // T, full.units[zero]] = full.values[zero].to(at0.dtype)
             first[k] = torch.cat([first[k], at0]).topk(cfg.top_contexts, dim=0).values
-            a = _measured(full, T, cfg.skip_first_positions)
-            rows, units = torch.nonzero(a > 0, as_tuple=True)
-            v = a[rows, units]
+            a = _measured_nonzeros(full, T, cfg.skip_first_positions)
+            read = a.span_reader()
+            rows, units, v = a.rows, a.units, a.values
             which = (torch.ceil(v / mx[units].clamp_min(1e-12) * I).long() - 1).clamp(0, I - 1)
             slot = which * s.n_units + units
             r = torch.rand(len(v), generator=gen)
-            beat = r > keys[-1, slot]
-            _pool_merge(keys, idx, val, r[beat], rows[beat] + b * T, v[beat], slot[beat])
+            beat = torch.nonzero(r > keys[-1, slot]).squeeze(1)
+            new_units, new_starts = units[beat], rows[beat] - cfg.before
+            _pool_merge(keys, idx, r[beat], rows[beat] + b * T, slot[beat], extras=[
+                (val, v[beat]),
+                (ctx, lambda pos, read=read, u=new_units, s0=new_starts: read(u[pos], s0[pos], L))])  # entering
+            lo, hi = np.searchsorted(wanted[k][:, 1], [b * T, b * T + len(h)])
+            here = torch.as_tensor(wanted[k][lo:hi])  # (m, 3) the top examples in this batch
+            for e, acts in zip(here[:, 2].tolist(), read(here[:, 0], here[:, 1] - b * T - cfg.before, L).numpy(),
+                               strict=True):
+                top_contexts[k][e] = acts
     out = []
-    for (keys, idx, val), s, f in zip(state, sets, first, strict=True):
+    for (keys, idx, val, ctx), s, f, tc in zip(state, sets, first, top_contexts, strict=True):
         n = s.n_units
         v = torch.where(keys >= 0, val, -1.0).reshape(S, I, n).transpose(0, 1)  # (I, S, n)
-        out.append((v.contiguous(), idx.reshape(S, I, n).transpose(0, 1).contiguous(), f))
+        c = ctx.reshape(S, I, n, L).transpose(0, 1) if s.contexts else torch.zeros(I, S, n, 0)
+        out.append(_Samples(v.contiguous(), idx.reshape(S, I, n).transpose(0, 1).contiguous(), c, tc, f))
     return out
+
+
+def _context_acts(span: np.ndarray, t: int, T: int, cfg: AnalysisConfig) -> np.ndarray:
+    """The part inside its window of the activations ``span`` (before + 1 + after,) around position ``t``."""
+    lo, hi = max(0, t - cfg.before), min(T, t + cfg.after + 1)
+    return span[lo - (t - cfg.before):hi - (t - cfg.before)].astype(np.float32)
 
 
 def first_position_share(best_v: Tensor, best_i: Tensor, first_v: Tensor, K: int, T: int, skip: int) -> np.ndarray:
@@ -645,33 +773,6 @@ def first_position_share(best_v: Tensor, best_i: Tensor, first_v: Tensor, K: int
         fired = (v > 0).sum(0)
     share = at0.double() / fired.clamp_min(1).double()
     return torch.where(fired > 0, share, float("nan")).numpy()
-
-
-def _context_pass(model, sets: list[UnitSet], windows: np.ndarray, examples: list[list[tuple[int, int]]],
-                  cfg: AnalysisConfig) -> list[list[np.ndarray]]:
-    """Per set, per example (unit, global index): the unit's activations on the example's context tokens."""
-    T = windows.shape[1]
-    wanted: dict[int, list[tuple[int, int, int]]] = {}  # window -> [(set, example number, unit)]
-    for k, exs in enumerate(examples):
-        for e, (unit, g) in enumerate(exs):
-            wanted.setdefault(g // T, []).append((k, e, unit))
-    out: list[list[np.ndarray]] = [[np.zeros(0, dtype=np.float32)] * len(exs) for exs in examples]
-    order = sorted(wanted)
-    for b, h in _mlp_batches(model, windows[order], cfg.batch_windows):  # only the windows with examples
-        ws = order[b:b + cfg.batch_windows]
-        encoded = {}  # set -> (B, T, n_units), encoded when one of its examples is in this batch
-        for row, w in enumerate(ws):
-            for k, e, unit in wanted[w]:
-                if k not in encoded:
-                    with torch.no_grad():
-                        encoded[k] = sets[k].activations(h).reshape(len(ws), T, -1)
-                g = examples[k][e][1]
-                t = g % T
-                lo, hi = max(0, t - cfg.before), min(T, t + cfg.after + 1)
-                acts = encoded[k][row, lo:hi, unit].numpy().astype(np.float32)
-                acts[:max(0, cfg.skip_first_positions - lo)] = 0  # not measured
-                out[k][e] = acts
-    return out
 
 
 def score_context(cfg: AnalysisConfig, T: int) -> int:
@@ -697,28 +798,38 @@ def _held_out_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.n
     pools = [ContextPools(mx, C, n_top=cfg.score_top, intervals=cfg.intervals, per_interval=cfg.score_per_interval,
                           n_random=cfg.score_random, n_negative=cfg.score_negatives, seed=cfg.seed) for mx in maxima]
     family_tokens = torch.zeros(len(FAMILY_NAMES), dtype=torch.float64)
+    # the predictions p as float32, as the correlation reads them; a unit's sums of p and p^2 over the text
+    # are those of its table's entries weighted by how often each token is measured (counts), and a * p is
+    # non-zero only where the unit fires: no dense (N, n) prediction matrix
+    tables = [t.astype(np.float32) for t in tables]  # (vocab, n) CSR
+    counts = np.zeros(tables[0].shape[0] if tables else 0, dtype=np.int64)  # (vocab,) measured tokens
     for b, h in tqdm(_mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
                      desc="analyze: held-out text", disable=not progress):
-        ids = windows[b:b + cfg.batch_windows].reshape(-1)
-        lab = _measured(torch.as_tensor(labels[b:b + cfg.batch_windows].reshape(-1, labels.shape[-1]),
-                                        dtype=torch.float32), T, skip)
-        family_tokens += lab.sum(0, dtype=torch.float64)
+        win = windows[b:b + cfg.batch_windows]  # (B, T)
+        ids = win.reshape(-1)
+        counts += np.bincount(win[:, skip:].reshape(-1), minlength=len(counts))
+        lab = labels[b:b + cfg.batch_windows]  # (B, T, F)
+        family_tokens += torch.as_tensor(lab[:, skip:].sum((0, 1)), dtype=torch.float64)
+        lab = lab.reshape(-1, lab.shape[-1]).astype(np.float64)  # (N, F)
+        uniq, inv = np.unique(ids, return_inverse=True)
+        inv = torch.as_tensor(inv.reshape(-1))  # (N,) each token's row of uniq
         for s, st, table, pool in zip(sets, acc, tables, pools, strict=True):
             with torch.no_grad():
-                raw = s.encode(h)  # (N, n)
-                a = _measured(s.orient(raw), T, skip)
-            p = _measured(torch.as_tensor(table[ids].toarray(), dtype=torch.float32), T, skip)  # (N, n) predictions
-            st["a"] += a.sum(0, dtype=torch.float64)
-            st["aa"] += (a * a).sum(0, dtype=torch.float64)
-            st["p"] += p.sum(0, dtype=torch.float64)
-            st["pp"] += (p * p).sum(0, dtype=torch.float64)
-            st["ap"] += (a * p).sum(0, dtype=torch.float64)
-            st["raw_aa"] += (raw * raw).sum(0, dtype=torch.float64)
-            st["fired"] += (a > 0).sum(0).double()
-            st["family_mass"] += (a.t() @ lab).double()
-            pool.add(a.reshape(-1, T, s.n_units), b * (T // C))
+                raw = s.nonzeros(h)  # of (N, n), every position
+            st["raw_aa"].index_add_(0, raw.units, (raw.values * raw.values).double())
+            a = _measured_nonzeros(s.orient_nonzeros(raw), T, skip)  # all > 0
+            st["a"].index_add_(0, a.units, a.values.double())
+            st["aa"].index_add_(0, a.units, (a.values * a.values).double())
+            st["fired"] += torch.bincount(a.units, minlength=s.n_units).double()
+            st["family_mass"] += _family_mass(a, lab)
+            p = torch.as_tensor(table[uniq].toarray())[inv[a.rows], a.units]  # (nnz,) predictions where a fires
+            st["ap"].index_add_(0, a.units, (a.values * p).double())
+            pool.add(a._replace(shape=(len(win), T, s.n_units)), b * (T // C))
     n = W * (T - skip)  # measured tokens
-    for st in acc:
+    weights = counts.astype(np.float64)
+    for st, table in zip(acc, tables, strict=True):
+        st["p"] = torch.as_tensor(table.T @ weights)
+        st["pp"] = torch.as_tensor(table.multiply(table).T @ weights)  # p * p in float32, as p is read
         st["n"] = torch.tensor(float(n))
         st["family_tokens"] = family_tokens
     return acc, pools
@@ -748,12 +859,17 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
     ``model``: the one-layer LM, or any object with its interface (``config.context_length``, ``d_mlp``,
     ``vocab_size``; ``run_with_cache(ids, [HOOK])``), a ``logit_effects(directions)`` and ``n_vocab`` (real
     tokens) of its own, as :class:`monosemantic.llama.AnalysisModel` has for SmolLM2 or Stheno.
-    ``tokenizer``: ``token_bytes``, ``token_strings`` and ``eot_id`` (the document separator)."""
+    ``tokenizer``: ``token_bytes``, ``token_strings`` and ``eot_id`` (the document separator).
+
+    ``explain_tokens``: a 1-D token array, read in ``cfg.explain_tokens`` tokens of windows of the model's
+    context T spread evenly over it (:func:`spread_windows`). ``val_tokens``, the held-out text: a 1-D token
+    array, read whole in windows spread evenly over it, or (W, T) windows read as they are (windows taken
+    from many places, each a text of its own)."""
     import pandas as pd
 
     T = model.config.context_length
     windows, starts = spread_windows(explain_tokens, T, cfg.explain_tokens)
-    val_windows, _ = spread_windows(val_tokens, T, len(val_tokens))
+    val_windows = held_out_windows(val_tokens, T)
     log(f"analyze: {windows.size:,} explanation tokens, {val_windows.size:,} held-out tokens, "
         + ", ".join(f"{s.n_units:,} {s.name}" for s in sets))
     labels = window_families(tokenizer, windows)
@@ -762,16 +878,15 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
     # from here on every set is read through its units' polarities: oriented activations max(p a, 0)
     sets = [dataclasses.replace(s, polarity=st.polarity) for s, st in zip(sets, stats, strict=True)]
     maxima = [st.max for st in stats]
-    intervals = _interval_pass(model, sets, windows, maxima, cfg, progress)
 
     eots = np.flatnonzero(np.asarray(explain_tokens) == getattr(tokenizer, "eot_id", EOT_ID))
 
     def document(g: np.ndarray) -> np.ndarray:  # the document of global index g (window * T + t)
         return np.searchsorted(eots, starts[g // T] + g % T)
 
-    examples: list[list[tuple[int, int]]] = []
+    examples: list[list[tuple[int, int]]] = []  # per set: (unit, global index), the top ones first
     example_meta: list[list[dict[str, Any]]] = []
-    for s, st, (iv, ii, _) in zip(sets, stats, intervals, strict=True):
+    for s, st in zip(sets, stats, strict=True):
         exs, meta = [], []
         if s.contexts:
             docs = document(st.best_i.numpy())  # (pool, n)
@@ -787,7 +902,14 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
                     exs.append((u, int(st.best_i[r, u])))
                     meta.append({"unit": u, "kind": "top", "interval": -1, "rank": len(seen) - 1,
                                  "activation": float(bv[r, u]), "document": int(docs[r, u])})
-            ivv, iii = iv.numpy(), ii.numpy()
+        examples.append(exs)
+        example_meta.append(meta)
+    intervals = _interval_pass(model, sets, windows, maxima, examples, cfg, progress)
+    context_acts = [[_context_acts(span, g % T, T, cfg) for (_, g), span in zip(exs, sm.top_contexts, strict=True)]
+                    for exs, sm in zip(examples, intervals, strict=True)]
+    for s, exs, meta, acts, sm in zip(sets, examples, example_meta, context_acts, intervals, strict=True):
+        if s.contexts:
+            ivv, iii, ivc = sm.values.numpy(), sm.index.numpy(), sm.contexts.numpy()
             for j in range(cfg.intervals):
                 for r in range(cfg.interval_samples):
                     for u in np.flatnonzero(ivv[j, r] > 0):
@@ -795,9 +917,7 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
                         exs.append((int(u), g))
                         meta.append({"unit": int(u), "kind": "interval", "interval": j, "rank": r,
                                      "activation": float(ivv[j, r, u]), "document": int(document(np.array([g]))[0])})
-        examples.append(exs)
-        example_meta.append(meta)
-    context_acts = _context_pass(model, sets, windows, examples, cfg)
+                        acts.append(_context_acts(ivc[j, r, u], g % T, T, cfg))
 
     skip = cfg.skip_first_positions
     tables, shown_by_set, context_rows = [], [], []
@@ -835,7 +955,7 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
                                              strict=True):
         corr = pearson(h).numpy()
         maxima_s = mx.numpy()
-        first_share = first_position_share(st.best_v, st.best_i, iv[2], cfg.top_contexts, T, skip)
+        first_share = first_position_share(st.best_v, st.best_i, iv.first, cfg.top_contexts, T, skip)
         heldout_fired = h["fired"].numpy().astype(np.int64)
         # best family: the largest share of the unit's mass on the explanation text, among families with a
         # lift of at least 2 there (a unit is not "about" whitespace because whitespace is everywhere)
@@ -928,7 +1048,13 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
             "histograms": pd.concat(hist_rows, ignore_index=True), "vocab": vocab, "families": families,
             "neighbours": pd.concat(neighbour_rows, ignore_index=True) if neighbour_rows else pd.DataFrame(
                 columns=["set", "unit", "rank", "other", "cosine"]),
-            "tokens": {"explain": n_explain, "held_out": int(held[0]["n"]) if held else 0}}
+            "tokens": {"explain": n_explain, "held_out": int(held[0]["n"]) if held else 0},
+            # for per-family curves (:mod:`monosemantic.family_curves`): the sets with their polarities, and each
+            # unit's explanation-text share of activation mass per family and firings there
+            "oriented_sets": sets,
+            "family_share_explain": {s.name: (st.family_mass / st.total.clamp_min(1e-12)[:, None]).numpy()
+                                     for s, st in zip(sets, stats, strict=True)},
+            "fired_explain": {s.name: st.fired.numpy() for s, st in zip(sets, stats, strict=True)}}
 
 
 def _quantiles(hist: np.ndarray, qs: Sequence[float]) -> np.ndarray:
@@ -1072,6 +1198,8 @@ def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Cal
     compared within density bins; plus feature splitting across the width sweep's dictionaries."""
     import time
 
+    import pandas as pd
+
     from . import profiles, sae_train, store
     from . import sae as sae_mod
     from .data import TokenDataset
@@ -1109,13 +1237,16 @@ def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Cal
         sets.append(UnitSet.random_dictionary(RANDOM_DICTIONARY, main.cfg.d_in, main.cfg.n_features, main.cfg.k,
                                               seed=cfg.seed, centre=main.b_dec))
     train_tokens = TokenDataset.open(profile, "train").tokens
-    val_tokens = TokenDataset.open(profile, "val").tokens
-    result = analyze(model, tokenizer, sets, train_tokens, val_tokens, cfg, progress, log)
+    held_out, held_docs, held_sources, held_art = _held_out_text(profile, cfg, model.config.context_length, log)
+    if held_art is not None:
+        inputs.append(held_art)
+    result = analyze(model, tokenizer, sets, train_tokens, held_out, cfg, progress, log)
+    curves, curve_summary = _family_curves(model, tokenizer, result, held_out, held_docs, cfg, progress, log)
     random_model = _random_model_set(profile, lm_art, log)
     if random_model is not None:
         rm_model, rm_set, rm_art = random_model
         inputs.append(rm_art)
-        result = _merge(result, analyze(rm_model, tokenizer, [rm_set], train_tokens, val_tokens, cfg, progress, log))
+        result = _merge(result, analyze(rm_model, tokenizer, [rm_set], train_tokens, held_out, cfg, progress, log))
 
     # feature splitting: the width sweep's dictionaries (weights in cache/work), nearest parents by cosine
     widths: dict[int, Any] = {}
@@ -1151,6 +1282,15 @@ def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Cal
         for name, frame in controls.items():
             frame.to_parquet(w.dir / f"{name}.parquet", index=False)
         splits.to_parquet(w.dir / "splitting.parquet", index=False)
+        curves.to_parquet(w.dir / "family_curves.parquet", index=False)
+        curve_summary.to_parquet(w.dir / "family_units.parquet", index=False)
+        T = model.config.context_length
+        source_table = (pd.DataFrame({"source": held_sources}).groupby("source").size().rename("windows")
+                        .reset_index().assign(tokens=lambda t: t.windows * (T - cfg.skip_first_positions)))
+        source_table.to_parquet(w.dir / "heldout_sources.parquet", index=False)
+        w.metrics["held_out_set"] = held_art.key if held_art is not None else f"tokens/{profile}: the val split"
+        w.metrics["held_out_sources"] = int(len(source_table))
+        w.metrics["held_out_min_source_tokens"] = int(source_table.tokens.min())
         width_tokens.to_parquet(w.dir / "width_top_tokens.parquet", index=False)
         w.wall_time_s = round(time.perf_counter() - start, 1)  # the whole stage, not just this write
         w.metrics.update(summary_metrics(units, cfg))
@@ -1182,6 +1322,61 @@ def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Cal
                               "and averaged over density bins with the neurons' distribution as weights; "
                               "intervals: 95% bootstrap over units")
     return store.artifact_path("analysis", profile, "features")
+
+
+def _held_out_text(profile: str, cfg: AnalysisConfig, seq_len: int, log: Callable[[str], None]):
+    """The held-out text units are scored on: ``(windows (W, T), document of each window (W,), source of each
+    window (W,), the heldout artifact)``, the windows of ``heldout/<profile>-windows`` (never-seen text of
+    every corpus source) when it exists, else the val split's windows (said in one line; artifact None)."""
+    from . import heldout, store
+    from .data import TokenDataset
+    from .intervals import window_documents
+
+    if store.artifact_path("heldout", profile, "windows").is_dir():
+        held = heldout.load_windows(profile, explain_tokens=cfg.explain_tokens)
+        table = heldout.windows_table(profile, explain_tokens=cfg.explain_tokens)
+        docs = (table["split"].astype(str) + ":" + table["document"].astype(str)).to_numpy()
+        return held.windows, docs, held.sources, store.load("heldout", profile, "windows")
+    log(f"analyze: no heldout/{profile}-windows: scoring on the val split instead (`monosemantic heldout "
+        f"--profile {profile}` makes the held-out set of every source)")
+    data = TokenDataset.open(profile, "val")
+    windows, starts = spread_windows(data.tokens, seq_len, len(data.tokens))
+    docs = window_documents(data.tokens, starts, data.eot_id)
+    return windows, docs, np.array(["val"] * len(windows)), None
+
+
+def _family_curves(model, tokenizer, result: dict[str, Any], windows: np.ndarray, docs: np.ndarray,
+                   cfg: AnalysisConfig, progress: bool, log: Callable[[str], None]):
+    """Per family, the best neuron and the best feature of the main SAE (chosen on the explanation text)
+    measured on the held-out ``windows``: :func:`monosemantic.family_curves.tables`' (curves, summary)."""
+    import pandas as pd
+
+    from . import family_curves as fc
+
+    T = model.config.context_length
+    units = result["units"]
+    chosen = [s for s in result["oriented_sets"] if s.name in ("neurons", MAIN_SAE)]
+    counts, names = [], []
+    for s in chosen:
+        best = fc.choose_units(result["family_share_explain"][s.name], result["fired_explain"][s.name],
+                               cfg.min_firings)
+        pairs = [(f, int(u)) for f, u in enumerate(best) if u >= 0]
+        maxima = torch.as_tensor(units[units.set == s.name].sort_values("unit")["max"].to_numpy().copy(), dtype=torch.float32)
+        counts.append(fc.CurveCounts(pairs, maxima, len(windows)))
+        names.append(s.name)
+    labels = window_families(tokenizer, windows)  # (W, T, F)
+    log(f"analyze: per-family curves of {sum(len(c.pairs) for c in counts)} units on {windows.size:,} held-out tokens")
+    batches = _mlp_batches(model, windows, cfg.batch_windows)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=-(-len(windows) // cfg.batch_windows), desc="analyze: family curves")
+    fc.measure(batches, [s.activations for s in chosen], counts, labels, T, cfg.skip_first_positions)
+    measured = labels[:, cfg.skip_first_positions:].reshape(-1, labels.shape[-1])
+    family_tokens = measured.sum(0)
+    tabs = [fc.tables(c, [name] * len(c.pairs), FAMILY_NAMES, len(measured), family_tokens, groups=docs,
+                      n_boot=cfg.n_boot, seed=cfg.seed) for c, name in zip(counts, names, strict=True)]
+    return (pd.concat([t[0] for t in tabs], ignore_index=True), pd.concat([t[1] for t in tabs], ignore_index=True))
 
 
 def _finite(x: float, digits: int = 4) -> float | None:

@@ -14,6 +14,15 @@ from . import store
 # The unit sets of analysis/<profile>-features as the chapters name them, in the order they show them.
 UNIT_SETS: dict[str, str] = {"neurons": "neurons", "topk": "TopK features", "anchor": "anchor-fixed features",
                              "random": "random dictionary", "random-model": "SAE on a random LM"}
+
+
+def unit_sets(analysis_metrics: dict[str, Any]) -> dict[str, str]:
+    """:data:`UNIT_SETS` with the ReLU + L1 set named for the run it is: the analysis records which recipe
+    (``anchor_set_recipe``: the literal ``anchor`` when it has been run, else ``anchor-fixed``)."""
+    recipe = analysis_metrics.get("anchor_set_recipe", "anchor-fixed")
+    return {**UNIT_SETS, "anchor": "literal-recipe features" if recipe == "anchor" else f"{recipe} features"}
+
+
 SCORE_NAMES: dict[str, str] = {"specificity": "specific", "sim_corr": "simulation", "detection": "detection",
                                "explain_corr": "all-token correlation"}  # as table columns
 SCORE_PROSE: dict[str, str] = {"specificity": "specificity", "sim_corr": "simulation", "detection": "detection",
@@ -131,3 +140,79 @@ def versus(a: tuple[float, float, float], b: tuple[float, float, float]) -> str:
     """'lower' or 'higher' when interval ``a`` (value, low, high) lies wholly below or above ``b``, else
     'indistinguishable'."""
     return "lower" if a[2] < b[1] else "higher" if a[1] > b[2] else "indistinguishable"
+
+
+class EvalSet(NamedTuple):
+    """What one ``sae/<profile>-heldout`` evaluation read, from its manifest."""
+
+    split: str  # "val": consecutive windows of the corpus's val split; "heldout": heldout/<profile>-windows
+    tokens: int  # predicted tokens evaluated
+    windows: int
+    per_window: int  # predicted tokens per window (a held-out window's last token is only a target)
+    documents: int
+
+
+def eval_set(art, context_length: int) -> EvalSet:
+    """The evaluation set of a ``sae/<profile>-heldout`` artifact; ``context_length`` is the LM's (the window
+    length when the evaluation's config leaves it at 0). Evaluations made before the split was recorded in
+    the metrics read it from the config (they were all on ``val``)."""
+    m, c = art.metrics, art.config
+    split = str(m.get("split") or c.get("split") or "val")
+    seq_len = int(c.get("seq_len") or context_length)
+    per_window = seq_len - 1 if split == "heldout" else seq_len
+    tokens = int(m["eval_tokens"])
+    return EvalSet(split, tokens, tokens // per_window, per_window, int(m["n_documents"]))
+
+
+def describe_eval_set(es: EvalSet) -> str:
+    """``es`` in words, for a sentence: "131,072 tokens of the corpus's val split (1,024 windows of 128
+    predicted tokens, from 170 documents)"."""
+    where = "the held-out set" if es.split == "heldout" else f"the corpus's {es.split} split"
+    return (f"{es.tokens:,} tokens of {where} ({es.windows:,} windows of {es.per_window} predicted tokens, from "
+            f"{es.documents:,} documents)")
+
+
+def seed_runs(names, recipe: str) -> list[str]:
+    """The runs of ``recipe`` among ``names`` (e.g. the SAEs of a held-out evaluation): the recipe's own
+    artifact (seed 0) first, then ``<recipe>-seed<n>`` by n."""
+    import re
+
+    names = list(names)
+    pattern = re.compile(rf"{re.escape(recipe)}-seed(\d+)")
+    others = sorted((int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n)))
+    return ([recipe] if recipe in names else []) + [n for _, n in others]
+
+
+def seed_spread(values, fmt: str = "{:.3f}") -> str:
+    """The mean over seeds with the range of the seeds: ``0.031 (0.029–0.033)``; one value: ``0.031 (one
+    seed)``. ``fmt``: a str.format pattern or a callable."""
+    from .intervals import seed_summary
+
+    f = fmt if callable(fmt) else fmt.format
+    s = seed_summary(values)
+    if s.n_seeds == 1:
+        return f"{f(s.mean)} (one seed)"
+    return f"{f(s.mean)} ({f(s.min)}–{f(s.max)})"
+
+
+def seed_spread_pct(values, digits: int = 1) -> str:
+    """:func:`seed_spread` of shares as percentages, the unit written once: ``99.3% (99.2–99.4)``."""
+    from .intervals import seed_summary
+
+    s = seed_summary(values)
+    if s.n_seeds == 1:
+        return f"{100 * s.mean:.{digits}f}% (one seed)"
+    return f"{100 * s.mean:.{digits}f}% ({100 * s.min:.{digits}f}–{100 * s.max:.{digits}f})"
+
+
+def decoder_norms(art) -> Any:
+    """(n_features,) the length of each feature's decoder direction in a ``sae/<profile>-<recipe>`` artifact's
+    weights (SAELens layout, ``W_dec`` (n_features, d_in)): 1 for every feature of a recipe that keeps them
+    unit-norm, free under the anchor's normalisation along the input axis."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from .sae import SAE_WEIGHTS_FILENAME
+
+    w_dec = load_file(str(art.file(SAE_WEIGHTS_FILENAME)))["W_dec"].astype(np.float32)  # (n_features, d_in)
+    return np.linalg.norm(w_dec, axis=1)
