@@ -49,8 +49,10 @@ def test_the_anchor_recreation_has_its_quirks_and_trains():
 
 
 def test_the_sae_group_runs_at_a_tiny_size():
+    # a peak of 1 MFLOP/s: the tiny shapes' MFU is then far above the 3 decimals a row keeps, however busy the
+    # machine (against a realistic peak it rounds to 0.0 under load)
     ctx = bench.BenchContext(quick=True, device=torch.device("cpu"), threads=1, refresh_peaks=False,
-                             peaks={"bfloat16": 1e11, "float32": 1e11})
+                             peaks={"bfloat16": 1e6, "float32": 1e6})
     rows = list(bench.bench_sae(ctx, d_in=16, n_features=64, batch=32, topk_batch=48, lm_in_loop=False,
                                 density_features=128, density_rows=100))
     assert len(rows) == 5 and ("sae", bench.bench_sae) in bench.BENCHES
