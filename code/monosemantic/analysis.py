@@ -1361,7 +1361,8 @@ def _family_curves(model, tokenizer, result: dict[str, Any], windows: np.ndarray
         best = fc.choose_units(result["family_share_explain"][s.name], result["fired_explain"][s.name],
                                cfg.min_firings)
         pairs = [(f, int(u)) for f, u in enumerate(best) if u >= 0]
-        maxima = torch.as_tensor(units[units.set == s.name].sort_values("unit")["max"].to_numpy().copy(), dtype=torch.float32)
+        mine = units[units.set == s.name].sort_values("unit")
+        maxima = torch.as_tensor(mine["max"].to_numpy().copy(), dtype=torch.float32)
         counts.append(fc.CurveCounts(pairs, maxima, len(windows)))
         names.append(s.name)
     labels = window_families(tokenizer, windows)  # (W, T, F)

@@ -89,7 +89,6 @@ def committed_saes(profile: str) -> list[str]:
     """Names of the SAE artifacts of ``profile`` that hold weights (``sae/<profile>-<name>`` with a cfg.json) and
     read this LM (not ``random-model``), in a stable order: the recipes first, then the rest alphabetically."""
     from . import store
-
     from .sae_train import RANDOM_MODEL
 
     root = store.artifact_path("sae", profile, "x").parent
@@ -196,7 +195,8 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
     log(f"    ({time.perf_counter() - start:.0f} s)")
     with store.write("sae", profile, "heldout", config=cfg, inputs=inputs) as w:
         pd.DataFrame(rows).to_parquet(w.dir / "heldout.parquet", index=False)
-        w.metrics.update({"split": cfg.split, "eval_tokens": n_windows * seq_len, "n_documents": int(len(np.unique(docs))),
+        w.metrics.update({"split": cfg.split, "eval_tokens": n_windows * seq_len,
+                          "n_documents": int(len(np.unique(docs))),
                           "n_boot": cfg.n_boot, "saes": len(names), **metrics})
 
 

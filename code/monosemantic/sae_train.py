@@ -550,8 +550,8 @@ class TrainCommand:
         p.add_argument("--recipe", choices=(*RECIPES, RANDOM_MODEL, SEEDS, "sweep", "all"), default="all",
                        help="anchor: the anchor's ReLU+L1 recipe, literally; anchor-fixed: the same with its "
                             "initialisation, decoder norm and resampling fixed; topk: ours; random-model: topk on "
-                            "a randomly initialised copy of the LM (a control); seeds: topk and anchor-fixed with seeds 1 and 2; sweep: the L1/k frontiers and the "
-                            "width sweep; all (default): every one")
+                            "a randomly initialised copy of the LM (a control); seeds: topk and anchor-fixed with "
+                            "seeds 1 and 2; sweep: the L1/k frontiers and the width sweep; all (default): every one")
         p.add_argument("--fresh", action="store_true", help="retrain runs that are already staged")
         p.add_argument("--seeds-of", action="append", choices=RECIPES, metavar="RECIPE",
                        help="with --recipe seeds: retrain only this recipe with other seeds (repeatable; default: "

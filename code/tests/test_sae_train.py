@@ -82,7 +82,8 @@ def test_the_random_model_control_is_the_topk_recipe_on_a_random_lm(in_tiny_cach
                                          seed=stage.harvest.seed, batch=64))
     with torch.no_grad():
         first = model.run_with_cache(ids[:1], [HOOK])[HOOK].reshape(-1, model.config.d_mlp)
-    assert torch.allclose(torch.from_numpy(np.asarray(rows[:len(first)], dtype=np.float32)), first, atol=2e-2, rtol=1e-2)
+    stored = torch.from_numpy(np.asarray(rows[:len(first)], dtype=np.float32))
+    assert torch.allclose(stored, first, atol=2e-2, rtol=1e-2)
 
 
 def test_seeds_retrain_the_recipes_with_other_seeds_and_evaluate_measures_them(in_tiny_cache):
@@ -94,7 +95,7 @@ def test_seeds_retrain_the_recipes_with_other_seeds_and_evaluate_measures_them(i
     art = store.load("sae", "tiny", sae_train.SEEDS)
     table = pd.read_parquet(art.file("seeds.parquet"))
     cfg = sae_train.SeedsConfig()
-    assert sorted(zip(table.recipe, table.seed)) == sorted((r, s) for r in cfg.recipes for s in (0, *cfg.seeds))
+    assert sorted(zip(table.recipe, table.seed, strict=True)) == sorted((r, s) for r in cfg.recipes for s in (0, *cfg.seeds))
     own = store.load("sae", "tiny", "topk", config=stage).metrics["fvu"]
     assert table.set_index("run").loc["topk", "fvu"] == own  # seed 0 is the recipe's own artifact
     found = evaluation.seed_saes("tiny")
