@@ -95,7 +95,8 @@ def test_seeds_retrain_the_recipes_with_other_seeds_and_evaluate_measures_them(i
     art = store.load("sae", "tiny", sae_train.SEEDS)
     table = pd.read_parquet(art.file("seeds.parquet"))
     cfg = sae_train.SeedsConfig()
-    assert sorted(zip(table.recipe, table.seed, strict=True)) == sorted((r, s) for r in cfg.recipes for s in (0, *cfg.seeds))
+    expected = sorted((r, s) for r in cfg.recipes for s in (0, *cfg.seeds))
+    assert sorted(zip(table.recipe, table.seed, strict=True)) == expected
     own = store.load("sae", "tiny", "topk", config=stage).metrics["fvu"]
     assert table.set_index("run").loc["topk", "fvu"] == own  # seed 0 is the recipe's own artifact
     found = evaluation.seed_saes("tiny")
