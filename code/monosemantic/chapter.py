@@ -216,3 +216,65 @@ def decoder_norms(art) -> Any:
 
     w_dec = load_file(str(art.file(SAE_WEIGHTS_FILENAME)))["W_dec"].astype(np.float32)  # (n_features, d_in)
     return np.linalg.norm(w_dec, axis=1)
+
+
+def sae_compute_dtype(art, c: dict | None = None) -> str:
+    """The dtype an SAE artifact's matmuls ran in: the recorded choice, else what ``dtype: auto`` picks on the
+    machine its manifest records (bfloat16 on a GPU or a CPU with bf16 units, float32 otherwise)."""
+    h = art.manifest["hardware"]
+    rec = h.get("compute_dtype", {}).get("sae", {}).get("dtype")
+    if rec:
+        return str(rec)
+    want = (c or {}).get("dtype", "auto")
+    if want != "auto":
+        return str(want)
+    return "bfloat16" if h.get("gpu") or h.get("cpu_bf16") else "float32"
+
+
+def harvest_dtype(hardware: dict) -> str:
+    """The LM's precision in a harvest, from a manifest's hardware record."""
+    rec = hardware.get("compute_dtype", {}).get("lm", {}).get("dtype")
+    if rec:
+        return str(rec)
+    return "bfloat16" if hardware.get("gpu") or hardware.get("cpu_bf16") else "float32"
+
+
+def seed_precision(seeds_art, seed0_art) -> dict:
+    """How the extra seeds of ``sae/<profile>-seeds`` differ from seed 0 beyond the seed, from the manifests:
+    the activations artifact each read (``harvest``, ``harvest0``), the LM's precision in those harvests
+    (``lm_dtype``, ``lm_dtype0``) and the SAE's compute precision (``sae_dtype``, ``sae_dtype0``);
+    ``differs`` is True when any of them does."""
+    from . import store
+
+    def harvest_of(art):
+        keys = [k for k in art.manifest["inputs"] if k.startswith("activations/")]
+        return keys[0] if keys else None
+
+    def lm_dtype_of(key):
+        if key is None:
+            return None
+        kind, name = key.split("/", 1)
+        profile, _, tail = name.partition("-")
+        try:
+            return harvest_dtype(store.load(kind, profile, tail, verify=False).manifest["hardware"])
+        except Exception:  # noqa: BLE001 (a harvest not in this checkout: unknown)
+            return None
+
+    h, h0 = harvest_of(seeds_art), harvest_of(seed0_art)
+    s_dtype = sae_compute_dtype(seeds_art, seeds_art.config.get("topk"))
+    s_dtype0 = sae_compute_dtype(seed0_art, seed0_art.config.get("topk"))
+    lm_d, lm_d0 = lm_dtype_of(h), lm_dtype_of(h0)
+    return {"harvest": h, "harvest0": h0, "lm_dtype": lm_d, "lm_dtype0": lm_d0, "sae_dtype": s_dtype,
+            "sae_dtype0": s_dtype0, "differs": h != h0 or s_dtype != s_dtype0 or lm_d != lm_d0}
+
+
+def seed_precision_words(sp: dict, n_seeds: int) -> str:
+    """A clause for :func:`seed_precision`: what besides the seed separates seeds 1.. from seed 0."""
+    if not sp["differs"]:
+        return "the other seeds differ from seed 0 in the seed alone"
+    last = f"seeds 1–{n_seeds - 1}" if n_seeds > 2 else "seed 1"
+    return (f"{last} also differ from seed 0 in precision: they were trained on `{sp['harvest']}`, a re-harvest "
+            f"of the same windows with the LM in {sp['lm_dtype'] or 'another precision'}, with the SAE's matmuls "
+            f"in {sp['sae_dtype']}, where seed 0 read `{sp['harvest0']}` (the LM in "
+            f"{sp['lm_dtype0'] or 'another precision'}) with its matmuls in {sp['sae_dtype0']}; their spread "
+            f"bounds seed and precision variation together, not the seed's alone")
