@@ -68,18 +68,29 @@ def _smollm2(a: store.Artifact) -> str:
 
 
 def _sae(a: store.Artifact) -> str:
+    from .anchors import WARD
+
     m = a.metrics
-    recipe = {"anchor": "the anchor's recipe, literally (ReLU + L1, its init, normalisation and resampling)",
+    share = m["train_activations"] / WARD["sae_train_activations"]
+    recipe = {"anchor": f"the anchor's algorithm (ReLU + L1, its init, normalisation and resampling) run for "
+                        f"{share:.1%} of its length",
               "anchor-fixed": "the anchor's loss and optimiser (ReLU + L1) with our init and decoder "
                               "normalisation (anchor-fixed)"}.get(a.name, "our TopK recipe")
     return (f"SAE with {recipe} (`{a.key}`): {m['n_features']:,} features on the 512 MLP neurons, "
-            f"{m['train_activations'] / 1e6:.0f}M training activations; on held-out text L0 {m['l0']:.1f}, "
+            f"{m['train_activations'] / 1e6:.0f}M training activations; on the first {m['eval_tokens']:,} "
+            f"held-out tokens L0 {m['l0']:.1f}, "
             f"FVU {m['fvu']:.3f}, {m['ce_loss_recovered']:.1%} of the CE loss recovered (zero-ablation; "
             f"{m['ce_loss_recovered_mean_ablation']:.1%} against mean-ablation), {m['dead_fraction']:.1%} dead.")
 
 
 def _analysis(a: store.Artifact) -> str:
     m = a.metrics
+    if "density_matched" not in str(a.manifest.get("info", {}).get("controls", "")):
+        return (f"Monosemanticity, measured without a human (`{a.key}`): this analysis predates the controls "
+                f"(random dictionary, SAE on a random LM, density-matched comparison), so its raw feature-neuron "
+                f"gap ({m['interpretable_fraction_features']:.0%} of TopK features against "
+                f"{m['interpretable_fraction_neurons']:.0%} of neurons pass the held-out explain-then-predict "
+                f"score) measures sparsity as much as meaning; `monosemantic analyze` rebuilds it with them.")
     return (f"Monosemanticity, measured without a human (`{a.key}`): {m['interpretable_fraction_features']:.0%} of "
             f"the TopK SAE's features against {m['interpretable_fraction_neurons']:.0%} of the neurons reach a "
             f"held-out explain-then-predict correlation of {m['interpretable_threshold']:g} (anchor-recipe "
