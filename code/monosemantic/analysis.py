@@ -1054,7 +1054,8 @@ def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, v
             "oriented_sets": sets,
             "family_share_explain": {s.name: (st.family_mass / st.total.clamp_min(1e-12)[:, None]).numpy()
                                      for s, st in zip(sets, stats, strict=True)},
-            "fired_explain": {s.name: st.fired.numpy() for s, st in zip(sets, stats, strict=True)}}
+            "fired_explain": {s.name: st.fired.numpy() for s, st in zip(sets, stats, strict=True)},
+            "held_out_labels": val_labels}  # (W, T, F) family labels of the held-out windows
 
 
 def _quantiles(hist: np.ndarray, qs: Sequence[float]) -> np.ndarray:
@@ -1241,7 +1242,7 @@ def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Cal
     if held_art is not None:
         inputs.append(held_art)
     result = analyze(model, tokenizer, sets, train_tokens, held_out, cfg, progress, log)
-    curves, curve_summary = _family_curves(model, tokenizer, result, held_out, held_docs, cfg, progress, log)
+    curves, curve_summary = _family_curves(model, result, held_out, held_docs, cfg, progress, log)
     random_model = _random_model_set(profile, lm_art, log)
     if random_model is not None:
         rm_model, rm_set, rm_art = random_model
@@ -1334,9 +1335,7 @@ def _held_out_text(profile: str, cfg: AnalysisConfig, seq_len: int, log: Callabl
 
     if store.artifact_path("heldout", profile, "windows").is_dir():
         held = heldout.load_windows(profile, explain_tokens=cfg.explain_tokens)
-        table = heldout.windows_table(profile, explain_tokens=cfg.explain_tokens)
-        docs = (table["split"].astype(str) + ":" + table["document"].astype(str)).to_numpy()
-        return held.windows, docs, held.sources, store.load("heldout", profile, "windows")
+        return held.windows, held.documents, held.sources, store.load("heldout", profile, "windows")
     log(f"analyze: no heldout/{profile}-windows: scoring on the val split instead (`monosemantic heldout "
         f"--profile {profile}` makes the held-out set of every source)")
     data = TokenDataset.open(profile, "val")
@@ -1345,7 +1344,7 @@ def _held_out_text(profile: str, cfg: AnalysisConfig, seq_len: int, log: Callabl
     return windows, docs, np.array(["val"] * len(windows)), None
 
 
-def _family_curves(model, tokenizer, result: dict[str, Any], windows: np.ndarray, docs: np.ndarray,
+def _family_curves(model, result: dict[str, Any], windows: np.ndarray, docs: np.ndarray,
                    cfg: AnalysisConfig, progress: bool, log: Callable[[str], None]):
     """Per family, the best neuron and the best feature of the main SAE (chosen on the explanation text)
     measured on the held-out ``windows``: :func:`monosemantic.family_curves.tables`' (curves, summary)."""
@@ -1365,7 +1364,7 @@ def _family_curves(model, tokenizer, result: dict[str, Any], windows: np.ndarray
         maxima = torch.as_tensor(mine["max"].to_numpy().copy(), dtype=torch.float32)
         counts.append(fc.CurveCounts(pairs, maxima, len(windows)))
         names.append(s.name)
-    labels = window_families(tokenizer, windows)  # (W, T, F)
+    labels = result["held_out_labels"]  # (W, T, F), labelled once by analyze
     log(f"analyze: per-family curves of {sum(len(c.pairs) for c in counts)} units on {windows.size:,} held-out tokens")
     batches = _mlp_batches(model, windows, cfg.batch_windows)
     if progress:

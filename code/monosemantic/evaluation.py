@@ -108,10 +108,8 @@ def _heldout_windows(profile: str):
     from . import heldout, store
 
     held = heldout.load_windows(profile)
-    table = heldout.windows_table(profile)
     w = torch.from_numpy(held.windows.astype(np.int64))
-    docs = (table["split"].astype(str) + ":" + table["document"].astype(str)).to_numpy()
-    return [store.load(HELDOUT, profile, "windows")], w[:, :-1], w[:, 1:], docs
+    return [store.load(HELDOUT, profile, "windows")], w[:, :-1], w[:, 1:], held.documents
 
 
 def seed_saes(profile: str) -> dict[str, tuple]:

@@ -35,7 +35,7 @@ available in whole windows, tokens and windows selected, documents they come fro
 tokens, sources, the smallest source, what was excluded and why). The tokens themselves stay in the
 shards: :func:`load_windows` reads them::
 
-    windows, sources = heldout.load_windows("cpu")   # (W, 128) uint16 token ids, (W,) source names
+    windows, sources, documents = heldout.load_windows("cpu")   # (W, 128) token ids, (W,) sources, (W,) documents
 """
 
 from __future__ import annotations
@@ -428,6 +428,7 @@ def run_stage(profile: str, cfg: HeldoutConfig, log=print):
 class HeldoutWindows(NamedTuple):
     windows: np.ndarray  # (W, seq_len) uint16 token ids
     sources: np.ndarray  # (W,) source names (object)
+    documents: np.ndarray  # (W,) the document each window lies in, "<split>:<number>" (the bootstrap's groups)
 
 
 def windows_table(profile: str, cfg: HeldoutConfig | None = None, explain_tokens: int | None = None):
@@ -450,7 +451,8 @@ def windows_table(profile: str, cfg: HeldoutConfig | None = None, explain_tokens
 
 
 def load_windows(profile: str, cfg: HeldoutConfig | None = None, explain_tokens: int | None = None) -> HeldoutWindows:
-    """The held-out windows of ``profile``: ``(windows (W, seq_len) uint16, sources (W,) names)``, in
+    """The held-out windows of ``profile``: ``(windows (W, seq_len) uint16, sources (W,) names, documents (W,)
+    labelled within their split)``, in
     :func:`windows_table`'s order. One-line errors when the artifact is missing or stale (for ``cfg`` or
     ``explain_tokens``, as in :func:`windows_table`) or the token shards are missing."""
     from . import profiles, store
@@ -473,7 +475,8 @@ def load_windows(profile: str, cfg: HeldoutConfig | None = None, explain_tokens:
             raise HeldoutError(f"heldout/{profile}-windows points past the end of the {split} shard; remake it "
                                f"with `monosemantic heldout --profile {profile}`")
         out[rows] = tokens[starts[:, None] + np.arange(seq_len)[None, :]]
-    return HeldoutWindows(out, table["source"].to_numpy())
+    documents = (table["split"].astype(str) + ":" + table["document"].astype(str)).to_numpy()
+    return HeldoutWindows(out, table["source"].to_numpy(), documents)
 
 
 # --- the command ----------------------------------------------------------------------------------------

@@ -226,8 +226,10 @@ def test_heldout_stage_on_tiny(tiny_cache, monkeypatch, capsys):
     assert m["corpus_sources"] == 3 and "held-out:" in out
     table = pd.read_parquet(art.file(heldout.SOURCES_FILE))
     assert table["selected_tokens"].sum() == m["heldout_tokens"]
-    x, sources = heldout.load_windows("tiny")
+    x, sources, documents = heldout.load_windows("tiny")
     assert x.shape == (m["heldout_windows"], m["seq_len"]) and x.dtype == np.uint16 and len(sources) == len(x)
+    windows = pd.read_parquet(art.file(heldout.WINDOWS_FILE))  # each window's document, labelled within its split
+    assert list(documents) == [f"{s}:{d}" for s, d in zip(windows["split"], windows["document"], strict=True)]
     assert set(sources) <= set(table["source"])
     assert heldout.windows_table("tiny", explain_tokens=profiles.get("tiny").analysis.explain_tokens).shape[0] == len(x)
     with pytest.raises(heldout.HeldoutError, match="explanation text") as e:
