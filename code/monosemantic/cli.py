@@ -38,7 +38,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("causal", "monosemantic.causal",
      "clamp and ablate named features in the running model, against random directions of equal norm"),
     ("diff", "monosemantic.diffing", "chapter 5's pilot: fine-tune the LM on one source and diff the two models"),
-    ("llama", "monosemantic.llama", "Llama-family models (SmolLM2, L3-8B-Stheno): activations, harvest, SAE, cost"),
+    ("llama", "monosemantic.llama_cli",
+     "Llama-family models (SmolLM2, L3-8B-Stheno): activations, harvest, SAE, cost"),
 ]
 
 

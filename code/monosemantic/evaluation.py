@@ -20,7 +20,7 @@ import argparse
 import dataclasses
 import time
 from types import SimpleNamespace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -183,10 +183,7 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
         cis = metric_intervals(ev, docs, n_boot=cfg.n_boot, seed=cfg.seed)
         for metric, ci in cis.items():
             rows.append({"sae": name, "metric": metric, "value": ci.value, "low": ci.low, "high": ci.high})
-            if metric in HEADLINE:
-                metrics[f"{_key(name)}_{metric}"] = ci.value
-                if np.isfinite(ci.low):  # dead and ultra-low fractions have no valid bootstrap interval
-                    metrics.update({f"{_key(name)}_{metric}_low": ci.low, f"{_key(name)}_{metric}_high": ci.high})
+        metrics.update(headline_metrics(cis, f"{_key(name)}_"))
         log(f"    {name}: CE loss recovered {cis['ce_loss_recovered'].value:.4f} "
             f"[{cis['ce_loss_recovered'].low:.4f}, {cis['ce_loss_recovered'].high:.4f}], "
             f"FVU {cis['fvu'].value:.4f}, L0 {cis['l0'].value:.1f}")
@@ -200,6 +197,19 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
 
 def _key(name: str) -> str:
     return name.replace("-", "_")
+
+
+def headline_metrics(cis: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """A manifest's keys for :func:`monosemantic.metrics.metric_intervals`' result: ``<prefix><metric>`` for
+    each :data:`HEADLINE` metric and, where the bootstrap gives an interval, ``..._low`` and ``..._high``
+    (dead and ultra-low fractions have none)."""
+    out: dict[str, float] = {}
+    for metric in HEADLINE:
+        ci = cis[metric]
+        out[f"{prefix}{metric}"] = ci.value
+        if np.isfinite(ci.low):
+            out.update({f"{prefix}{metric}_low": ci.low, f"{prefix}{metric}_high": ci.high})
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -37,7 +37,7 @@ WRITES: dict[str, tuple[str, ...]] = {
     "toy": ("toy",), "llama": ("llama",), "diff": ("diff",),
 }
 # Artifacts that are measurements, not stages: benchmarks, the tests' fault table, the GPU check of the tiny
-# pipeline and the Llama throughput rows. Their time is not a stage's.
+# pipeline, the Llama throughput rows and the Stheno rehearsal (scripts/stheno-rehearsal). Their time is not a stage's.
 MEASUREMENT_STAGES = ("bench", "faults", "gpucheck")
 # A stage manifest written before `store` recorded the whole command's time holds only the time it took to
 # write the files (well under a second); a real stage of the cpu or gpu profile never takes that little.
@@ -89,7 +89,7 @@ class ProfileTime(NamedTuple):
 
 def is_measurement(a) -> bool:
     """``a`` (a :class:`~monosemantic.store.Artifact`) is a benchmark or check, not a pipeline stage's output."""
-    return a.stage in MEASUREMENT_STAGES or a.name.startswith("throughput-")
+    return a.stage in MEASUREMENT_STAGES or a.name.startswith(("throughput-", "rehearsal-"))
 
 
 def _parts_seconds(a) -> float:

@@ -48,7 +48,7 @@ def get(name: str) -> Profile:
 def _tiny() -> Profile:
     return Profile(name="tiny", toy=_toy_tiny(), llama=LlamaConfig(
         model="random:tiny", dtype="float32", seq_len=32, batch_size=4, harvest_tokens=2048, shard_tokens=512,
-        expansion=4, k=4, sae_batch=128, sae_epochs=2, eval_tokens=256, top_examples=3), corpus=_corpus_tiny(),
+        expansion=4, k=4, sae_batch=128, sae_epochs=2, eval_tokens=256), corpus=_corpus_tiny(),
         lm=LMConfig(context_length=32, d_model=32, n_heads=4, d_mlp=128, steps=40, batch_size=8, lr=3e-3,
                     lr_final=3e-4, warmup_steps=5, eval_interval=20, eval_batches=2, checkpoint_interval=20,
                     compile=False), sae=_sae_tiny(),

@@ -52,19 +52,21 @@ def _recovery(a: store.Artifact) -> str:
 
 
 def _smollm2(a: store.Artifact) -> str:
-    m = a.metrics
+    from .llama_eval import metrics_of
+
+    m = metrics_of(a)  # the shared metric names, also for a run made before they were shared
     return (f"Llama-family extension (`{a.key}`): a TopK SAE ({m['n_features']:,} features, k={m['k']}) on "
             f"SmolLM2-135M's last-layer MLP ({m['d_in']:,} dims) recovers {m['ce_loss_recovered']:.1%} of the CE "
             f"loss (zero-ablation baseline) at FVU {m['fvu']:.2f}, trained on {a.config['harvest_tokens'] / 1e6:.1f}M "
             f"harvested tokens ({m['train_activations'] / 1e6:.1f}M activations); "
-            + (f"{m['dead_fraction_explain']:.0%} of its features never fire on {m['explain_tokens'] / 1e3:.0f}k "
-               f"harvested tokens" if "dead_fraction_explain" in m else
-               f"{m['dead_fraction']:.1%} of its features are dead on held-out text")
-            + (f", {m['specific_fraction_features']:.0%} of the scored ones specific to one token family (the "
-               f"analysis stage's detectors)" if "specific_fraction_features" in m else "")
-            + (f"; explain-then-predict: {m['analysis_interpretable_fraction_features']:.0%} of its scored features "
-               f"and {m['analysis_interpretable_fraction_neurons']:.0%} of the layer's neurons reach a held-out "
-               f"correlation of 0.5." if "analysis_interpretable_fraction_features" in m else "."))
+            f"{m['dead_fraction']:.0%} of its features are dead on {m['eval_tokens']:,} held-out tokens"
+            + (f" and {m['never_fired_fraction_features']:.0%} never fire on {m['explain_tokens'] / 1e3:.0f}k tokens "
+               f"of training text" if "never_fired_fraction_features" in m else "")
+            + (f"; {m['specific_fraction_features']:.0%} of the scored ones are specific to one token family and, "
+               f"by explain-then-predict, {m['interpretable_fraction_features']:.0%} of its scored features and "
+               f"{m['interpretable_fraction_neurons']:.0%} of the layer's neurons reach a held-out correlation of "
+               f"{m['interpretable_threshold']:g} (the analysis stage's code)."
+               if "interpretable_fraction_features" in m else "."))
 
 
 def _sae(a: store.Artifact) -> str:

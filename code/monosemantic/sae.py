@@ -512,7 +512,9 @@ class SAE(nn.Module):
             # F.normalize's formula and eps, as autoencoder.py's normalize_decoder_weights calls it
             self.W_dec.div_(self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12))  # (n_features, d_in)
         else:
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+            # under FSDP W_dec is a DTensor sharded by rows (features): each process holds whole rows
+            w = self.W_dec.to_local() if hasattr(self.W_dec, "to_local") else self.W_dec
+            w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
 
     # --- the training step's fast path ------------------------------------------------------------------
@@ -713,22 +715,83 @@ def _batches(source: Tensor | Iterable[Tensor], batch_size: int, gen: torch.Gene
                 pending, have = ([rest] if rest.shape[0] else []), rest.shape[0]
 
 
-def make_optimizer(sae: SAE) -> torch.optim.Optimizer:
+def make_optimizer(sae: SAE, fused: bool = True) -> torch.optim.Optimizer:
     """Adam at ``cfg.lr``, fused: one pass over the parameters and both moments instead of a dozen (at
-    batch 896 the update of 4.2M parameters is a large share of a step)."""
-    return torch.optim.Adam(sae.parameters(), lr=sae.cfg.lr, fused=True)
+    batch 896 the update of 4.2M parameters is a large share of a step). ``fused=False`` for FSDP's sharded
+    parameters."""
+    return torch.optim.Adam(sae.parameters(), lr=sae.cfg.lr, fused=fused)
+
+
+class _Step(nn.Module):
+    """:meth:`SAE.training_forward` as a module's ``forward``: DDP and FSDP act on ``forward`` (gradient
+    averaging, gathering the sharded weights), so data-parallel training wraps this instead of the SAE."""
+
+    def __init__(self, sae: SAE):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None, dtype: torch.dtype) -> TrainOutput:
+        return self.sae.training_forward(x, dead_mask, dtype)
 
 
 def train_step(sae: SAE, optimizer: torch.optim.Optimizer, batch: Tensor, dead_mask: Tensor | None = None,
-               dtype: torch.dtype = torch.float32) -> TrainOutput:
+               dtype: torch.dtype = torch.float32, step: nn.Module | None = None) -> TrainOutput:
     """One optimizer step on ``batch`` (B, d_in): :meth:`SAE.training_forward`, backward, Adam, decoder rows
-    renormalised. ``dead_mask`` (n_features,) switches on AuxK (TopK). The benchmark times this."""
-    out = sae.training_forward(batch, dead_mask, dtype)
+    renormalised. ``dead_mask`` (n_features,) switches on AuxK (TopK). ``step``: a DDP- or FSDP-wrapped
+    :class:`_Step` of ``sae`` for data-parallel training. The benchmark times this."""
+    out = step(batch, dead_mask, dtype) if step is not None else sae.training_forward(batch, dead_mask, dtype)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     optimizer.step()
     sae.normalize_decoder()
     return out
+
+
+Parallel = Literal["ddp", "fsdp"]
+
+
+class _Ranks(NamedTuple):
+    rank: int
+    world: int  # processes training together (1: no data parallelism)
+
+
+def _ranks(parallel: Parallel | None) -> _Ranks:
+    if parallel is None:
+        return _Ranks(0, 1)
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        raise ConfigError(f"{parallel} training needs a process group: start the processes with torchrun")
+    return _Ranks(td.get_rank(), td.get_world_size())
+
+
+def _wrap(sae: SAE, parallel: Parallel, device: torch.device) -> nn.Module:
+    """The training step of ``sae`` for data-parallel processes: DDP averages the gradients of the ranks'
+    slices of a global batch, so W processes make the one-process update on it; FSDP (``fully_shard``) also
+    shards the weights, gradients and Adam moments over the ranks, for SAEs that do not fit one device."""
+    step = _Step(sae)
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    for p in sae.parameters():  # FSDP shards flat storage
+        p.data = p.data.contiguous()
+    return fully_shard(step)
+
+
+def _over_ranks(x: Tensor, how: Literal["cat", "max", "mean"]) -> Tensor:
+    """``x`` from every rank: concatenated along dim 0, or their elementwise max or mean."""
+    import torch.distributed as td
+
+    if how == "cat":
+        parts = [torch.empty_like(x) for _ in range(td.get_world_size())]
+        td.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+    out = x.clone()
+    td.all_reduce(out, op=td.ReduceOp.MAX if how == "max" else td.ReduceOp.SUM)
+    return out if how == "max" else out / td.get_world_size()
 
 
 @runtime_checkable
@@ -773,7 +836,7 @@ def _load_checkpoint(path: Path, cfg: SAEConfig) -> dict[str, Any]:
 def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
           device: torch.device | str | None = None, progress: bool = True, sae: SAE | None = None,
           desc: str | None = None, checkpoint: Path | None = None, checkpoint_every: int = 500,
-          log: Callable[[str], None] = print) -> TrainResult:
+          log: Callable[[str], None] = print, parallel: Parallel | None = None) -> TrainResult:
     """Train an SAE on ``source``: an :class:`IndexedSource` (``source.batch(step)``), an (N, d_in) tensor
     (shuffled epochs) or an iterable of (*, d_in) batches (e.g. a streaming activation buffer). Adam, decoder
     renormalised after every step, dead latents tracked over ``cfg.dead_window`` activations and
@@ -789,10 +852,28 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
     arrives (then training stops with ``KeyboardInterrupt``), deleted when training completes. With an
     indexed source a run finds its checkpoint and resumes exactly: same weights, same curve as a run never
     stopped. Other sources cannot replay their batches, so they are checkpointed but never resumed.
+
+    ``parallel`` (``ddp`` or ``fsdp``), in each of W processes of a ``torch.distributed`` group (``torchrun``):
+    every process reads its ``batch_size / W`` rows of each global batch from ``source``, and together they
+    make the one-process update on the global batch (:func:`_wrap`); ``b_dec`` starts from the whole first
+    global batch and a latent counts as firing when it fired on any process. Two differences: AuxK's
+    normaliser is the variance of each process's residual, so with dead latents the update differs slightly,
+    and the curve's ``fvu`` is the mean of the processes' own (its other columns are the one-process ones).
+    Resampling and checkpoints are one-process only.
     """
     from tqdm.auto import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ranks = _ranks(parallel)
+    parallel = parallel if ranks.world > 1 else None
+    if parallel is not None:
+        if cfg.batch_size % ranks.world:
+            raise ConfigError(f"the SAE batch {cfg.batch_size} is not divisible by {ranks.world} processes")
+        if cfg.resample_every or checkpoint is not None:
+            raise ConfigError("data-parallel SAE training has no resampling and no checkpoints: train a TopK SAE "
+                              "(AuxK) with resample_every=0")
+        if parallel == "fsdp" and cfg.decoder_norm_axis == "input":
+            raise ConfigError("FSDP shards the decoder by rows: it cannot normalise along decoder_norm_axis='input'")
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     sae = sae if sae is not None else SAE(cfg)
     sae.to(device)
@@ -801,7 +882,7 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
         def next_batch(i: int) -> Tensor | None:
             return source.batch(i)
     else:
-        batches = _batches(source, cfg.batch_size, gen)
+        batches = _batches(source, cfg.batch_size // ranks.world, gen)
 
         def next_batch(i: int) -> Tensor | None:
             return next(batches, None)
@@ -862,16 +943,29 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
     if batch is not None and batch.shape[1] != cfg.d_in:
         raise ConfigError(f"activations have width {batch.shape[1]} but SAEConfig.d_in is {cfg.d_in}")
     if state is None:
+        first = batch if parallel is None else _over_ranks(batch, "cat")  # the whole first global batch
         with torch.no_grad():
             if cfg.b_dec_init == "geometric_median":
-                sae.b_dec.copy_(geometric_median(batch))
+                sae.b_dec.copy_(geometric_median(first))
             elif cfg.b_dec_init == "mean":
-                sae.b_dec.copy_(batch.mean(0))
+                sae.b_dec.copy_(first.mean(0))
             elif cfg.b_dec_init == "zeros" and cfg.init != "gao":  # "gao" draws it as zeros already
                 sae.b_dec.zero_()
+    step_module = None
+    if parallel is not None:
+        step_module = _wrap(sae, parallel, device)
+        optimizer = make_optimizer(sae, fused=parallel != "fsdp")  # over the wrapped (FSDP: sharded) weights
+
+    def interval_means() -> dict[str, float]:
+        """The logged losses' means since the last row (over every process's slice of the batches)."""
+        means = {k: v / n_in_interval for k, v in sums.items()}
+        if parallel is not None:
+            values = _over_ranks(torch.tensor(list(means.values()), dtype=torch.float64, device=device), "mean")
+            means = dict(zip(means, values.tolist(), strict=True))
+        return means
 
     bar = tqdm(total=cfg.n_steps, initial=step, desc=desc or f"SAE {cfg.architecture} {cfg.d_in}->{cfg.n_features}",
-               disable=not progress, mininterval=1.0, leave=False)
+               disable=not progress or ranks.rank > 0, mininterval=1.0, leave=False)
     stop_signal: list[int] = []
     # Ctrl-C and SIGTERM only raise a flag, honoured between steps, so a checkpoint never holds half a step
     previous = _catch_stop_signals(stop_signal) if checkpoint is not None else {}
@@ -892,11 +986,13 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
                 while pool_rows - pool[0].shape[0] >= cfg.resample_pool:
                     pool_rows -= pool.popleft().shape[0]
             dead_mask = since_fired >= cfg.dead_window
-            out = train_step(sae, optimizer, batch, dead_mask if cfg.architecture == "topk" else None, compute_dtype)
+            out = train_step(sae, optimizer, batch, dead_mask if cfg.architecture == "topk" else None, compute_dtype,
+                             step_module)
 
             with torch.no_grad():
-                since_fired += batch.shape[0]
-                since_fired[out.fired] = 0
+                fired = out.fired if parallel is None else _over_ranks(out.fired.to(torch.int32), "max").bool()
+                since_fired += batch.shape[0] * ranks.world
+                since_fired[fired] = 0
                 resid = (batch - out.recon).pow(2).sum()
                 total = (batch - batch.mean(0)).pow(2).sum().clamp_min(1e-12)
                 for name, value in (("loss", out.loss), ("mse", out.mse), ("l1", out.l1), ("aux", out.aux),
@@ -923,7 +1019,7 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
 
             if step % cfg.log_every == 0 or step == cfg.n_steps:
                 row = {"step": step, "n_activations": step * cfg.batch_size}
-                row.update({k: v / n_in_interval for k, v in sums.items()})
+                row.update(interval_means())
                 row["dead_fraction"] = float((since_fired >= cfg.dead_window).float().mean())
                 row["resampled"] = resampled
                 row["seconds"] = seconds + time.perf_counter() - start
@@ -942,12 +1038,16 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
             signal.signal(sig, handler)
         bar.close()
     if n_in_interval:  # the stream ended between two logged intervals
-        history.append({"step": step, "n_activations": step * cfg.batch_size,
-                        **{k: v / n_in_interval for k, v in sums.items()},
+        history.append({"step": step, "n_activations": step * cfg.batch_size, **interval_means(),
                         "dead_fraction": float((since_fired >= cfg.dead_window).float().mean()),
                         "resampled": resampled, "seconds": seconds + time.perf_counter() - start})
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
+    if parallel == "fsdp":  # every process gathers the whole SAE back from the shards
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sae.state_dict().items()}
+        sae = SAE(cfg)
+        sae.load_state_dict({k: v.cpu() for k, v in full.items()})
+        sae.to(device)
     sae.eval()
     return TrainResult(sae, history)
 

@@ -142,7 +142,7 @@ def test_one_line_errors(tiny, tmp_path):
 
 
 TINY_CFG = llama.LlamaConfig(model="random:tiny", dtype="float32", seq_len=32, batch_size=4, harvest_tokens=600,
-                             shard_tokens=200, expansion=2, k=4, sae_batch=64, eval_tokens=128, top_examples=2)
+                             shard_tokens=200, expansion=2, k=4, sae_batch=64, eval_tokens=1024, n_boot=50)
 
 
 def some_texts() -> list[str]:
@@ -203,33 +203,44 @@ def test_cost_model_from_measured_numbers():
 
 
 def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
+    import pandas as pd
+
+    from monosemantic import analysis, evaluation, llama_train, metrics
+
     texts = some_texts()
     llama.harvest(TINY_CFG, "tiny", source=tiny, texts=texts, progress=False)
     art = llama.train_and_store(TINY_CFG, "tiny", source=tiny, texts=lambda: texts, progress=False)
     m = art.metrics
-    for key in ("mse", "fvu", "l0", "dead_fraction", "ce_loss_recovered", "ce_loss_recovered_mean", "ce_loss_orig",
-                "harvest_tokens_per_s", "sae_acts_per_s"):
-        assert key in m
-    assert m["l0"] <= TINY_CFG.k and m["n_features"] == 2 * tiny.d_mlp
-    import pandas as pd
-
-    table = pd.read_parquet(art.file("features.parquet"))
-    assert len(table) == m["n_features"] and {"top_tokens", "frequency", "top_context"} <= set(table.columns)
-    # the analysis stage's measures: density on the harvested text, token family and its held-out specificity
-    assert {"density", "top_contexts", "family", "family_share", "family_lift", "specific"} <= set(table.columns)
-    live = table[table["density"] > 0]
-    assert len(live) and (live["family"] != "").all() and live["family_share"].between(0, 1).all()
-    assert all("[[" in c for cs in live["top_contexts"] for c in cs)
-    assert 0 <= m["specific_fraction_features"] <= 1 and m["explain_tokens"] > 0
-    # the one-layer analysis on the same layer: explain-then-predict scores, dashboards, logit effects
+    # one key per measured quantity, named as the one-layer SAEs' (metrics.py, the evaluate and analyze stages)
     units = pd.read_parquet(art.file("units.parquet"))
+    shared = {*metrics.METRIC_NAMES, *analysis.summary_metrics(units, llama.analysis_config(TINY_CFG)),
+              *(f"{h}_{end}" for h in evaluation.HEADLINE if h not in ("dead_fraction", "ultralow_fraction")
+                for end in ("low", "high")),
+              "n_documents", "explain_tokens", "held_out_tokens", "mlp_mean_sq_norm", "train_activations",
+              "train_seconds", "activations_per_s"}
+    own = {"d_in", "k", "harvest_seconds", "harvest_tokens_per_s", "eval_seconds", "analysis_seconds"}
+    assert set(m) == shared | own
+    assert "features.parquet" not in art.files and "ce_loss_recovered_mean" not in m
+    assert llama.metrics_of(art) == m  # nothing to translate in an artifact of this pipeline
+    assert m["l0"] <= TINY_CFG.k and m["n_features"] == 2 * tiny.d_mlp and m["eval_tokens"] == 34 * 31
+    assert m["ce_loss_recovered_low"] <= m["ce_loss_recovered"] <= m["ce_loss_recovered_high"]
+    assert m["fvu_low"] <= m["fvu"] <= m["fvu_high"] and m["n_documents"] >= 2
+    for key in ("dead_fraction", "ultralow_fraction", "specific_fraction_features", "never_fired_fraction_features",
+                "interpretable_fraction_neurons"):
+        assert 0 <= m[key] <= 1, key
+    # the analysis on the same layer: features and the layer's (two-signed) neurons, shares in [0, 1]
     assert set(units["set"]) == {"neurons", "topk"} and (units["set"] == "topk").sum() == m["n_features"]
+    assert units["family_share"].dropna().between(0, 1).all() and units["family_share"].notna().any()
     assert units.loc[units["scored"], "explain_corr"].between(-1, 1).all() and units["scored"].any()
+    assert m["never_fired_fraction_features"] == pytest.approx(
+        (units[units["set"] == "topk"]["density"] == 0).mean(), abs=1e-4)
+    feats = llama.feature_units(art)
+    assert len(feats) == m["n_features"] and not (feats["specific"] & ~feats["scored"]).any()
+    assert feats["specific"].sum() == round(m["specific_fraction_features"] * m["scored_features"])
     contexts = pd.read_parquet(art.file("contexts.parquet"))
     assert len(contexts) and all(len(t) == len(a) for t, a in zip(contexts.tokens, contexts.acts, strict=True))
     logits = pd.read_parquet(art.file("logits.parquet"))
     assert logits["token"].max() < tiny.model.config.vocab_size
-    assert 0 <= m["analysis_interpretable_fraction_features"] <= 1
     sae = llama.load_sae(art)
     assert sae.cfg.d_in == tiny.d_mlp
     with pytest.raises(llama.LlamaError, match="harvest again"):  # shards made by another config
@@ -237,11 +248,85 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("retrained")
 
-    monkeypatch.setattr(llama, "train", no_training)  # the SAE trained with this config is reused
+    monkeypatch.setattr(llama_train, "train", no_training)  # the SAE trained with this config is reused
     again = llama.trained(TINY_CFG, "tiny", progress=False)
     assert torch.allclose(again.sae.W_dec.cpu(), sae.W_dec.cpu(), atol=1e-3)  # stored fp32, cached fp16
     with pytest.raises(AssertionError, match="retrained"):  # another training setting trains again
         llama.trained(TINY_CFG.replace(dead_window=1000), "tiny", progress=False)
+
+
+def signed_identity_sae(d: int) -> sae_mod.SAE:
+    """A TopK SAE that reconstructs any vector exactly: features i and d + i read x_i and -x_i (ReLU keeps the
+    positive one) and write +e_i and -e_i back; k = 2 d keeps them all."""
+    cfg = sae_mod.SAEConfig(d_in=d, n_features=2 * d, architecture="topk", k=2 * d, decode="dense")
+    sae = sae_mod.SAE(cfg)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_evaluation_is_the_shared_one_on_the_window_positions(tiny):
+    """llama.evaluate is metrics.run_evaluation: an exact SAE recovers all the loss at FVU 0 with every
+    coordinate's one feature active; the losses are those of the windows read after one EOS, by hand."""
+    import torch.nn.functional as F
+
+    from monosemantic import metrics
+
+    held = llama.heldout_windows(TINY_CFG, tiny, "tiny", some_texts()).first(128)
+    ev = llama.evaluate(TINY_CFG, tiny, signed_identity_sae(tiny.d_mlp), held)
+    m = ev.metrics
+    assert tuple(m)[:len(metrics.METRIC_NAMES)] == metrics.METRIC_NAMES
+    assert m["fvu"] < 1e-10 and m["ce_loss_sae"] == pytest.approx(m["ce_loss_orig"], abs=1e-5)
+    assert m["ce_loss_recovered"] == pytest.approx(1, abs=1e-4)
+    assert m["ce_loss_recovered_mean_ablation"] == pytest.approx(1, abs=1e-4)
+    assert m["l0"] == pytest.approx(tiny.d_mlp, rel=1e-3) and m["eval_tokens"] == held.x.numel()
+    # by hand: [EOS] + window, the loss of every window position, the zero-ablation only after the EOS
+    eos = torch.full((len(held.x), 1), tiny.tokenizer.eos_token_id)
+    ids = torch.cat([eos, held.x], dim=1)
+
+    def loss(logits):
+        return F.cross_entropy(logits[:, 1:].flatten(0, 1).float(), held.y.flatten()).item()
+
+    hook = tiny.default_hook
+    zero = tiny.forward(ids, splice={hook: lambda x: torch.cat([x[:, :1], torch.zeros_like(x[:, 1:])], 1)}).logits
+    assert m["ce_loss_orig"] == pytest.approx(loss(tiny.forward(ids).logits), rel=1e-5)
+    assert m["ce_loss_zero"] == pytest.approx(loss(zero), rel=1e-5)
+    assert m["n_documents"] == len(set(held.documents.tolist()))
+
+
+def test_heldout_windows_follow_the_harvest_and_know_their_documents(tiny):
+    texts = some_texts()
+    held = llama.heldout_windows(TINY_CFG, tiny, "tiny", texts)
+    T = TINY_CFG.seq_len - TINY_CFG.skip_first
+    stream = llama.token_stream(tiny, texts, 10**6)
+    skip = 20 * TINY_CFG.seq_len  # a harvest of 600 activations reads 5 batches of 4 windows (31 activations each)
+    # as many windows as heldout_tokens asks for, or as the text has after the harvest's (it runs out here)
+    assert held.x.shape == (min(-(-TINY_CFG.heldout_tokens // T), (len(stream) - skip - 1) // T), T)
+    torch.testing.assert_close(held.x[0], torch.as_tensor(stream[skip:skip + T]))
+    torch.testing.assert_close(held.x[:, 1:], held.y[:, :-1])  # y is x shifted by one
+    eos = tiny.tokenizer.eos_token_id
+    for w in range(len(held.x)):  # the document a window starts in: the EOS tokens before it
+        assert held.documents[w] == int((stream[skip:skip + w * T] == eos).sum())
+    assert len(held.first(100).x) == -(-100 // T)
+
+
+def test_metrics_of_reads_an_old_artifact_under_the_shared_names():
+    from types import SimpleNamespace
+
+    old = {"ce_loss_recovered_mean": 0.87, "specific_fraction_features": 0.16, "analysis_specific_fraction_features":
+           0.13, "scored_features": 2414, "analysis_scored_features": 2747, "dead_fraction_explain": 0.24,
+           "median_density": 1e-4, "explain_tokens": 262144, "analysis_explain_tokens": 262140,
+           "analysis_heldout_tokens": 65535, "sae_acts_per_s": 4305.0, "sae_train_seconds": 697.0,
+           "sae_steps_per_s": 4.2, "analysis_seconds": 572.0, "fvu": 0.12}
+    m = llama.metrics_of(SimpleNamespace(metrics=old))
+    assert m == {"ce_loss_recovered_mean_ablation": 0.87, "specific_fraction_features": 0.13,
+                 "scored_features": 2747, "never_fired_fraction_features": 0.24, "median_density_features": 1e-4,
+                 "explain_tokens": 262140, "held_out_tokens": 65535, "activations_per_s": 4305.0,
+                 "train_seconds": 697.0, "analysis_seconds": 572.0, "fvu": 0.12}
 
 
 # --- data-parallel training: 2 processes on CPU (gloo) = 1 process on the same global batches --------------
@@ -264,29 +349,41 @@ def _ddp_worker(rank: int, world: int, port: int, data: torch.Tensor, cfg_dict: 
         local = cfg.batch_size // world
         batches = (data[s * cfg.batch_size + rank * local: s * cfg.batch_size + (rank + 1) * local]
                    for s in range(cfg.n_steps))
-        res = llama.train_distributed(cfg, batches, device=torch.device("cpu"), fsdp=fsdp, progress=False)
+        res = sae_mod.train(cfg, batches, device=torch.device("cpu"), progress=False,
+                            parallel="fsdp" if fsdp else "ddp")
         if rank == 0:
-            torch.save({k: v.detach().clone() for k, v in res.sae.state_dict().items()}, out)
+            torch.save({"sae": {k: v.detach().clone() for k, v in res.sae.state_dict().items()},
+                        "history": res.history}, out)
     finally:
         td.destroy_process_group()
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_processes_train_the_same_sae_as_one(tmp_path, fsdp):
+    """sae.train in 2 processes, each given half of every global batch, makes the one-process SAE and curve:
+    the same weights, losses, L0 and dead latents (a latent that fired on either half is live). AuxK is off
+    (aux_coeff 0): its normaliser is each process's own residual variance, the one known difference."""
     import torch.multiprocessing as mp
 
     torch.manual_seed(0)
     steps, batch = 6, 64
     data = torch.randn(steps * batch, 24).relu()  # (N, d_in) non-negative, like MLP activations
-    cfg = sae_mod.SAEConfig(d_in=24, n_features=96, architecture="topk", k=6, batch_size=batch, n_steps=steps,
-                            resample_every=0, dead_window=10**9, dtype="float32", log_every=steps, lr=1e-3)
-    one = sae_mod.train(cfg, iter(data.split(batch)), device="cpu", progress=False).sae
+    cfg = sae_mod.SAEConfig(d_in=24, n_features=192, architecture="topk", k=6, batch_size=batch, n_steps=steps,
+                            resample_every=0, dead_window=batch, aux_coeff=0.0, dtype="float32", log_every=2,
+                            lr=1e-3)
+    one = sae_mod.train(cfg, iter(data.split(batch)), device="cpu", progress=False)
     out = str(tmp_path / "ddp.pt")
     mp.spawn(_ddp_worker, args=(2, _free_port(), data, cfg.to_dict(), fsdp, out), nprocs=2, join=True)
     two = torch.load(out)
-    for name, value in one.state_dict().items():
-        torch.testing.assert_close(two[name], value, atol=1e-5, rtol=1e-4, msg=f"{name} differs")
-    assert not torch.equal(one.W_enc, sae_mod.SAE(cfg).W_enc)  # it did train
+    for name, value in one.sae.state_dict().items():
+        torch.testing.assert_close(two["sae"][name], value, atol=1e-5, rtol=1e-4, msg=f"{name} differs")
+    assert not torch.equal(one.sae.W_enc, sae_mod.SAE(cfg).W_enc)  # it did train
+    assert len(two["history"]) == len(one.history) == steps // 2
+    for a, b in zip(one.history, two["history"], strict=True):
+        assert (a["step"], a["n_activations"]) == (b["step"], b["n_activations"])
+        for key in ("loss", "mse", "l0", "dead_fraction"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    assert any(row["dead_fraction"] > 0 for row in one.history)  # the dead tracker had something to count
 
 
 def _harvest_worker(rank: int, world: int, port: int, folder: str) -> None:
@@ -372,7 +469,7 @@ def test_logit_effects_name_the_tokens_a_feature_pushes_up(tiny):
     """Writing a huge multiple of a direction into the last MLP makes it dominate the normalised residual,
     so the logits' argmax becomes the direct effect's argmax, whatever the rest of the pass did."""
     hook = tiny.hook_name(-1, "mlp.hook_post")
-    am = llama.AnalysisModel(tiny, hook, window=8)
+    am = llama.LayerModel(tiny, hook, window=8)
     dirs = torch.randn(3, tiny.d_mlp, generator=torch.Generator().manual_seed(0))
     effects = am.logit_effects(dirs)
     assert effects.shape == (3, tiny.model.config.vocab_size)
