@@ -68,6 +68,20 @@ WARD: dict[str, object] = {
     "sae_log_last_step": 95_000,  # the last progress line and resampling check printed (of 100,000 steps)
     "sae_dead_peak": 0.7285,  # "72.85% of neurons are considered dead", the largest share printed ...
     "sae_dead_peak_step": 8_000,  # ... at the check after step 8,000
+    # every share it printed, "x% of neurons are considered dead", in order: the checks after steps 1,000,
+    # 2,000, ... (the 8th is the peak above); 94 checks printed
+    "sae_dead_per_check": (
+        0.0684, 0.2625, 0.3186, 0.3545, 0.4375, 0.4944, 0.5938, 0.7285, 0.7183, 0.6960,
+        0.6528, 0.6570, 0.6416, 0.6152, 0.5535, 0.5540, 0.5439, 0.5330, 0.5447, 0.4080,
+        0.5034, 0.4194, 0.4448, 0.3994, 0.4456, 0.3745, 0.4270, 0.3660, 0.4224, 0.2617,
+        0.4619, 0.2393, 0.3730, 0.3474, 0.3218, 0.2441, 0.3037, 0.3625, 0.2727, 0.3379,
+        0.3088, 0.3496, 0.2700, 0.3745, 0.3149, 0.3369, 0.2852, 0.3713, 0.3792, 0.3306,
+        0.3184, 0.3254, 0.3247, 0.3369, 0.2935, 0.3579, 0.3508, 0.3489, 0.3140, 0.2834,
+        0.4041, 0.3230, 0.3711, 0.3550, 0.3674, 0.3643, 0.3555, 0.3489, 0.3584, 0.3704,
+        0.3896, 0.3191, 0.4001, 0.3599, 0.3540, 0.3770, 0.3975, 0.3513, 0.3284, 0.4238,
+        0.3577, 0.3201, 0.4272, 0.3796, 0.3813, 0.3789, 0.3965, 0.4124, 0.3906, 0.3816,
+        0.4185, 0.4167, 0.3438, 0.4316,
+    ),
     # The checkpoint evaluated below the training cell: cell 19 saves the trained SAE to
     # models/neuron_resampling_test_5_0.004-896-1e-4-1000-1000000_scratch_4096.pt (only if no such file
     # exists), and cell 20 loads another file, ..._test_6_0.003-..., so the notebook does not show that the
@@ -120,6 +134,7 @@ WARD_SOURCES: dict[str, str] = {
     "sae_log_last_step": "neuron_resampling.ipynb cell 11 (last progress line: 95000/100000)",
     "sae_dead_peak": "neuron_resampling.ipynb cell 11 (resampling printout after step 8,000)",
     "sae_dead_peak_step": "neuron_resampling.ipynb cell 11",
+    "sae_dead_per_check": "neuron_resampling.ipynb cell 11 (each resampling printout, in order)",
     "sae_checkpoint_saved": "neuron_resampling.ipynb cell 19 (torch.save under `if not os.path.exists(path)`)",
     "sae_checkpoint_loaded": "neuron_resampling.ipynb cell 20 (torch.load)",
     "ratings_context_before": "neuron_resampling.ipynb cell 36 (context = row[max(j-4, 0):j+5])",

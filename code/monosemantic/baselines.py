@@ -99,3 +99,30 @@ def dead_by_check(density: np.ndarray, n_inputs: int) -> float:
     if n_inputs < 0:
         raise ValueError(f"n_inputs must be >= 0, got {n_inputs}")
     return float(np.mean(np.power(1.0 - p, n_inputs))) if p.size else float("nan")
+
+
+def seed_matches(decoders: dict[str, Tensor], densities: dict[str, np.ndarray],
+                 pairs: list[tuple[str, str]]) -> Any:
+    """Universality across training runs: for each ordered pair ``(a, b)`` of dictionaries and each feature
+    of ``a``, its nearest feature of ``b`` by decoder cosine. Rows (``run``, ``other``, ``feature``,
+    ``match``, ``cosine``, ``density``: the feature's density in ``a``, for leaving dead features out).
+
+    Two seeds of one recipe that learn the same features give cosines near 1; two unrelated dictionaries give
+    the random floor of :func:`max_cosine_quantile` (or more: see the module's note on shared shape)."""
+    import pandas as pd
+
+    frames = []
+    for a, b in pairs:
+        da = F.normalize(decoders[a].float(), dim=1)
+        db = F.normalize(decoders[b].float(), dim=1)
+        if da.shape[1] != db.shape[1]:
+            raise ValueError(f"seed_matches: {a} has {da.shape[1]} input dimensions, {b} has {db.shape[1]}")
+        best, match = [], []
+        for chunk in da.split(4096):
+            v, i = (chunk @ db.t()).max(dim=1)
+            best.append(v)
+            match.append(i)
+        frames.append(pd.DataFrame({"run": a, "other": b, "feature": np.arange(len(da)),
+                                    "match": torch.cat(match).numpy(), "cosine": torch.cat(best).numpy(),
+                                    "density": np.asarray(densities[a], dtype=np.float64)}))
+    return pd.concat(frames, ignore_index=True)

@@ -12,7 +12,8 @@ steering") and the anchor's generation notebook do:
 - **ablate**: h' = h - f_i(h) d_i, the feature's contribution removed where it fires.
 
 The control replaces d_i by a random direction r of the same (unit) norm, with the same coefficients, so
-a feature's effect is compared with what any push of that size does. Measured on held-out windows: the
+a feature's effect is compared with what any push of that size does. Measured on held-out windows (those of
+``heldout/<profile>-windows`` when it is in the cache, the analysis's held-out set; else the val split): the
 KL divergence KL(p || p') of the next-token distribution (nats per token; for ablation over the positions
 where the feature fires) and the change of the probability mass on the feature's family (the vocabulary
 tokens that family's detector marks when the token is read alone, :func:`monosemantic.analysis.token_families`),
@@ -218,11 +219,22 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         raise UserError("no feature qualifies (scored, specific to a family with vocabulary tokens, firing "
                         f">= {cfg.min_heldout_firings} times held out); lower min_heldout_firings")
 
-    data = TokenDataset.open(profile, "val")
-    seq = model.config.context_length
-    inputs_all, targets_all = split_windows(data.tokens, seq)  # (n_all, seq) each
+    inputs = [lm_art, sae_art, an]
+    if (store.artifact_path("heldout", profile, "windows") / store.MANIFEST).is_file():
+        # the held-out set the analysis scored on (text no LM, SAE or explanation read), documents as groups
+        from . import heldout
+
+        held = heldout.load_windows(profile)
+        w_all = torch.from_numpy(held.windows.astype(np.int64))
+        inputs_all, targets_all, docs_all = w_all[:, :-1], w_all[:, 1:], held.documents
+        inputs.append(store.load("heldout", profile, "windows"))
+        seq = inputs_all.shape[1]
+    else:  # the val split, in whole windows from its start
+        data = TokenDataset.open(profile, "val")
+        seq = model.config.context_length
+        inputs_all, targets_all = split_windows(data.tokens, seq)  # (n_all, seq) each
+        docs_all = window_documents(data.tokens, np.arange(len(inputs_all)) * seq, data.eot_id)
     n_all = len(inputs_all)
-    docs_all = window_documents(data.tokens, np.arange(n_all) * seq, data.eot_id)
     fires_all = firing_counts(model, sae, HOOK, inputs_all, [int(u["unit"]) for u in picks], cfg.batch_windows)
 
     def batches(rows: np.ndarray):
@@ -282,7 +294,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     table = pd.DataFrame(rows)
     clamp = table[table["mode"] == "clamp"].pivot(index="feature", columns="direction", values="dmass")
     ablate = table[table["mode"] == "ablate"].pivot(index="feature", columns="direction", values="kl")
-    with store.write("analysis", profile, "causal", config=cfg, inputs=[lm_art, sae_art, an]) as w:
+    with store.write("analysis", profile, "causal", config=cfg, inputs=inputs) as w:
         table.to_parquet(w.dir / "causal.parquet", index=False)
         pd.DataFrame(gens).to_parquet(w.dir / "generations.parquet", index=False)
         def finite(v) -> float | None:

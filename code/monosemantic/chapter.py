@@ -40,6 +40,21 @@ def pct(v: float, digits: int | None = None) -> str:
     return f"{100 * v:.{digits}f}%"
 
 
+def span(formatted: list[str]) -> str:
+    """The range of already formatted numbers as prose: "0.49 to 0.50", or "0.49" when they print alike
+    (smallest and largest by numeric value of the digits, so "12%" sorts as 12)."""
+    def key(t: str) -> float:
+        try:
+            return float(t.rstrip("%").replace(",", ""))
+        except ValueError:
+            return math.nan
+
+    vals = sorted(set(formatted), key=key)
+    if not vals:
+        return "—"
+    return vals[0] if len(vals) == 1 else f"{vals[0]} to {vals[-1]}"
+
+
 def interval(value: float, low: float, high: float, fmt: str = "{:.3f}") -> str:
     """``value [low, high]`` in one format (``fmt``: a str.format pattern or a callable)."""
     f = fmt if callable(fmt) else fmt.format

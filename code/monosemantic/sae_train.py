@@ -462,6 +462,67 @@ def run_seeds(profile: str, stage: SAEStageConfig, cfg: SeedsConfig = SeedsConfi
     return store.artifact_path("sae", profile, SEEDS)
 
 
+UNIVERSALITY = "universality"
+GAUSSIAN_NULL = "gaussian-null"  # monosemantic.gaussian_null.NAME (that module imports this one)
+
+
+def run_universality(profile: str, log=print) -> Path:
+    """``sae/<profile>-universality``: each feature's nearest feature (decoder cosine) in every other seed of
+    its recipe, both ways (``baselines.seed_matches``), from the weights of ``sae/<profile>-seeds`` (in its
+    work folder, on the machine that trained them) and each recipe's own artifact (seed 0); and, as a
+    dictionary that shares only the activations' shape (non-negative coordinates in as many dimensions),
+    between seed 0 of ``topk`` and the SAE of the randomly initialised LM when it is in the cache. Trains
+    nothing; ``universality.parquet`` holds one row per (run, other, feature)."""
+    import itertools
+
+    from . import baselines, store
+
+    seeds = store.load("sae", profile, SEEDS)
+    inputs, decoders, densities, groups = [seeds], {}, {}, []
+    for recipe in seeds.config.get("recipes", []):
+        own = store.load("sae", profile, recipe, check_inputs=False)
+        inputs.append(own)
+        decoders[recipe] = sae_mod.load(own.path).W_dec.detach()
+        densities[recipe] = _density_table(own)
+        names = [recipe]
+        for seed in seeds.config.get("seeds", []):
+            name = f"{recipe}-seed{seed}"
+            decoders[name] = sae_mod.load(seeds.file(f"{name}/{sae_mod.SAE_WEIGHTS_FILENAME}").parent).W_dec.detach()
+            density = _staging(profile, name) / "density.npy"
+            if not density.is_file():
+                raise UserError(f"{density} is not on this machine: retrain the seeds with `monosemantic "
+                                f"train-sae --profile {profile} --recipe seeds`")
+            densities[name] = np.load(density)
+            names.append(name)
+        groups.append(names)
+    pairs = [p for names in groups for p in itertools.permutations(names, 2)]
+    if not pairs:
+        raise UserError(f"{seeds.key} holds no recipe with two seeds; run `monosemantic train-sae --profile "
+                        f"{profile} --recipe seeds`")
+    if "topk" in decoders and (store.artifact_path("sae", profile, RANDOM_MODEL) / store.MANIFEST).is_file():
+        rnd = store.load("sae", profile, RANDOM_MODEL, check_inputs=False)
+        inputs.append(rnd)
+        decoders[RANDOM_MODEL] = sae_mod.load(rnd.path).W_dec.detach()
+        densities[RANDOM_MODEL] = _density_table(rnd)
+        pairs += [("topk", RANDOM_MODEL), (RANDOM_MODEL, "topk")]
+    table = baselines.seed_matches(decoders, densities, pairs)
+    with store.write("sae", profile, UNIVERSALITY, config={"pairs": [list(p) for p in pairs]}, inputs=inputs) as w:
+        table.to_parquet(w.dir / "universality.parquet", index=False)
+        alive = table[table.density > 0]
+        w.metrics.update({f"median_cosine_{a}_vs_{b}": round(float(g.cosine.median()), 4)
+                          for (a, b), g in alive.groupby(["run", "other"])})
+    log(f"{UNIVERSALITY}: {len(pairs)} ordered pairs of dictionaries")
+    return store.artifact_path("sae", profile, UNIVERSALITY)
+
+
+def _density_table(art) -> np.ndarray:
+    """An SAE artifact's feature densities on its density sample, by feature index."""
+    import pandas as pd
+
+    t = pd.read_parquet(art.file("feature_density.parquet")).sort_values("feature")
+    return t.density.to_numpy()
+
+
 def run_random_model(profile: str, stage: SAEStageConfig, progress: bool = True, fresh: bool = False,
                      log=print) -> Path:
     """``sae/<profile>-random-model``: the ``topk`` recipe, with the same data, length and evaluation, on the MLP
@@ -547,11 +608,14 @@ class TrainCommand:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
         add_arguments(p)
-        p.add_argument("--recipe", choices=(*RECIPES, RANDOM_MODEL, SEEDS, "sweep", "all"), default="all",
+        p.add_argument("--recipe", default="all",
+                       choices=(*RECIPES, RANDOM_MODEL, SEEDS, UNIVERSALITY, GAUSSIAN_NULL, "sweep", "all"),
                        help="anchor: the anchor's ReLU+L1 recipe, literally; anchor-fixed: the same with its "
                             "initialisation, decoder norm and resampling fixed; topk: ours; random-model: topk on "
                             "a randomly initialised copy of the LM (a control); seeds: topk and anchor-fixed with "
-                            "seeds 1 and 2; sweep: the L1/k frontiers and the width sweep; all (default): every one")
+                            "seeds 1 and 2; universality: nearest features across those seeds (trains nothing); "
+                            "gaussian-null: the width sweep on Gaussian data with the activations' covariance (a "
+                            "control); sweep: the L1/k frontiers and the width sweep; all (default): every one")
         p.add_argument("--fresh", action="store_true", help="retrain runs that are already staged")
         p.add_argument("--seeds-of", action="append", choices=RECIPES, metavar="RECIPE",
                        help="with --recipe seeds: retrain only this recipe with other seeds (repeatable; default: "
@@ -565,13 +629,19 @@ class TrainCommand:
         stage = profiles.get(args.profile).sae
         only = (*RECIPES, "sweep") if args.recipe == "all" else (args.recipe,)
         progress = not args.no_progress
-        paths = [] if args.recipe in (RANDOM_MODEL, SEEDS) else run_stage(args.profile, stage, only, progress=progress,
-                                                                          fresh=args.fresh)
+        trains_none = args.recipe in (RANDOM_MODEL, SEEDS, UNIVERSALITY, GAUSSIAN_NULL)
+        paths = [] if trains_none else run_stage(args.profile, stage, only, progress=progress, fresh=args.fresh)
         if args.recipe in ("all", RANDOM_MODEL):
             paths.append(run_random_model(args.profile, stage, progress=progress, fresh=args.fresh))
         if args.recipe in ("all", SEEDS):
             seeds = SeedsConfig(recipes=tuple(args.seeds_of)) if args.seeds_of else SeedsConfig()
             paths.append(run_seeds(args.profile, stage, seeds, progress=progress, fresh=args.fresh))
+        if args.recipe in ("all", SEEDS, UNIVERSALITY):
+            paths.append(run_universality(args.profile))
+        if args.recipe in ("all", GAUSSIAN_NULL):
+            from . import gaussian_null
+
+            paths.append(gaussian_null.run(args.profile, stage, progress=progress))
         for path in paths:
             print(f"wrote {path}")
         return 0

@@ -114,3 +114,30 @@ def test_neuron_baselines_bracket_an_sae_by_measured_l0():
     assert chapter.versus(chapter.heldout_value(frame, "topk", "fvu"),
                           chapter.heldout_value(frame, "neurons-top32", "fvu")) == "higher"
     assert chapter.versus((1.0, 0.9, 1.1), (1.05, 1.0, 1.2)) == "indistinguishable"
+
+
+def test_seed_matches_finds_a_permuted_copy_and_random_stays_at_the_floor():
+    gen = torch.Generator().manual_seed(3)
+    a = baselines.random_unit_vectors(300, 64, gen)
+    perm = torch.randperm(300, generator=gen)
+    b = a[perm] * 2.5  # the same directions, reordered and rescaled
+    c = baselines.random_unit_vectors(300, 64, gen)
+    dens = {k: np.full(300, 0.01) for k in "abc"}
+    t = baselines.seed_matches({"a": a, "b": b, "c": c}, dens, [("a", "b"), ("b", "a"), ("a", "c")])
+    ab = t[(t.run == "a") & (t.other == "b")].sort_values("feature")
+    assert np.allclose(ab.cosine, 1.0, atol=1e-5)
+    assert (perm[ab.match.to_numpy()].numpy() == np.arange(300)).all()  # b[match[i]] is a[i]
+    ba = t[(t.run == "b") & (t.other == "a")].sort_values("feature")
+    assert (ba.match.to_numpy() == perm.numpy()).all()
+    ac = t[(t.run == "a") & (t.other == "c")].cosine
+    q50 = baselines.max_cosine_quantile(0.5, 64, 300)
+    assert abs(float(np.median(ac)) - q50) < 0.03  # the exact random floor
+    assert (ac < 0.9).all()
+
+
+def test_the_anchors_dead_shares_agree_with_its_peak():
+    w = anchors.WARD
+    checks = w["sae_dead_per_check"]
+    assert len(checks) == 94 and all(0 < v < 1 for v in checks)
+    assert max(checks) == w["sae_dead_peak"]
+    assert (checks.index(max(checks)) + 1) * w["sae_resample_every"] == w["sae_dead_peak_step"]

@@ -31,3 +31,10 @@ def test_the_relu_unit_set_is_named_for_the_run_the_analysis_measured():
     assert chapter.unit_sets({})["anchor"] == "anchor-fixed features"  # an analysis from before the record
     assert chapter.unit_sets({"anchor_set_recipe": "anchor"})["anchor"] == "literal-recipe features"
     assert chapter.unit_sets({"anchor_set_recipe": "anchor-fixed"})["topk"] == "TopK features"
+
+
+def test_span_says_a_range_once_and_sorts_by_value():
+    assert chapter.span(["12%", "12%"]) == "12%"
+    assert chapter.span(["9%", "12%", "10%"]) == "9% to 12%"  # by value, not as strings
+    assert chapter.span(["0.50", "0.49"]) == "0.49 to 0.50"
+    assert chapter.span([]) == "—"

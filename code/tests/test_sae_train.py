@@ -303,3 +303,42 @@ def test_evaluate_gives_every_committed_sae_intervals_over_heldout_documents(in_
     # the same numbers as evaluating the SAE directly on those windows (the point estimate is no bootstrap)
     topk_ce = table.set_index("metric").loc[lambda t: t["sae"] == "topk", "value"]["ce_loss_recovered"]
     assert art.metrics["topk_ce_loss_recovered"] == pytest.approx(topk_ce)
+
+
+def test_universality_matches_every_seed_of_a_recipe_both_ways(in_tiny_cache):
+    import itertools
+
+    import pandas as pd
+
+    art = store.load("sae", "tiny", sae_train.UNIVERSALITY)
+    table = pd.read_parquet(art.file("universality.parquet"))
+    cfg = sae_train.SeedsConfig()
+    for recipe in cfg.recipes:
+        names = [recipe, *(f"{recipe}-seed{s}" for s in cfg.seeds)]
+        for a, b in itertools.permutations(names, 2):
+            part = table[(table.run == a) & (table.other == b)]
+            assert len(part) == 512 and part.feature.tolist() == list(range(512))
+    assert set(table.run) >= {"topk", sae_train.RANDOM_MODEL}  # the random model's SAE as a shape-only null
+    assert ((table.cosine >= -1 - 1e-5) & (table.cosine <= 1 + 1e-5)).all()
+    # the recorded match is the argmax: recompute one pair from the weights
+    seeds = store.load("sae", "tiny", sae_train.SEEDS)
+    a = sae_mod.load(store.load("sae", "tiny", "topk").path).W_dec.detach()
+    b = sae_mod.load(seeds.file(f"topk-seed1/{sae_mod.SAE_WEIGHTS_FILENAME}").parent).W_dec.detach()
+    cos = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(b, dim=1).t()
+    part = table[(table.run == "topk") & (table.other == "topk-seed1")].sort_values("feature")
+    assert np.allclose(part.cosine, cos.max(1).values.numpy(), atol=1e-5)
+
+
+def test_the_gaussian_null_trains_the_width_recipe_on_structureless_data(in_tiny_cache):
+    import pandas as pd
+
+    from monosemantic import gaussian_null
+
+    stage = profiles.get("tiny").sae
+    art = store.load("sae", "tiny", gaussian_null.NAME)
+    table = pd.read_parquet(art.file("gaussian_widths.parquet"))
+    widths = [r.cfg.n_features for r in sae_train.plan(stage) if r.family == "width"]
+    assert table.n_features.tolist() == [w for w in widths if w <= gaussian_null.GaussianNullConfig().max_width]
+    assert (table.k == stage.topk.k).all() and np.allclose(table.l0, table.k, atol=0.5)
+    assert ((table.fvu > 0) & (table.fvu < 2)).all()
+    assert art.manifest["inputs"].keys() == {"activations/tiny-mlp"}
