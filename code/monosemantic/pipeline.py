@@ -5,7 +5,7 @@ the stages one after the other and stops at the first that fails. Stages that ar
 with the current config are cheap to re-run (they resume or overwrite; see each stage's --help).
 
 :func:`profile_time` says how long a profile took end to end, from the committed manifests (the README and
-the book's setup appendix show it).
+the book's setup appendix show it); the pipeline's progress line uses the same times to say how long is left.
 """
 
 from __future__ import annotations
@@ -180,6 +180,24 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def time_left(expected: dict[str, Timed], steps: list[str]) -> str:
+    """How long the pipeline commands ``steps`` still take by the manifests' wall times (``expected``: step ->
+    its time, as :func:`profile_time` gives it), for the progress line: "about 2.6 h left", "at least 2.6 h
+    left" where a step's time is a lower bound or not recorded, or "time left unknown"."""
+    known = [expected[s] for s in steps if s in expected]
+    if not steps:
+        return "nothing left"
+    if not any(t.seconds for t in known):
+        return "time left unknown (no timed manifest of this profile)"
+    partial = len(known) < len(steps) or any(t.lower_bound for t in known)
+    return f"{'at least' if partial else 'about'} {duration(sum(t.seconds for t in known))} left"
+
+
+def progress(i: int, n: int, elapsed: float, left: str) -> str:
+    """The pipeline's one progress line: stage ``i`` of ``n``, the time since it started, the time left."""
+    return f"[{i}/{n}] {duration(elapsed)} elapsed, {left}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="+", metavar="COMMAND",
                    help=f"run only these stages (of: {', '.join(' '.join(a) for _, a in STAGES)})")
@@ -194,16 +212,29 @@ def run(args: argparse.Namespace) -> int:
     if args.only and len(steps) != len(set(args.only)):
         known = ", ".join(a[0] for _, a in STAGES)
         raise UserError(f"--only names a stage the pipeline does not have; its stages are: {known}")
+    # what each stage took when the committed artifacts were made: the estimate of the time left
+    expected = {s.step: s.time for s in profile_time(args.profile).steps}
+    names = [argv[0] for _, argv in steps]
+    n = len(steps)
+    begin = time.perf_counter()
     for i, (what, argv) in enumerate(steps, 1):
         command = [*argv, "--profile", args.profile]
-        print(f"[{i}/{len(steps)}] {what}: monosemantic {' '.join(command)}", flush=True)
         if args.dry_run:
+            took = expected.get(argv[0])
+            last = (f"{'≥ ' if took.lower_bound else ''}{duration(took.seconds)} last time" if took and took.seconds
+                    else "not timed yet")
+            print(f"[{i}/{n}] {what} ({last}): monosemantic {' '.join(command)}", flush=True)
             continue
+        print(f"{progress(i, n, time.perf_counter() - begin, time_left(expected, names[i - 1:]))} · {what}: "
+              f"monosemantic {' '.join(command)}", flush=True)
         start = time.perf_counter()
         status = main(command)
         if status:
             print(f"stage `monosemantic {' '.join(command)}` failed (exit {status}); fix it and run "
                   f"`monosemantic reproduce --profile {args.profile}` again", flush=True)
             return status
-        print(f"[{i}/{len(steps)}] done in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"[{i}/{n}] done in {duration(time.perf_counter() - start)}", flush=True)
+    if not args.dry_run:
+        print(f"{progress(n, n, time.perf_counter() - begin, 'done')}: every stage of the {args.profile} "
+              f"profile ran", flush=True)
     return 0

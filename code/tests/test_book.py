@@ -641,3 +641,84 @@ def test_point_labels_do_not_collide_and_legends_sit_above_the_data(tmp_path):
     assert box.y0 >= frame.y1 - 1  # the legend is above the plotting area, over no data
     assert frame.x0 - 2 <= box.x0 and box.x1 <= frame.x1 + 2  # and no wider than it (no other panel's label)
     assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 for b in boxes)
+
+
+def test_the_site_ships_cut_down_fonts_for_every_script_and_a_browser_sets_them(book_env):
+    """The site carries the PDF's Noto fonts, cut down to its characters, with the unicode-range of each; a
+    second build reuses them; and headless Chromium sets the table's CJK cell in ours (the page loads it: on a
+    machine without a CJK font of its own, the cell would otherwise show empty boxes)."""
+    import shutil
+
+    from monosemantic.book import pdf, webfonts
+    from monosemantic.tokenizer import display_bytes
+
+    table = SCRIPTS_TABLE.format(fragment=display_bytes("日".encode()[:2]))
+    root = make_book(book_env, {"01-scripts.qmd": f"# Scripts {{#sec-scripts}}\n\nSee @tbl-scripts.\n\n{table}"})
+    report = build_book(root, pdf_book=False, log=quiet)
+    site = report.site.parent
+    kept = json.loads((site / webfonts.FOLDER / webfonts.MANIFEST).read_text(encoding="utf-8"))
+    fonts = {f["family"]: f for f in kept["fonts"]}
+    cjk, arabic = (webfonts.FAMILY_PREFIX + "Noto Sans CJK SC", webfonts.FAMILY_PREFIX + "Noto Sans Arabic")
+    assert {ord(c) for c in "中文字符日本語한국어"} <= set(fonts[cjk]["codepoints"])
+    assert {ord(c) for c in "السلام"} <= set(fonts[arabic]["codepoints"])
+    assert (site / fonts[cjk]["file"]).stat().st_size < 200_000  # a few glyphs, not the 19 MB collection
+    css = (site / "book.css").read_text(encoding="utf-8")
+    assert f'font-family: "{cjk}"; src: url("{fonts[cjk]["file"]}")' in css and "--script-fonts:" in css
+    assert "unicode-range: U+" in css
+    assert webfonts.write(site, pdf.font_paths())[1]  # unchanged characters: the fonts are reused
+
+    if shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from test_browser_ui import Chromium
+
+    chrome = Chromium()
+    try:
+        chrome.send("Page.navigate", session=True, url=(site / "01-scripts.html").as_uri())
+        chrome.wait("document.readyState === 'complete'")
+        # the layout asks for the fonts its characters need (and no other: Arabic may come from the machine's
+        # fonts earlier in the stack); this machine has no CJK font, so the page must load ours
+        chrome.wait(f"[...document.fonts].some((f) => f.family === {json.dumps(cjk)} && f.status === 'loaded')",
+                    timeout=30)
+        chrome.wait("!document.documentElement.classList.contains('fonts-loading')")  # shown once they are in
+        for domain in ("DOM", "CSS"):
+            chrome.send(f"{domain}.enable", session=True)
+        document = chrome.send("DOM.getDocument", session=True)["root"]["nodeId"]
+        cells = chrome.send("DOM.querySelectorAll", session=True, nodeId=document, selector="td")["nodeIds"]
+        used = {}
+        for node in cells:
+            text = chrome.send("DOM.getOuterHTML", session=True, nodeId=node)["outerHTML"]
+            fonts_used = chrome.send("CSS.getPlatformFontsForNode", session=True, nodeId=node)["fonts"]
+            used[re.sub("<[^>]+>", "", text).strip()] = {f["familyName"] for f in fonts_used if f["isCustomFont"]}
+    finally:
+        chrome.close()
+    assert any("CJK" in name for name in used["中文字符 日本語 한국어"]), used  # set in our font, not as boxes
+
+
+def test_a_named_index_and_a_multiindex_give_tables_one_header_row():
+    """pandas writes the names of a table's index levels as a second header row; the builder moves them into
+    the first row's empty corner cells (one header row, as in a markdown table)."""
+    import pandas as pd
+
+    from monosemantic.book import ast as A
+    from monosemantic.book import pandoc
+    from monosemantic.book.assemble import embed_tables
+
+    def header(frame) -> list[list[str]]:
+        tables = pandoc.read(f'<div id="k">{frame.to_html()}</div>', "html", "t")["blocks"][0]["c"][1]
+        blocks = embed_tables(pandoc.read("::: {#k}\n:::\n", pandoc.READER, "m")["blocks"], {"k": tables})
+        table = next(n for n in A.preorder(blocks) if n["t"] == "Table")
+        return [[A.stringify(c[4]) for c in row[1]] for row in table["c"][3][1]]
+
+    rows = pd.DataFrame({"neuron": [136, 136], "kind": ["strongest", "random"], "activation": [1.6, 0.2]})
+    assert header(rows.set_index(["neuron", "kind"])) == [["neuron", "kind", "activation"]]
+    assert header(rows.set_index("neuron")) == [["neuron", "kind", "activation"]]
+    assert header(rows.set_index("neuron").rename_axis(None)) == [["", "kind", "activation"]]  # nothing to move
+
+
+def test_the_timed_edit_is_to_the_chapter_that_took_longest_to_execute():
+    from monosemantic.book import timing
+
+    chapters = [{"source": "report/index.qmd", "executed": 9, "seconds": 12.0},
+                {"source": "report/03-reproduction.qmd", "executed": 56, "seconds": 35.5},
+                {"source": "report/browser.qmd", "executed": 0, "seconds": 40.0}]  # a cache hit: not executed
+    assert timing.slowest_chapter(chapters) == "report/03-reproduction.qmd"

@@ -85,3 +85,24 @@ def test_the_committed_cpu_profile_takes_hours_not_one():
 
         pytest.skip("no cpu-profile artifacts in this cache")
     assert t.time.seconds > 2 * 3600, pipeline.duration(t.time.seconds)  # the README once said "about an hour"
+
+
+def test_reproduce_prints_one_progress_line_per_stage_with_the_time_left_from_the_manifests(monkeypatch, capsys):
+    from argparse import Namespace
+
+    arts = [fake_artifact("corpus", "minipile", "corpus --profile cpu", 240.0),
+            fake_artifact("lm", "model", "train-lm --profile cpu", 2400.0),
+            fake_artifact("sae", "topk", "train-sae --profile cpu", 0.01, {"train_seconds": 600.0})]  # legacy
+    measured = pipeline.profile_time
+    monkeypatch.setattr(pipeline, "profile_time", lambda profile, artifacts=None: measured(profile, arts))
+    monkeypatch.setattr(cli, "main", lambda argv: 0)
+    only = ["corpus", "train-lm", "train-sae", "toy"]
+    assert pipeline.run(Namespace(profile="cpu", only=only, dry_run=False)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    starts = [line for line in lines if " elapsed, " in line and " · " in line]
+    assert [line.split("]")[0] for line in starts] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    # the corpus, the LM and the SAEs (a lower bound) by their manifests; toy has none: "at least"
+    assert "at least 54 min left" in starts[0] and starts[0].endswith("monosemantic corpus --profile cpu")
+    assert "at least 50 min left" in starts[1] and "at least 10 min left" in starts[2]
+    assert "time left unknown" in starts[3]
+    assert lines[-1].startswith("[4/4]") and "done" in lines[-1]

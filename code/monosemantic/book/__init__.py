@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only check that the sources are valid Quarto and every reference resolves")
     p.add_argument("--time", action="store_true",
                    help="measure a cold build of a fresh copy of this checkout and the rebuild after an edit to "
-                        "one chapter (minutes); writes cache/book/build-times.json, which the setup appendix reads")
+                        "its slowest chapter (minutes); writes cache/book/build-times.json, which the setup "
+                        "appendix reads")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -154,16 +154,23 @@ def embed_tables(blocks: list[Node], tables: dict[str, list[Node]]) -> list[Node
 
 
 def _merge_index_header(table: Node) -> Node:
-    """pandas writes a named index as a second header row holding only the index's name; move that name
-    into the empty corner cell of the first row, so the table has one header row."""
+    """pandas writes a named index (or the levels of a MultiIndex) as a second header row holding only the
+    index's names; move those names into the empty corner cells of the first row, so the table has one
+    header row."""
     rows = table["c"][3][1]
     if len(rows) != 2:
         return table
     first, second = rows[0][1], rows[1][1]
-    corner_empty = bool(first) and not A.stringify(first[0][4]).strip()
-    rest_empty = all(not A.stringify(c[4]).strip() for c in second[1:])
-    if corner_empty and second and rest_empty and A.stringify(second[0][4]).strip():
-        first[0][4] = second[0][4]
+
+    def empty(cell: Node) -> bool:
+        return not A.stringify(cell[4]).strip()
+
+    names = next((i for i, c in enumerate(second) if empty(c)), len(second))  # the index's levels, named
+    if not names or len(first) < names or not all(empty(c) for c in second[names:]):
+        return table
+    if all(empty(c) for c in first[:names]) and all(c[3] == 1 for c in first[:names]):  # one column each
+        for corner, name in zip(first[:names], second[:names], strict=True):
+            corner[4] = name[4]
         del rows[1]
     return table
 

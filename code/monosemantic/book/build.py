@@ -23,7 +23,7 @@ import nbformat
 
 from ..config import project_root
 from . import ast as A
-from . import crossref, execute, html, linkcheck, pandoc, pdf, project, qmd, quarto_options
+from . import crossref, execute, html, linkcheck, pandoc, pdf, project, qmd, quarto_options, webfonts
 from .assemble import align_columns, chapter_markdown, embed_tables, natural_widths
 from .crossref import CrossrefError
 
@@ -355,7 +355,6 @@ def _nav(chapters: list[_Chapter]) -> list[html.NavEntry]:
 def _write_site(proj: project.Project, chapters: list[_Chapter], resolved: dict[str, list[A.Node]],
                 api: list[int], with_pdf: bool, jobs: int = 1) -> Path:
     out = proj.output_dir
-    (out / html.CSS_NAME).write_text(html.stylesheet(pandoc.highlighting_css()), encoding="utf-8")
     authors = proj.book.get("author") or []
     authors = [authors] if isinstance(authors, str) else [str(a) for a in authors]
     header = html.title_block(proj.title, proj.book.get("subtitle"), authors)
@@ -395,6 +394,9 @@ def _write_site(proj: project.Project, chapters: list[_Chapter], resolved: dict[
     for stale in out.glob("*.html"):  # pages of chapters no longer in _quarto.yml
         if stale.name not in written:
             stale.unlink()
+    # last: the fonts are cut down to the characters of the pages and resources written above
+    fonts_css, _ = webfonts.write(out, pdf.font_paths())
+    (out / html.CSS_NAME).write_text(html.stylesheet(pandoc.highlighting_css()) + "\n" + fonts_css, encoding="utf-8")
     return out / chapters[0].file.page
 
 

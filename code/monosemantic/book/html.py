@@ -7,7 +7,28 @@ import dataclasses
 import html
 from importlib import resources
 
+from .webfonts import FAMILY_PREFIX
+
 CSS_NAME = "book.css"
+# Opened from disk (file://), Chromium reads a web font while it lays out the first text that needs it and
+# leaves that text in the fallback font (empty boxes for CJK) for good. So from disk the page loads the
+# book's fonts (.webfonts) first and lays nothing out until they are in (book.css: html.fonts-loading), then
+# goes to the address's section, which it could not while hidden. Over http a page loads only the fonts its
+# characters need, when it needs them (their unicode-range), and nothing waits.
+FONT_LOADER = f"""if (location.protocol === "file:") {{
+  const faces = [...document.fonts].filter((f) => f.family.startsWith("{FAMILY_PREFIX}"));
+  const root = document.documentElement;
+  const show = () => {{
+    if (!root.classList.contains("fonts-loading")) return;
+    root.classList.remove("fonts-loading");
+    if (location.hash) document.getElementById(decodeURIComponent(location.hash.slice(1)))?.scrollIntoView();
+  }};
+  if (faces.length) {{
+    root.classList.add("fonts-loading");
+    Promise.allSettled(faces.map((f) => f.load())).then(show);
+    setTimeout(show, 3000);  // a font that never loads must not hide the page
+  }}
+}}"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +129,9 @@ def page(*, book_title: str, title: str, body: str, nav: list[NavEntry], current
 <meta name="generator" content="monosemantic book (preview builder; {html.escape(generator)})">
 <title>{html.escape(title)} – {html.escape(book_title)}</title>
 <link rel="stylesheet" href="{CSS_NAME}">
+<script>
+{FONT_LOADER}
+</script>
 </head>
 <body>
 {sidebar(book_title, nav, current, pdf)}

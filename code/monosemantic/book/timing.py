@@ -1,6 +1,7 @@
 """How long the book takes to build: a cold build from a fresh copy of the checkout, then the rebuild after
-an edit to one chapter's code. ``monosemantic book --time`` measures both and writes them to
-:data:`RESULT` (``cache/book/build-times.json``, committed), which the setup appendix reads.
+an edit to the code of its slowest chapter (the longest one-chapter rebuild). ``monosemantic book --time``
+measures both and writes them to :data:`RESULT` (``cache/book/build-times.json``, committed), which the
+setup appendix reads.
 
 The fresh copy holds what a clone would: the files git tracks, and those it would track (not ignored), so
 no ``_book/``, ``.jupyter_cache/``, ``cache/work/`` (where the feature browsers' data are kept between
@@ -22,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 RESULT = Path("cache") / "book" / "build-times.json"
-EDITED = "report/01-activations.qmd"  # the chapter whose code the edit changes: the first, of middling weight
+
+def slowest_chapter(chapters: list[dict[str, Any]]) -> str:
+    """The chapter whose cells took longest in a cold build (``build.json``'s chapters): the edit that
+    :func:`measure` times is to its code, the slowest one-chapter rebuild there is."""
+    return max(chapters, key=lambda c: (c["executed"] > 0, c["seconds"]))["source"]
+
 EDIT_MARK = "# monosemantic book --time: an edit to this chapter's code\n"
 
 
@@ -67,9 +73,9 @@ def edit_chapter(path: Path) -> None:
 
 
 def measure(root: Path, keep: Path | None = None) -> dict[str, Any]:
-    """Time a cold build of a fresh copy of ``root`` and the rebuild after :func:`edit_chapter` on
-    :data:`EDITED`; write them to ``root/``:data:`RESULT` and return them. ``keep``: build there (left in
-    place) instead of a temporary folder."""
+    """Time a cold build of a fresh copy of ``root`` and the rebuild after :func:`edit_chapter` on its
+    :func:`slowest_chapter`; write them to ``root/``:data:`RESULT` and return them. ``keep``: build there (left
+    in place) instead of a temporary folder."""
     from .. import hardware, store
 
     work = Path(tempfile.mkdtemp(prefix="book-time-")) if keep is None else keep
@@ -82,7 +88,8 @@ def measure(root: Path, keep: Path | None = None) -> dict[str, Any]:
         fresh_copy(root, copy)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         cold = _build(copy, log)
-        edit_chapter(copy / EDITED)
+        edited = slowest_chapter(cold["chapters"])
+        edit_chapter(copy / edited)
         edit = _build(copy, log)
     finally:
         if keep is None:
@@ -94,7 +101,7 @@ def measure(root: Path, keep: Path | None = None) -> dict[str, Any]:
         "commit": store.git_commit(),
         "machine": {"cpu": hw["cpu"], "cpu_cores": hw["cpu_cores"], "load_average_at_start": load},
         "cold": cold,
-        "edit": {"chapter": EDITED, **edit},
+        "edit": {"chapter": edited, **edit},
     }
     out = root / RESULT
     out.parent.mkdir(parents=True, exist_ok=True)
