@@ -293,3 +293,31 @@ def seed_precision_words(sp: dict, n_seeds: int) -> str:
             f"in {sp['sae_dtype']}, where seed 0 read `{sp['harvest0']}` (the LM in "
             f"{sp['lm_dtype0'] or 'another precision'}) with its matmuls in {sp['sae_dtype0']}; their spread "
             f"bounds seed and precision variation together, not the seed's alone")
+
+
+def direct_comparison(fa, units, a: str, b: str, scores=("specificity", "sim_corr", "detection")) -> dict:
+    """Unit set ``a`` against set ``b`` of an analysis artifact ``fa`` (its ``units`` table), score by score:
+    ``{score: {"at_b": a minus b matched to b's densities, "at_a": the same matched to a's densities,
+    "verdict": "better" | "worse" | "mixed"}}`` (each a :class:`monosemantic.explain.Matched`, intervals
+    included; "better" when a leads under both weightings with intervals above zero)."""
+    from types import SimpleNamespace
+
+    from . import explain
+
+    cfg = SimpleNamespace(**{k: fa.config[k] for k in ("corr_threshold", "detection_threshold",
+                                                       "specificity_threshold", "lift_threshold",
+                                                       "density_bin_width", "n_boot", "seed")})
+    ua, ub = units[(units.set == a) & units.scored], units[(units.set == b) & units.scored]
+    out = {}
+    for sc in scores:
+        pa, pb = explain.passes(ua, sc, cfg), explain.passes(ub, sc, cfg)
+        at_b = explain.matched_difference(ua.density_val.to_numpy(), pa, ub.density_val.to_numpy(), pb,
+                                          cfg.density_bin_width, cfg.n_boot, cfg.seed)
+        rev = explain.matched_difference(ub.density_val.to_numpy(), pb, ua.density_val.to_numpy(), pa,
+                                         cfg.density_bin_width, cfg.n_boot, cfg.seed)
+        at_a = rev._replace(matched=-rev.matched, matched_low=-rev.matched_high, matched_high=-rev.matched_low,
+                            raw=-rev.raw, raw_low=-rev.raw_high, raw_high=-rev.raw_low)
+        up = at_b.matched_low > 0 and at_a.matched_low > 0
+        down = at_b.matched_high < 0 and at_a.matched_high < 0
+        out[sc] = {"at_b": at_b, "at_a": at_a, "verdict": "better" if up else "worse" if down else "mixed"}
+    return out

@@ -90,6 +90,28 @@ def fvu_l0_dead(sae: sae_mod.SAE, rows: torch.Tensor, block: int = 16_384) -> di
     return {"fvu": err / var, "l0": l0 / rows.shape[0], "dead_fraction": 1.0 - float(fired.float().mean())}
 
 
+def harvest_rows(profile: str, stage: Any) -> tuple[Any, np.ndarray]:
+    """(the activations artifact, its train rows) of the stage's harvest; where that harvest's rows are not on
+    this machine, a re-harvest of the same windows in another precision that is (``activations/<profile>-mlp-*``,
+    e.g. ``-fp32``: the moments differ in rounding only), named as the input so the artifact says which."""
+    from . import store
+    from .config import UserError
+    from .harvest import open_rows
+    from .sae_train import load_harvest
+
+    try:
+        art, train_rows, _ = load_harvest(profile, stage.harvest)
+        return art, train_rows
+    except UserError as first:
+        for path in sorted(store.artifact_path("activations", profile, "mlp").parent.glob(f"{profile}-mlp-*")):
+            other = store.load("activations", profile, path.name.removeprefix(f"{profile}-"), verify=False)
+            rows = other.work_path / "train.f16"
+            if rows.is_file() and other.config.get("train_activations") == stage.harvest.train_activations:
+                return other, open_rows(rows, other.metrics.get("d_in", stage.anchor.d_in),
+                                        stage.harvest.train_activations)
+        raise first
+
+
 def run(profile: str, stage: Any, cfg: GaussianNullConfig = GaussianNullConfig(), progress: bool = True,
         log=print) -> Path:
     """Train the width sweep's recipe on Gaussian draws at each width up to ``cfg.max_width``; write the
@@ -97,9 +119,9 @@ def run(profile: str, stage: Any, cfg: GaussianNullConfig = GaussianNullConfig()
     import pandas as pd
 
     from . import store
-    from .sae_train import load_harvest, plan
+    from .sae_train import plan
 
-    act_art, train_rows, _ = load_harvest(profile, stage.harvest)
+    act_art, train_rows = harvest_rows(profile, stage)
     mean, cov = moments(train_rows, cfg.moment_rows)
     sampler = GaussianSampler(mean, cov)
     gen = torch.Generator().manual_seed(cfg.seed)

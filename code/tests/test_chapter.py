@@ -38,3 +38,24 @@ def test_span_says_a_range_once_and_sorts_by_value():
     assert chapter.span(["9%", "12%", "10%"]) == "9% to 12%"  # by value, not as strings
     assert chapter.span(["0.50", "0.49"]) == "0.49 to 0.50"
     assert chapter.span([]) == "—"
+
+
+def test_direct_comparison_matches_both_ways_and_calls_a_clear_lead_better():
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    dens = 10 ** rng.uniform(-4, -1, 400)
+    rows = []
+    for name, corr in (("a", 0.9), ("b", 0.1), ("c", 0.1)):  # a clears 0.5 everywhere, b and c nowhere
+        rows.append(pd.DataFrame({"set": name, "unit": range(400), "scored": True, "density_val": dens,
+                                  "sim_corr": corr, "detection": 0.5, "family_share": 0.0, "family_lift": 0.0}))
+    units = pd.concat(rows, ignore_index=True)
+    fa = SimpleNamespace(config={"corr_threshold": 0.5, "detection_threshold": 0.8, "specificity_threshold": 0.5,
+                                 "lift_threshold": 5, "density_bin_width": 0.5, "n_boot": 200, "seed": 0})
+    out = chapter.direct_comparison(fa, units, "a", "b", ("sim_corr", "detection"))
+    assert out["sim_corr"]["verdict"] == "better"
+    assert out["sim_corr"]["at_b"].matched == 1.0 and out["sim_corr"]["at_a"].matched == 1.0
+    assert out["detection"]["verdict"] == "mixed" and out["detection"]["at_b"].matched == 0.0
+    assert chapter.direct_comparison(fa, units, "b", "a", ("sim_corr",))["sim_corr"]["verdict"] == "worse"
+    assert chapter.direct_comparison(fa, units, "b", "c", ("sim_corr",))["sim_corr"]["verdict"] == "mixed"
