@@ -118,6 +118,7 @@ def distribution_shift(model, hook: str, windows, edit: Callable, family_mask: T
 
 
 @torch.no_grad()
+@torch.no_grad()  # without it every accumulated sum keeps its batch's graph, logits included (GBs per batch)
 def distribution_shifts(model, hook: str, windows, edits: list[Callable], family_mask: Tensor, sae=None,
                         feature: int | None = None) -> list[dict[str, np.ndarray]]:
     """:func:`distribution_shift` for several edits of the same windows: the unedited pass is shared."""
@@ -188,6 +189,7 @@ def pick(units, families: list[str], family_sizes: dict[str, int], cfg: CausalCo
 
 # --- the stage ----------------------------------------------------------------------------------------------
 
+@torch.no_grad()
 def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     import pandas as pd
 
