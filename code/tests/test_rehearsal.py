@@ -57,9 +57,13 @@ def test_meter_nests_stages_and_restores_functions():
 
         assert llama_data.load_model is not original  # the harvest's name for it is measured ...
         with meter.stage("inner"):
-            big = torch.ones(50_000_000, dtype=torch.uint8)  # 50 MB, touched
-            big += 1
-        del big
+            import mmap
+
+            # 50 MB of fresh anonymous pages, touched: RSS grows by that much whatever the allocators hold in
+            # reserve from earlier tests (a torch tensor may reuse pages that are already resident)
+            big = mmap.mmap(-1, 50_000_000)
+            big.write(b"\x01" * 50_000_000)
+        big.close()
     assert llama.load_model is original and llama_data.load_model is original  # ... for the block only
     outer, inner = meter.stages
     assert (inner.parent, inner.depth, inner.parent_index) == ("outer", 1, 0) and outer.passed and inner.passed
