@@ -295,18 +295,25 @@ def seed_precision_words(sp: dict, n_seeds: int) -> str:
             f"bounds seed and precision variation together, not the seed's alone")
 
 
+def score_config(fa, **changes: Any) -> Any:
+    """The thresholds, density-bin width and bootstrap settings an analysis artifact ``fa`` scored with, as
+    :func:`monosemantic.explain.passes` and ``matched_difference`` read them; ``changes`` override some (a
+    threshold swept in a chapter)."""
+    from types import SimpleNamespace
+
+    keys = ("corr_threshold", "detection_threshold", "specificity_threshold", "lift_threshold",
+            "density_bin_width", "n_boot", "seed")
+    return SimpleNamespace(**{**{k: fa.config[k] for k in keys}, **changes})
+
+
 def direct_comparison(fa, units, a: str, b: str, scores=("specificity", "sim_corr", "detection")) -> dict:
     """Unit set ``a`` against set ``b`` of an analysis artifact ``fa`` (its ``units`` table), score by score:
     ``{score: {"at_b": a minus b matched to b's densities, "at_a": the same matched to a's densities,
     "verdict": "better" | "worse" | "mixed"}}`` (each a :class:`monosemantic.explain.Matched`, intervals
     included; "better" when a leads under both weightings with intervals above zero)."""
-    from types import SimpleNamespace
-
     from . import explain
 
-    cfg = SimpleNamespace(**{k: fa.config[k] for k in ("corr_threshold", "detection_threshold",
-                                                       "specificity_threshold", "lift_threshold",
-                                                       "density_bin_width", "n_boot", "seed")})
+    cfg = score_config(fa)
     ua, ub = units[(units.set == a) & units.scored], units[(units.set == b) & units.scored]
     out = {}
     for sc in scores:
