@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ConfigError, StageConfig, UserError
+from .hardware import trimmed
 
 DEFAULT_PROFILE = "cpu"
 PROMPTS = ("The", "In 1998, the", "def main(", "The license", "Der")
@@ -125,7 +126,7 @@ def distribution_shifts(model, hook: str, windows, edits: list[Callable], family
     keys = ("kl", "dmass", "tokens", "kl_fire", "dmass_fire", "fire")
     out: list[dict[str, list[Tensor]]] = [{k: [] for k in keys} for _ in edits]
     mask = family_mask.float()  # (V,); padded with zeros to the model's (padded) vocabulary below
-    for x, _ in windows:
+    for x, _ in trimmed(windows):
         B, T = x.shape
         logp = F.log_softmax(model(x).logits.float(), dim=-1)  # (B, T, V)
         p = logp.exp()
@@ -155,13 +156,13 @@ def distribution_shifts(model, hook: str, windows, edits: list[Callable], family
 @torch.no_grad()
 def firing_counts(model, sae, hook: str, inputs: Tensor, features: list[int], batch: int) -> np.ndarray:
     """(n_windows, len(features)) how many positions of each window (rows of ``inputs``) each feature fires on."""
-    out = []
+    out = np.zeros((len(inputs), len(features)), dtype=np.int64)  # filled in place: see hardware.trimmed
     idx = torch.as_tensor(features, dtype=torch.long)
-    for i in range(0, len(inputs), batch):
+    for i in trimmed(range(0, len(inputs), batch)):
         h = model.run_with_cache(inputs[i:i + batch], [hook])[hook]  # (B, T, d_in)
         z = sae.encode(h.reshape(-1, h.shape[-1]).float())[:, idx]  # (B*T, F)
-        out.append((z > 0).reshape(h.shape[0], h.shape[1], -1).sum(1).numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(features)), dtype=np.int64)
+        out[i:i + len(h)] = (z > 0).reshape(h.shape[0], h.shape[1], -1).sum(1).numpy()
+    return out
 
 
 def vocab_family_masks(token_bytes: list[bytes]) -> np.ndarray:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 import time
 
-from .config import COMMAND_START_ENV, PROFILES, UserError
+from .config import COMMAND_ENV, COMMAND_START_ENV, PROFILES, UserError
 
 # (subcommand, module that implements it, one-line help). A stage adds its row here.
 COMMANDS: list[tuple[str, str, str]] = [
@@ -154,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     start = time.perf_counter()
-    outer = os.environ.get(COMMAND_START_ENV)
+    outer = {name: os.environ.get(name) for name in (COMMAND_START_ENV, COMMAND_ENV)}
     os.environ[COMMAND_START_ENV] = str(time.time())  # what the store records as each artifact's wall time
+    os.environ[COMMAND_ENV] = shlex.join(["monosemantic", *argv])  # and as the command that made it
     try:
         status = _implementation(args._module).run(args)
     except UserError as e:
@@ -171,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     finally:
-        if outer is None:
-            os.environ.pop(COMMAND_START_ENV, None)
-        else:
-            os.environ[COMMAND_START_ENV] = outer
+        for name, value in outer.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return int(status or 0)
 
 

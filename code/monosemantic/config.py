@@ -106,6 +106,10 @@ def work_dir() -> Path:
 COMMAND_START_ENV = "MONOSEMANTIC_COMMAND_START"
 """Set by the CLI to the epoch time its command started: an artifact's wall time is then the command's."""
 
+COMMAND_ENV = "MONOSEMANTIC_COMMAND"
+"""Set by the CLI to the command line it runs (``monosemantic <args>``): what an artifact records as the
+command that made it, also when the CLI is called from Python (a test, a notebook) rather than a shell."""
+
 
 class DiskSpaceError(UserError, OSError):
     """Not enough free disk for a long write."""

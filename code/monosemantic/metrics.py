@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import UserError
+from .hardware import trimmed
 from .harvest import HOOK, ForwardDtype, forward_dtype, resolve_dtype
 from .intervals import Interval, bootstrap, group_sums
 from .sae import SAE
@@ -161,7 +162,7 @@ def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequen
     win_sum: list[Tensor] = []  # (B, d) per batch: each window's sum of activations
     win_sq: list[Tensor] = []  # (B,) per batch: each window's sum of squared norms
     with forward_dtype(model, cast):
-        for x, _ in windows:
+        for x, _ in trimmed(windows):
             acts = model.run_with_cache(x.to(device), [hook])[hook]  # (B, T, d)
             for sae in saes:
                 if acts.shape[-1] != sae.cfg.d_in:
@@ -216,7 +217,7 @@ def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequen
                  "mean": lambda h, name: mean_act.to(h.dtype).expand_as(h)}
     splices = [splice_with(j) for j in range(len(saes))]
     with forward_dtype(model, cast):
-        for (x, y), s, q in zip(windows, win_sum, win_sq, strict=True):
+        for (x, y), s, q in trimmed(zip(windows, win_sum, win_sq, strict=True)):
             x, y = x.to(device), y.to(device)
             T = x.shape[1]
             shared["tokens"].append(torch.full((x.shape[0],), float(T), dtype=torch.float64))

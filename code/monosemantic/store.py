@@ -33,6 +33,7 @@ from typing import Any
 
 from . import __version__, hardware
 from .config import (
+    COMMAND_ENV,
     COMMAND_START_ENV,
     StageConfig,
     UserError,
@@ -104,6 +105,8 @@ def git_commit() -> str:
 
 
 def current_command() -> str:
+    if os.environ.get(COMMAND_ENV):
+        return os.environ[COMMAND_ENV]
     argv = list(sys.argv)
     if argv and Path(argv[0]).name in ("monosemantic", "__main__.py", "cli.py"):
         argv[0] = "monosemantic"

@@ -118,3 +118,18 @@ def test_manifests_record_the_choice_and_the_cpu_flags():
 def test_the_real_measurement_is_short_and_positive():
     seconds = hardware.measure_matmuls([(4096, 512, 4096)], torch.float32, "cpu")
     assert 0 < seconds < 60  # a hang guard only: the product is cut to ~2e8 FLOPs
+
+
+def test_trimmed_yields_every_item_and_returns_free_memory_every_so_many(monkeypatch):
+    calls = []
+    monkeypatch.setattr(hardware, "return_free_memory", lambda: calls.append(1) or True)
+    assert list(hardware.trimmed(range(10), every=4)) == list(range(10))
+    assert len(calls) == 2  # after items 4 and 8
+
+
+def test_returning_free_memory_is_real_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    assert hardware.return_free_memory() is True

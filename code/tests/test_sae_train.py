@@ -131,7 +131,14 @@ def test_evaluate_on_the_heldout_windows_of_every_source(in_tiny_cache):
     assert table[("topk", "fvu")] == pytest.approx(direct["fvu"], rel=1e-4)
 
 
-def test_rerun_reuses_staged_runs_and_a_fresh_run_is_bit_identical(in_tiny_cache, capsys):
+def test_rerun_reuses_staged_runs_and_a_fresh_run_is_bit_identical(tiny_cache, tmp_path, monkeypatch):
+    import shutil
+
+    # a copy: the fresh run rewrites sae/tiny-topk (new timings, so a new content hash), which would
+    # make every artifact made from it stale for the tests that run after this one
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    monkeypatch.setenv("MONOSEMANTIC_CACHE", str(cache))
     before = store.load("sae", "tiny", "topk").file(sae_mod.SAE_WEIGHTS_FILENAME).read_bytes()
     assert cli.main(["train-sae", "--profile", "tiny", "--recipe", "topk", "--no-progress"]) == 0
     again = store.load("sae", "tiny", "topk").file(sae_mod.SAE_WEIGHTS_FILENAME).read_bytes()

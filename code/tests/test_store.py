@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -187,3 +188,17 @@ def test_wall_time_is_the_commands_when_the_cli_started_it(tmp_cache, monkeypatc
     with store.write("toy", "tiny", "quick", config=StageConfig()) as w:
         w.metrics["x"] = 1
     assert store.load("toy", "tiny", "quick").manifest["wall_time_s"] < 5
+
+
+def test_an_artifact_records_the_cli_command_that_made_it_also_when_called_from_python(tmp_cache, monkeypatch):
+    """The manifest's command is the ``monosemantic ...`` line the CLI ran (what a stale-artifact error tells
+    the reader to rerun), not the host process's argv (pytest's, a notebook kernel's)."""
+    def write(args):
+        with store.write("toy", "tiny", "made", config=StageConfig()) as w:
+            w.metrics["x"] = 1
+
+    monkeypatch.setattr(cli, "run", write)
+    monkeypatch.setattr("sys.argv", ["pytest", "-q"])
+    assert cli.main(["cache", "list", "--stage", "toy"]) == 0
+    assert store.load("toy", "tiny", "made").manifest["command"] == "monosemantic cache list --stage toy"
+    assert store.COMMAND_ENV not in os.environ  # restored once the command is done
