@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .config import ConfigError, StageConfig, UserError
+from .config import ConfigError, StageConfig, UserError, stable_hash
 
 DEFAULT_PROFILE = "cpu"
 HEADLINE = ("fvu", "l0", "ce_loss_recovered", "ce_loss_recovered_mean_ablation", "dead_fraction",
@@ -176,9 +176,16 @@ def run_stage(profile: str, cfg: EvalConfig, names: list[str] | None = None, pro
     start = time.perf_counter()
     log(f"{len(names)} SAEs ({', '.join(names)}) on {n_windows:,} windows ({n_windows * seq_len:,} tokens, "
         f"{len(np.unique(docs)):,} documents): 3 + {len(names)} forward passes per window")
+    inputs = [lm_art, *arts, *inputs_extra]
+    # an interrupted run resumes from its last saved batch; the key names everything the sums depend on
+    key = stable_hash({"config": cfg.config_hash(), "names": names, "rows": stable_hash(rows_at.tolist()),
+                       "inputs": [a.content_hash for a in inputs]})
+    ckpt = store.work_path("sae", profile, "heldout") / "evaluate.ckpt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        evals = run_evaluations(model, saes, windows)
-    rows, metrics, inputs = [], {}, [lm_art, *arts, *inputs_extra]
+        evals = run_evaluations(model, saes, windows, checkpoint=ckpt, checkpoint_key=key,
+                                log=log if progress else None)
+    rows, metrics = [], {}
     for name, ev in zip(names, evals, strict=True):
         cis = metric_intervals(ev, docs, n_boot=cfg.n_boot, seed=cfg.seed)
         for metric, ci in cis.items():

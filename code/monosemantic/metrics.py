@@ -25,7 +25,9 @@ The measures (Bricken et al. 2023, "Towards Monosemanticity", section "Sparse au
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -144,9 +146,15 @@ def run_evaluation(model: torch.nn.Module, sae: SAE, windows: Sequence[tuple[Ten
 @torch.no_grad()
 def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequence[tuple[Tensor, Tensor]], *,
                     hook: str = HOOK, dtype: ForwardDtype = "float32", bins: int = 50,
-                    keep_fires: bool = False) -> list[Evaluation]:
+                    keep_fires: bool = False, checkpoint: Path | None = None, checkpoint_key: str = "",
+                    checkpoint_every: int = 32, log: Callable[[str], None] | None = None) -> list[Evaluation]:
     """:func:`run_evaluation` for several SAEs of the same hook at once: the clean, zeroed and mean-ablated
-    passes are shared, so n SAEs cost 3 + n forward passes per batch instead of 4 n."""
+    passes are shared, so n SAEs cost 3 + n forward passes per batch instead of 4 n.
+
+    With ``checkpoint`` (a file path), the second pass saves what it has summed every ``checkpoint_every``
+    batches, and a later call with the same ``checkpoint_key`` (name what the result depends on: model, SAEs,
+    windows) resumes after the last saved batch, giving the same result as an uninterrupted run; the file is
+    removed at the end. ``log`` gets a progress line at each save."""
     windows = list(windows)
     saes = list(saes)
     if not windows:
@@ -186,6 +194,20 @@ def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequen
     own: list[dict[str, list[Tensor]]] = [{name: [] for name in ("resid", "active", "loss_sae")} for _ in saes]
     fires = [torch.zeros(sae.cfg.n_features, dtype=torch.long, device=sae.W_dec.device) for sae in saes]
     window_fires: list[list[Tensor]] = [[] for _ in saes]
+    done = 0  # batches of pass 2 already summed (by an earlier, interrupted call)
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        if state.get("key") == checkpoint_key and state["n_saes"] == len(saes):
+            done, shared, own, window_fires = state["done"], state["shared"], state["own"], state["window_fires"]
+            fires = [f.to(sae.W_dec.device) for f, sae in zip(state["fires"], saes, strict=True)]
+            if log:
+                log(f"    resuming after {done} of {len(windows)} batches ({checkpoint})")
+
+    def save(n_done: int) -> None:
+        tmp = Path(checkpoint).with_suffix(".tmp")
+        torch.save({"key": checkpoint_key, "n_saes": len(saes), "done": n_done, "shared": shared, "own": own,
+                    "fires": [f.cpu() for f in fires], "window_fires": window_fires}, tmp)
+        tmp.replace(checkpoint)
 
     def splice_with(j: int):
         sae = saes[j]
@@ -216,8 +238,17 @@ def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequen
     ablations = {"zero": lambda h, name: torch.zeros_like(h),
                  "mean": lambda h, name: mean_act.to(h.dtype).expand_as(h)}
     splices = [splice_with(j) for j in range(len(saes))]
+    start = time.perf_counter()
     with forward_dtype(model, cast):
-        for (x, y), s, q in trimmed(zip(windows, win_sum, win_sq, strict=True)):
+        for b, ((x, y), s, q) in enumerate(trimmed(zip(windows, win_sum, win_sq, strict=True))):
+            if b < done:
+                continue
+            if checkpoint is not None and b > done and b % checkpoint_every == 0:
+                save(b)
+                if log:
+                    rate = (b - done) / (time.perf_counter() - start)
+                    log(f"    {b}/{len(windows)} batches, {rate * 60:.1f} a minute, about "
+                        f"{(len(windows) - b) / rate / 60:.0f} min left")
             x, y = x.to(device), y.to(device)
             T = x.shape[1]
             shared["tokens"].append(torch.full((x.shape[0],), float(T), dtype=torch.float64))
@@ -231,6 +262,8 @@ def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequen
                 with model.hooks({hook: fn}):
                     own[j]["loss_sae"].append(token_losses(x, y))
 
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     common = {k: torch.cat(v).numpy() for k, v in shared.items()}
     results = []
     for j, sae in enumerate(saes):

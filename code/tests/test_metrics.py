@@ -175,6 +175,42 @@ def test_several_saes_at_once_give_each_one_its_own_numbers():
     assert both[0].metrics["l0"] != both[1].metrics["l0"]
 
 
+def test_an_interrupted_evaluation_resumes_from_its_checkpoint_to_the_same_numbers(tmp_path):
+    from monosemantic.metrics import run_evaluations
+
+    torch.manual_seed(0)
+    saes = [SAE(cfg()), SAE(cfg(architecture="topk", k=4))]
+    model, w = tiny_model(), windows(24)  # 6 batches of 4 windows
+    whole = run_evaluations(model, saes, w, keep_fires=True)
+    ckpt = tmp_path / "eval.ckpt"
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_second_save(line: str) -> None:
+        if line.strip().startswith("4/6"):
+            raise Stop  # after the checkpoint at batch 4 was written
+    with pytest.raises(Stop):
+        run_evaluations(model, saes, w, keep_fires=True, checkpoint=ckpt, checkpoint_key="k",
+                        checkpoint_every=2, log=stop_at_second_save)
+    assert ckpt.is_file()
+    lines: list[str] = []
+    resumed = run_evaluations(model, saes, w, keep_fires=True, checkpoint=ckpt, checkpoint_key="k",
+                              checkpoint_every=2, log=lines.append)
+    assert "resuming after 4 of 6 batches" in lines[0] and not ckpt.exists()
+    for a, b in zip(whole, resumed, strict=True):
+        for name in METRIC_NAMES:
+            assert b.metrics[name] == pytest.approx(a.metrics[name], rel=1e-12, abs=1e-15), name
+        assert all(np.array_equal(a.per_window[k], b.per_window[k]) for k in a.per_window)
+        assert np.array_equal(a.window_fires, b.window_fires) and torch.equal(a.density, b.density)
+    # a checkpoint made for something else (another key) is ignored, not mixed in
+    with pytest.raises(Stop):
+        run_evaluations(model, saes, w, checkpoint=ckpt, checkpoint_key="k", checkpoint_every=2,
+                        log=stop_at_second_save)
+    other = run_evaluations(model, saes, w, checkpoint=ckpt, checkpoint_key="other", checkpoint_every=2)
+    assert other[0].metrics == whole[0].metrics
+
+
 def test_the_neuron_basis_as_a_k_sparse_dictionary():
     from monosemantic.evaluation import NeuronTopK
 
