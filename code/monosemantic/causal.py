@@ -17,7 +17,9 @@ a feature's effect is compared with what any push of that size does. Measured on
 KL divergence KL(p || p') of the next-token distribution (nats per token; for ablation over the positions
 where the feature fires) and the change of the probability mass on the feature's family (the vocabulary
 tokens that family's detector marks when the token is read alone, :func:`monosemantic.analysis.token_families`),
-each with a 95% interval over held-out documents; and greedy continuations of a few prompts.
+each with a 95% interval over held-out documents, and the feature's minus the random directions' (a paired
+interval: both measured on the same windows, the documents resampled together); and greedy continuations
+of a few prompts.
 
 Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x intervention x direction) and
 ``generations.parquet``.
@@ -49,6 +51,7 @@ class CausalConfig(StageConfig):
     """Which features, how hard they are pushed, on how much held-out text."""
 
     STAGE: ClassVar[str] = "analysis"
+    VERSION: ClassVar[int] = 2  # 2: the paired feature-minus-random difference rows
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
@@ -276,19 +279,29 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             edits = [edit_hook(sae, feature, mode, None, value)] + [edit_hook(sae, feature, mode, r, value)
                                                                      for r in randoms]
             shifts = distribution_shifts(model, HOOK, w, edits, fam_mask, sae, feature)
+            # the feature's edit and the random directions' (averaged) on the same windows, summed per
+            # document; "difference" is feature minus random with both resampled together (a paired interval)
             per_dir = {"feature": shifts[:1], "random": shifts[1:]}
-            for direction, results in per_dir.items():
-                mean = {k: np.mean([r[k] for r in results], axis=0) for k in results[0]}  # random: averaged
-                sums, _ = group_sums(mean, d)
-                if len(sums["tokens"]) < 2:
-                    continue  # one document: no interval over documents
-                where = ("kl", "dmass", "tokens") if mode == "clamp" else ("kl_fire", "dmass_fire", "fire")
-                kl = bootstrap(sums, lambda s, w=where: s[w[0]] / s[w[2]], n_boot=cfg.n_boot, seed=cfg.seed)
-                dm = bootstrap(sums, lambda s, w=where: s[w[1]] / s[w[2]], n_boot=cfg.n_boot, seed=cfg.seed)
+            means = {direction: {k: np.mean([r[k] for r in results], axis=0) for k in results[0]}
+                     for direction, results in per_dir.items()}
+            sums, _ = group_sums({f"{direction}_{k}": v for direction, m in means.items() for k, v in m.items()}, d)
+            if len(sums["feature_tokens"]) < 2:
+                continue  # one document: no interval over documents
+            where = ("kl", "dmass", "tokens") if mode == "clamp" else ("kl_fire", "dmass_fire", "fire")
+
+            def ratio(direction: str, num: str, w=where):
+                if direction == "difference":
+                    return lambda s: ratio("feature", num)(s) - ratio("random", num)(s)
+                return lambda s: s[f"{direction}_{num}"] / s[f"{direction}_{w[2]}"]
+
+            for direction in ("feature", "random", "difference"):
+                kl = bootstrap(sums, ratio(direction, where[0]), n_boot=cfg.n_boot, seed=cfg.seed)
+                dm = bootstrap(sums, ratio(direction, where[1]), n_boot=cfg.n_boot, seed=cfg.seed)
                 rows.append({"feature": feature, "family": family, "family_share": float(unit["family_share"]),
                              "mode": mode, "direction": direction, "value": value if mode == "clamp" else 0.0,
-                             "positions": float(sums[where[2]].sum()), "kl": kl.value, "kl_low": kl.low,
-                             "kl_high": kl.high, "dmass": dm.value, "dmass_low": dm.low, "dmass_high": dm.high})
+                             "positions": float(sums[f"feature_{where[2]}"].sum()), "kl": kl.value,
+                             "kl_low": kl.low, "kl_high": kl.high, "dmass": dm.value, "dmass_low": dm.low,
+                             "dmass_high": dm.high})
         clamped = greedy(edit_hook(sae, feature, "clamp", None, value))
         rand = greedy(edit_hook(sae, feature, "clamp", randoms[0], value))
         for p, b, c, r in zip(PROMPTS, base_text, clamped, rand, strict=True):
@@ -310,6 +323,11 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             "clamp_family_up_fraction": finite((clamp["feature"] > clamp["random"]).mean()),
             "ablate_kl_feature_median": finite(ablate["feature"].median()),
             "ablate_kl_random_median": finite(ablate["random"].median()),
+            **{f"{mode}_{col}_{side}_features": int(((diff[f"{col}_low"] > 0) if side == "above"
+                                                     else (diff[f"{col}_high"] < 0)).sum())
+               for mode, diff in (("clamp", table[(table["mode"] == "clamp") & (table.direction == "difference")]),
+                                  ("ablate", table[(table["mode"] == "ablate") & (table.direction == "difference")]))
+               for col in ("kl", "dmass") for side in ("above", "below")},
         })
 
 

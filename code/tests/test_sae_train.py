@@ -241,6 +241,32 @@ def test_analyze_measures_neurons_and_both_saes_alike_and_tracks_splitting(in_ti
     assert sorted(set(split.width)) == sorted(widths)[1:] and len(split) == sum(sorted(widths)[1:])
 
 
+def test_the_causal_stage_gives_each_feature_its_random_control_and_their_paired_difference(in_tiny_cache):
+    import pandas as pd
+
+    from monosemantic import causal
+
+    if not store.artifact_path("analysis", "tiny", "features").is_dir():
+        assert cli.main(["analyze", "--profile", "tiny", "--no-progress"]) == 0
+    cfg = causal.CausalConfig(min_heldout_firings=1, min_family_tokens=1, eval_windows=8, n_random=2,
+                              new_tokens=2, n_boot=50)
+    causal.run_stage("tiny", cfg, log=lambda *a: None)
+    art = store.load("analysis", "tiny", "causal", config=cfg)
+    table = pd.read_parquet(art.file("causal.parquet"))
+    assert len(table) and set(table.direction) == {"feature", "random", "difference"}
+    for (_, _), part in table.groupby(["feature", "mode"]):
+        by = part.set_index("direction")
+        for col in ("kl", "dmass"):  # the difference is the feature's value minus the random directions'
+            assert by.loc["difference", col] == pytest.approx(by.loc["feature", col] - by.loc["random", col],
+                                                              abs=1e-9)
+            assert by.loc["difference", f"{col}_low"] <= by.loc["difference", col] <= \
+                by.loc["difference", f"{col}_high"] + 1e-12
+    assert (table[table.direction == "feature"].kl > -1e-6).all()  # a KL divergence (to rounding)
+    m = art.metrics
+    assert m["features"] == table.feature.nunique()
+    assert 0 <= m["clamp_dmass_above_features"] + m["clamp_dmass_below_features"] <= m["features"]
+
+
 CHROMIUM = ("chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
