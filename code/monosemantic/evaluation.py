@@ -28,7 +28,7 @@ import torch
 from .config import ConfigError, StageConfig, UserError, stable_hash
 
 DEFAULT_PROFILE = "cpu"
-HEADLINE = ("fvu", "l0", "ce_loss_recovered", "ce_loss_recovered_mean_ablation", "dead_fraction",
+HEADLINE = ("fvu", "fvu_after_first", "l0", "ce_loss_recovered", "ce_loss_recovered_mean_ablation", "dead_fraction",
             "ultralow_fraction")
 
 

@@ -71,8 +71,11 @@ class Evaluation(NamedTuple):
 
 
 # What run_evaluation sums per window, so that every metric can be recomputed on resampled documents:
-# tokens, squared residual, squared deviation from the eval mean, active latents, and the four token losses
-WINDOW_SUMS = ("tokens", "resid", "centred", "active", "loss_orig", "loss_sae", "loss_zero", "loss_mean")
+# tokens, squared residual, squared deviation from the eval mean, active latents, and the four token losses;
+# and the squared residual and deviation at the window's first position alone (which has nothing to attend
+# to but itself and carries outlier activations), so that the reconstruction can be measured without it
+WINDOW_SUMS = ("tokens", "resid", "centred", "active", "loss_orig", "loss_sae", "loss_zero", "loss_mean",
+               "resid_first", "centred_first")
 
 
 def density_histogram(density: Tensor, bins: int = 50, low: float = -10.0) -> DensityHistogram:
@@ -191,7 +194,8 @@ def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequen
     # pass 2: the losses, and each SAE's reconstruction measured inside its spliced forward pass, per window
     shared: dict[str, list[Tensor]] = {name: [] for name in ("tokens", "centred", "loss_orig", "loss_zero",
                                                               "loss_mean")}
-    own: list[dict[str, list[Tensor]]] = [{name: [] for name in ("resid", "active", "loss_sae")} for _ in saes]
+    own: list[dict[str, list[Tensor]]] = [{name: [] for name in ("resid", "active", "loss_sae", "resid_first",
+                                                                  "centred_first")} for _ in saes]
     fires = [torch.zeros(sae.cfg.n_features, dtype=torch.long, device=sae.W_dec.device) for sae in saes]
     window_fires: list[list[Tensor]] = [[] for _ in saes]
     done = 0  # batches of pass 2 already summed (by an earlier, interrupted call)
@@ -221,7 +225,11 @@ def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequen
             recon = out.recon.float()
             if not torch.isfinite(recon).all():
                 raise MetricsError("the SAE's reconstruction contains NaN or inf; check its weights")
-            own[j]["resid"].append((recon - flat).double().pow(2).reshape(B, -1).sum(1).cpu())  # (B,)
+            sq = (recon - flat).double().pow(2).reshape(B, T, -1)  # (B, T, d)
+            own[j]["resid"].append(sq.sum((1, 2)).cpu())  # (B,)
+            own[j]["resid_first"].append(sq[:, 0].sum(1).cpu())  # (B,) the first position alone
+            own[j]["centred_first"].append((flat.reshape(B, T, -1)[:, 0] - mean_act.to(sae_device)).double()
+                                           .pow(2).sum(1).cpu())
             active = out.latents > 0  # (B*T, n_features)
             own[j]["active"].append(active.reshape(B, -1).sum(1).double().cpu())  # (B,)
             fires[j].add_(active.sum(0))
@@ -315,6 +323,7 @@ def metric_intervals(ev: Evaluation, groups: np.ndarray, *, n_boot: int = 1000, 
         "l0": _ratio("active", "tokens"),
         "ce_loss_recovered": _recovered_of("loss_zero"),
         "ce_loss_recovered_mean_ablation": _recovered_of("loss_mean"),
+        "fvu_after_first": lambda s: (s["resid"] - s["resid_first"]) / (s["centred"] - s["centred_first"]),
         **{f"ce_loss_{k}": _ratio(f"loss_{k}", "tokens") for k in ("orig", "sae", "zero", "mean")},
     }
     out = {name: bootstrap(sums, fn, n_boot=n_boot, seed=seed) for name, fn in stats.items()}

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 
 from monosemantic.harvest import HOOK, sequential_windows
 from monosemantic.lm import LMConfig, Transformer
-from monosemantic.metrics import METRIC_NAMES, MetricsError, density_histogram, evaluate, run_evaluation
+from monosemantic.metrics import (
+    METRIC_NAMES,
+    MetricsError,
+    density_histogram,
+    evaluate,
+    metric_intervals,
+    run_evaluation,
+)
 from monosemantic.sae import SAE, SAEConfig, SAEOutput
 
 SEQ, D_MLP, VOCAB = 16, 64, 97
@@ -96,6 +103,13 @@ def test_reconstruction_numbers_match_a_direct_computation():
         expected = sum(float(model(x, y).loss) * x.numel() for x, y in w) / acts.shape[0]
     assert m["ce_loss_mean"] == pytest.approx(expected, rel=1e-5)
     assert result.histogram.counts.sum() + result.histogram.n_dead == 128
+    # the FVU without each window's first position: its residual and its deviation from the all-token mean left out
+    later = torch.ones(len(acts), dtype=torch.bool).reshape(-1, SEQ)
+    later[:, 0] = False
+    later = later.reshape(-1)
+    fvu_later = ((out.recon - acts)[later] ** 2).sum() / ((acts[later] - acts.mean(0)) ** 2).sum()
+    ci = metric_intervals(result, np.arange(len(later) // SEQ) // 2, n_boot=50)
+    torch.testing.assert_close(ci["fvu_after_first"].value, fvu_later.item(), rtol=1e-4, atol=0)
 
 
 def test_density_histogram_counts_live_features_in_log10_bins_and_dead_apart():
