@@ -328,3 +328,25 @@ def direct_comparison(fa, units, a: str, b: str, scores=("specificity", "sim_cor
         down = at_b.matched_high < 0 and at_a.matched_high < 0
         out[sc] = {"at_b": at_b, "at_a": at_a, "verdict": "better" if up else "worse" if down else "mixed"}
     return out
+
+
+class SeedMatches(NamedTuple):
+    """``universality.parquet`` of ``sae/<profile>-universality``, as the book reads it."""
+
+    all: Any  # DataFrame: every match of a feature that fired on the density sample (a dead one has no direction)
+    seeds: Any  # DataFrame: the matches between seeds of one recipe
+    null: Any  # DataFrame: the matches to or from the SAE of the randomly initialised model (a shape-only null)
+    width: int  # the dictionaries' width (every run matched has the same)
+
+
+def seed_matches(art) -> SeedMatches:
+    """The seed-to-seed and null matches of a universality artifact (:class:`SeedMatches`)."""
+    import pandas as pd
+
+    from .sae_train import RANDOM_MODEL
+
+    table = pd.read_parquet(art.file("universality.parquet"))
+    width = int(table.feature.max()) + 1
+    fired = table[table.density > 0]
+    is_null = (fired.run == RANDOM_MODEL) | (fired.other == RANDOM_MODEL)
+    return SeedMatches(fired, fired[~is_null], fired[is_null], width)

@@ -46,6 +46,7 @@ import torch
 
 from . import sae as sae_mod
 from .config import ConfigError, StageConfig, UserError, work_dir
+from .gaussian_null import NAME as GAUSSIAN_NULL
 from .harvest import HOOK, ArraySource, harvest_to_disk, open_rows, sequential_windows
 from .sae import SAE, SAEConfig
 
@@ -463,7 +464,6 @@ def run_seeds(profile: str, stage: SAEStageConfig, cfg: SeedsConfig = SeedsConfi
 
 
 UNIVERSALITY = "universality"
-GAUSSIAN_NULL = "gaussian-null"  # monosemantic.gaussian_null.NAME (that module imports this one)
 
 
 def run_universality(profile: str, log=print) -> Path:

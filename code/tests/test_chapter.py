@@ -59,3 +59,16 @@ def test_direct_comparison_matches_both_ways_and_calls_a_clear_lead_better():
     assert out["detection"]["verdict"] == "mixed" and out["detection"]["at_b"].matched == 0.0
     assert chapter.direct_comparison(fa, units, "b", "a", ("sim_corr",))["sim_corr"]["verdict"] == "worse"
     assert chapter.direct_comparison(fa, units, "b", "c", ("sim_corr",))["sim_corr"]["verdict"] == "mixed"
+
+
+def test_seed_matches_split_seed_pairs_from_the_null_and_drop_features_that_never_fired(tmp_path):
+    import pandas as pd
+
+    rows = [{"run": a, "other": b, "feature": f, "cosine": 0.5, "density": 0.0 if f == 0 else 0.01}
+            for a, b in (("topk", "topk-seed1"), ("topk-seed1", "topk"), ("topk", "random-model"),
+                         ("random-model", "topk")) for f in range(4)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "universality.parquet")
+    sm = chapter.seed_matches(SimpleNamespace(file=lambda rel: tmp_path / rel))
+    assert sm.width == 4 and len(sm.all) == 12 and (sm.all.feature > 0).all()
+    assert set(zip(sm.seeds.run, sm.seeds.other, strict=True)) == {("topk", "topk-seed1"), ("topk-seed1", "topk")}
+    assert len(sm.null) == 6 and ((sm.null.run == "random-model") | (sm.null.other == "random-model")).all()
