@@ -4,11 +4,13 @@ running model, against random directions of the same norm (issue 18, item 6).
 A feature i of an SAE on the MLP's hidden layer has an activation f_i(h) and a unit decoder direction d_i.
 Interventions edit the hidden activation h at every position and keep everything the SAE does not
 explain (the "error term"), as Templeton et al. (2024, "Scaling Monosemanticity", section "Feature
-steering") and the anchor's generation notebook do:
+steering") do; the anchor's notebook (``generate_with_pinned_features``) instead replaces h by the SAE's
+reconstruction with the feature pinned at 100, dropping the error term:
 
-- **clamp** to a value c: h' = h + (c - f_i(h)) d_i, so that the SAE's account of h' carries c d_i in place
-  of f_i(h) d_i at every position; c is a multiple of the largest activation the feature reaches on the
-  explanation text (``clamp_multiple``);
+- **clamp** to a value c: h' = h + (c - f_i(h)) d_i, so that in the SAE's decomposition of h (its
+  reconstruction plus the error) the feature's term becomes c d_i at every position (re-encoding h' need not
+  give c: the encoder is not the decoder's inverse, and TopK may drop the feature); c is a multiple of the
+  largest activation the feature reaches on the explanation text (``clamp_multiple``);
 - **ablate**: h' = h - f_i(h) d_i, the feature's contribution removed where it fires.
 
 The control replaces d_i by a random direction r of the same (unit) norm, with the same coefficients, so
@@ -105,6 +107,14 @@ def edit_hook(sae, feature: int, mode: str, direction: Tensor | None = None, val
     return fn
 
 
+def output_push(model, vectors: Tensor) -> Tensor:
+    """(n,) how far each (n, d_in) hidden-layer vector moves the MLP's output: ||W_out v||. Two unit directions
+    edited with the same coefficient push the residual stream by different amounts, so the random control
+    is of equal size in the hidden layer only."""
+    w_out = model.blocks[0].mlp.fc_out.weight.detach().float()  # (d_model, d_mlp)
+    return (vectors.float() @ w_out.t()).norm(dim=1)
+
+
 def random_directions(d_in: int, n: int, seed: int) -> Tensor:
     """(n, d_in) random unit vectors (uniform on the sphere), seeded."""
     g = torch.Generator().manual_seed(seed)
@@ -121,7 +131,6 @@ def distribution_shift(model, hook: str, windows, edit: Callable, family_mask: T
     return distribution_shifts(model, hook, windows, [edit], family_mask, sae, feature)[0]
 
 
-@torch.no_grad()
 @torch.no_grad()  # without it every accumulated sum keeps its batch's graph, logits included (GBs per batch)
 def distribution_shifts(model, hook: str, windows, edits: list[Callable], family_mask: Tensor, sae=None,
                         feature: int | None = None) -> list[dict[str, np.ndarray]]:

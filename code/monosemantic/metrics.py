@@ -323,6 +323,8 @@ def metric_intervals(ev: Evaluation, groups: np.ndarray, *, n_boot: int = 1000, 
         "l0": _ratio("active", "tokens"),
         "ce_loss_recovered": _recovered_of("loss_zero"),
         "ce_loss_recovered_mean_ablation": _recovered_of("loss_mean"),
+        # the FVU over every position but each window's first; the rest's spread is taken around the mean of all
+        # positions (the first included), which is a little larger than around their own mean
         "fvu_after_first": lambda s: (s["resid"] - s["resid_first"]) / (s["centred"] - s["centred_first"]),
         **{f"ce_loss_{k}": _ratio(f"loss_{k}", "tokens") for k in ("orig", "sae", "zero", "mean")},
     }

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from monosemantic.analysis import FAMILY_NAMES
-from monosemantic.causal import CausalConfig, distribution_shift, edit_hook, pick, random_directions, vocab_family_masks
+from monosemantic.causal import (
+    CausalConfig,
+    distribution_shift,
+    edit_hook,
+    output_push,
+    pick,
+    random_directions,
+    vocab_family_masks,
+)
 from monosemantic.config import ConfigError, UserError
 from monosemantic.harvest import HOOK, sequential_windows
 from monosemantic.lm import LMConfig, Transformer
@@ -113,3 +121,14 @@ def test_firing_counts_count_positions_per_window():
     z = sae.encode(h.reshape(-1, D))
     expected = (z[:, [3, 9]] > 0).reshape(5, 8, 2).sum(1).numpy()
     assert counts.shape == (5, 2) and np.array_equal(counts, expected)
+
+
+def test_output_push_is_the_norm_of_the_mlp_output_change():
+    model = Transformer(LMConfig(vocab_size=50, context_length=8, d_model=4, n_heads=1, d_mlp=D, compile=False,
+                                 dtype="float32"))
+    with torch.no_grad():
+        model.blocks[0].mlp.fc_out.weight.zero_()
+        model.blocks[0].mlp.fc_out.weight[0, 0] = 3.0  # hidden unit 0 writes 3x into output 0; the rest nothing
+    v = torch.zeros(2, D)
+    v[0, 0], v[1, 1] = 1.0, 1.0  # two unit vectors, equal in the hidden layer
+    assert output_push(model, v).tolist() == pytest.approx([3.0, 0.0])
