@@ -306,9 +306,10 @@ def neuron_statistics(model: Transformer, split: TokenSplit, tokenizer, n_tokens
         p = w0 + g % T  # the token's position in the split
         ids = np.asarray(split.tokens[max(w0, p - before):min(w0 + T, p + 1 + after)], dtype=np.int64)
         k = p - max(w0, p - before)
-        # decode each span's bytes together: a character split over byte-level tokens stays whole
-        return {"document": int(np.searchsorted(eots, p)), "before": tokenizer.decode(ids[:k]),
-                "token": tokenizer.decode(ids[k:k + 1]), "after": tokenizer.decode(ids[k + 1:])}
+        # each span's bytes together: a character split over byte-level tokens stays whole, and bytes of one cut
+        # by a span's ends show as <0xNN> (never U+FFFD)
+        return {"document": int(np.searchsorted(eots, p)), "before": tokenizer.display(ids[:k]),
+                "token": tokenizer.display(ids[k:k + 1]), "after": tokenizer.display(ids[k + 1:])}
 
     rows, random_rows = [], []
     for n in range(d_mlp):

@@ -250,11 +250,15 @@ def test_neuron_statistics_find_the_top_contexts():
     model = Transformer(LMConfig(context_length=16, d_model=16, n_heads=2, d_mlp=8, compile=False)).eval()
     tokens = patterned_tokens(2_000, 50_000)
     tokens[::50] = 50256  # documents of 50 tokens
+    tok = tokenizer.load()
+    tokens[3::5] = tok.encoding.encode_single_token(b"\xe6")  # a lone lead byte of a 3-byte character
     split = TokenSplit(tokens[:641], "val")  # exactly 40 windows of 16, as consecutive as can be
-    stats = neuron_statistics(model, split, tokenizer.load(), n_tokens=640, top_k=3, before=4, after=2)
+    stats = neuron_statistics(model, split, tok, n_tokens=640, top_k=3, before=4, after=2)
     assert stats["tokens"] == 640
     summary, top, hist = stats["summary"], stats["top_contexts"], stats["histogram"]
     assert len(summary) == 8 and summary["density"].between(0, 1).all()
+    texts = " ".join(stats["top_contexts"][c].str.cat() for c in ("before", "token", "after"))
+    assert "<0xE6>" in texts and "\ufffd" not in texts  # byte fragments as <0xNN>, not replacement characters
     assert hist["count"].sum() == 640 * 8
     acts = model.run_with_cache(torch.from_numpy(split.tokens[:640].astype(np.int64)).view(40, 16),
                                 ["blocks.0.mlp.hook_post"])["blocks.0.mlp.hook_post"].reshape(-1, 8)
