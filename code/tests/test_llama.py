@@ -213,7 +213,8 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     m = art.metrics
     # one key per measured quantity, named as the one-layer SAEs' (metrics.py, the evaluate and analyze stages)
     units = pd.read_parquet(art.file("units.parquet"))
-    shared = {*metrics.METRIC_NAMES, *analysis.summary_metrics(units, llama.analysis_config(TINY_CFG)),
+    shared = {*metrics.METRIC_NAMES, *evaluation.HEADLINE,
+              *analysis.summary_metrics(units, llama.analysis_config(TINY_CFG)),
               *(f"{h}_{end}" for h in evaluation.HEADLINE if h not in ("dead_fraction", "ultralow_fraction")
                 for end in ("low", "high")),
               "n_documents", "explain_tokens", "held_out_tokens", "mlp_mean_sq_norm", "train_activations",
