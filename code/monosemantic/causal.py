@@ -13,15 +13,17 @@ reconstruction with the feature pinned at 100, dropping the error term:
   largest activation the feature reaches on the explanation text (``clamp_multiple``);
 - **ablate**: h' = h - f_i(h) d_i, the feature's contribution removed where it fires.
 
-The control replaces d_i by a random direction r of the same (unit) norm, with the same coefficients, so
-a feature's effect is compared with what any push of that size does. Measured on held-out windows (those of
-``heldout/<profile>-windows`` when it is in the cache, the analysis's held-out set; else the val split): the
-KL divergence KL(p || p') of the next-token distribution (nats per token; for ablation over the positions
-where the feature fires) and the change of the probability mass on the feature's family (the vocabulary
-tokens that family's detector marks when the token is read alone, :func:`monosemantic.analysis.token_families`),
-each with a 95% interval over held-out documents, and the feature's minus the random directions' (a paired
-interval: both measured on the same windows, the documents resampled together); and greedy continuations
-of a few prompts.
+The control replaces d_i by a random direction r with the same coefficients, scaled so that it moves the
+MLP's output as far as d_i does (||W_out r|| = ||W_out d_i||: two unit directions of the hidden layer do
+not), so a feature's effect is compared with what any push of that size does where the model reads it.
+Measured on held-out windows (those of ``heldout/<profile>-windows`` when it is in the cache, the
+analysis's held-out set; else the val split): the KL divergence KL(p || p') of the next-token distribution
+(nats per token; for ablation over the positions where the feature fires), the family's mass before the
+edit, and the change of the probability mass on the feature's family (the vocabulary tokens that family's
+detector marks when the token is read alone, :func:`monosemantic.analysis.token_families`), each with a
+95% interval over held-out documents, and the feature's minus the random directions' (a paired interval:
+both measured on the same windows, the documents resampled together); and greedy continuations of a few
+prompts.
 
 Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x intervention x direction) and
 ``generations.parquet``.
@@ -53,7 +55,7 @@ class CausalConfig(StageConfig):
     """Which features, how hard they are pushed, on how much held-out text."""
 
     STAGE: ClassVar[str] = "analysis"
-    VERSION: ClassVar[int] = 2  # 2: the paired feature-minus-random difference rows
+    VERSION: ClassVar[int] = 3  # 2: paired feature-minus-random rows; 3: output-matched control, base mass
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
@@ -126,8 +128,9 @@ def random_directions(d_in: int, n: int, seed: int) -> Tensor:
 def distribution_shift(model, hook: str, windows, edit: Callable, family_mask: Tensor, sae=None,
                        feature: int | None = None) -> dict[str, np.ndarray]:
     """Per-window sums of the next-token shift an edit causes: ``kl`` (sum over tokens of KL(p || p')),
-    ``dmass`` (sum of p'(family) - p(family)), ``tokens``; and the same restricted to the positions where
-    ``feature`` fires (``kl_fire``, ``dmass_fire``, ``fire``), when an SAE and feature are given."""
+    ``dmass`` (sum of p'(family) - p(family)), ``tokens``, ``mass`` (sum of p(family), before the edit); and
+    the same restricted to the positions where ``feature`` fires (``kl_fire``, ``dmass_fire``, ``fire``,
+    ``mass_fire``), when an SAE and feature are given."""
     return distribution_shifts(model, hook, windows, [edit], family_mask, sae, feature)[0]
 
 
@@ -135,7 +138,7 @@ def distribution_shift(model, hook: str, windows, edit: Callable, family_mask: T
 def distribution_shifts(model, hook: str, windows, edits: list[Callable], family_mask: Tensor, sae=None,
                         feature: int | None = None) -> list[dict[str, np.ndarray]]:
     """:func:`distribution_shift` for several edits of the same windows: the unedited pass is shared."""
-    keys = ("kl", "dmass", "tokens", "kl_fire", "dmass_fire", "fire")
+    keys = ("kl", "dmass", "tokens", "kl_fire", "dmass_fire", "fire", "mass", "mass_fire")
     out: list[dict[str, list[Tensor]]] = [{k: [] for k in keys} for _ in edits]
     mask = family_mask.float()  # (V,); padded with zeros to the model's (padded) vocabulary below
     for x, _ in trimmed(windows):
@@ -162,6 +165,8 @@ def distribution_shifts(model, hook: str, windows, edits: list[Callable], family
             acc["kl_fire"].append((kl * fires).sum(1))
             acc["dmass_fire"].append((dmass * fires).sum(1))
             acc["fire"].append(fires.sum(1))
+            acc["mass"].append(base_mass.double().sum(1))  # the family's mass before the edit
+            acc["mass_fire"].append((base_mass.double() * fires).sum(1))
     return [{k: torch.cat(v).numpy() for k, v in acc.items()} for acc in out]
 
 
@@ -260,6 +265,9 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     windows, docs = batches(spread)
     n_windows = len(spread)
     randoms = random_directions(sae.cfg.d_in, cfg.n_random, cfg.seed)
+    # each feature's control: the random directions scaled so that a unit of coefficient moves the MLP's
+    # output as far as along the feature's own direction (equal in the hidden layer, they would not be)
+    push_r = output_push(model, randoms)  # (n_random,)
     rows, gens = [], []
     prompts = [torch.tensor([tok.encode(p)]) for p in PROMPTS]
 
@@ -285,8 +293,9 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             w, d = (windows, docs) if mode == "clamp" else fire_windows
             if len(d) == 0:
                 continue  # never fires held out (pick() requires firings, so only on a tiny split)
+            matched = randoms * (output_push(model, sae.W_dec[feature:feature + 1]) / push_r)[:, None]
             edits = [edit_hook(sae, feature, mode, None, value)] + [edit_hook(sae, feature, mode, r, value)
-                                                                     for r in randoms]
+                                                                     for r in matched]
             shifts = distribution_shifts(model, HOOK, w, edits, fam_mask, sae, feature)
             # the feature's edit and the random directions' (averaged) on the same windows, summed per
             # document; "difference" is feature minus random with both resampled together (a paired interval)
@@ -296,7 +305,8 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             sums, _ = group_sums({f"{direction}_{k}": v for direction, m in means.items() for k, v in m.items()}, d)
             if len(sums["feature_tokens"]) < 2:
                 continue  # one document: no interval over documents
-            where = ("kl", "dmass", "tokens") if mode == "clamp" else ("kl_fire", "dmass_fire", "fire")
+            where = ("kl", "dmass", "tokens", "mass") if mode == "clamp" else ("kl_fire", "dmass_fire", "fire",
+                                                                               "mass_fire")
 
             def ratio(direction: str, num: str, w=where):
                 if direction == "difference":
@@ -308,11 +318,14 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                 dm = bootstrap(sums, ratio(direction, where[1]), n_boot=cfg.n_boot, seed=cfg.seed)
                 rows.append({"feature": feature, "family": family, "family_share": float(unit["family_share"]),
                              "mode": mode, "direction": direction, "value": value if mode == "clamp" else 0.0,
-                             "positions": float(sums[f"feature_{where[2]}"].sum()), "kl": kl.value,
+                             "positions": float(sums[f"feature_{where[2]}"].sum()),
+                             "documents": int(len(sums[f"feature_{where[2]}"])),
+                             "base_mass": float(sums[f"feature_{where[3]}"].sum() / sums[f"feature_{where[2]}"].sum()),
+                             "kl": kl.value,
                              "kl_low": kl.low, "kl_high": kl.high, "dmass": dm.value, "dmass_low": dm.low,
                              "dmass_high": dm.high})
         clamped = greedy(edit_hook(sae, feature, "clamp", None, value))
-        rand = greedy(edit_hook(sae, feature, "clamp", randoms[0], value))
+        rand = greedy(edit_hook(sae, feature, "clamp", matched[0], value))
         for p, b, c, r in zip(PROMPTS, base_text, clamped, rand, strict=True):
             gens.append({"feature": feature, "family": family, "prompt": p, "as_is": b, "clamped": c,
                          "random_direction": r})

@@ -262,6 +262,9 @@ def test_the_causal_stage_gives_each_feature_its_random_control_and_their_paired
             assert by.loc["difference", f"{col}_low"] <= by.loc["difference", col] <= \
                 by.loc["difference", f"{col}_high"] + 1e-12
     assert (table[table.direction == "feature"].kl > -1e-6).all()  # a KL divergence (to rounding)
+    assert table.base_mass.between(0, 1).all() and (table.documents >= 2).all()
+    for (_, _), part in table.groupby(["feature", "mode"]):  # one baseline per edit: the unedited model's
+        assert part.base_mass.nunique() == 1
     m = art.metrics
     assert m["features"] == table.feature.nunique()
     assert 0 <= m["clamp_dmass_above_features"] + m["clamp_dmass_below_features"] <= m["features"]
