@@ -265,8 +265,8 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     windows, docs = batches(spread)
     n_windows = len(spread)
     randoms = random_directions(sae.cfg.d_in, cfg.n_random, cfg.seed)
-    # each feature's control: the random directions scaled so that a unit of coefficient moves the MLP's
-    # output as far as along the feature's own direction (equal in the hidden layer, they would not be)
+    # a unit of coefficient along each random direction moves the MLP's output this far (equal in the hidden
+    # layer, the directions would not push the output equally): each feature's control is scaled by it below
     push_r = output_push(model, randoms)  # (n_random,)
     rows, gens = [], []
     prompts = [torch.tensor([tok.encode(p)]) for p in PROMPTS]
@@ -289,11 +289,12 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         firing = fires_all[:, n - 1]  # (n_all,) how often the feature fires in each held-out window
         top = np.argsort(-firing, kind="stable")[: cfg.eval_windows]
         fire_windows = batches(top[firing[top] > 0])
+        # this feature's control: the random directions scaled to move the MLP's output as far as its own does
+        matched = randoms * (output_push(model, sae.W_dec[feature:feature + 1]) / push_r)[:, None]
         for mode in ("clamp", "ablate"):
             w, d = (windows, docs) if mode == "clamp" else fire_windows
             if len(d) == 0:
                 continue  # never fires held out (pick() requires firings, so only on a tiny split)
-            matched = randoms * (output_push(model, sae.W_dec[feature:feature + 1]) / push_r)[:, None]
             edits = [edit_hook(sae, feature, mode, None, value)] + [edit_hook(sae, feature, mode, r, value)
                                                                      for r in matched]
             shifts = distribution_shifts(model, HOOK, w, edits, fam_mask, sae, feature)
