@@ -133,6 +133,8 @@ class LlamaConfig(StageConfig):
     """A latent that has not fired for this many training activations is dead, and AuxK trains it on the
     residual. Too long a window leaves rare latents untouched: SmolLM2's 6,144 with a 500k window left 36%
     silent on 262k tokens (the expected latent fires k / n_features = 1 in 192 activations)."""
+    aux_coeff: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al. 2024: 1/32), which trains the dead latents on the residual."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -149,8 +151,8 @@ class LlamaConfig(StageConfig):
         need(self.store_dtype in ("float16", "bfloat16"), "store_dtype must be float16 or bfloat16")
         need(0 <= self.skip_first < self.seq_len, f"skip_first must be in [0, seq_len), got {self.skip_first}")
         need(isinstance(self.expansion, int) and self.expansion >= 0, "expansion must be an integer >= 0")
-        need(self.sae_epochs > 0 and self.sae_lr > 0 and self.memory_gb >= 0,
-             "sae_epochs and sae_lr must be > 0, memory_gb >= 0")
+        need(self.sae_epochs > 0 and self.sae_lr > 0 and self.memory_gb >= 0 and self.aux_coeff >= 0,
+             "sae_epochs and sae_lr must be > 0, memory_gb and aux_coeff >= 0")
 
     @property
     def run_name(self) -> str:
@@ -166,7 +168,7 @@ class LlamaConfig(StageConfig):
         """What a trained SAE depends on: its activations and its training settings (not the evaluation's)."""
         return {**self.harvest_fields(), "harvest_tokens": self.harvest_tokens,
                 **{k: getattr(self, k) for k in ("expansion", "k", "sae_batch", "sae_lr", "sae_epochs", "memory_gb",
-                                                 "dead_window", "seed")}}
+                                                 "dead_window", "aux_coeff", "seed")}}
 
 
 def model_slug(spec: str) -> str:

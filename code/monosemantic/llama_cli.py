@@ -1,4 +1,4 @@
-"""``monosemantic llama ...``: the Llama path's subcommands (info, activations, harvest, train-sae, run,
+"""``monosemantic llama ...``: the Llama path's subcommands (info, activations, harvest, train-sae, sweep, run,
 evaluate, bench, cost), each a thin call of a function of :mod:`monosemantic.llama` and its stage modules."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ DEFAULT_PROFILE = "cpu"
 
 def add_arguments(p) -> None:
     sub = p.add_subparsers(dest="llama_command", required=True,
-                           metavar="{info,activations,harvest,train-sae,evaluate,run,bench,cost}")
+                           metavar="{info,activations,harvest,train-sae,sweep,evaluate,run,bench,cost}")
 
     def model_args(q, harvest: bool = True):
         q.add_argument("--model", help="hub id, folder, .gguf file, smollm2 or random:<preset> "
@@ -51,6 +51,10 @@ def add_arguments(p) -> None:
     t = sub.add_parser("train-sae", help="train a TopK SAE on harvested activations, evaluate it, cache it")
     model_args(t)
     sae_args(t)
+    s = sub.add_parser("sweep", help="train the SAE with a few settings of length and AuxK on the harvest, "
+                                     "measure each on held-out text, cache the table")
+    model_args(s)
+    sae_args(s)
     r = sub.add_parser("run", help="harvest, then train-sae (the whole thing)")
     model_args(r)
     sae_args(r)
@@ -71,7 +75,7 @@ def add_arguments(p) -> None:
     c.add_argument("--expansion", type=int, default=CostAssumptions.expansion)
     from .config import PROFILES
 
-    for q in (i, a, h, t, r, e, b, c):  # `monosemantic llama run --profile tiny` as well as `llama --profile tiny run`
+    for q in (i, a, h, t, s, r, e, b, c):  # `monosemantic llama run --profile tiny` as well as `llama --profile tiny run`
         q.add_argument("--profile", choices=PROFILES, default=argparse.SUPPRESS, help="scale of the run")
 
 
@@ -138,6 +142,12 @@ def run(args) -> int:
             return 0
     if cmd in ("train-sae", "run"):
         train_and_store(cfg, args.profile, fsdp=args.fsdp)
+        return 0
+    if cmd == "sweep":
+        from .llama_sweep import run_sweep
+
+        art = run_sweep(cfg, args.profile)
+        print(f"llama sweep: wrote {art.key}")
         return 0
     if cmd == "evaluate":
         from . import store

@@ -278,7 +278,7 @@ def main_artifact():
     SmolLM2 SAE of the cpu profile; ``None`` when there is none. Chapter 04 and its browser read it."""
     from . import store
 
-    arts = [a for a in store.list_artifacts("llama") if not a.name.startswith(("throughput-", "rehearsal-"))]
+    arts = [a for a in store.list_artifacts("llama") if not a.name.startswith(("throughput-", "rehearsal-", "sweep-"))]
     if not arts:
         return None
     arts.sort(key=lambda a: ({"gpu": 0, "cpu": 1, "tiny": 2}.get(a.profile, 3), "smollm2" in a.name,

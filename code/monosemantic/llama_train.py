@@ -80,7 +80,7 @@ def sae_config(cfg: LlamaConfig, d_in: int, n_features: int, n_steps: int):
 
     return SAEConfig(d_in=d_in, n_features=n_features, architecture="topk", k=cfg.k, lr=cfg.sae_lr,
                      batch_size=cfg.sae_batch, n_steps=n_steps, resample_every=0, dtype="auto",
-                     dead_window=max(cfg.sae_batch, cfg.dead_window),
+                     dead_window=max(cfg.sae_batch, cfg.dead_window), aux_coeff=cfg.aux_coeff,
                      b_dec_init="geometric_median", seed=cfg.seed, log_every=max(1, min(100, n_steps // 20)))
 
 

@@ -249,11 +249,36 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("retrained")
 
+    train = llama_train.train
     monkeypatch.setattr(llama_train, "train", no_training)  # the SAE trained with this config is reused
     again = llama.trained(TINY_CFG, "tiny", progress=False)
     assert torch.allclose(again.sae.W_dec.cpu(), sae.W_dec.cpu(), atol=1e-3)  # stored fp32, cached fp16
     with pytest.raises(AssertionError, match="retrained"):  # another training setting trains again
         llama.trained(TINY_CFG.replace(dead_window=1000), "tiny", progress=False)
+    monkeypatch.setattr(llama_train, "train", train)
+    # the sweep of training settings on the same harvest: one row per setting, the profile's own reused
+    from monosemantic.llama_sweep import run_sweep
+
+    sweep = run_sweep(TINY_CFG, "tiny", ({}, {"aux_coeff": 0.25, "dead_window": 64}), source=tiny,
+                      texts=lambda: texts, progress=False, log=lambda *a: None)
+    table = pd.read_parquet(sweep.file("sweep.parquet"))
+    assert list(table.setting) == [1, 2] and list(table.aux_coeff) == [TINY_CFG.aux_coeff, 0.25]
+    assert table.heldout_never_fired_fraction.between(0, 1).all() and (table.heldout_l0 <= TINY_CFG.k).all()
+    assert table.train_seconds.iloc[0] == pytest.approx(m["train_seconds"], abs=0.1)  # the run's SAE, reused
+    assert llama.main_artifact().name == art.name  # the sweep is not a run the book shows
+
+
+def test_sweep_fidelity_of_an_sae_that_never_fires():
+    from monosemantic.llama_sweep import fidelity
+
+    sae = sae_mod.SAE(sae_mod.SAEConfig(d_in=4, n_features=8, architecture="relu", b_dec_init="zeros"))
+    acts = torch.randn(100, 4)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e6)  # nothing fires: the reconstruction is b_dec, the mean, so FVU is 1
+        sae.b_dec.copy_(acts.mean(0))
+    f = fidelity(sae, acts.half(), batch=32)
+    assert f["never_fired_fraction"] == 1.0 and f["l0"] == 0.0
+    assert f["fvu"] == pytest.approx(1.0, rel=1e-3)
 
 
 def signed_identity_sae(d: int) -> sae_mod.SAE:

@@ -1,0 +1,101 @@
+"""A short sweep of a Llama run's SAE training settings (length, AuxK weight, dead window): each setting trained
+on the run's harvest (reused from ``cache/work`` when a run with the same training fields finished), measured
+on held-out text, and written to ``llama/<profile>-sweep-<run>-x<expansion>``, so the settings the run uses are chosen
+from measurements. Per setting: FVU, L0 and the fraction of latents that never fire on the held-out
+activations (the dead fraction the issue's bar is set on), and the evaluation's CE loss recovered with its
+interval over held-out documents.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .llama import LlamaConfig
+from .llama_data import Shards, run_dir
+from .llama_eval import evaluate, heldout_windows, layer_model
+from .llama_train import trained
+
+# a 2 x 2 design: the profile's length and 2.67x longer, each with the profile's AuxK (weight 1/32, dead after
+# 100k activations without firing) and a stronger one (1/8, dead after 25k)
+VARIANTS: tuple[dict[str, Any], ...] = (
+    {},
+    {"aux_coeff": 1 / 8, "dead_window": 25_000},
+    {"sae_epochs": 4.0},
+    {"sae_epochs": 4.0, "aux_coeff": 1 / 8, "dead_window": 25_000},
+)
+
+
+def sweep_name(cfg: LlamaConfig) -> str:
+    return f"sweep-{cfg.run_name}-x{cfg.expansion}"
+
+
+@torch.no_grad()
+def heldout_activations(cfg: LlamaConfig, source, held) -> torch.Tensor:
+    """(N, d) float16 activations of the run's hook on the held-out windows (first ``heldout_tokens``)."""
+    model = layer_model(cfg, source)
+    x = held.first(cfg.heldout_tokens).x
+    out = [model.run_with_cache(x[i:i + cfg.batch_size], [model.hook])[model.hook].reshape(-1, model.config.d_mlp)
+           .half() for i in range(0, len(x), cfg.batch_size)]
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def fidelity(sae, acts: torch.Tensor, batch: int = 4096) -> dict[str, float]:
+    """FVU, L0 and the never-fired fraction of ``sae`` on ``acts`` (N, d): the sums over all rows."""
+    sae = sae.cpu().float().eval()
+    fired = torch.zeros(sae.cfg.n_features, dtype=torch.bool)
+    err = total = l0 = 0.0
+    mean = acts.float().mean(0)
+    for i in range(0, len(acts), batch):
+        x = acts[i:i + batch].float()
+        z = sae.encode(x)
+        err += float(((sae.decode(z) - x) ** 2).sum())
+        total += float(((x - mean) ** 2).sum())
+        l0 += float((z > 0).sum())
+        fired |= (z > 0).any(0)
+    return {"fvu": err / total, "l0": l0 / len(acts), "never_fired_fraction": 1 - float(fired.float().mean())}
+
+
+def run_sweep(cfg: LlamaConfig, profile: str, variants=VARIANTS, *, source=None, texts=None,
+              progress: bool = True, log=print):
+    """Train and measure each of ``variants`` (changes to ``cfg``) on the run's harvest; write the artifact.
+    ``texts``: as for :func:`~monosemantic.llama_eval.train_and_store` (held-out text after the harvest's)."""
+    import pandas as pd
+
+    from . import store
+    from .llama import load_model
+
+    shards = Shards(run_dir(profile, cfg) / "acts")  # raises with the command when there is no harvest
+    source = source or load_model(cfg.model, dtype=cfg.dtype)
+    held = heldout_windows(cfg, source, profile, texts() if texts else None)
+    acts = heldout_activations(cfg, source, held)
+    log(f"llama sweep: {len(acts):,} held-out activations; {len(variants)} settings on {shards.rows:,} harvested")
+    rows = []
+    start = time.perf_counter()
+    for n, change in enumerate(variants, 1):
+        vcfg = cfg.replace(**change)
+        log(f"[{n}/{len(variants)}] {change or 'the profile settings'}")
+        out = trained(vcfg, profile, progress=progress)
+        ev = evaluate(vcfg, source, out.sae, held.first(cfg.eval_tokens)).metrics
+        rows.append({"setting": n, "sae_epochs": vcfg.sae_epochs, "aux_coeff": vcfg.aux_coeff,
+                     "dead_window": vcfg.dead_window, "k": vcfg.k, "n_features": out.sae.cfg.n_features,
+                     "train_activations": out.sae.cfg.n_steps * vcfg.sae_batch, "train_seconds": out.seconds,
+                     "train_dead_fraction": float(out.history[-1]["dead_fraction"]) if out.history else np.nan,
+                     **{f"heldout_{k}": v for k, v in fidelity(out.sae, acts).items()},
+                     **{k: ev[k] for k in ("ce_loss_recovered", "ce_loss_recovered_low", "ce_loss_recovered_high",
+                                           "dead_fraction", "eval_tokens") if k in ev}})
+        log("  " + ", ".join(f"{k}={rows[-1][k]:.4g}" for k in ("heldout_fvu", "heldout_l0",
+                                                                 "heldout_never_fired_fraction",
+                                                                 "ce_loss_recovered")))
+    table = pd.DataFrame(rows)
+    with store.write("llama", profile, sweep_name(cfg), config=cfg) as w:
+        w.wall_time_s = time.perf_counter() - start
+        table.to_parquet(w.dir / "sweep.parquet", index=False)
+        w.metrics.update({"settings": len(rows), "heldout_tokens": len(acts), "harvest_tokens": shards.rows,
+                          "n_features": int(table.n_features.iloc[0])})
+        w.info["variants"] = [dict(v) for v in variants]
+    return store.load("llama", profile, sweep_name(cfg))
