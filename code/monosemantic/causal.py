@@ -55,7 +55,8 @@ class CausalConfig(StageConfig):
     """Which features, how hard they are pushed, on how much held-out text."""
 
     STAGE: ClassVar[str] = "analysis"
-    VERSION: ClassVar[int] = 3  # 2: paired feature-minus-random rows; 3: output-matched control, base mass
+    VERSION: ClassVar[int] = 4  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
+    # 4: 20 random directions, each one's result kept, the feature's rank among them
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
@@ -68,8 +69,9 @@ class CausalConfig(StageConfig):
     clamp_multiple: float = 5.0
     """Clamp value = this x the feature's largest activation on the explanation text (a high value, as
     feature steering uses: the largest natural value barely moves the output of a rare feature)."""
-    n_random: int = 3
-    """Random directions per feature for the control (their results are averaged)."""
+    n_random: int = 20
+    """Random directions per feature for the control: their mean is the paired control, and the feature's
+    rank among them a permutation-style test (rank 1 of ``n_random + 1``: p = 1 / (n_random + 1))."""
     eval_windows: int = 128
     """Held-out windows (of the model's context) the distributions are measured on: for clamping, spread
     evenly over the held-out split; for ablation, those where the feature fires most often."""
@@ -182,6 +184,17 @@ def firing_counts(model, sae, hook: str, inputs: Tensor, features: list[int], ba
     return out
 
 
+def rank_among(kl: np.ndarray, dmass: np.ndarray, mode: str) -> dict[str, int]:
+    """Where the feature's edit (element 0) ranks among the random directions' (the rest): ``kl_rank`` = 1 +
+    how many random directions move the distribution at least as far; ``dmass_rank`` = 1 + how many change the
+    family's mass at least as much the way the edit should (up when clamped, down when ablated). Rank 1 of
+    n + 1 is the feature beating every random direction: p = 1 / (n + 1) under the null that its direction is
+    one more random one."""
+    sign = 1.0 if mode == "clamp" else -1.0
+    return {"kl_rank": int(1 + (kl[1:] >= kl[0]).sum()),
+            "dmass_rank": int(1 + (sign * dmass[1:] >= sign * dmass[0]).sum())}
+
+
 def vocab_family_masks(token_bytes: list[bytes]) -> np.ndarray:
     """(V, n_families) bool: the families each vocabulary token belongs to when read alone."""
     from .analysis import token_families
@@ -268,7 +281,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     # a unit of coefficient along each random direction moves the MLP's output this far (equal in the hidden
     # layer, the directions would not push the output equally): each feature's control is scaled by it below
     push_r = output_push(model, randoms)  # (n_random,)
-    rows, gens = [], []
+    rows, gens, singles = [], [], []
     prompts = [torch.tensor([tok.encode(p)]) for p in PROMPTS]
 
     def greedy(edit) -> list[str]:
@@ -314,6 +327,12 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                     return lambda s: ratio("feature", num)(s) - ratio("random", num)(s)
                 return lambda s: s[f"{direction}_{num}"] / s[f"{direction}_{w[2]}"]
 
+            # each random direction alone, over all the windows: where the feature's edit ranks among them
+            single = {k: np.array([r[k].sum() / r[where[2]].sum() for r in shifts]) for k in where[:2]}
+            ranks = rank_among(single[where[0]], single[where[1]], mode)
+            for i in range(len(matched)):
+                singles.append({"feature": feature, "family": family, "mode": mode, "index": i,
+                                "kl": float(single[where[0]][i + 1]), "dmass": float(single[where[1]][i + 1])})
             for direction in ("feature", "random", "difference"):
                 kl = bootstrap(sums, ratio(direction, where[0]), n_boot=cfg.n_boot, seed=cfg.seed)
                 dm = bootstrap(sums, ratio(direction, where[1]), n_boot=cfg.n_boot, seed=cfg.seed)
@@ -324,7 +343,8 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                              "base_mass": float(sums[f"feature_{where[3]}"].sum() / sums[f"feature_{where[2]}"].sum()),
                              "kl": kl.value,
                              "kl_low": kl.low, "kl_high": kl.high, "dmass": dm.value, "dmass_low": dm.low,
-                             "dmass_high": dm.high})
+                             "dmass_high": dm.high, "n_random": len(matched),
+                             **(ranks if direction == "feature" else {"kl_rank": 0, "dmass_rank": 0})})
         clamped = greedy(edit_hook(sae, feature, "clamp", None, value))
         rand = greedy(edit_hook(sae, feature, "clamp", matched[0], value))
         for p, b, c, r in zip(PROMPTS, base_text, clamped, rand, strict=True):
@@ -335,6 +355,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     ablate = table[table["mode"] == "ablate"].pivot(index="feature", columns="direction", values="kl")
     with store.write("analysis", profile, "causal", config=cfg, inputs=inputs) as w:
         table.to_parquet(w.dir / "causal.parquet", index=False)
+        pd.DataFrame(singles).to_parquet(w.dir / "random_directions.parquet", index=False)
         pd.DataFrame(gens).to_parquet(w.dir / "generations.parquet", index=False)
         def finite(v) -> float | None:
             return float(v) if np.isfinite(v) else None
@@ -351,6 +372,10 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                for mode, diff in (("clamp", table[(table["mode"] == "clamp") & (table.direction == "difference")]),
                                   ("ablate", table[(table["mode"] == "ablate") & (table.direction == "difference")]))
                for col in ("kl", "dmass") for side in ("above", "below")},
+            # features whose edit beats every one of the random directions (rank 1: p = 1 / (n_random + 1))
+            **{f"{mode}_{col}_rank1_features": int((table[(table["mode"] == mode) & (table.direction == "feature")]
+                                                    [f"{col}_rank"] == 1).sum())
+               for mode in ("clamp", "ablate") for col in ("kl", "dmass")},
         })
 
 

@@ -75,7 +75,7 @@ def add_arguments(p) -> None:
     c.add_argument("--expansion", type=int, default=CostAssumptions.expansion)
     from .config import PROFILES
 
-    for q in (i, a, h, t, s, r, e, b, c):  # `monosemantic llama run --profile tiny` as well as `llama --profile tiny run`
+    for q in (i, a, h, t, s, r, e, b, c):  # `llama run --profile tiny` as well as `llama --profile tiny run`
         q.add_argument("--profile", choices=PROFILES, default=argparse.SUPPRESS, help="scale of the run")
 
 

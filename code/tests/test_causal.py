@@ -16,6 +16,7 @@ from monosemantic.causal import (
     output_push,
     pick,
     random_directions,
+    rank_among,
     vocab_family_masks,
 )
 from monosemantic.config import ConfigError, UserError
@@ -132,3 +133,15 @@ def test_output_push_is_the_norm_of_the_mlp_output_change():
     v = torch.zeros(2, D)
     v[0, 0], v[1, 1] = 1.0, 1.0  # two unit vectors, equal in the hidden layer
     assert output_push(model, v).tolist() == pytest.approx([3.0, 0.0])
+
+
+def test_the_feature_ranks_among_random_directions_by_the_way_its_edit_should_go():
+    kl = np.array([0.5, 0.1, 0.7, 0.2])  # the feature first, then three random directions
+    dmass = np.array([0.02, 0.03, -0.01, 0.0])
+    # clamped: one random direction moves the distribution further (0.7) and one raises the mass more (0.03)
+    assert rank_among(kl, dmass, "clamp") == {"kl_rank": 2, "dmass_rank": 2}
+    # ablated, the mass should fall: the feature raises it (+0.02), and two random directions (-0.01, 0.0) do
+    # better the way it should go, one (+0.03) worse: third of four
+    assert rank_among(kl, dmass, "ablate") == {"kl_rank": 2, "dmass_rank": 3}
+    assert rank_among(np.array([9.0, 1.0, 2.0]), np.array([-5.0, 0.0, 1.0]), "ablate") == {"kl_rank": 1,
+                                                                                          "dmass_rank": 1}

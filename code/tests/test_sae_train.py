@@ -268,6 +268,16 @@ def test_the_causal_stage_gives_each_feature_its_random_control_and_their_paired
     m = art.metrics
     assert m["features"] == table.feature.nunique()
     assert 0 <= m["clamp_dmass_above_features"] + m["clamp_dmass_below_features"] <= m["features"]
+    # every random direction's own result is kept; their mean is the "random" row, and the feature's rank
+    # among them counts those that move the distribution at least as far
+    singles = pd.read_parquet(art.file("random_directions.parquet"))
+    for (f, mode), part in singles.groupby(["feature", "mode"]):
+        assert sorted(part["index"]) == list(range(cfg.n_random))
+        rows = table[(table.feature == f) & (table["mode"] == mode)].set_index("direction")
+        assert rows.loc["feature", "kl_rank"] == 1 + (part.kl >= rows.loc["feature", "kl"] - 1e-12).sum()
+        assert 1 <= rows.loc["feature", "dmass_rank"] <= cfg.n_random + 1
+    assert m["clamp_kl_rank1_features"] == int((table[(table["mode"] == "clamp") & (table.direction == "feature")]
+                                                .kl_rank == 1).sum())
 
 
 CHROMIUM = ("chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
