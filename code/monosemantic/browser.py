@@ -348,3 +348,103 @@ def _pieces(vocab, contexts) -> VocabPieces:
     return VocabPieces(pd.DataFrame({"token": ids, "text": [p if isinstance(p, str) else "" for p in pieces],
                                      "bytes": [b"" if isinstance(p, str) else p for p in pieces],
                                      "special": [isinstance(p, str) for p in pieces]}))
+
+
+# --- the picture of the browser in the PDF -----------------------------------------------------------------
+
+FIGURE_DENSITY = (1e-3, 1e-2)  # held-out density of the unit shown: common enough to have full dashboards
+
+
+def figure_unit(units, top_tokens=None, text: dict[int, str] | None = None) -> int:
+    """The SAE feature the PDF's picture shows: of the scored TopK features firing on 0.1% to 1% of held-out
+    tokens, the one whose explanation predicts it best on held-out text (simulation score; the all-token
+    correlation for a table without it); given the ``top_tokens`` table and the vocabulary's ``text``, only
+    those whose top token is a whole token (not a byte fragment) holding most of their activation, so the
+    picture shows readable contexts."""
+    score = "sim_corr" if "sim_corr" in units.columns else "explain_corr"
+    cand = units[(units["set"] == "topk") & units["scored"]
+                 & units["density_val"].between(*FIGURE_DENSITY)].dropna(subset=[score])
+    if top_tokens is not None and text is not None:
+        first = top_tokens[(top_tokens["set"] == "topk") & (top_tokens["rank"] == 0)].set_index("unit")
+        explained = {int(r.unit): str(r.explanation).split(":")[0] for r in cand.itertuples()
+                     if isinstance(getattr(r, "explanation", None), str)}
+        # the top token holds most of the activation, is whole, and is also the token its explanation puts
+        # first (the highest mean activation: what the top contexts show)
+        readable = {int(u) for u, r in first.iterrows()
+                    if r["share"] >= 0.5 and "<0x" not in text.get(int(r["token"]), "<0x")
+                    and explained.get(int(u), str(int(r["token"]))) == str(int(r["token"]))}
+        if cand["unit"].isin(readable).any():
+            cand = cand[cand["unit"].isin(readable)]
+    if cand.empty:
+        cand = units[(units["set"] == "topk") & units["scored"]].dropna(subset=[score])
+    if cand.empty:
+        raise ValueError("no scored TopK feature to show")
+    return int(cand.sort_values([score, "unit"], ascending=[False, True]).iloc[0]["unit"])
+
+
+def _figure_css() -> str:
+    """The site's stylesheet with the book's Noto fonts named from their files (the site cuts them down to
+    its characters; a picture of one unit does not need that), so the picture shows what a reader sees."""
+    from .book import html as book_html
+    from .book import pdf as book_pdf
+    from .book import webfonts
+
+    fonts = webfonts.sources(book_pdf.font_paths())
+    faces = "\n".join(f'@font-face {{ font-family: "{f.family}"; src: url("{f.path.as_uri()}"); }}' for f in fonts)
+    families = ", ".join(f'"{f.family}"' for f in fonts)
+    return f"{faces}\n:root {{ --script-fonts: {families}; }}\n{book_html.stylesheet()}"
+
+
+def figure(art, folder: Path, png: Path, *, width: int = 1000, height: int = 660, scale: float = 1.5) -> dict[str, Any]:
+    """The PDF's picture of the browser whose files :func:`write` put in ``folder``: the page opened on
+    :func:`figure_unit`'s feature, ``width`` x ``height`` CSS pixels from its top (search box, then the
+    unit), written to ``png`` beside ``png.with_suffix('.json')``, which says what it shows (the unit, its
+    top token, its scores) and what it was made from (:func:`cache_key`). Made again only when that key
+    changed and Chromium is installed; otherwise the description of the picture already there is returned
+    (an empty dict when there is none)."""
+    import pandas as pd
+
+    from .book.chromium import Chromium, executable
+
+    meta_file = png.with_suffix(".json")
+    old = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
+    import hashlib
+
+    # the picture depends on the data (cache_key), the page's code and the size it is taken at
+    assets = hashlib.sha256("".join(resources.files("monosemantic.book").joinpath("assets", a).read_text(
+        encoding="utf-8") for a in ASSETS).encode()).hexdigest()[:12]
+    key = f"{cache_key(art)}-{assets}-{width}x{height}@{scale}"
+    if (old.get("key") == key and png.is_file()) or executable() is None:
+        return old if png.is_file() else {}
+    from .tokenizer import vocab_text
+
+    units = pd.read_parquet(art.file("units.parquet"))
+    top_all = pd.read_parquet(art.file("top_tokens.parquet"))
+    text = vocab_text(pd.read_parquet(art.file("vocab.parquet")))  # a byte fragment as <0xNN>
+    unit = figure_unit(units, top_all, text)
+    row = units[(units["set"] == "topk") & (units["unit"] == unit)].iloc[0]
+    top = top_all[(top_all["set"] == "topk") & (top_all["unit"] == unit)].sort_values("rank")
+    page = Path(folder).resolve().parent / f".figure-{Path(folder).name}.html"
+    page.write_text(f'<!doctype html><html><head><meta charset="utf-8"><style>{_figure_css()}</style>'
+                    f'<link rel="stylesheet" href="{Path(folder).name}/browser.css"></head>'
+                    f'<body style="margin:12px;background:#fff"><div id="mono-browser"></div>'
+                    f'<script src="{Path(folder).name}/index.js"></script>'
+                    f'<script src="{Path(folder).name}/browser.js"></script></body></html>', encoding="utf-8")
+    chrome = Chromium(width + 24, height + 200)
+    try:
+        chrome.send("Page.navigate", session=True, url=f"{page.as_uri()}#topk/{unit}")
+        chrome.wait(f"(() => {{ const h = document.querySelector('#mono-view h3'); return !!h && "
+                    f"h.textContent.includes('#{unit}') && "
+                    f"document.querySelectorAll('#mono-view tr').length > 3; }})()")
+        chrome.wait("document.fonts.ready.then(() => document.fonts.status === 'loaded')")
+        chrome.screenshot("#mono-browser", png, max_height=height, scale=scale)
+    finally:
+        chrome.close()
+        page.unlink(missing_ok=True)
+    meta = {"key": key, "analysis": art.key, "unit": unit, "page": f"#topk/{unit}",
+            "top_token": text.get(int(top["token"].iloc[0]), "") if len(top) else "",
+            "top_token_share": float(top["share"].iloc[0]) if len(top) else None,
+            "density_val": float(row["density_val"]), "family": row["family"] or None,
+            **{k: (None if pd.isna(row[k]) else float(row[k])) for k in ("sim_corr", "detection") if k in row}}
+    meta_file.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return meta

@@ -481,3 +481,25 @@ def test_browser_shows_characters_split_over_tokens_whole(tok):
     vocab = pd.DataFrame({"token": used, "text": tok.token_strings(used), "bytes": tok.token_bytes(used),
                           "special": [i == A.EOT_ID for i in used]})
     assert display_tokens(VocabPieces(vocab), ids) == display_tokens(tok, ids)
+
+
+def test_the_browser_picture_shows_the_best_predicted_readable_feature_of_moderate_density():
+    import pandas as pd
+
+    from monosemantic.browser import figure_unit
+
+    units = pd.DataFrame({
+        "set": ["topk"] * 5 + ["neurons"],
+        "unit": [0, 1, 2, 3, 4, 0],
+        "scored": [True, True, True, False, True, True],
+        "density_val": [0.005, 0.5, 0.002, 0.005, 0.003, 0.005],  # unit 1 too dense for the picture
+        "sim_corr": [0.7, 0.99, 0.95, 0.99, 0.9, 0.999],  # unit 3 not scored; the neuron is not a feature
+        "explanation": ["10:1.0", "11:1.0", "12:1.0 10:0.5", "13:1.0", "14:1.0", "15:1.0"],
+    })
+    assert figure_unit(units) == 2  # the best simulation score of the scored features at 0.1%-1% density
+    top = pd.DataFrame({"set": "topk", "unit": [0, 2, 4], "rank": 0, "token": [10, 12, 14],
+                        "share": [0.9, 0.9, 0.8]})
+    text = {10: " the", 12: "<0xE5>", 14: " Webster"}
+    assert figure_unit(units, top, text) == 4  # unit 2's top token is a byte fragment
+    top.loc[top.unit == 4, "share"] = 0.3  # most of unit 4's activation is elsewhere: unit 0 is left
+    assert figure_unit(units, top, text) == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from monosemantic.book import build as build_book
+from monosemantic.book import chromium
 from monosemantic.book.crossref import CrossrefError
 from monosemantic.book.execute import CellError
 from monosemantic.book.qmd import QmdError
@@ -431,10 +432,9 @@ def test_every_page_of_the_site_loads_without_console_errors_or_broken_links(boo
     assert pages == 2 and refs >= 5 and problems == [], problems
     if shutil.which("chromium"):
         for page in sorted((root / "_book").glob("*.html")):
-            res = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                                  "--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000", "--dump-dom",
-                                  page.as_uri()], capture_output=True, text=True, timeout=120)
+            res = subprocess.run(chromium.command("--enable-logging=stderr", "--v=0", "--virtual-time-budget=3000",
+                                                  "--dump-dom", page.as_uri()), capture_output=True, text=True,
+                                 timeout=120)
             assert "<body" in res.stdout, page.name
             errors = [line for line in res.stderr.splitlines() if "CONSOLE" in line
                       or "ERR_FILE_NOT_FOUND" in line]

@@ -280,15 +280,13 @@ def test_the_causal_stage_gives_each_feature_its_random_control_and_their_paired
                                                 .kl_rank == 1).sum())
 
 
-CHROMIUM = ("chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync")
-
-
 def _chromium(url: str, *extra: str) -> tuple[str, str]:
     import subprocess
 
-    res = subprocess.run([*CHROMIUM, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", *extra,
-                          url], capture_output=True, text=True, timeout=120)
+    from monosemantic.book import chromium
+
+    res = subprocess.run(chromium.command("--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", *extra,
+                                          url), capture_output=True, text=True, timeout=120)
     return res.stdout, res.stderr
 
 
@@ -321,11 +319,18 @@ def test_feature_browser_loads_finds_a_feature_by_token_and_highlights_its_conte
     assert not re.search(r"CONSOLE.*(Uncaught|Error)", log), log[-2000:]
     assert f"#{unit}" in dom and "Top activations" in dom
     assert dom.count("data-act=") >= 1 and "mono-centre" in dom  # highlighted tokens, the example's token marked
+    # the PDF's picture of it: the unit figure_unit picks, taken once, described beside it, kept while unchanged
+    png = tmp_path / "figures" / "browser.png"
+    meta = browser.figure(art, tmp_path / "browser", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert json.loads(png.with_suffix(".json").read_text()) == meta and meta["analysis"] == art.key
+    assert meta["page"] == f"#topk/{meta['unit']}" and 0 < meta["top_token_share"] <= 1
+    stamp = png.stat().st_mtime_ns
+    assert browser.figure(art, tmp_path / "browser", png) == meta and png.stat().st_mtime_ns == stamp
+    assert not list(tmp_path.glob(".figure-*.html"))  # the page it was taken from is gone
     shot = project_root() / "_test_artifacts" / "browser.png"
     shot.parent.mkdir(exist_ok=True)
-    _chromium(f"{page.as_uri()}#{set_name}/{unit}", "--window-size=1200,1000", f"--screenshot={shot}")
-    assert shot.is_file() and shot.stat().st_size > 10_000
-    shutil.copy(shot, tmp_path / "browser.png")
+    shutil.copy(png, shot)
 
 
 def test_evaluate_gives_every_committed_sae_intervals_over_heldout_documents(in_tiny_cache):

@@ -12,11 +12,8 @@ import pytest
 
 from monosemantic import store
 from monosemantic.book import build as build_book
-from monosemantic.book import linkcheck
+from monosemantic.book import chromium, linkcheck
 from monosemantic.config import project_root
-
-CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.mark.slow
@@ -42,8 +39,9 @@ def test_every_page_of_the_real_site_loads_cleanly(tmp_path, monkeypatch):
     pages, refs, problems = linkcheck.check_site(site)
     assert problems == [] and pages >= 9 and refs > 100, problems[:5]
     for page in sorted(site.glob("*.html")):
-        res = subprocess.run([*CHROMIUM, "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
-                              "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+        res = subprocess.run(chromium.command("--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
+                                              "--dump-dom", page.as_uri()), capture_output=True, text=True,
+                             timeout=120)
         assert "</main>" in res.stdout or "<body" in res.stdout, page.name
         errors = [line for line in res.stderr.splitlines()
                   if re.search(r"CONSOLE.*(Uncaught|Error|error)|ERR_FILE_NOT_FOUND|Failed to load", line)]
