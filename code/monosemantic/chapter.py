@@ -330,6 +330,81 @@ def direct_comparison(fa, units, a: str, b: str, scores=("specificity", "sim_cor
     return out
 
 
+# Other thresholds each score's verdict is checked at (the analysis's own are the first): a verdict that flips
+# between them is the thresholds', not the units'
+THRESHOLD_SWEEPS: dict[str, tuple[tuple[str, dict[str, float]], ...]] = {
+    "specificity": (("lift 2", {"lift_threshold": 2.0}), ("lift 10", {"lift_threshold": 10.0}),
+                    ("share 30%", {"specificity_threshold": 0.3}), ("share 70%", {"specificity_threshold": 0.7})),
+    "sim_corr": (("0.3", {"corr_threshold": 0.3}), ("0.7", {"corr_threshold": 0.7})),
+    "detection": (("0.7", {"detection_threshold": 0.7}), ("0.9", {"detection_threshold": 0.9})),
+}
+MIN_BIN_UNITS = 20  # a density bin is compared only where both sets have this many scored units in it
+
+
+class Verdict(NamedTuple):
+    """Whether the TopK features beat the neurons by one score, against every control (:func:`verdicts`)."""
+
+    score: str
+    vs_neurons: Any  # explain.Matched: TopK minus neurons at the neurons' densities
+    vs_random: str | None  # the pass fractions over all densities: "above", "below", "not distinguishable from"
+    vs_random_model: Any  # explain.Matched: TopK minus the random model's SAE at the neurons' densities, or None
+    sweep: list[tuple[str, Any]]  # (threshold label, TopK minus neurons at the neurons' densities there)
+    counts: bool  # every one of the above in the features' favour, interval clear of zero
+
+    @property
+    def robust(self) -> bool:
+        return all(m.matched_low > 0 for _, m in self.sweep)
+
+
+def verdicts(fa, units, scores=("specificity", "sim_corr", "detection")) -> dict[str, Verdict]:
+    """For each score: does the TopK SAE beat the neurons once density is matched (weights: the neurons'
+    densities), beat the random dictionary, beat the SAE of the randomly initialised model at those same
+    densities, and keep beating the neurons at the other thresholds of :data:`THRESHOLD_SWEEPS`? A score
+    counts in the features' favour only when all of these hold. Bins with fewer than :data:`MIN_BIN_UNITS`
+    units of either set are left out (their bootstrap has no width)."""
+    import pandas as pd
+
+    from . import explain
+
+    bins_t = pd.read_parquet(fa.file("density_bins.parquet"))
+    allbin = bins_t[bins_t.bin == "all"].set_index("set")
+    sets = {k: units[(units.set == k) & units.scored] for k in ("neurons", "topk", "random-model")}
+    nd = sets["neurons"].density_val.to_numpy()
+    out = {}
+    for i, sc in enumerate(scores):
+        def vs(a: str, b: str, cfg, weight=nd, sc=sc, i=i):
+            return explain.matched_difference(
+                sets[a].density_val.to_numpy(), explain.passes(sets[a], sc, cfg), sets[b].density_val.to_numpy(),
+                explain.passes(sets[b], sc, cfg), cfg.density_bin_width, cfg.n_boot, cfg.seed + i,
+                min_units=MIN_BIN_UNITS, weight_density=weight)
+
+        cfg = score_config(fa)
+        neurons = vs("topk", "neurons", cfg)
+        vr = None
+        if "random" in allbin.index:
+            t, r = allbin.loc["topk"], allbin.loc["random"]
+            vr = ("above" if t[f"{sc}_fraction_low"] > r[f"{sc}_fraction_high"] else
+                  "below" if t[f"{sc}_fraction_high"] < r[f"{sc}_fraction_low"] else "not distinguishable from")
+        rm = vs("topk", "random-model", cfg) if len(sets["random-model"]) else None
+        sweep = [(label, vs("topk", "neurons", score_config(fa, **change))) for label, change in
+                 THRESHOLD_SWEEPS.get(sc, ())]
+        counts = (neurons.matched_low > 0 and vr in (None, "above")
+                  and (rm is None or rm.matched_low > 0) and all(m.matched_low > 0 for _, m in sweep))
+        out[sc] = Verdict(sc, neurons, vr, rm, sweep, bool(counts))
+    return out
+
+
+def signed(v: float, fmt: str = "{:+.0f}") -> str:
+    """A signed number with a true minus sign, and no sign on a value that rounds to zero: ``+6``, ``−3``, ``0``."""
+    text = fmt.format(v)
+    return text.lstrip("+-") if float(text) == 0 else text.replace("-", "−")
+
+
+def points(m) -> str:
+    """A matched difference in percentage points with its interval: ``+6 [+2, +10]``."""
+    return f"{signed(100 * m.matched)} [{signed(100 * m.matched_low)}, {signed(100 * m.matched_high)}]"
+
+
 class SeedMatches(NamedTuple):
     """``universality.parquet`` of ``sae/<profile>-universality``, as the book reads it."""
 

@@ -695,11 +695,14 @@ class Matched(NamedTuple):
 
 
 def matched_difference(density: np.ndarray, ok: np.ndarray, base_density: np.ndarray, base_ok: np.ndarray,
-                       width: float, n_boot: int = 1000, seed: int = 0) -> Matched:
+                       width: float, n_boot: int = 1000, seed: int = 0, *, min_units: int = 1,
+                       weight_density: np.ndarray | None = None) -> Matched:
     """The fraction passing among units of density ``density`` (n,) passing ``ok`` (n,) minus that of the
     baseline's units, raw and averaged over density bins weighted by the baseline's distribution over them
-    (w_b: the share of baseline units in bin b), each with a percentile bootstrap interval (units resampled
-    within each set and bin; the weights fixed)."""
+    (w_b: the share of baseline units in bin b; of the units of ``weight_density`` instead, when given), each
+    with a percentile bootstrap interval (units resampled within each set and bin; the weights fixed). A bin
+    is compared only where both sets have at least ``min_units`` units in it (a bin of one unit has a
+    bootstrap of zero width); ``coverage`` is the weight of the bins compared."""
     rng = np.random.default_rng(seed)
     b_a, b_b = density_bin(density, width), density_bin(base_density, width)
     ok, base_ok = np.asarray(ok, dtype=bool), np.asarray(base_ok, dtype=bool)
@@ -715,9 +718,14 @@ def matched_difference(density: np.ndarray, ok: np.ndarray, base_density: np.nda
     h_a = np.array([ok[b_a == k].sum() for k in bins])
     n_b = np.array([(b_b == k).sum() for k in bins])
     h_b = np.array([base_ok[b_b == k].sum() for k in bins])
-    both = (n_a > 0) & (n_b > 0)
-    weights = n_b / n_b.sum()
-    if not both.any():
+    both = (n_a >= max(min_units, 1)) & (n_b >= max(min_units, 1))
+    if weight_density is None:
+        weights = n_b / n_b.sum()
+    else:
+        b_w = density_bin(np.asarray(weight_density), width)
+        n_w = np.array([(b_w == k).sum() for k in bins])
+        weights = n_w / max(int(np.isfinite(b_w).sum()), 1)
+    if not both.any() or weights[both].sum() == 0:
         return Matched(float(raw), *_percentiles(raw_reps), nan, nan, nan, 0.0, 0)
     w = weights[both] / weights[both].sum()
     matched = float((w * (h_a[both] / n_a[both] - h_b[both] / n_b[both])).sum())
@@ -727,9 +735,11 @@ def matched_difference(density: np.ndarray, ok: np.ndarray, base_density: np.nda
                    float(weights[both].sum()), int(both.sum()))
 
 
-def matched_differences(units, cfg, baseline: str = "neurons", scores: Sequence[str] = SCORES) -> Any:
+def matched_differences(units, cfg, baseline: str = "neurons", scores: Sequence[str] = SCORES,
+                        min_units: int = 1) -> Any:
     """:func:`matched_difference` of every set against ``baseline`` by every score, over scored units: rows
-    (set, baseline, score, raw, raw_low, raw_high, matched, matched_low, matched_high, coverage, bins)."""
+    (set, baseline, score, raw, raw_low, raw_high, matched, matched_low, matched_high, coverage, bins); bins
+    with fewer than ``min_units`` units of either set left out."""
     import pandas as pd
 
     rows = []
@@ -741,6 +751,6 @@ def matched_differences(units, cfg, baseline: str = "neurons", scores: Sequence[
         for i, score in enumerate(scores):
             m = matched_difference(part["density_val"].to_numpy(), passes(part, score, cfg),
                                    base["density_val"].to_numpy(), passes(base, score, cfg),
-                                   cfg.density_bin_width, cfg.n_boot, cfg.seed + i)
+                                   cfg.density_bin_width, cfg.n_boot, cfg.seed + i, min_units=min_units)
             rows.append({"set": set_name, "baseline": baseline, "score": score, **m._asdict()})
     return pd.DataFrame(rows, columns=["set", "baseline", "score", *Matched._fields])

@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+import pytest
+
 from monosemantic import chapter
 
 
@@ -72,3 +74,37 @@ def test_seed_matches_split_seed_pairs_from_the_null_and_drop_features_that_neve
     assert sm.width == 4 and len(sm.all) == 12 and (sm.all.feature > 0).all()
     assert set(zip(sm.seeds.run, sm.seeds.other, strict=True)) == {("topk", "topk-seed1"), ("topk-seed1", "topk")}
     assert len(sm.null) == 6 and ((sm.null.run == "random-model") | (sm.null.other == "random-model")).all()
+
+
+def test_signed_numbers_use_a_true_minus_and_no_sign_on_zero():
+    assert [chapter.signed(v) for v in (6.2, -3.4, -0.3, 0.2)] == ["+6", "−3", "0", "0"]
+    assert chapter.signed(-0.052, "{:+.2f}") == "−0.05"
+
+
+def test_a_score_counts_for_the_features_only_when_every_control_agrees(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    def units_of(name, n, passing):  # n scored units at one density, the first `passing` clear sim_corr 0.5
+        return pd.DataFrame({"set": name, "unit": np.arange(n), "scored": True, "density_val": 0.01,
+                             "sim_corr": np.where(np.arange(n) < passing, 0.95, 0.1), "detection": 0.5,
+                             "family_share": 0.0, "family_lift": 0.0})
+
+    def artifact(topk_pass, random_model_pass, random_fraction):
+        units = pd.concat([units_of("neurons", 100, 20), units_of("topk", 100, topk_pass),
+                           units_of("random-model", 100, random_model_pass)], ignore_index=True)
+        bins = pd.DataFrame([{"set": s, "bin": "all", **{f"{sc}_fraction{end}": f + d for sc in
+                                                          ("specificity", "sim_corr", "detection")
+                                                          for end, d in (("", 0), ("_low", -0.02), ("_high", 0.02))}}
+                             for s, f in (("topk", topk_pass / 100), ("random", random_fraction))])
+        bins.to_parquet(tmp_path / "density_bins.parquet")
+        cfg = {"corr_threshold": 0.5, "detection_threshold": 0.8, "specificity_threshold": 0.5, "lift_threshold": 5,
+               "density_bin_width": 0.5, "n_boot": 200, "seed": 0}
+        return SimpleNamespace(file=lambda name: tmp_path / name, config=cfg), units
+
+    fa, units = artifact(topk_pass=90, random_model_pass=10, random_fraction=0.05)
+    v = chapter.verdicts(fa, units, scores=("sim_corr",))["sim_corr"]
+    assert v.vs_neurons.matched == pytest.approx(0.7) and v.vs_random == "above" and v.counts
+    # the same features, but the random model's SAE passes as often: the score does not count for them
+    fa, units = artifact(topk_pass=90, random_model_pass=95, random_fraction=0.05)
+    assert not chapter.verdicts(fa, units, scores=("sim_corr",))["sim_corr"].counts

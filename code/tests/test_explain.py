@@ -185,6 +185,20 @@ def test_matched_difference_recovers_a_real_difference_and_reports_coverage():
     assert m.coverage == pytest.approx(0.8) and m.bins == 1
 
 
+def test_matched_difference_skips_bins_too_small_to_resample_and_takes_weights_from_a_third_set():
+    d = np.concatenate([np.full(100, 1.5e-3), np.full(1, 0.15)])  # one unit in the dense bin
+    ok = np.concatenate([np.zeros(100, bool), np.ones(1, bool)])  # 0% sparse, 100% dense
+    base_d = np.concatenate([np.full(100, 1.5e-3), np.full(100, 0.15)])
+    base_ok = np.concatenate([np.zeros(100, bool), np.zeros(100, bool)])
+    every = E.matched_difference(d, ok, base_d, base_ok, width=0.5, n_boot=200)
+    assert every.matched == pytest.approx(0.5) and every.bins == 2  # the lone dense unit counts half
+    floor = E.matched_difference(d, ok, base_d, base_ok, width=0.5, n_boot=200, min_units=20)
+    assert floor.matched == pytest.approx(0.0) and floor.bins == 1 and floor.coverage == pytest.approx(0.5)
+    # weighted by a third set that lives in the dense bin only: the difference there, 100% - 0%
+    third = E.matched_difference(d, ok, base_d, base_ok, width=0.5, n_boot=200, weight_density=np.full(50, 0.15))
+    assert third.matched == pytest.approx(1.0) and third.coverage == pytest.approx(1.0)
+
+
 def test_density_bins_give_fractions_and_medians_with_intervals():
     units = _synthetic_sets()
     table = E.density_bins(units, A.AnalysisConfig(n_boot=200))
