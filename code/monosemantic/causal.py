@@ -25,10 +25,16 @@ detector marks when the token is read alone, :func:`monosemantic.analysis.token_
 both measured on the same windows, the documents resampled together); and greedy continuations of a few
 prompts.
 
-Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x intervention x direction) and
-``generations.parquet``.
+The family's mass suits a feature that makes the model write its family; for a feature that detects one
+token (a comma, a line break) the next token is rarely of the same family, so the change of the mass on the
+tokens the feature's decoder direction promotes most (its top direct logit effects, the analysis's
+``logits.parquet``) is measured beside it. The control is ranked one random direction at a time: the
+feature's rank among ``n_random`` of them is a permutation-style test.
 
-    monosemantic causal --profile cpu         # ~10 min on 2 CPU cores
+Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x intervention x direction),
+``random_directions.parquet`` (each random direction's own result) and ``generations.parquet``.
+
+    monosemantic causal --profile cpu --windows 48   # ~35 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -55,13 +61,17 @@ class CausalConfig(StageConfig):
     """Which features, how hard they are pushed, on how much held-out text."""
 
     STAGE: ClassVar[str] = "analysis"
-    VERSION: ClassVar[int] = 4  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
-    # 4: 20 random directions, each one's result kept, the feature's rank among them
+    VERSION: ClassVar[int] = 5  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
+    # 4: 20 random directions, each one's result kept, the feature's rank among them; 5: ties of family share
+    # broken by held-out firings, 8 features, the mass on the tokens each feature promotes
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
-    n_features: int = 6
+    n_features: int = 8
     """Features tested: the most specific scored feature of each of this many families (see :func:`pick`)."""
+    promoted_tokens: int = 10
+    """The tokens whose next-token mass the "promoted" measure reads: this many of the feature's largest direct
+    logit effects (at most the analysis's ``logit_tokens``)."""
     min_heldout_firings: int = 50
     """A feature is only picked if it fires at least this often on the held-out text."""
     min_family_tokens: int = 20
@@ -83,7 +93,7 @@ class CausalConfig(StageConfig):
 
     def __post_init__(self) -> None:
         for name in ("n_features", "min_heldout_firings", "min_family_tokens", "n_random", "eval_windows",
-                     "batch_windows", "new_tokens", "n_boot"):
+                     "batch_windows", "new_tokens", "n_boot", "promoted_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"causal.{name} must be a positive integer, got {value!r}")
@@ -132,7 +142,8 @@ def distribution_shift(model, hook: str, windows, edit: Callable, family_mask: T
     """Per-window sums of the next-token shift an edit causes: ``kl`` (sum over tokens of KL(p || p')),
     ``dmass`` (sum of p'(family) - p(family)), ``tokens``, ``mass`` (sum of p(family), before the edit); and
     the same restricted to the positions where ``feature`` fires (``kl_fire``, ``dmass_fire``, ``fire``,
-    ``mass_fire``), when an SAE and feature are given."""
+    ``mass_fire``), when an SAE and feature are given. ``family_mask`` (V,) or (V, M): with M masks, the
+    second and later give ``dmass2``, ``mass2``, ``dmass2_fire``, ``mass2_fire`` (and 3, ...)."""
     return distribution_shifts(model, hook, windows, [edit], family_mask, sae, feature)[0]
 
 
@@ -140,16 +151,19 @@ def distribution_shift(model, hook: str, windows, edit: Callable, family_mask: T
 def distribution_shifts(model, hook: str, windows, edits: list[Callable], family_mask: Tensor, sae=None,
                         feature: int | None = None) -> list[dict[str, np.ndarray]]:
     """:func:`distribution_shift` for several edits of the same windows: the unedited pass is shared."""
-    keys = ("kl", "dmass", "tokens", "kl_fire", "dmass_fire", "fire", "mass", "mass_fire")
+    masks = family_mask.float().reshape(len(family_mask), -1)  # (V, M); padded to the model's vocabulary below
+    tags = [""] + [str(m + 1) for m in range(1, masks.shape[1])]  # "dmass", "dmass2", ...
+    keys = ("kl", "tokens", "kl_fire", "fire", *(f"{k}{t}{f}" for t in tags for k in ("dmass", "mass")
+                                                 for f in ("", "_fire")))
     out: list[dict[str, list[Tensor]]] = [{k: [] for k in keys} for _ in edits]
-    mask = family_mask.float()  # (V,); padded with zeros to the model's (padded) vocabulary below
+    mask = masks
     for x, _ in trimmed(windows):
         B, T = x.shape
         logp = F.log_softmax(model(x).logits.float(), dim=-1)  # (B, T, V)
         p = logp.exp()
         if len(mask) < logp.shape[-1]:
-            mask = F.pad(mask, (0, logp.shape[-1] - len(mask)))
-        base_mass = p @ mask[: logp.shape[-1]]  # (B, T)
+            mask = F.pad(mask, (0, 0, 0, logp.shape[-1] - len(mask)))
+        base_mass = (p @ mask[: logp.shape[-1]]).double()  # (B, T, M)
         if sae is not None and feature is not None:
             h = model.run_with_cache(x, [hook])[hook]  # (B, T, d_in)
             fires = (sae.encode(h.reshape(-1, h.shape[-1]).float())[:, feature] > 0).reshape(B, T).double()
@@ -159,16 +173,17 @@ def distribution_shifts(model, hook: str, windows, edits: list[Callable], family
             with model.hooks({hook: edit}):
                 logq = F.log_softmax(model(x).logits.float(), dim=-1)
             kl = (p * (logp - logq)).sum(-1).double()  # (B, T)
-            dmass = (logq.exp() @ mask[: logp.shape[-1]] - base_mass).double()  # (B, T)
+            dmass = (logq.exp() @ mask[: logp.shape[-1]]).double() - base_mass  # (B, T, M)
             del logq
             acc["kl"].append(kl.sum(1))
-            acc["dmass"].append(dmass.sum(1))
             acc["tokens"].append(torch.full((B,), float(T), dtype=torch.float64))
             acc["kl_fire"].append((kl * fires).sum(1))
-            acc["dmass_fire"].append((dmass * fires).sum(1))
             acc["fire"].append(fires.sum(1))
-            acc["mass"].append(base_mass.double().sum(1))  # the family's mass before the edit
-            acc["mass_fire"].append((base_mass.double() * fires).sum(1))
+            for m, t in enumerate(tags):
+                acc[f"dmass{t}"].append(dmass[..., m].sum(1))
+                acc[f"dmass{t}_fire"].append((dmass[..., m] * fires).sum(1))
+                acc[f"mass{t}"].append(base_mass[..., m].sum(1))  # the mass before the edit
+                acc[f"mass{t}_fire"].append((base_mass[..., m] * fires).sum(1))
     return [{k: torch.cat(v).numpy() for k, v in acc.items()} for acc in out]
 
 
@@ -203,18 +218,22 @@ def vocab_family_masks(token_bytes: list[bytes]) -> np.ndarray:
 
 
 def pick(units, families: list[str], family_sizes: dict[str, int], cfg: CausalConfig, heldout_tokens: int):
-    """The features to test: for each family with enough vocabulary tokens, the scored feature of ``units``
-    (the analysis's table for one set) with the highest family share among those labelled with it, that
-    fire at least ``min_heldout_firings`` times on the held-out text; the ``n_features`` best of those."""
+    """The features to test: for each family with enough vocabulary tokens, of the scored features of ``units``
+    (the analysis's table for one set) labelled with it that fire at least ``min_heldout_firings`` times on
+    the held-out text, the one with the highest family share (ties within a point: the most firings); the
+    ``n_features`` best of those, by share and then firings."""
     ok = units[units["scored"] & (units["density_val"] * heldout_tokens >= cfg.min_heldout_firings)]
     rows = []
     for fam in families:
         if family_sizes.get(fam, 0) < cfg.min_family_tokens:
             continue
-        cand = ok[ok["family"] == fam].sort_values(["family_share", "family_lift"], ascending=False)
+        cand = ok[ok["family"] == fam]
         if len(cand):
-            rows.append(cand.iloc[0])
-    rows.sort(key=lambda r: -float(r["family_share"]))
+            # many features share the top family share (often 100%): of those within a point of it, the one
+            # that fires most on held-out text, so the pick is no accident of the table's order
+            top = cand[cand["family_share"] >= cand["family_share"].max() - 0.01]
+            rows.append(top.sort_values(["density_val", "unit"], ascending=[False, True]).iloc[0])
+    rows.sort(key=lambda r: (-round(float(r["family_share"]), 2), -float(r["density_val"])))
     return rows[: cfg.n_features]
 
 
@@ -244,6 +263,8 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         raise UserError(f"analysis/{profile}-features has no units of set {set_name!r}; "
                         f"run `monosemantic analyze --profile {profile}`")
     heldout_tokens = int(an.metrics.get("held_out_tokens", 0))
+    logits = pd.read_parquet(an.file("logits.parquet"))
+    promoted = logits[(logits["set"] == set_name) & (logits["sign"] == 1) & (logits["rank"] < cfg.promoted_tokens)]
     tok = tokenizer.load()
     masks = vocab_family_masks(tok.token_bytes(list(range(N_VOCAB))))  # (V, F)
     sizes = {f: int(masks[:, j].sum()) for j, f in enumerate(FAMILY_NAMES)}
@@ -296,6 +317,9 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     for n, unit in enumerate(picks, 1):
         feature, family = int(unit["unit"]), str(unit["family"])
         fam_mask = torch.as_tensor(masks[:, FAMILY_NAMES.index(family)])
+        up_mask = torch.zeros(len(fam_mask), dtype=torch.bool)  # the tokens its decoder direction promotes most
+        up_mask[torch.tensor(promoted[promoted["unit"] == feature]["token"].to_numpy(), dtype=torch.long)] = True
+        both_masks = torch.stack([fam_mask, up_mask], dim=1)  # (V, 2): "dmass" and "dmass2" below
         value = cfg.clamp_multiple * float(unit["max"])
         log(f"[{n}/{len(picks)}] feature {feature} ({family}, share {unit['family_share']:.2f}): clamp to "
             f"{value:.2f}, ablate; {cfg.n_random} random directions")
@@ -310,7 +334,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                 continue  # never fires held out (pick() requires firings, so only on a tiny split)
             edits = [edit_hook(sae, feature, mode, None, value)] + [edit_hook(sae, feature, mode, r, value)
                                                                      for r in matched]
-            shifts = distribution_shifts(model, HOOK, w, edits, fam_mask, sae, feature)
+            shifts = distribution_shifts(model, HOOK, w, edits, both_masks, sae, feature)
             # the feature's edit and the random directions' (averaged) on the same windows, summed per
             # document; "difference" is feature minus random with both resampled together (a paired interval)
             per_dir = {"feature": shifts[:1], "random": shifts[1:]}
@@ -319,8 +343,8 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             sums, _ = group_sums({f"{direction}_{k}": v for direction, m in means.items() for k, v in m.items()}, d)
             if len(sums["feature_tokens"]) < 2:
                 continue  # one document: no interval over documents
-            where = ("kl", "dmass", "tokens", "mass") if mode == "clamp" else ("kl_fire", "dmass_fire", "fire",
-                                                                               "mass_fire")
+            where = (("kl", "dmass", "tokens", "mass", "dmass2", "mass2") if mode == "clamp" else
+                     ("kl_fire", "dmass_fire", "fire", "mass_fire", "dmass2_fire", "mass2_fire"))
 
             def ratio(direction: str, num: str, w=where):
                 if direction == "difference":
@@ -328,14 +352,17 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                 return lambda s: s[f"{direction}_{num}"] / s[f"{direction}_{w[2]}"]
 
             # each random direction alone, over all the windows: where the feature's edit ranks among them
-            single = {k: np.array([r[k].sum() / r[where[2]].sum() for r in shifts]) for k in where[:2]}
-            ranks = rank_among(single[where[0]], single[where[1]], mode)
+            single = {k: np.array([r[k].sum() / r[where[2]].sum() for r in shifts]) for k in (*where[:2], where[4])}
+            ranks = {**rank_among(single[where[0]], single[where[1]], mode),
+                     "promoted_rank": rank_among(single[where[0]], single[where[4]], mode)["dmass_rank"]}
             for i in range(len(matched)):
                 singles.append({"feature": feature, "family": family, "mode": mode, "index": i,
-                                "kl": float(single[where[0]][i + 1]), "dmass": float(single[where[1]][i + 1])})
+                                "kl": float(single[where[0]][i + 1]), "dmass": float(single[where[1]][i + 1]),
+                                "promoted_dmass": float(single[where[4]][i + 1])})
             for direction in ("feature", "random", "difference"):
                 kl = bootstrap(sums, ratio(direction, where[0]), n_boot=cfg.n_boot, seed=cfg.seed)
                 dm = bootstrap(sums, ratio(direction, where[1]), n_boot=cfg.n_boot, seed=cfg.seed)
+                pm = bootstrap(sums, ratio(direction, where[4]), n_boot=cfg.n_boot, seed=cfg.seed)
                 rows.append({"feature": feature, "family": family, "family_share": float(unit["family_share"]),
                              "mode": mode, "direction": direction, "value": value if mode == "clamp" else 0.0,
                              "positions": float(sums[f"feature_{where[2]}"].sum()),
@@ -343,8 +370,12 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                              "base_mass": float(sums[f"feature_{where[3]}"].sum() / sums[f"feature_{where[2]}"].sum()),
                              "kl": kl.value,
                              "kl_low": kl.low, "kl_high": kl.high, "dmass": dm.value, "dmass_low": dm.low,
-                             "dmass_high": dm.high, "n_random": len(matched),
-                             **(ranks if direction == "feature" else {"kl_rank": 0, "dmass_rank": 0})})
+                             "dmass_high": dm.high, "promoted_dmass": pm.value, "promoted_dmass_low": pm.low,
+                             "promoted_dmass_high": pm.high,
+                             "promoted_base_mass": float(sums[f"feature_{where[5]}"].sum()
+                                                         / sums[f"feature_{where[2]}"].sum()),
+                             "n_random": len(matched),
+                             **(ranks if direction == "feature" else dict.fromkeys(ranks, 0))})
         clamped = greedy(edit_hook(sae, feature, "clamp", None, value))
         rand = greedy(edit_hook(sae, feature, "clamp", matched[0], value))
         for p, b, c, r in zip(PROMPTS, base_text, clamped, rand, strict=True):
@@ -375,7 +406,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             # features whose edit beats every one of the random directions (rank 1: p = 1 / (n_random + 1))
             **{f"{mode}_{col}_rank1_features": int((table[(table["mode"] == mode) & (table.direction == "feature")]
                                                     [f"{col}_rank"] == 1).sum())
-               for mode in ("clamp", "ablate") for col in ("kl", "dmass")},
+               for mode in ("clamp", "ablate") for col in ("kl", "dmass", "promoted")},
         })
 
 

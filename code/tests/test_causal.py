@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from monosemantic.analysis import FAMILY_NAMES
 from monosemantic.causal import (
@@ -79,6 +80,14 @@ def test_no_edit_shifts_nothing_and_a_big_push_shifts_a_lot():
     assert none["tokens"].tolist() == [8.0] * 4
     push = distribution_shift(model, HOOK, windows, lambda h, name: h + 50.0, mask)
     assert (push["kl"] > 1e-3).all()
+    # two masks at once give what each gives alone; a mask and its complement over the whole vocabulary
+    # hold all the probability, so their changes cancel
+    full = F.pad(mask, (0, 64 - 60))
+    two = distribution_shift(model, HOOK, windows, lambda h, name: h + 50.0, torch.stack([full, ~full], dim=1))
+    comp = distribution_shift(model, HOOK, windows, lambda h, name: h + 50.0, ~full)
+    assert np.allclose(two["dmass"], push["dmass"], atol=1e-6) and np.allclose(two["kl"], push["kl"], atol=1e-6)
+    assert np.allclose(two["dmass2"], comp["dmass"], atol=1e-6)
+    assert np.allclose(two["dmass"] + two["dmass2"], 0, atol=1e-5)  # the mass moves from one to the other
 
 
 def test_vocabulary_tokens_get_the_families_their_detectors_give_them():
@@ -97,6 +106,10 @@ def test_pick_takes_the_most_specific_qualifying_feature_of_each_family():
     chosen = pick(units, ["digits", "url", "latex"], {"digits": 100, "url": 50, "latex": 0}, cfg, 500_000)
     # unit 2 fires 0.5 times held out (too rare), unit 4 is not scored, latex has no vocabulary tokens
     assert [int(r["unit"]) for r in chosen] == [1, 3]
+    # features that tie on the share (within a point): the one that fires most held out, whatever the order
+    ties = pd.DataFrame({"unit": [7, 8, 9], "scored": True, "density_val": [1e-3, 5e-3, 2e-3],
+                         "family": "digits", "family_share": [1.0, 0.995, 0.97], "family_lift": 20})
+    assert [int(r["unit"]) for r in pick(ties, ["digits"], {"digits": 100}, cfg, 500_000)] == [8]
 
 
 @pytest.mark.parametrize("bad", [{"n_random": 0}, {"clamp_multiple": 0.0}, {"eval_windows": True}])

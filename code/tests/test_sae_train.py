@@ -276,6 +276,9 @@ def test_the_causal_stage_gives_each_feature_its_random_control_and_their_paired
         rows = table[(table.feature == f) & (table["mode"] == mode)].set_index("direction")
         assert rows.loc["feature", "kl_rank"] == 1 + (part.kl >= rows.loc["feature", "kl"] - 1e-12).sum()
         assert 1 <= rows.loc["feature", "dmass_rank"] <= cfg.n_random + 1
+        assert 1 <= rows.loc["feature", "promoted_rank"] <= cfg.n_random + 1
+        # the mass on the tokens the feature promotes: a share of the next-token distribution before the edit
+        assert 0 <= rows.loc["feature", "promoted_base_mass"] <= 1 and part.promoted_dmass.notna().all()
     assert m["clamp_kl_rank1_features"] == int((table[(table["mode"] == "clamp") & (table.direction == "feature")]
                                                 .kl_rank == 1).sum())
 
