@@ -402,14 +402,14 @@ def figure(art, folder: Path, png: Path, *, width: int = 1000, height: int = 660
     top token, its scores) and what it was made from (:func:`cache_key`). Made again only when that key
     changed and Chromium is installed; otherwise the description of the picture already there is returned
     (an empty dict when there is none)."""
+    import hashlib
+
     import pandas as pd
 
     from .book.chromium import Chromium, executable
 
     meta_file = png.with_suffix(".json")
     old = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
-    import hashlib
-
     # the picture depends on the data (cache_key), the page's code and the size it is taken at
     assets = hashlib.sha256("".join(resources.files("monosemantic.book").joinpath("assets", a).read_text(
         encoding="utf-8") for a in ASSETS).encode()).hexdigest()[:12]

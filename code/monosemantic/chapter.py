@@ -306,22 +306,24 @@ def score_config(fa, **changes: Any) -> Any:
     return SimpleNamespace(**{**{k: fa.config[k] for k in keys}, **changes})
 
 
-def direct_comparison(fa, units, a: str, b: str, scores=("specificity", "sim_corr", "detection")) -> dict:
+def direct_comparison(fa, units, a: str, b: str, scores=("specificity", "sim_corr", "detection"), *,
+                      cfg: Any = None, min_units: int = 1) -> dict:
     """Unit set ``a`` against set ``b`` of an analysis artifact ``fa`` (its ``units`` table), score by score:
     ``{score: {"at_b": a minus b matched to b's densities, "at_a": the same matched to a's densities,
     "verdict": "better" | "worse" | "mixed"}}`` (each a :class:`monosemantic.explain.Matched`, intervals
-    included; "better" when a leads under both weightings with intervals above zero)."""
+    included; "better" when a leads under both weightings with intervals above zero). ``cfg``: thresholds
+    other than the artifact's (:func:`score_config`); ``min_units``: as for ``matched_difference``."""
     from . import explain
 
-    cfg = score_config(fa)
+    cfg = cfg or score_config(fa)
     ua, ub = units[(units.set == a) & units.scored], units[(units.set == b) & units.scored]
     out = {}
     for sc in scores:
         pa, pb = explain.passes(ua, sc, cfg), explain.passes(ub, sc, cfg)
         at_b = explain.matched_difference(ua.density_val.to_numpy(), pa, ub.density_val.to_numpy(), pb,
-                                          cfg.density_bin_width, cfg.n_boot, cfg.seed)
+                                          cfg.density_bin_width, cfg.n_boot, cfg.seed, min_units=min_units)
         rev = explain.matched_difference(ub.density_val.to_numpy(), pb, ua.density_val.to_numpy(), pa,
-                                         cfg.density_bin_width, cfg.n_boot, cfg.seed)
+                                         cfg.density_bin_width, cfg.n_boot, cfg.seed, min_units=min_units)
         at_a = rev._replace(matched=-rev.matched, matched_low=-rev.matched_high, matched_high=-rev.matched_low,
                             raw=-rev.raw, raw_low=-rev.raw_high, raw_high=-rev.raw_low)
         up = at_b.matched_low > 0 and at_a.matched_low > 0
@@ -392,6 +394,21 @@ def verdicts(fa, units, scores=("specificity", "sim_corr", "detection")) -> dict
                   and (rm is None or rm.matched_low > 0) and all(m.matched_low > 0 for _, m in sweep))
         out[sc] = Verdict(sc, neurons, vr, rm, sweep, bool(counts))
     return out
+
+
+def causal_leaders(ct) -> list[int]:
+    """The features of a causal table (``causal.parquet``) whose edit beats every random direction both when
+    clamped (on the family's mass or the KL: the promoted tokens' mass favours a clamped feature by
+    construction, its direction being what picked them) and when ablated (family mass, KL or, where
+    measured, the promoted tokens' mass): the rule the chapter and the preface read the test by."""
+    rows = ct[ct.direction == "feature"].set_index(["feature", "mode"])
+    ablated = ("dmass_rank", "kl_rank") + (("promoted_rank",) if "promoted_rank" in rows else ())
+
+    def first(f, mode, cols) -> bool:
+        return (f, mode) in rows.index and any(rows.loc[(f, mode), c] == 1 for c in cols)
+
+    return [int(f) for f in ct.feature.drop_duplicates()
+            if first(f, "clamp", ("dmass_rank", "kl_rank")) and first(f, "ablate", ablated)]
 
 
 def signed(v: float, fmt: str = "{:+.0f}") -> str:

@@ -108,3 +108,17 @@ def test_a_score_counts_for_the_features_only_when_every_control_agrees(tmp_path
     # the same features, but the random model's SAE passes as often: the score does not count for them
     fa, units = artifact(topk_pass=90, random_model_pass=95, random_fraction=0.05)
     assert not chapter.verdicts(fa, units, scores=("sim_corr",))["sim_corr"].counts
+
+
+def test_a_causal_leader_beats_every_random_direction_both_clamped_and_ablated():
+    import pandas as pd
+
+    def row(f, mode, dmass=5, kl=5, promoted=5):
+        return {"feature": f, "mode": mode, "direction": "feature", "dmass_rank": dmass, "kl_rank": kl,
+                "promoted_rank": promoted}
+
+    ct = pd.DataFrame([row(1, "clamp", dmass=1), row(1, "ablate", promoted=1),  # a leader
+                       row(2, "clamp", promoted=1), row(2, "ablate", dmass=1),  # the clamp counts only by family/KL
+                       row(3, "clamp", kl=1)])  # never ablated (never fired held out)
+    assert chapter.causal_leaders(ct) == [1]
+    assert chapter.causal_leaders(ct.drop(columns="promoted_rank")) == []  # a run without the promoted tokens
