@@ -28,13 +28,19 @@ prompts.
 The family's mass suits a feature that makes the model write its family; for a feature that detects one
 token (a comma, a line break) the next token is rarely of the same family, so the change of the mass on the
 tokens the feature's decoder direction promotes most (its top direct logit effects, the analysis's
-``logits.parquet``) is measured beside it. The control is ranked one random direction at a time: the
-feature's rank among ``n_random`` of them is a permutation-style test.
+``logits.parquet``) is measured beside it. Those tokens favour a clamped feature, whose direction picked
+them, so each control direction is also measured on the tokens *it* promotes most (the "fair" promoted
+measure). The control is ranked one direction at a time: the feature's rank among ``n_random`` random
+directions is a permutation-style test. A second control asks whether any direction the SAE learned would
+do as well: ``n_decoder`` other features' decoder directions, with the tested feature's coefficients and
+the same scaling. And the clamp is repeated at ``dose_multiples`` of the largest activation, for the feature
+and a few random directions, to show how the effect grows with the push.
 
-Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x intervention x direction),
-``random_directions.parquet`` (each random direction's own result) and ``generations.parquet``.
+Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x intervention x direction, with the
+feature's ranks among each control), ``random_directions.parquet`` (each control direction's own result:
+``control`` "random" or "decoder"), ``dose.parquet`` (the clamp at each strength) and ``generations.parquet``.
 
-    monosemantic causal --profile cpu --windows 48   # ~35 min on 2 CPU cores
+    monosemantic causal --profile cpu --windows 32   # ~70 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -61,9 +67,11 @@ class CausalConfig(StageConfig):
     """Which features, how hard they are pushed, on how much held-out text."""
 
     STAGE: ClassVar[str] = "analysis"
-    VERSION: ClassVar[int] = 5  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
+    VERSION: ClassVar[int] = 6  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
     # 4: 20 random directions, each one's result kept, the feature's rank among them; 5: ties of family share
-    # broken by held-out firings, 8 features, the mass on the tokens each feature promotes
+    # broken by held-out firings, 8 features, the mass on the tokens each feature promotes; 6: each control
+    # direction also measured on the tokens it promotes itself, other features' decoder directions as a second
+    # control, and the clamp at several strengths
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
@@ -82,6 +90,14 @@ class CausalConfig(StageConfig):
     n_random: int = 20
     """Random directions per feature for the control: their mean is the paired control, and the feature's
     rank among them a permutation-style test (rank 1 of ``n_random + 1``: p = 1 / (n_random + 1))."""
+    n_decoder: int = 20
+    """A second control: the decoder directions of this many other scored features of the SAE (seeded draw,
+    the tested features left out), each with the tested feature's coefficients and scaled as the random
+    directions are. Does the feature's own direction matter, or would any direction the SAE learned do?"""
+    dose_multiples: tuple[float, ...] = (1.0, 2.0, 10.0)
+    """Further clamp values (multiples of the feature's largest activation, beside ``clamp_multiple``): the
+    feature and the first ``dose_random`` random directions clamped at each, on the same windows."""
+    dose_random: int = 5
     eval_windows: int = 128
     """Held-out windows (of the model's context) the distributions are measured on: for clamping, spread
     evenly over the held-out split; for ablation, those where the feature fires most often."""
@@ -93,12 +109,16 @@ class CausalConfig(StageConfig):
 
     def __post_init__(self) -> None:
         for name in ("n_features", "min_heldout_firings", "min_family_tokens", "n_random", "eval_windows",
-                     "batch_windows", "new_tokens", "n_boot", "promoted_tokens"):
+                     "batch_windows", "new_tokens", "n_boot", "promoted_tokens", "n_decoder", "dose_random"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"causal.{name} must be a positive integer, got {value!r}")
         if not self.clamp_multiple > 0:
             raise ConfigError(f"causal.clamp_multiple must be > 0, got {self.clamp_multiple}")
+        if not all(isinstance(m, (int, float)) and m > 0 for m in self.dose_multiples):
+            raise ConfigError(f"causal.dose_multiples must be positive numbers, got {self.dose_multiples!r}")
+        if self.dose_random > self.n_random:
+            raise ConfigError(f"causal.dose_random ({self.dose_random}) must be at most n_random ({self.n_random})")
 
 
 # --- the interventions ------------------------------------------------------------------------------------
@@ -138,23 +158,30 @@ def random_directions(d_in: int, n: int, seed: int) -> Tensor:
 
 @torch.no_grad()
 def distribution_shift(model, hook: str, windows, edit: Callable, family_mask: Tensor, sae=None,
-                       feature: int | None = None) -> dict[str, np.ndarray]:
+                       feature: int | None = None, own_tokens: Tensor | None = None) -> dict[str, np.ndarray]:
     """Per-window sums of the next-token shift an edit causes: ``kl`` (sum over tokens of KL(p || p')),
     ``dmass`` (sum of p'(family) - p(family)), ``tokens``, ``mass`` (sum of p(family), before the edit); and
     the same restricted to the positions where ``feature`` fires (``kl_fire``, ``dmass_fire``, ``fire``,
     ``mass_fire``), when an SAE and feature are given. ``family_mask`` (V,) or (V, M): with M masks, the
-    second and later give ``dmass2``, ``mass2``, ``dmass2_fire``, ``mass2_fire`` (and 3, ...)."""
-    return distribution_shifts(model, hook, windows, [edit], family_mask, sae, feature)[0]
+    second and later give ``dmass2``, ``mass2``, ``dmass2_fire``, ``mass2_fire`` (and 3, ...). ``own_tokens``
+    (P,) token ids of the edit's own: ``dmass_own``, ``mass_own`` (and ``_fire``) on those."""
+    return distribution_shifts(model, hook, windows, [edit], family_mask, sae, feature,
+                               None if own_tokens is None else [own_tokens])[0]
 
 
 @torch.no_grad()  # without it every accumulated sum keeps its batch's graph, logits included (GBs per batch)
 def distribution_shifts(model, hook: str, windows, edits: list[Callable], family_mask: Tensor, sae=None,
-                        feature: int | None = None) -> list[dict[str, np.ndarray]]:
-    """:func:`distribution_shift` for several edits of the same windows: the unedited pass is shared."""
+                        feature: int | None = None, own_tokens: list[Tensor] | None = None
+                        ) -> list[dict[str, np.ndarray]]:
+    """:func:`distribution_shift` for several edits of the same windows: the unedited pass is shared.
+    ``own_tokens``: one (P,) tensor of token ids per edit (each control direction's own promoted tokens)."""
     masks = family_mask.float().reshape(len(family_mask), -1)  # (V, M); padded to the model's vocabulary below
     tags = [""] + [str(m + 1) for m in range(1, masks.shape[1])]  # "dmass", "dmass2", ...
-    keys = ("kl", "tokens", "kl_fire", "fire", *(f"{k}{t}{f}" for t in tags for k in ("dmass", "mass")
-                                                 for f in ("", "_fire")))
+    if own_tokens is not None and len(own_tokens) != len(edits):
+        raise UserError(f"own_tokens gives {len(own_tokens)} token sets for {len(edits)} edits")
+    owns = [""] * (own_tokens is not None)
+    keys = ("kl", "tokens", "kl_fire", "fire", *(f"{k}{t}{f}" for t in [*tags, *(o + "_own" for o in owns)]
+                                                 for k in ("dmass", "mass") for f in ("", "_fire")))
     out: list[dict[str, list[Tensor]]] = [{k: [] for k in keys} for _ in edits]
     mask = masks
     for x, _ in trimmed(windows):
@@ -169,12 +196,20 @@ def distribution_shifts(model, hook: str, windows, edits: list[Callable], family
             fires = (sae.encode(h.reshape(-1, h.shape[-1]).float())[:, feature] > 0).reshape(B, T).double()
         else:
             fires = torch.zeros(B, T, dtype=torch.float64)
-        for edit, acc in zip(edits, out, strict=True):
+        for e, (edit, acc) in enumerate(zip(edits, out, strict=True)):
             with model.hooks({hook: edit}):
                 logq = F.log_softmax(model(x).logits.float(), dim=-1)
             kl = (p * (logp - logq)).sum(-1).double()  # (B, T)
-            dmass = (logq.exp() @ mask[: logp.shape[-1]]).double() - base_mass  # (B, T, M)
-            del logq
+            q = logq.exp()
+            dmass = (q @ mask[: logp.shape[-1]]).double() - base_mass  # (B, T, M)
+            if own_tokens is not None:  # the mass on this edit's own tokens, before and after
+                idx = torch.as_tensor(own_tokens[e], dtype=torch.long)
+                own_base = p[..., idx].sum(-1).double()  # (B, T)
+                own_d = q[..., idx].sum(-1).double() - own_base
+                for k, v in (("dmass_own", own_d), ("mass_own", own_base)):
+                    acc[k].append(v.sum(1))
+                    acc[f"{k}_fire"].append((v * fires).sum(1))
+            del logq, q
             acc["kl"].append(kl.sum(1))
             acc["tokens"].append(torch.full((B,), float(T), dtype=torch.float64))
             acc["kl_fire"].append((kl * fires).sum(1))
@@ -245,7 +280,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
 
     from . import sae as sae_mod
     from . import store, tokenizer
-    from .analysis import FAMILY_NAMES, N_VOCAB
+    from .analysis import FAMILY_NAMES, N_VOCAB, logit_effects
     from .data import TokenDataset
     from .harvest import HOOK, split_windows, spread_rows, window_batches
     from .intervals import bootstrap, group_sums, window_documents
@@ -302,7 +337,18 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     # a unit of coefficient along each random direction moves the MLP's output this far (equal in the hidden
     # layer, the directions would not push the output equally): each feature's control is scaled by it below
     push_r = output_push(model, randoms)  # (n_random,)
-    rows, gens, singles = [], [], []
+    # the second control: other features' decoder directions (scored, not tested here), drawn once for all
+    picked = {int(u["unit"]) for u in picks}
+    pool = np.sort(units[units["scored"] & ~units["unit"].isin(picked)]["unit"].to_numpy().astype(np.int64))
+    dec_ids = np.sort(np.random.default_rng(cfg.seed).choice(pool, min(cfg.n_decoder, len(pool)), replace=False))
+    decoders = sae.W_dec[torch.as_tensor(dec_ids, dtype=torch.long)].detach().float()  # (n_decoder, d_in)
+    push_d = output_push(model, decoders)
+
+    def promoted_of(directions: Tensor) -> Tensor:  # (n, P) the tokens each direction's direct effect raises most
+        return logit_effects(model, directions.float())[:, :N_VOCAB].topk(cfg.promoted_tokens, dim=1).indices
+
+    own_r, own_d = promoted_of(randoms), promoted_of(decoders)  # a direction's own tokens do not depend on its scale
+    rows, gens, singles, dose = [], [], [], []
     prompts = [torch.tensor([tok.encode(p)]) for p in PROMPTS]
 
     def greedy(edit) -> list[str]:
@@ -326,18 +372,22 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         firing = fires_all[:, n - 1]  # (n_all,) how often the feature fires in each held-out window
         top = np.argsort(-firing, kind="stable")[: cfg.eval_windows]
         fire_windows = batches(top[firing[top] > 0])
-        # this feature's control: the random directions scaled to move the MLP's output as far as its own does
-        matched = randoms * (output_push(model, sae.W_dec[feature:feature + 1]) / push_r)[:, None]
+        # this feature's controls: random directions and other features' decoder directions, each scaled to
+        # move the MLP's output as far as its own direction does
+        push_f = output_push(model, sae.W_dec[feature:feature + 1])
+        matched, matched_dec = randoms * (push_f / push_r)[:, None], decoders * (push_f / push_d)[:, None]
+        own = [promoted_of(sae.W_dec[feature:feature + 1].detach())[0], *own_r, *own_d]
+        n_r, n_d = len(matched), len(matched_dec)
         for mode in ("clamp", "ablate"):
             w, d = (windows, docs) if mode == "clamp" else fire_windows
             if len(d) == 0:
                 continue  # never fires held out (pick() requires firings, so only on a tiny split)
             edits = [edit_hook(sae, feature, mode, None, value)] + [edit_hook(sae, feature, mode, r, value)
-                                                                     for r in matched]
-            shifts = distribution_shifts(model, HOOK, w, edits, both_masks, sae, feature)
+                                                                     for r in (*matched, *matched_dec)]
+            shifts = distribution_shifts(model, HOOK, w, edits, both_masks, sae, feature, own)
             # the feature's edit and the random directions' (averaged) on the same windows, summed per
             # document; "difference" is feature minus random with both resampled together (a paired interval)
-            per_dir = {"feature": shifts[:1], "random": shifts[1:]}
+            per_dir = {"feature": shifts[:1], "random": shifts[1:1 + n_r]}
             means = {direction: {k: np.mean([r[k] for r in results], axis=0) for k in results[0]}
                      for direction, results in per_dir.items()}
             sums, _ = group_sums({f"{direction}_{k}": v for direction, m in means.items() for k, v in m.items()}, d)
@@ -351,14 +401,45 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                     return lambda s: ratio("feature", num)(s) - ratio("random", num)(s)
                 return lambda s: s[f"{direction}_{num}"] / s[f"{direction}_{w[2]}"]
 
-            # each random direction alone, over all the windows: where the feature's edit ranks among them
-            single = {k: np.array([r[k].sum() / r[where[2]].sum() for r in shifts]) for k in (*where[:2], where[4])}
-            ranks = {**rank_among(single[where[0]], single[where[1]], mode),
-                     "promoted_rank": rank_among(single[where[0]], single[where[4]], mode)["dmass_rank"]}
-            for i in range(len(matched)):
-                singles.append({"feature": feature, "family": family, "mode": mode, "index": i,
+            # each control direction alone, over all the windows: where the feature's edit ranks among them.
+            # "promoted": every direction on the feature's promoted tokens (favours a clamped feature, whose
+            # direction picked them); "fair": each direction on the tokens it promotes itself
+            own_key = "dmass_own" if mode == "clamp" else "dmass_own_fire"
+            single = {k: np.array([r[k].sum() / r[where[2]].sum() for r in shifts])
+                      for k in (*where[:2], where[4], own_key)}
+
+            def ranks_in(sel: list[int], suffix: str = "") -> dict[str, int]:
+                def one(col):
+                    return rank_among(single[where[0]][sel], single[col][sel], mode)["dmass_rank"]
+                return {f"kl_rank{suffix}": rank_among(single[where[0]][sel], single[where[1]][sel], mode)["kl_rank"],
+                        f"dmass_rank{suffix}": one(where[1]), f"promoted_rank{suffix}": one(where[4]),
+                        f"promoted_fair_rank{suffix}": one(own_key)}
+
+            ranks = ranks_in([0, *range(1, 1 + n_r)])
+            ranks.update(ranks_in([0, *range(1 + n_r, 1 + n_r + n_d)], "_dec") if n_d else {})
+            for i in range(n_r + n_d):
+                control, j = ("random", i) if i < n_r else ("decoder", i - n_r)
+                singles.append({"feature": feature, "family": family, "mode": mode, "control": control,
+                                "index": j, "source_feature": -1 if control == "random" else int(dec_ids[j]),
                                 "kl": float(single[where[0]][i + 1]), "dmass": float(single[where[1]][i + 1]),
-                                "promoted_dmass": float(single[where[4]][i + 1])})
+                                "promoted_dmass": float(single[where[4]][i + 1]),
+                                "own_promoted_dmass": float(single[own_key][i + 1])})
+            if mode == "clamp":  # the strength the edit is made at: the main value and the others, feature and
+                # the first dose_random random directions on the same windows
+                at = {cfg.clamp_multiple: shifts[:1 + cfg.dose_random]}
+                for m in cfg.dose_multiples:
+                    if m != cfg.clamp_multiple:
+                        at[m] = distribution_shifts(
+                            model, HOOK, w, [edit_hook(sae, feature, "clamp", dr, m * float(unit["max"]))
+                                             for dr in (None, *matched[:cfg.dose_random])],
+                            both_masks, sae, feature, own[:1 + cfg.dose_random])
+                for m, res in sorted(at.items()):
+                    for i, r in enumerate(res):
+                        dose.append({"feature": feature, "family": family, "multiple": float(m),
+                                     "value": m * float(unit["max"]), "direction": "feature" if i == 0 else "random",
+                                     "index": i - 1, **{c: float(r[k].sum() / r["tokens"].sum()) for c, k in
+                                                        (("kl", "kl"), ("dmass", "dmass"), ("promoted_dmass", "dmass2"),
+                                                         ("own_promoted_dmass", "dmass_own"))}})
             for direction in ("feature", "random", "difference"):
                 kl = bootstrap(sums, ratio(direction, where[0]), n_boot=cfg.n_boot, seed=cfg.seed)
                 dm = bootstrap(sums, ratio(direction, where[1]), n_boot=cfg.n_boot, seed=cfg.seed)
@@ -374,7 +455,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                              "promoted_dmass_high": pm.high,
                              "promoted_base_mass": float(sums[f"feature_{where[5]}"].sum()
                                                          / sums[f"feature_{where[2]}"].sum()),
-                             "n_random": len(matched),
+                             "n_random": n_r, "n_decoder": n_d,
                              **(ranks if direction == "feature" else dict.fromkeys(ranks, 0))})
         clamped = greedy(edit_hook(sae, feature, "clamp", None, value))
         rand = greedy(edit_hook(sae, feature, "clamp", matched[0], value))
@@ -387,6 +468,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     with store.write("analysis", profile, "causal", config=cfg, inputs=inputs) as w:
         table.to_parquet(w.dir / "causal.parquet", index=False)
         pd.DataFrame(singles).to_parquet(w.dir / "random_directions.parquet", index=False)
+        pd.DataFrame(dose).to_parquet(w.dir / "dose.parquet", index=False)
         pd.DataFrame(gens).to_parquet(w.dir / "generations.parquet", index=False)
         def finite(v) -> float | None:
             return float(v) if np.isfinite(v) else None
@@ -404,9 +486,11 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                                   ("ablate", table[(table["mode"] == "ablate") & (table.direction == "difference")]))
                for col in ("kl", "dmass") for side in ("above", "below")},
             # features whose edit beats every one of the random directions (rank 1: p = 1 / (n_random + 1))
-            **{f"{mode}_{col}_rank1_features": int((table[(table["mode"] == mode) & (table.direction == "feature")]
-                                                    [f"{col}_rank"] == 1).sum())
-               for mode in ("clamp", "ablate") for col in ("kl", "dmass", "promoted")},
+            **{f"{mode}_{col}_rank1{suffix}_features":
+               int((table[(table["mode"] == mode) & (table.direction == "feature")][f"{col}_rank{suffix}"] == 1).sum())
+               for mode in ("clamp", "ablate") for col in ("kl", "dmass", "promoted", "promoted_fair")
+               for suffix in ("", "_dec") if f"{col}_rank{suffix}" in table},
+            "decoder_features": [int(f) for f in dec_ids],
         })
 
 

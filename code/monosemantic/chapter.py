@@ -396,19 +396,23 @@ def verdicts(fa, units, scores=("specificity", "sim_corr", "detection")) -> dict
     return out
 
 
-def causal_leaders(ct) -> list[int]:
-    """The features of a causal table (``causal.parquet``) whose edit beats every random direction both when
-    clamped (on the family's mass or the KL: the promoted tokens' mass favours a clamped feature by
-    construction, its direction being what picked them) and when ablated (family mass, KL or, where
-    measured, the promoted tokens' mass): the rule the chapter and the preface read the test by."""
+def causal_leaders(ct, control: str = "") -> list[int]:
+    """The features of a causal table (``causal.parquet``) whose edit beats every control direction both when
+    clamped and when ablated: the rule the chapter and the preface read the test by. ``control`` "" ranks them
+    among the random directions, "_dec" among other features' decoder directions. Clamped, the measures are
+    the family's mass, the KL and (where measured) the mass on the tokens each direction promotes itself (the
+    "fair" measure: on the feature's own promoted tokens a clamped feature is favoured by construction, its
+    direction being what picked them, so that one never counts for the clamp); ablated, the family's mass, the
+    KL and the mass on the feature's promoted tokens."""
     rows = ct[ct.direction == "feature"].set_index(["feature", "mode"])
-    ablated = ("dmass_rank", "kl_rank") + (("promoted_rank",) if "promoted_rank" in rows else ())
+    clamped = tuple(c for c in ("dmass_rank", "kl_rank", "promoted_fair_rank") if c + control in rows)
+    ablated = tuple(c for c in ("dmass_rank", "kl_rank", "promoted_rank") if c + control in rows)
 
     def first(f, mode, cols) -> bool:
-        return (f, mode) in rows.index and any(rows.loc[(f, mode), c] == 1 for c in cols)
+        return (f, mode) in rows.index and any(rows.loc[(f, mode), c + control] == 1 for c in cols)
 
     return [int(f) for f in ct.feature.drop_duplicates()
-            if first(f, "clamp", ("dmass_rank", "kl_rank")) and first(f, "ablate", ablated)]
+            if first(f, "clamp", clamped) and first(f, "ablate", ablated)]
 
 
 def signed(v: float, fmt: str = "{:+.0f}") -> str:

@@ -45,12 +45,17 @@ COLORS: dict[str, str] = {
     "ours": PALETTE[0],  # our SAEs (the TopK recipe) and their features, and our own runs
     "anchor": PALETTE[1],  # the work we reproduce (Ward's "Monosemanticity at Home"): its ReLU + L1 recipe
     "neurons": PALETTE[6],  # the neuron basis (MLP neurons, of any model)
-    "random": PALETTE[5],  # random baselines and controls (random directions, a control fine-tune)
+    "random": PALETTE[5],  # random baselines and controls (random directions, a random dictionary, a control fine-tune)
+    "random_model": "#7A3F63",  # the one control drawn beside another: the SAE of a randomly initialised model
+    # (a darker shade of "random", so the two controls part in colour and in greyscale)
     "other": PALETTE[4],  # other methods compared (a plain ReLU autoencoder, PCA)
     "alive": PALETTE[2],
     "dead": PALETTE[3],
     "muted": "#8C8C8C",  # guides, not data: thresholds, reference lines, points out of focus
 }
+# the kinds of unit the monosemanticity comparisons draw side by side (analysis unit sets), by meaning
+UNIT_COLORS: dict[str, str] = {"neurons": COLORS["neurons"], "topk": COLORS["ours"], "anchor": COLORS["anchor"],
+                               "random": COLORS["random"], "random-model": COLORS["random_model"]}
 SEQUENTIAL = "viridis"  # heatmaps: perceptually uniform, colour-blind safe, prints in greyscale
 DIVERGING = "RdBu_r"  # signed quantities (logit effects), centred on zero by the caller
 

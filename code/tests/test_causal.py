@@ -13,6 +13,7 @@ from monosemantic.analysis import FAMILY_NAMES
 from monosemantic.causal import (
     CausalConfig,
     distribution_shift,
+    distribution_shifts,
     edit_hook,
     output_push,
     pick,
@@ -112,7 +113,8 @@ def test_pick_takes_the_most_specific_qualifying_feature_of_each_family():
     assert [int(r["unit"]) for r in pick(ties, ["digits"], {"digits": 100}, cfg, 500_000)] == [8]
 
 
-@pytest.mark.parametrize("bad", [{"n_random": 0}, {"clamp_multiple": 0.0}, {"eval_windows": True}])
+@pytest.mark.parametrize("bad", [{"n_random": 0}, {"clamp_multiple": 0.0}, {"eval_windows": True},
+                                 {"dose_multiples": (1.0, -2.0)}, {"n_random": 3, "dose_random": 4}])
 def test_bad_config_is_one_line(bad):
     with pytest.raises(ConfigError):
         CausalConfig(**bad)
@@ -158,3 +160,25 @@ def test_the_feature_ranks_among_random_directions_by_the_way_its_edit_should_go
     assert rank_among(kl, dmass, "ablate") == {"kl_rank": 2, "dmass_rank": 3}
     assert rank_among(np.array([9.0, 1.0, 2.0]), np.array([-5.0, 0.0, 1.0]), "ablate") == {"kl_rank": 1,
                                                                                           "dmass_rank": 1}
+
+
+def test_each_edit_is_also_measured_on_its_own_tokens():
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=64, context_length=8, d_model=16, n_heads=2, d_mlp=D, compile=False, dtype="float32")
+    model = Transformer(cfg).eval()
+    toks = np.random.default_rng(0).integers(0, 64, 8 * 4 + 1).astype(np.uint16)
+    windows = sequential_windows(toks, 8, 4, batch=2)
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[:8] = True
+    push = lambda h, name: h + 50.0  # noqa: E731
+    # an edit's own tokens give what the same tokens as a family mask give, edit by edit
+    own = [torch.arange(8), torch.arange(8, 20)]
+    got = distribution_shifts(model, HOOK, windows, [push, push], mask, own_tokens=own)
+    other = torch.zeros(64, dtype=torch.bool)
+    other[8:20] = True
+    want = distribution_shifts(model, HOOK, windows, [push], torch.stack([mask, other], dim=1))[0]
+    assert np.allclose(got[0]["dmass_own"], want["dmass"], atol=1e-6)
+    assert np.allclose(got[1]["dmass_own"], want["dmass2"], atol=1e-6)
+    assert np.allclose(got[1]["mass_own"], want["mass2"], atol=1e-6)
+    with pytest.raises(UserError, match="2 edits"):
+        distribution_shifts(model, HOOK, windows, [push, push], mask, own_tokens=own[:1])

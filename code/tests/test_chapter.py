@@ -122,3 +122,12 @@ def test_a_causal_leader_beats_every_random_direction_both_clamped_and_ablated()
                        row(3, "clamp", kl=1)])  # never ablated (never fired held out)
     assert chapter.causal_leaders(ct) == [1]
     assert chapter.causal_leaders(ct.drop(columns="promoted_rank")) == []  # a run without the promoted tokens
+    # the fair measure (each direction on the tokens it promotes itself) counts for the clamp; a second control
+    # (other features' decoder directions) is read the same way from its own rank columns
+    ct["promoted_fair_rank"] = [5, 5, 1, 5, 5]
+    assert chapter.causal_leaders(ct) == [1, 2]
+    for c in ("dmass_rank", "kl_rank", "promoted_rank", "promoted_fair_rank"):
+        ct[c + "_dec"] = 5
+    ct.loc[(ct.feature == 2) & (ct["mode"] == "clamp"), "kl_rank_dec"] = 1
+    ct.loc[(ct.feature == 2) & (ct["mode"] == "ablate"), "promoted_rank_dec"] = 1
+    assert chapter.causal_leaders(ct, "_dec") == [2]

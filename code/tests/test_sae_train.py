@@ -249,7 +249,7 @@ def test_the_causal_stage_gives_each_feature_its_random_control_and_their_paired
     if not store.artifact_path("analysis", "tiny", "features").is_dir():
         assert cli.main(["analyze", "--profile", "tiny", "--no-progress"]) == 0
     cfg = causal.CausalConfig(min_heldout_firings=1, min_family_tokens=1, eval_windows=8, n_random=2,
-                              new_tokens=2, n_boot=50)
+                              n_decoder=2, dose_multiples=(1.0, 10.0), dose_random=1, new_tokens=2, n_boot=50)
     causal.run_stage("tiny", cfg, log=lambda *a: None)
     art = store.load("analysis", "tiny", "causal", config=cfg)
     table = pd.read_parquet(art.file("causal.parquet"))
@@ -270,9 +270,22 @@ def test_the_causal_stage_gives_each_feature_its_random_control_and_their_paired
     assert 0 <= m["clamp_dmass_above_features"] + m["clamp_dmass_below_features"] <= m["features"]
     # every random direction's own result is kept; their mean is the "random" row, and the feature's rank
     # among them counts those that move the distribution at least as far
-    singles = pd.read_parquet(art.file("random_directions.parquet"))
+    all_singles = pd.read_parquet(art.file("random_directions.parquet"))
+    singles = all_singles[all_singles.control == "random"]
+    decs = all_singles[all_singles.control == "decoder"]
+    # the second control: the same other features' decoder directions for every tested feature, none of them tested
+    assert set(decs.source_feature) == set(art.metrics["decoder_features"]) and \
+        not set(decs.source_feature) & set(table.feature)
     for (f, mode), part in singles.groupby(["feature", "mode"]):
         assert sorted(part["index"]) == list(range(cfg.n_random))
+        dec = decs[(decs.feature == f) & (decs["mode"] == mode)]
+        assert sorted(dec["index"]) == list(range(len(art.metrics["decoder_features"])))
+        # the fair promoted measure ranks the feature among the directions each on its own promoted tokens
+        frow = table[(table.feature == f) & (table["mode"] == mode) & (table.direction == "feature")].iloc[0]
+        assert frow.promoted_fair_rank == 1 + (np.sign(1 if mode == "clamp" else -1) * part.own_promoted_dmass
+                                               >= np.sign(1 if mode == "clamp" else -1) * frow.promoted_dmass
+                                               - 1e-12).sum()
+        assert 1 <= frow.kl_rank_dec <= len(dec) + 1
         rows = table[(table.feature == f) & (table["mode"] == mode)].set_index("direction")
         assert rows.loc["feature", "kl_rank"] == 1 + (part.kl >= rows.loc["feature", "kl"] - 1e-12).sum()
         assert 1 <= rows.loc["feature", "dmass_rank"] <= cfg.n_random + 1
@@ -281,6 +294,16 @@ def test_the_causal_stage_gives_each_feature_its_random_control_and_their_paired
         assert 0 <= rows.loc["feature", "promoted_base_mass"] <= 1 and part.promoted_dmass.notna().all()
     assert m["clamp_kl_rank1_features"] == int((table[(table["mode"] == "clamp") & (table.direction == "feature")]
                                                 .kl_rank == 1).sum())
+    # the clamp at each strength: the feature and dose_random random directions, the main multiple included
+    dose = pd.read_parquet(art.file("dose.parquet"))
+    assert sorted(dose.multiple.unique()) == sorted({*cfg.dose_multiples, cfg.clamp_multiple})
+    for (f, m), part in dose.groupby(["feature", "multiple"]):
+        assert sorted(part.direction) == ["feature"] + ["random"] * cfg.dose_random
+    at5 = dose[(dose.multiple == cfg.clamp_multiple) & (dose.direction == "feature")].set_index("feature")
+    clamp_f = table[(table["mode"] == "clamp") & (table.direction == "feature")].set_index("feature")
+    for f in at5.index:  # the main clamp's own numbers: the mass change over all the clamped positions
+        assert at5.loc[f, "dmass"] == pytest.approx(clamp_f.loc[f, "dmass"], abs=1e-9)
+        assert at5.loc[f, "kl"] == pytest.approx(clamp_f.loc[f, "kl"], rel=1e-6)
 
 
 def _chromium(url: str, *extra: str) -> tuple[str, str]:
