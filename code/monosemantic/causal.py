@@ -245,6 +245,19 @@ def rank_among(kl: np.ndarray, dmass: np.ndarray, mode: str) -> dict[str, int]:
             "dmass_rank": int(1 + (sign * dmass[1:] >= sign * dmass[0]).sum())}
 
 
+def control_ranks(kl: np.ndarray, dmass: np.ndarray, promoted: np.ndarray, fair: np.ndarray, sel: list[int],
+                  mode: str, suffix: str = "") -> dict[str, int]:
+    """The feature's (element 0) ranks among the control directions ``sel`` (indices into the arrays, 0 first)
+    on each measure, as :func:`rank_among` ranks them: ``kl_rank``, ``dmass_rank`` (the family's mass),
+    ``promoted_rank`` (the feature's promoted tokens) and ``promoted_fair_rank`` (each direction's own), with
+    ``suffix`` appended to the names."""
+    def one(values: np.ndarray) -> int:
+        return rank_among(kl[sel], values[sel], mode)["dmass_rank"]
+
+    return {f"kl_rank{suffix}": rank_among(kl[sel], dmass[sel], mode)["kl_rank"], f"dmass_rank{suffix}": one(dmass),
+            f"promoted_rank{suffix}": one(promoted), f"promoted_fair_rank{suffix}": one(fair)}
+
+
 def vocab_family_masks(token_bytes: list[bytes]) -> np.ndarray:
     """(V, n_families) bool: the families each vocabulary token belongs to when read alone."""
     from .analysis import token_families
@@ -408,15 +421,9 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             single = {k: np.array([r[k].sum() / r[where[2]].sum() for r in shifts])
                       for k in (*where[:2], where[4], own_key)}
 
-            def ranks_in(sel: list[int], suffix: str = "") -> dict[str, int]:
-                def one(col):
-                    return rank_among(single[where[0]][sel], single[col][sel], mode)["dmass_rank"]
-                return {f"kl_rank{suffix}": rank_among(single[where[0]][sel], single[where[1]][sel], mode)["kl_rank"],
-                        f"dmass_rank{suffix}": one(where[1]), f"promoted_rank{suffix}": one(where[4]),
-                        f"promoted_fair_rank{suffix}": one(own_key)}
-
-            ranks = ranks_in([0, *range(1, 1 + n_r)])
-            ranks.update(ranks_in([0, *range(1 + n_r, 1 + n_r + n_d)], "_dec") if n_d else {})
+            measures = (single[where[0]], single[where[1]], single[where[4]], single[own_key])
+            ranks = control_ranks(*measures, [0, *range(1, 1 + n_r)], mode)
+            ranks.update(control_ranks(*measures, [0, *range(1 + n_r, 1 + n_r + n_d)], mode, "_dec") if n_d else {})
             for i in range(n_r + n_d):
                 control, j = ("random", i) if i < n_r else ("decoder", i - n_r)
                 singles.append({"feature": feature, "family": family, "mode": mode, "control": control,

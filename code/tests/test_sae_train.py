@@ -297,7 +297,7 @@ def test_the_causal_stage_gives_each_feature_its_random_control_and_their_paired
     # the clamp at each strength: the feature and dose_random random directions, the main multiple included
     dose = pd.read_parquet(art.file("dose.parquet"))
     assert sorted(dose.multiple.unique()) == sorted({*cfg.dose_multiples, cfg.clamp_multiple})
-    for (f, m), part in dose.groupby(["feature", "multiple"]):
+    for _, part in dose.groupby(["feature", "multiple"]):
         assert sorted(part.direction) == ["feature"] + ["random"] * cfg.dose_random
     at5 = dose[(dose.multiple == cfg.clamp_multiple) & (dose.direction == "feature")].set_index("feature")
     clamp_f = table[(table["mode"] == "clamp") & (table.direction == "feature")].set_index("feature")
