@@ -82,7 +82,7 @@ import torch
 from torch import Tensor
 
 from . import explain
-from .config import ConfigError, StageConfig, UserError
+from .config import ConfigError, StageConfig, UserError, check_positive
 from .explain import (
     ContextPools,
     SparseActivations,
@@ -622,19 +622,16 @@ class AnalysisConfig(StageConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("explain_tokens", "top_contexts", "intervals", "batch_windows", "min_firings",
-                     "min_heldout_firings", "score_context", "score_top", "explanation_tokens", "n_boot"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"AnalysisConfig: {name} must be positive, got {getattr(self, name)}")
-        for name in ("skip_first_positions", "score_per_interval", "score_random", "score_negatives"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"AnalysisConfig: {name} must be >= 0, got {getattr(self, name)}")
+        check_positive(self, "explain_tokens", "top_contexts", "intervals", "batch_windows", "min_firings",
+                       "min_heldout_firings", "score_context", "score_top", "explanation_tokens", "n_boot",
+                       integer=True)
+        check_positive(self, "skip_first_positions", "score_per_interval", "score_random", "score_negatives",
+                       integer=True, zero=True)
         if not 0 < self.corr_threshold < 1 or not 0 < self.specificity_threshold <= 1:
             raise ConfigError("AnalysisConfig: thresholds must lie in (0, 1)")
         if not 0.5 < self.detection_threshold <= 1 or not 0 < self.predict_fraction <= 1:
             raise ConfigError("AnalysisConfig: detection_threshold must lie in (0.5, 1], predict_fraction in (0, 1]")
-        if self.density_bin_width <= 0:
-            raise ConfigError(f"AnalysisConfig: density_bin_width must be positive, got {self.density_bin_width}")
+        check_positive(self, "density_bin_width")
         try:
             explain.check_spec(self.explainer)
         except explain.ExplainerError as e:

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import ConfigError, StageConfig, UserError
+from .config import ConfigError, StageConfig, UserError, check_positive
 from .hardware import trimmed
 
 DEFAULT_PROFILE = "cpu"
@@ -108,13 +108,10 @@ class CausalConfig(StageConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_features", "min_heldout_firings", "min_family_tokens", "n_random", "eval_windows",
-                     "batch_windows", "new_tokens", "n_boot", "promoted_tokens", "n_decoder", "dose_random"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"causal.{name} must be a positive integer, got {value!r}")
-        if not self.clamp_multiple > 0:
-            raise ConfigError(f"causal.clamp_multiple must be > 0, got {self.clamp_multiple}")
+        check_positive(self, "n_features", "min_heldout_firings", "min_family_tokens", "n_random", "eval_windows",
+                       "batch_windows", "new_tokens", "n_boot", "promoted_tokens", "n_decoder", "dose_random",
+                       integer=True)
+        check_positive(self, "clamp_multiple")
         if not all(isinstance(m, (int, float)) and m > 0 for m in self.dose_multiples):
             raise ConfigError(f"causal.dose_multiples must be positive numbers, got {self.dose_multiples!r}")
         if self.dose_random > self.n_random:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,6 +72,17 @@ class StageConfig:
     def replace(self, **changes: Any):
         """A copy with some fields changed (validation runs again)."""
         return dataclasses.replace(self, **changes)
+
+
+def check_positive(cfg: Any, *names: str, integer: bool = False, zero: bool = False) -> None:
+    """The one check of a config's numeric fields: each of ``names`` must be a number > 0 (``zero``: >= 0;
+    ``integer``: an integer, numpy's included, never a bool), else a one-line :class:`ConfigError` naming the class and field."""
+    for name in names:
+        value = getattr(cfg, name)
+        is_number = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+        if not (is_number and (value >= 0 if zero else value > 0)):
+            kind = ("an integer" if integer else "a number") + (" >= 0" if zero else " > 0")
+            raise ConfigError(f"{type(cfg).__name__}: {name} must be {kind}, got {value!r}")
 
 
 def check_profile(name: str) -> str:

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .config import ConfigError, StageConfig, UserError, work_dir
+from .config import ConfigError, StageConfig, UserError, check_positive, work_dir
 
 DEFAULT_PROFILE = "cpu"
 MIX = "mix"
@@ -75,9 +75,7 @@ class DiffConfig(StageConfig):
     def __post_init__(self) -> None:
         if not 0 < self.holdout < 0.5:
             raise ConfigError(f"diff.holdout must be in (0, 0.5), got {self.holdout}")
-        for name in ("steps", "batch_size", "eval_windows", "harvest_tokens", "n_features", "k", "epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"diff.{name} must be positive, got {getattr(self, name)}")
+        check_positive(self, "steps", "batch_size", "eval_windows", "harvest_tokens", "n_features", "k", "epochs")
         if self.k > self.n_features:
             raise ConfigError(f"diff.k ({self.k}) must not exceed diff.n_features ({self.n_features})")
 

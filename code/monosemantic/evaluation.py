@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .config import ConfigError, StageConfig, UserError, stable_hash
+from .config import ConfigError, StageConfig, UserError, check_positive, stable_hash
 
 DEFAULT_PROFILE = "cpu"
 HEADLINE = ("fvu", "fvu_after_first", "l0", "ce_loss_recovered", "ce_loss_recovered_mean_ablation", "dead_fraction",
@@ -58,10 +58,7 @@ class EvalConfig(StageConfig):
     """Seed of the bootstrap."""
 
     def __post_init__(self) -> None:
-        for name in ("batch_windows", "n_boot"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"evaluate.{name} must be a positive integer, got {value!r}")
+        check_positive(self, "batch_windows", "n_boot", integer=True)
         if any(not isinstance(k, int) or k <= 0 for k in self.neuron_ks):
             raise ConfigError(f"evaluate.neuron_ks must be positive integers, got {self.neuron_ks!r}")
         for name in ("seq_len", "max_windows"):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import sae as sae_mod
-from .config import ConfigError, StageConfig
+from .config import ConfigError, StageConfig, check_positive
 
 NAME = "gaussian-null"
 
@@ -42,8 +42,7 @@ class GaussianNullConfig(StageConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.max_width, self.moment_rows, self.eval_rows) < 1:
-            raise ConfigError("GaussianNullConfig: max_width, moment_rows and eval_rows must be positive")
+        check_positive(self, "max_width", "moment_rows", "eval_rows", integer=True)
 
 
 def moments(rows: np.ndarray, n: int, chunk: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:

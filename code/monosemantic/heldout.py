@@ -46,7 +46,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from .config import ConfigError, StageConfig, UserError
+from .config import ConfigError, StageConfig, UserError, check_positive
 
 DEFAULT_PROFILE = "cpu"
 WINDOWS_FILE = "windows.parquet"
@@ -84,9 +84,7 @@ class HeldoutConfig(StageConfig):
             raise ConfigError(f"HeldoutConfig: seq_len must be >= 0 (0: the LM's context), got {self.seq_len}")
         if self.fallback_gap < 0:
             raise ConfigError(f"HeldoutConfig: fallback_gap must be >= 0, got {self.fallback_gap}")
-        for name in ("target_tokens", "floor_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"HeldoutConfig: {name} must be positive, got {getattr(self, name)}")
+        check_positive(self, "target_tokens", "floor_tokens", integer=True)
         if self.floor_tokens > self.target_tokens:
             raise ConfigError(f"HeldoutConfig: floor_tokens ({self.floor_tokens}) exceeds target_tokens "
                               f"({self.target_tokens})")

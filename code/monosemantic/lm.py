@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError, StageConfig
+from .config import ConfigError, StageConfig, check_positive
 
 N_VOCAB = 50257  # GPT-2's tokens; ids from here up to vocab_size are padding (tokenizer.N_VOCAB)
 
@@ -369,11 +369,8 @@ class LMConfig(StageConfig):
     CPU; the fp32 path uses PyTorch's own softmax kernel, in place, and compiles nothing)."""
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "context_length", "d_model", "n_heads", "d_mlp", "steps", "batch_size",
-                    "eval_interval", "eval_batches", "checkpoint_interval")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"lm.{name} must be positive, got {getattr(self, name)}")
+        check_positive(self, "vocab_size", "context_length", "d_model", "n_heads", "d_mlp", "steps", "batch_size",
+                       "eval_interval", "eval_batches", "checkpoint_interval", integer=True)
         if self.d_model % self.n_heads:
             raise ConfigError(f"lm.d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if not 0 < self.lr_final <= self.lr:

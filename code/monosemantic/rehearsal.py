@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .config import ConfigError, StageConfig, UserError
+from .config import ConfigError, StageConfig, UserError, check_positive
 
 # The fields of L3-8B-Stheno-v3.2's config.json (Llama-3-8B-Instruct's architecture), spelled as the hub's file
 # spells them (transformers 4: rope_theta and torch_dtype at the top), which the loader converts on reading.
@@ -118,14 +118,11 @@ class RehearsalConfig(StageConfig):
     """Tokens of the text whose logits the loaded folder must reproduce."""
 
     def __post_init__(self) -> None:
-        for name in ("n_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                     "vocab_size", "seq_len", "batch_size", "harvest_tokens", "shard_tokens", "expansion",
-                     "sae_batch", "eval_tokens", "explain_tokens", "heldout_tokens", "n_boot", "probe_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"RehearsalConfig: {name} must be a positive integer, got {value!r}")
-        if self.sae_epochs <= 0 or self.memory_gb <= 0 or self.bench_seconds <= 0:
-            raise ConfigError("RehearsalConfig: sae_epochs, memory_gb and bench_seconds must be > 0")
+        check_positive(self, "n_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size", "seq_len", "batch_size", "harvest_tokens", "shard_tokens",
+                       "expansion", "sae_batch", "eval_tokens", "explain_tokens", "heldout_tokens", "n_boot",
+                       "probe_tokens", integer=True)
+        check_positive(self, "sae_epochs", "memory_gb", "bench_seconds")
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("RehearsalConfig: heads must divide hidden_size, KV heads must divide heads")
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import hardware
-from .config import ConfigError, StageConfig
+from .config import ConfigError, StageConfig, check_positive
 
 Architecture = Literal["relu", "topk"]
 ARCHITECTURES = ("relu", "topk")
@@ -160,11 +160,8 @@ class SAEConfig(StageConfig):
             if not ok:
                 raise ConfigError(f"SAEConfig: {msg}")
 
-        for name in ("d_in", "n_features", "batch_size", "n_steps", "k", "aux_k", "dead_window",
-                     "resample_pool", "log_every"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"{name} must be a positive integer, got {value!r}")
+        check_positive(self, "d_in", "n_features", "batch_size", "n_steps", "k", "aux_k", "dead_window",
+                       "resample_pool", "log_every", integer=True)
         need(self.architecture in ARCHITECTURES,
              f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
         need(self.b_dec_init in B_DEC_INITS, f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, "

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from . import sae as sae_mod
-from .config import ConfigError, StageConfig, UserError, work_dir
+from .config import ConfigError, StageConfig, UserError, check_positive, work_dir
 from .gaussian_null import NAME as GAUSSIAN_NULL
 from .harvest import HOOK, ArraySource, harvest_to_disk, open_rows, sequential_windows
 from .sae import SAE, SAEConfig
@@ -76,9 +76,7 @@ class HarvestConfig(StageConfig):
     hook: str = HOOK
 
     def __post_init__(self) -> None:
-        for name in ("train_activations", "val_activations", "seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"HarvestConfig: {name} must be positive, got {getattr(self, name)}")
+        check_positive(self, "train_activations", "val_activations", "seq_len", integer=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,17 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import sae as sae_lib
-from .config import ConfigError, StageConfig
+from .config import ConfigError, StageConfig, check_positive
 
 DEFAULT_PROFILE = "cpu"
 REPRESENTED_NORM = 0.5  # a feature counts as represented when ||W_i|| exceeds this (Elhage et al. use ~0.5)
-
-
-def _positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not (isinstance(value, (int, float)) and value > 0):
-            raise ConfigError(f"{type(cfg).__name__}: {name} must be positive, got {value!r}")
 
 
 # --- 1. superposition in toy models ------------------------------------------------------------------
@@ -66,7 +59,7 @@ class SuperpositionConfig(StageConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "n_features", "n_hidden", "n_seeds", "batch_size", "n_steps", "lr")
+        check_positive(self, "n_features", "n_hidden", "n_seeds", "batch_size", "n_steps", "lr")
         if self.n_hidden >= self.n_features:
             raise ConfigError(f"SuperpositionConfig: n_hidden ({self.n_hidden}) must be below n_features "
                               f"({self.n_features}) for superposition to be a question")
@@ -188,7 +181,7 @@ class RecoveryConfig(StageConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "d", "n_true", "mean_active", "n_train", "n_eval", "n_steps", "batch_size", "lr",
+        check_positive(self, "d", "n_true", "mean_active", "n_train", "n_eval", "n_steps", "batch_size", "lr",
                   "dead_window")
         if not self.widths or min(self.widths) * self.d < 1:
             raise ConfigError(f"RecoveryConfig: widths must give at least one latent, got {self.widths}")

@@ -457,7 +457,7 @@ def test_split_table_finds_each_child_s_parent():
 def test_bad_config_and_too_little_text_are_one_line_errors():
     from monosemantic.config import ConfigError, UserError
 
-    with pytest.raises(ConfigError, match="explain_tokens must be positive"):
+    with pytest.raises(ConfigError, match="explain_tokens must be an integer > 0"):
         A.AnalysisConfig(explain_tokens=0)
     with pytest.raises(UserError, match="at least 128"):
         A.spread_windows(np.zeros(10, dtype=np.uint16), 128, 1000)

@@ -202,3 +202,26 @@ def test_an_artifact_records_the_cli_command_that_made_it_also_when_called_from_
     assert cli.main(["cache", "list", "--stage", "toy"]) == 0
     assert store.load("toy", "tiny", "made").manifest["command"] == "monosemantic cache list --stage toy"
     assert store.COMMAND_ENV not in os.environ  # restored once the command is done
+
+
+def test_check_positive_is_the_one_message_for_a_bad_number():
+    import dataclasses
+
+    import numpy as np
+
+    from monosemantic.config import ConfigError, check_positive
+
+    @dataclasses.dataclass(frozen=True)
+    class Demo:
+        n: object = 1
+        rate: object = 0.5
+
+    check_positive(Demo(n=np.int64(3)), "n", integer=True)  # numpy's integers are integers
+    check_positive(Demo(n=0), "n", integer=True, zero=True)
+    for bad, kind in ((Demo(n=0), "an integer > 0"), (Demo(n=True), "an integer > 0"), (Demo(n=2.0), "an integer > 0")):
+        with pytest.raises(ConfigError, match=rf"^Demo: n must be {kind}, got {bad.n!r}$"):
+            check_positive(bad, "n", integer=True)
+    with pytest.raises(ConfigError, match=r"^Demo: rate must be a number >= 0, got -0.1$"):
+        check_positive(Demo(rate=-0.1), "rate", zero=True)
+    with pytest.raises(ConfigError, match="rate must be a number > 0"):
+        check_positive(Demo(rate="1"), "n", "rate")
