@@ -93,10 +93,9 @@ from .explain import (
     matched_differences,
 )
 from .harvest import HOOK
+from .tokenizer import EOT_ID, N_VOCAB  # GPT-2's; the chapters and the causal stage read them from here too
 
 DEFAULT_PROFILE = "cpu"
-EOT_ID = 50256
-N_VOCAB = 50257  # real GPT-2 tokens; 50257..50303 are padding the tokenizer never produces
 
 # --- detectors --------------------------------------------------------------------------------------
 

@@ -76,7 +76,8 @@ class StageConfig:
 
 def check_positive(cfg: Any, *names: str, integer: bool = False, zero: bool = False) -> None:
     """The one check of a config's numeric fields: each of ``names`` must be a number > 0 (``zero``: >= 0;
-    ``integer``: an integer, numpy's included, never a bool), else a one-line :class:`ConfigError` naming the class and field."""
+    ``integer``: an integer, numpy's included, never a bool), else a one-line :class:`ConfigError` naming the
+    class and the field."""
     for name in names:
         value = getattr(cfg, name)
         is_number = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)

