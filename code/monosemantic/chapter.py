@@ -29,6 +29,13 @@ SCORE_PROSE: dict[str, str] = {"specificity": "specificity", "sim_corr": "simula
                                "explain_corr": "the all-token correlation"}  # "by ..." in a sentence
 
 
+def md(text: str) -> None:
+    """Show ``text`` as Markdown in a chapter's output (the chapters' prose cells)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(text))
+
+
 def pct(v: float, digits: int | None = None) -> str:
     """``v`` as a percentage. With ``digits`` None: no decimals, except for a small non-zero share, which
     keeps one or two significant digits rather than printing as 0% (0.0039 -> 0.4%)."""
