@@ -19,8 +19,6 @@ import json
 import math
 import os
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from . import checkpoint as checkpoint_io
 from .config import UserError, work_dir
 from .lm import WEIGHTS_FILE, LMConfig, Transformer, save_weights
 from .tokenizer import EOT_ID
@@ -95,45 +94,6 @@ class TrainResult(NamedTuple):
     tokens_per_s: float  # training tokens per second of train_seconds
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint or the new one, never half
-
-
-def _load_checkpoint(path: Path | None, cfg: LMConfig, log) -> dict[str, Any] | None:
-    if path is None or not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or not {"step", "model", "optimizer", "rng"} <= state.keys():
-            raise ValueError("some of its parts are missing")
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        reason = " ".join(str(e).split())[:120] or type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({reason}); delete it or run with --fresh") from None
-    if state.get("config_hash") != cfg.config_hash():
-        log(f"ignoring {path}: it was made with another lm config ({state.get('config_hash')}, "
-            f"now {cfg.config_hash()}); starting afresh")
-        return None
-    return state
-
-
-def _catch_stop_signals(flag: list[int]) -> dict[int, Any]:
-    """Make SIGINT and SIGTERM append to ``flag`` instead of stopping at once; returns the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}  # signal handlers can only be set from the main thread
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, lambda signum, frame: flag.append(signum))
-    return previous
-
-
-def _restore_signals(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-
 def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, checkpoint: Path | None = None,
           stop_after: int | None = None, progress: bool = True, log=print,
           device: str | torch.device | None = None, init: dict[str, torch.Tensor] | None = None) -> TrainResult:
@@ -156,7 +116,8 @@ def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, chec
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
                                   fused=True)  # one kernel per step instead of a dozen passes over 13M numbers
     step, history, train_seconds = 0, [], 0.0
-    state = _load_checkpoint(checkpoint, cfg, log)
+    state = checkpoint_io.load(checkpoint, cfg.config_hash(), {"step", "model", "optimizer", "rng"}, what="lm",
+                               fix="delete it or run with --fresh", log=log)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -168,7 +129,7 @@ def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, chec
 
     def save() -> None:
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, {
+            checkpoint_io.save(checkpoint, {
                 "config": cfg.to_dict(), "config_hash": cfg.config_hash(), "step": step,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history,
                 "train_seconds": train_seconds, "tokens": step * cfg.tokens_per_step, "losses": losses,
@@ -186,7 +147,7 @@ def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, chec
     # Ctrl-C and SIGTERM only raise a flag, honoured between steps: a signal that lands inside
     # optimizer.step() must not checkpoint an update under the previous step's number.
     stop_signal: list[int] = []
-    previous = _catch_stop_signals(stop_signal)
+    previous = checkpoint_io.catch_stop_signals(stop_signal)
     try:
         while step < end:
             t0 = time.perf_counter()
@@ -229,7 +190,7 @@ def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, chec
                 save()
                 raise KeyboardInterrupt(f"signal {stop_signal[0]} at step {step}")
     finally:
-        _restore_signals(previous)
+        checkpoint_io.restore_signals(previous)
         if bar is not None:
             bar.close()
     val_loss = history[-1]["val_loss"] if history and history[-1]["step"] == step else \

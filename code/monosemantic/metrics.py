@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import checkpoint as checkpoint_io
 from .config import UserError
 from .hardware import trimmed
 from .harvest import HOOK, ForwardDtype, forward_dtype, resolve_dtype
@@ -208,10 +209,9 @@ def run_evaluations(model: torch.nn.Module, saes: Sequence[SAE], windows: Sequen
                 log(f"    resuming after {done} of {len(windows)} batches ({checkpoint})")
 
     def save(n_done: int) -> None:
-        tmp = Path(checkpoint).with_suffix(".tmp")
-        torch.save({"key": checkpoint_key, "n_saes": len(saes), "done": n_done, "shared": shared, "own": own,
-                    "fires": [f.cpu() for f in fires], "window_fires": window_fires}, tmp)
-        tmp.replace(checkpoint)
+        checkpoint_io.save(Path(checkpoint), {"key": checkpoint_key, "n_saes": len(saes), "done": n_done,
+                                              "shared": shared, "own": own, "fires": [f.cpu() for f in fires],
+                                              "window_fires": window_fires})
 
     def splice_with(j: int):
         sae = saes[j]

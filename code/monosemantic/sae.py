@@ -35,9 +35,6 @@ import collections
 import dataclasses
 import json
 import math
-import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -47,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import checkpoint as checkpoint_io
 from . import hardware
 from .config import ConfigError, StageConfig, check_positive
 
@@ -801,35 +799,6 @@ class IndexedSource(Protocol):
         ...
 
 
-def _catch_stop_signals(flag: list[int]) -> dict[int, Any]:
-    """SIGINT and SIGTERM append to ``flag`` (honoured between steps) instead of stopping at once."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}  # handlers can only be set from the main thread
-    return {sig: signal.signal(sig, lambda signum, frame: flag.append(signum))
-            for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the old checkpoint or the new one, never half of one
-
-
-def _load_checkpoint(path: Path, cfg: SAEConfig) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or not {"step", "sae", "optimizer", "generator"} <= state.keys():
-            raise ValueError("some of its parts are missing")
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        reason = " ".join(str(e).split())[:120] or type(e).__name__
-        raise ConfigError(f"{path} is not a readable SAE checkpoint ({reason}); delete it to start afresh") from None
-    if state.get("config_hash") != cfg.config_hash():
-        raise ConfigError(f"{path} is a checkpoint of another SAE config ({state.get('config_hash')}, this one is "
-                          f"{cfg.config_hash()}); delete it to start afresh")
-    return state
-
-
 def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
           device: torch.device | str | None = None, progress: bool = True, sae: SAE | None = None,
           desc: str | None = None, checkpoint: Path | None = None, checkpoint_every: int = 500,
@@ -898,7 +867,8 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
     state = None
     if checkpoint is not None and checkpoint.is_file():
         if indexed:
-            state = _load_checkpoint(checkpoint, cfg)
+            state = checkpoint_io.load(checkpoint, cfg.config_hash(), {"step", "sae", "optimizer", "generator"},
+                                       what="SAE", fix="delete it to start afresh", log=log)
         else:
             log(f"not resuming from {checkpoint}: resuming needs an indexed source (one with .batch(step)); "
                 "starting afresh")
@@ -918,7 +888,7 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
 
     def save_checkpoint() -> None:
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, {
+            checkpoint_io.save(checkpoint, {
                 "config": cfg.to_dict(), "config_hash": cfg.config_hash(), "step": step,
                 "sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
                 "since_fired": since_fired.cpu(), "pool": [t.cpu() for t in pool], "history": history,
@@ -965,7 +935,7 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
                disable=not progress or ranks.rank > 0, mininterval=1.0, leave=False)
     stop_signal: list[int] = []
     # Ctrl-C and SIGTERM only raise a flag, honoured between steps, so a checkpoint never holds half a step
-    previous = _catch_stop_signals(stop_signal) if checkpoint is not None else {}
+    previous = checkpoint_io.catch_stop_signals(stop_signal) if checkpoint is not None else {}
     start = time.perf_counter()
     try:
         while step < cfg.n_steps:
@@ -1031,8 +1001,7 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
             if step % checkpoint_every == 0 and step < cfg.n_steps:
                 save_checkpoint()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        checkpoint_io.restore_signals(previous)
         bar.close()
     if n_in_interval:  # the stream ended between two logged intervals
         history.append({"step": step, "n_activations": step * cfg.batch_size, **interval_means(),

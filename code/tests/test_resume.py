@@ -154,5 +154,5 @@ def test_unreadable_checkpoint_is_one_clear_line(reference):
     out = subprocess.run(COMMAND, cwd=PACKAGE_ROOT, env=_env(cache), capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
-    assert "is not a readable checkpoint" in out.stderr and "--fresh" in out.stderr
+    assert "is not a readable lm checkpoint" in out.stderr and "--fresh" in out.stderr
     assert not (cache / "lm" / "tiny-model").exists()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from monosemantic import sae as S
-from monosemantic.config import ConfigError
+from monosemantic.config import ConfigError, UserError
 
 
 def _synthetic(d: int = 16, n_true: int = 32, n: int = 20_000, p: float = 0.02, seed: int = 0):
@@ -281,15 +281,21 @@ def test_interrupted_training_resumes_exactly(tmp_path, arch, how):
         assert any(row["aux"] > 0 for row in h_straight)
 
 
-def test_checkpoint_of_another_config_is_one_clear_line(tmp_path):
+def test_a_checkpoint_of_another_config_is_set_aside_and_a_broken_one_is_one_clear_line(tmp_path):
     x, _ = _synthetic()
     cfg = _cfg(n_steps=6)
     ckpt = tmp_path / "sae.ckpt"
     with pytest.raises(KeyboardInterrupt):
         S.train(cfg, _Indexed(x, cfg.batch_size, stop_at=3), progress=False, checkpoint=ckpt)
-    with pytest.raises(ConfigError, match="delete it") as err:
-        S.train(cfg.replace(lr=1e-3), _Indexed(x, cfg.batch_size), progress=False, checkpoint=ckpt)
-    assert "\n" not in str(err.value)
+    # another config: the run says so and starts afresh (the LM's trainer does the same), giving what a run
+    # with no checkpoint gives
+    notes: list[str] = []
+    other = cfg.replace(lr=1e-3)
+    got = S.train(other, _Indexed(x, cfg.batch_size), progress=False, checkpoint=ckpt, log=notes.append)
+    fresh = S.train(other, _Indexed(x, cfg.batch_size), progress=False)
+    assert any("another SAE config" in n and "starting afresh" in n for n in notes)
+    assert torch.equal(got.sae.W_dec, fresh.sae.W_dec)
     ckpt.write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="not a readable SAE checkpoint"):
+    with pytest.raises(UserError, match="not a readable SAE checkpoint.*delete it") as err:
         S.train(cfg, _Indexed(x, cfg.batch_size), progress=False, checkpoint=ckpt)
+    assert "\n" not in str(err.value)

@@ -225,3 +225,20 @@ def test_check_positive_is_the_one_message_for_a_bad_number():
         check_positive(Demo(rate=-0.1), "rate", zero=True)
     with pytest.raises(ConfigError, match="rate must be a number > 0"):
         check_positive(Demo(rate="1"), "n", "rate")
+
+
+def test_checkpoint_save_is_atomic_and_load_sets_aside_another_config(tmp_path):
+    from monosemantic import checkpoint
+    from monosemantic.config import UserError
+
+    path = tmp_path / "run" / "checkpoint.pt"
+    assert checkpoint.load(path, "abc", {"step"}, what="demo", fix="delete it") is None  # none yet
+    checkpoint.save(path, {"config_hash": "abc", "step": 7})
+    assert [p.name for p in path.parent.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+    assert checkpoint.load(path, "abc", {"step"}, what="demo", fix="delete it")["step"] == 7
+    notes: list[str] = []
+    assert checkpoint.load(path, "xyz", {"step"}, what="demo", fix="delete it", log=notes.append) is None
+    assert notes == [f"ignoring {path}: it was made with another demo config (abc, now xyz); starting afresh"]
+    with pytest.raises(UserError, match=r"is not a readable demo checkpoint \(some of its parts are missing\); "
+                                        r"delete it$"):
+        checkpoint.load(path, "abc", {"step", "model"}, what="demo", fix="delete it")
