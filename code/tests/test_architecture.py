@@ -1,0 +1,126 @@
+"""The package's shape, read from its source: which modules import which (every import, at module level or
+inside a function), where the import circles are, and how long the modules are. The known exceptions are
+listed here and may only shrink: a new module that reaches up into ``profiles``, a new circle or a new long
+module fails, and so does an exception that no longer holds (delete it from the list)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "monosemantic"
+
+# Library code should take its config from the caller, not look the profile up itself. These modules still do
+# (inside their stage functions); the list may only shrink.
+IMPORT_PROFILES = {"analysis", "corpus", "data", "diffing", "gpurun", "heldout", "llama_cli", "lm_train",
+                   "rehearsal", "sae_train", "toy"}
+# entry points that resolve the profile: allowed to import it
+ENTRY_POINTS = {"cli", "pipeline", "profiles", "readme", "__main__"}
+# the one import circle today (it closes through profiles, which imports every stage's config class)
+KNOWN_CIRCLES = [{"analysis", "corpus", "data", "diffing", "evaluation", "gaussian_null", "gpurun", "heldout",
+                  "lm_train", "profiles", "sae_train", "toy"}]
+MAX_LINES = 700
+LONG_MODULES = {"analysis", "corpus", "explain", "gpurun", "sae"}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for p in PACKAGE.rglob("*.py"):
+        parts = p.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
+        out[name] = p
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports anywhere in its source (relative or absolute)."""
+    mods = modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[:len(package) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    if not (node.module or "").startswith("monosemantic"):
+                        continue
+                    target = node.module.removeprefix("monosemantic").lstrip(".")
+                for alias in node.names:  # "from . import sae" names a module; "from .sae import SAE" does not
+                    sub = f"{target}.{alias.name}" if target else alias.name
+                    found.add(sub if sub in mods else target)
+            elif isinstance(node, ast.Import):
+                found |= {a.name.removeprefix("monosemantic.") for a in node.names
+                          if a.name.startswith("monosemantic.")}
+        graph[name] = {m for m in found if m in mods and m != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_graph_reader_sees_relative_and_function_level_imports():
+    graph = import_graph()
+    assert "store" in graph["analysis"] and "tokenizer" in graph["analysis"]  # module level
+    assert "sae" in graph["causal"]  # "from . import sae as sae_mod" inside run_stage
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_library_modules_do_not_reach_up_into_the_profiles():
+    graph = import_graph()
+    importers = {m for m, deps in graph.items() if "profiles" in deps} - ENTRY_POINTS
+    assert not importers - IMPORT_PROFILES, f"new modules import profiles: {sorted(importers - IMPORT_PROFILES)}; " \
+                                            "take the config as an argument instead"
+    gone = sorted(IMPORT_PROFILES - importers)
+    assert not gone, f"these no longer import profiles: {gone}; remove them from IMPORT_PROFILES"
+
+
+def test_no_new_import_circle():
+    found = circles(import_graph())
+    for comp in found:
+        assert any(comp <= known for known in KNOWN_CIRCLES), f"a new import circle: {sorted(comp)}"
+    for known in KNOWN_CIRCLES:
+        assert any(known <= comp for comp in found), "a known circle got smaller or went: update KNOWN_CIRCLES to " \
+                                                     f"{[sorted(c) for c in found]}"
+
+
+def test_no_new_long_module():
+    long = {name for name, path in modules().items() if len(path.read_text().splitlines()) > MAX_LINES}
+    assert not long - LONG_MODULES, f"over {MAX_LINES} lines: {sorted(long - LONG_MODULES)}; split by concept"
+    shorter = sorted(LONG_MODULES - long)
+    assert not shorter, f"now under {MAX_LINES} lines: {shorter}; remove them from LONG_MODULES"
