@@ -1412,6 +1412,8 @@ def summary_metrics(units, cfg: AnalysisConfig) -> dict[str, Any]:
         # on the explanation text: units that never fire there, and how often a live one fires
         out[f"never_fired_fraction_{label}"] = _finite(float((part["density"] == 0).mean()))
         out[f"median_density_{label}"] = _finite(float(part.loc[part["density"] > 0, "density"].median()), 8)
+        if "density_val" in part:  # and on the held-out text: the dead fraction an SAE's bar is set on
+            out[f"heldout_never_fired_fraction_{label}"] = _finite(float((part["density_val"] == 0).mean()))
         if "sim_corr" not in part:
             continue
         out[f"simulation_fraction_{label}"] = _finite(interpretable_fraction(part, "sim_corr", cfg))

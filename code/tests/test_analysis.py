@@ -325,6 +325,10 @@ def test_units_with_too_few_heldout_firings_are_counted_not_scored(scored_analys
     assert row["explanation"] == ""
     m = A.summary_metrics(r.out["units"], r.cfg)
     assert m["too_rare_features"] == 1 and m["scored_features"] == 4
+    assert m["heldout_never_fired_fraction_features"] == 0.0  # all five fire on the held-out text
+    silent = r.out["units"].copy()
+    silent.loc[silent.unit == 3, "density_val"] = 0.0  # the rare unit, had it never fired there
+    assert A.summary_metrics(silent, r.cfg)["heldout_never_fired_fraction_features"] == pytest.approx(1 / 5)
     assert m["detection_fraction_features"] == pytest.approx(3 / 4)  # detector, digits, first-position unit
     assert m["simulation_fraction_features"] == pytest.approx(3 / 4)
     assert all(v is None or np.isfinite(v) for v in m.values() if not isinstance(v, str))
