@@ -68,12 +68,16 @@ def test_the_random_control_uses_the_same_coefficients_along_another_direction()
     assert torch.allclose(out - h.reshape(-1, D), (2.0 - f)[:, None] * r[0], atol=1e-6)
 
 
-def test_no_edit_shifts_nothing_and_a_big_push_shifts_a_lot():
+def tiny_lm_and_windows():
+    """A random 64-token LM (d_mlp = D) and 4 windows of 8 random tokens, 2 per batch."""
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=64, context_length=8, d_model=16, n_heads=2, d_mlp=D, compile=False, dtype="float32")
-    model = Transformer(cfg).eval()
     toks = np.random.default_rng(0).integers(0, 64, 8 * 4 + 1).astype(np.uint16)
-    windows = sequential_windows(toks, 8, 4, batch=2)
+    return Transformer(cfg).eval(), sequential_windows(toks, 8, 4, batch=2)
+
+
+def test_no_edit_shifts_nothing_and_a_big_push_shifts_a_lot():
+    model, windows = tiny_lm_and_windows()
     mask = torch.zeros(60, dtype=torch.bool)  # shorter than the vocabulary: padded with zeros
     mask[:8] = True
     none = distribution_shift(model, HOOK, windows, lambda h, name: h, mask)
@@ -163,11 +167,7 @@ def test_the_feature_ranks_among_random_directions_by_the_way_its_edit_should_go
 
 
 def test_each_edit_is_also_measured_on_its_own_tokens():
-    torch.manual_seed(0)
-    cfg = LMConfig(vocab_size=64, context_length=8, d_model=16, n_heads=2, d_mlp=D, compile=False, dtype="float32")
-    model = Transformer(cfg).eval()
-    toks = np.random.default_rng(0).integers(0, 64, 8 * 4 + 1).astype(np.uint16)
-    windows = sequential_windows(toks, 8, 4, batch=2)
+    model, windows = tiny_lm_and_windows()
     mask = torch.zeros(64, dtype=torch.bool)
     mask[:8] = True
     push = lambda h, name: h + 50.0  # noqa: E731
