@@ -403,23 +403,64 @@ def verdicts(fa, units, scores=("specificity", "sim_corr", "detection")) -> dict
     return out
 
 
-def causal_leaders(ct, control: str = "") -> list[int]:
-    """The features of a causal table (``causal.parquet``) whose edit beats every control direction both when
-    clamped and when ablated: the rule the chapter and the preface read the test by. ``control`` "" ranks them
-    among the random directions, "_dec" among other features' decoder directions. Clamped, the measures are
-    the family's mass, the KL and (where measured) the mass on the tokens each direction promotes itself (the
-    "fair" measure: on the feature's own promoted tokens a clamped feature is favoured by construction, its
-    direction being what picked them, so that one never counts for the clamp); ablated, the family's mass, the
-    KL and the mass on the feature's promoted tokens."""
-    rows = ct[ct.direction == "feature"].set_index(["feature", "mode"])
-    clamped = tuple(c for c in ("dmass_rank", "kl_rank", "promoted_fair_rank") if c + control in rows)
-    ablated = tuple(c for c in ("dmass_rank", "kl_rank", "promoted_rank") if c + control in rows)
+LEADER_MEASURES = ("dmass", "promoted_fair")
+"""What a causal leader must come first on: measures of the mass the label predicts, which favour no direction
+by construction (the family's next-token mass; each direction's own promoted tokens where measured). The KL
+says only that an edit moves the distribution, and the mass on the *feature's* promoted tokens favours the
+feature's own direction in both edits; neither counts."""
 
-    def first(f, mode, cols) -> bool:
-        return (f, mode) in rows.index and any(rows.loc[(f, mode), c + control] == 1 for c in cols)
+
+def _first_on(ranks: dict[str, float], suffix: str = "") -> bool:
+    return any(ranks.get(f"{c}_rank{suffix}") == 1 for c in LEADER_MEASURES)
+
+
+def causal_leaders(ct, control: str = "") -> list[int]:
+    """The features of a causal table (``causal.parquet``) whose edit beats every control direction on a
+    measure of :data:`LEADER_MEASURES` both when clamped and when ablated: the rule the chapter and the preface
+    read the test by. ``control`` "" ranks them among the random directions, "_dec" among other features'
+    decoder directions, "both" requires both."""
+    rows = ct[ct.direction == "feature"].set_index(["feature", "mode"])
+    suffixes = ("", "_dec") if control == "both" else (control,)
+
+    def first(f, mode, suffix) -> bool:
+        return (f, mode) in rows.index and _first_on(rows.loc[(f, mode)].to_dict(), suffix)
 
     return [int(f) for f in ct.feature.drop_duplicates()
-            if first(f, "clamp", clamped) and first(f, "ablate", ablated)]
+            if all(first(f, mode, sfx) for mode in ("clamp", "ablate") for sfx in suffixes)]
+
+
+def causal_null_rate(ct, singles, control: str = "random") -> tuple[float, int]:
+    """How often the leader rule passes a direction that is not a feature's: each control direction of
+    ``singles`` (``random_directions.parquet``, rows of ``control``) is ranked, as the feature is, among the
+    other control directions and the feature, on each measure of :data:`LEADER_MEASURES` and in both edits;
+    returns (the share of control directions the rule passes, how many were tried). The rule's false-positive
+    rate measured on the null itself, dependence between measures and edits included."""
+    import numpy as np
+
+    singles = singles[singles["control"] == control] if "control" in singles else singles
+    feats = ct[ct.direction == "feature"].set_index(["feature", "mode"])
+    cols = {"dmass": "dmass", "promoted_fair": "own_promoted_dmass"}
+    feat_cols = {"dmass": "dmass", "promoted_fair": "promoted_dmass"}  # the feature on its own promoted tokens
+    passed = tried = 0
+    for f, part in singles.groupby("feature"):
+        by_mode = {mode: part[part["mode"] == mode].sort_values("index") for mode in ("clamp", "ablate")}
+        if any(len(v) == 0 or (f, mode) not in feats.index for mode, v in by_mode.items()):
+            continue
+        n = len(by_mode["clamp"])
+        wins = np.ones(n, dtype=bool)
+        for mode, sign in (("clamp", 1.0), ("ablate", -1.0)):
+            first = np.zeros(n, dtype=bool)
+            for m_, col in cols.items():
+                if col not in by_mode[mode] or (m_ == "promoted_fair" and "promoted_fair_rank" not in feats):
+                    continue
+                v = sign * by_mode[mode][col].to_numpy()
+                others = np.append(v, sign * float(feats.loc[(f, mode), feat_cols[m_]]))
+                # direction j is first when no other direction (nor the feature) does at least as well
+                first |= np.array([(np.delete(others, j) < v[j]).all() for j in range(n)])
+            wins &= first
+        passed += int(wins.sum())
+        tried += n
+    return (passed / tried if tried else float("nan")), tried
 
 
 def signed(v: float, fmt: str = "{:+.0f}") -> str:

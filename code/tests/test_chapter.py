@@ -110,24 +110,41 @@ def test_a_score_counts_for_the_features_only_when_every_control_agrees(tmp_path
     assert not chapter.verdicts(fa, units, scores=("sim_corr",))["sim_corr"].counts
 
 
-def test_a_causal_leader_beats_every_random_direction_both_clamped_and_ablated():
+def test_a_causal_leader_beats_every_control_on_the_labels_mass_both_clamped_and_ablated():
     import pandas as pd
 
-    def row(f, mode, dmass=5, kl=5, promoted=5):
+    def row(f, mode, dmass=5, kl=5, promoted=5, fair=5):
         return {"feature": f, "mode": mode, "direction": "feature", "dmass_rank": dmass, "kl_rank": kl,
-                "promoted_rank": promoted}
+                "promoted_rank": promoted, "promoted_fair_rank": fair}
 
-    ct = pd.DataFrame([row(1, "clamp", dmass=1), row(1, "ablate", promoted=1),  # a leader
-                       row(2, "clamp", promoted=1), row(2, "ablate", dmass=1),  # the clamp counts only by family/KL
-                       row(3, "clamp", kl=1)])  # never ablated (never fired held out)
+    ct = pd.DataFrame([row(1, "clamp", dmass=1), row(1, "ablate", fair=1),  # a leader
+                       row(2, "clamp", kl=1), row(2, "ablate", dmass=1),  # first on the KL only when clamped
+                       row(3, "clamp", dmass=1), row(3, "ablate", promoted=1),  # ablated: the feature's tokens
+                       row(4, "clamp", fair=1)])  # never ablated (never fired held out)
     assert chapter.causal_leaders(ct) == [1]
-    assert chapter.causal_leaders(ct.drop(columns="promoted_rank")) == []  # a run without the promoted tokens
-    # the fair measure (each direction on the tokens it promotes itself) counts for the clamp; a second control
-    # (other features' decoder directions) is read the same way from its own rank columns
-    ct["promoted_fair_rank"] = [5, 5, 1, 5, 5]
-    assert chapter.causal_leaders(ct) == [1, 2]
+    assert chapter.causal_leaders(ct.drop(columns="promoted_fair_rank")) == []  # a run before the fair measure
+    # a second control (other features' decoder directions), read from its own rank columns, alone or with the first
     for c in ("dmass_rank", "kl_rank", "promoted_rank", "promoted_fair_rank"):
         ct[c + "_dec"] = 5
-    ct.loc[(ct.feature == 2) & (ct["mode"] == "clamp"), "kl_rank_dec"] = 1
-    ct.loc[(ct.feature == 2) & (ct["mode"] == "ablate"), "promoted_rank_dec"] = 1
-    assert chapter.causal_leaders(ct, "_dec") == [2]
+    ct.loc[ct.feature == 3, "dmass_rank_dec"] = 1
+    assert chapter.causal_leaders(ct, "_dec") == [3]
+    ct.loc[(ct.feature == 1) & (ct["mode"] == "ablate"), "promoted_fair_rank_dec"] = 1
+    ct.loc[(ct.feature == 1) & (ct["mode"] == "clamp"), "dmass_rank_dec"] = 1
+    assert chapter.causal_leaders(ct, "both") == [1]
+
+
+def test_the_leader_rules_false_positive_rate_is_measured_on_the_controls():
+    import pandas as pd
+
+    # one feature, three random directions; on the family mass, direction 0 beats the others and the feature
+    # when clamped (up) and when ablated (down): it would pass the rule; direction 1 is first only when clamped
+    ct = pd.DataFrame([{"feature": 7, "mode": m, "direction": "feature", "dmass": d, "promoted_dmass": 0.0,
+                        "dmass_rank": 2, "promoted_rank": 4} for m, d in (("clamp", 0.5), ("ablate", -0.5))])
+    singles = pd.DataFrame([{"feature": 7, "mode": m, "control": "random", "index": i, "dmass": d,
+                             "own_promoted_dmass": 0.0}
+                            for m, ds in (("clamp", (0.9, 0.2, 0.1)), ("ablate", (-0.9, 0.3, -0.1)))
+                            for i, d in enumerate(ds)])
+    assert chapter.causal_null_rate(ct, singles) == (pytest.approx(1 / 3), 3)
+    # decoder rows are a control of their own, and the random ones are not counted with them
+    dec = singles.assign(control="decoder", dmass=singles.dmass * 0.1)
+    assert chapter.causal_null_rate(ct, pd.concat([singles, dec]), control="decoder") == (0.0, 3)
