@@ -29,8 +29,8 @@ VARIANTS: tuple[dict[str, Any], ...] = (
     {"aux_coeff": 1 / 8, "dead_window": 25_000},
 )
 CE_TOKENS = 16_384
-"""The sweep splices each SAE into the model on the first this many held-out tokens (a quarter of the cpu
-profile's final evaluation: enough to rank settings, and the interval says how precisely)."""
+"""The sweep splices each SAE into the model on at most the first this many held-out tokens (the cpu
+profile's evaluation reads as many; a larger profile's reads more), and the interval says how precisely."""
 
 
 def sweep_name(cfg: LlamaConfig) -> str:
