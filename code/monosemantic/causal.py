@@ -352,6 +352,8 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     pool = np.sort(units[units["scored"] & ~units["unit"].isin(picked)]["unit"].to_numpy().astype(np.int64))
     dec_ids = np.sort(np.random.default_rng(cfg.seed).choice(pool, min(cfg.n_decoder, len(pool)), replace=False))
     decoders = sae.W_dec[torch.as_tensor(dec_ids, dtype=torch.long)].detach().float()  # (n_decoder, d_in)
+    decoders = decoders / decoders.norm(dim=1, keepdim=True)
+    dec_family = dict(zip(units["unit"].astype(int), units["family"].fillna("").astype(str), strict=True))
     push_d = output_push(model, decoders)
 
     def promoted_of(directions: Tensor) -> Tensor:  # (n, P) the tokens each direction's direct effect raises most
@@ -421,10 +423,14 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             measures = (single[where[0]], single[where[1]], single[where[4]], single[own_key])
             ranks = control_ranks(*measures, [0, *range(1, 1 + n_r)], mode)
             ranks.update(control_ranks(*measures, [0, *range(1 + n_r, 1 + n_r + n_d)], mode, "_dec") if n_d else {})
+            unit_dir = sae.W_dec[feature].detach().float()
+            cosines = torch.cat([randoms, decoders]) @ (unit_dir / unit_dir.norm())  # each control's cosine with it
             for i in range(n_r + n_d):
                 control, j = ("random", i) if i < n_r else ("decoder", i - n_r)
                 singles.append({"feature": feature, "family": family, "mode": mode, "control": control,
                                 "index": j, "source_feature": -1 if control == "random" else int(dec_ids[j]),
+                                "source_family": "" if control == "random" else dec_family.get(int(dec_ids[j]), ""),
+                                "cosine": float(cosines[i]),
                                 "kl": float(single[where[0]][i + 1]), "dmass": float(single[where[1]][i + 1]),
                                 "promoted_dmass": float(single[where[4]][i + 1]),
                                 "own_promoted_dmass": float(single[own_key][i + 1])})

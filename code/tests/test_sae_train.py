@@ -276,6 +276,7 @@ def test_the_causal_stage_gives_each_feature_its_random_control_and_their_paired
     # the second control: the same other features' decoder directions for every tested feature, none of them tested
     assert set(decs.source_feature) == set(art.metrics["decoder_features"]) and \
         not set(decs.source_feature) & set(table.feature)
+    assert decs.cosine.between(-1, 1).all() and (singles.source_family == "").all()
     for (f, mode), part in singles.groupby(["feature", "mode"]):
         assert sorted(part["index"]) == list(range(cfg.n_random))
         dec = decs[(decs.feature == f) & (decs["mode"] == mode)]
