@@ -568,7 +568,7 @@ _MOVED = {
                     "train", "trained"),
     "llama_eval": ("AnalysisTokenizer", "LayerModel", "layer_model", "HeldOut", "heldout_windows", "EvalResult",
                    "evaluate", "analysis_config", "analyze_features", "artifact_name", "train_and_store",
-                   "main_artifact", "load_sae", "metrics_of", "feature_units"),
+                   "main_artifact", "load_sae", "feature_units"),
     "llama_cost": ("forward_flops_per_token", "sae_flops_per_activation", "benchmark", "STHENO_SHAPE",
                    "CostAssumptions", "measured_throughputs", "cost_model"),
     "llama_cli": ("config_from_args",),

@@ -293,28 +293,6 @@ def load_sae(artifact) -> Any:
     return sae_mod.load(artifact.file("sae/sae_weights.safetensors").parent)
 
 
-# Llama artifacts made before the Llama path used the shared evaluation and analysis (issue 19) hold some
-# numbers under other names (the analysis's with an ``analysis_`` prefix) and a feature table's own, measured
-# by another rule. metrics_of reads them under the shared names; drop this once those runs are regenerated.
-_RENAMED = {"ce_loss_recovered_mean": "ce_loss_recovered_mean_ablation", "sae_acts_per_s": "activations_per_s",
-            "sae_train_seconds": "train_seconds", "dead_fraction_explain": "never_fired_fraction_features",
-            "median_density": "median_density_features", "analysis_heldout_tokens": "held_out_tokens"}
-_FEATURE_TABLE = ("specific_fraction_features", "scored_features", "explain_tokens", "sae_steps_per_s")
-
-
-def metrics_of(artifact) -> dict[str, Any]:
-    """A ``llama`` artifact's metrics under the one-layer SAEs' names, whichever version of the pipeline
-    wrote it (see ``_RENAMED``)."""
-    m = dict(artifact.metrics)
-    if "ce_loss_recovered_mean" not in m:
-        return m
-    m = {k: v for k, v in m.items() if k not in _FEATURE_TABLE}
-    for old, new in _RENAMED.items():
-        if old in m:
-            m[new] = m.pop(old)
-    return {(k.removeprefix("analysis_") if k != "analysis_seconds" else k): v for k, v in m.items()}
-
-
 def feature_units(artifact) -> Any:
     """The SAE's features as the analysis measured them: the ``topk`` rows of the artifact's ``units`` table
     (density on the explanation text, best family, its held-out share and lift, scores), with ``specific``:
@@ -324,7 +302,7 @@ def feature_units(artifact) -> Any:
     from .analysis import MAIN_SAE
     from .explain import passes
 
-    m = metrics_of(artifact)
+    m = artifact.metrics
     units = pd.read_parquet(artifact.file("units.parquet"))
     feats = units[units["set"] == MAIN_SAE].reset_index(drop=True)
     thresholds = SimpleNamespace(specificity_threshold=m["specificity_threshold"], lift_threshold=m["lift_threshold"])

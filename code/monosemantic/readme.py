@@ -52,14 +52,15 @@ def _recovery(a: store.Artifact) -> str:
 
 
 def _smollm2(a: store.Artifact) -> str:
-    from .llama_eval import metrics_of
-
-    m = metrics_of(a)  # the shared metric names, also for a run made before they were shared
+    m = a.metrics
     return (f"Llama-family extension (`{a.key}`): a TopK SAE ({m['n_features']:,} features, k={m['k']}) on "
             f"SmolLM2-135M's last-layer MLP ({m['d_in']:,} dims) recovers {m['ce_loss_recovered']:.1%} of the CE "
             f"loss (zero-ablation baseline) at FVU {m['fvu']:.2f}, trained on {a.config['harvest_tokens'] / 1e6:.1f}M "
             f"harvested tokens ({m['train_activations'] / 1e6:.1f}M activations); "
-            f"{m['dead_fraction']:.0%} of its features are dead on {m['eval_tokens']:,} held-out tokens"
+            + (f"{m['heldout_never_fired_fraction_features']:.1%} of its features never fire on "
+               f"{m['held_out_tokens']:,} held-out tokens ({m['dead_fraction']:.0%} on the evaluation's "
+               f"{m['eval_tokens']:,})" if "heldout_never_fired_fraction_features" in m else
+               f"{m['dead_fraction']:.0%} of its features are dead on {m['eval_tokens']:,} held-out tokens")
             + (f" and {m['never_fired_fraction_features']:.0%} never fire on {m['explain_tokens'] / 1e3:.0f}k tokens "
                f"of training text" if "never_fired_fraction_features" in m else "")
             + (f"; {m['specific_fraction_features']:.0%} of the scored ones are specific to one token family and, "
