@@ -93,7 +93,7 @@ from .explain import (
     matched_differences,
 )
 from .harvest import HOOK
-from .tokenizer import EOT_ID, N_VOCAB  # GPT-2's; the chapters and the causal stage read them from here too
+from .tokenizer import EOT_ID, N_VOCAB, TokenTable  # GPT-2's; the chapters and the causal stage read them here too
 
 DEFAULT_PROFILE = "cpu"
 
@@ -862,7 +862,7 @@ def pearson(st: dict[str, Tensor]) -> Tensor:
 
 # --- the whole analysis -----------------------------------------------------------------------------
 
-def analyze(model, tokenizer, sets: list[UnitSet], explain_tokens: np.ndarray, val_tokens: np.ndarray,
+def analyze(model, tokenizer: TokenTable, sets: list[UnitSet], explain_tokens: np.ndarray, val_tokens: np.ndarray,
             cfg: AnalysisConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every pass; returns pandas tables: ``units`` (one row per unit of every set), ``contexts``,
     ``top_tokens``, ``logits``, ``histograms``, ``families`` and a ``vocab`` of the token strings used.

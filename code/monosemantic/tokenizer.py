@@ -23,6 +23,7 @@ import importlib.util
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -105,6 +106,21 @@ def _no_tiktoken_cache() -> Iterator[None]:
             os.environ.pop("TIKTOKEN_CACHE_DIR", None)
         else:
             os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
+@runtime_checkable
+class TokenTable(Protocol):
+    """What the analysis and the browser read of a tokenizer: each token's bytes and display text, the
+    document separator and the real vocabulary size. GPT-2's :class:`Tokenizer`, a Llama model's
+    (:class:`monosemantic.llama_eval.AnalysisTokenizer`) and an analysis's own ``vocab`` table
+    (:class:`monosemantic.browser.VocabPieces`) are the three kinds."""
+
+    eot_id: int
+    n_vocab: int
+
+    def token_bytes(self, ids: Sequence[int] | np.ndarray) -> list[bytes]: ...
+
+    def token_strings(self, ids: Sequence[int] | np.ndarray) -> list[str]: ...
 
 
 class Tokenizer:

