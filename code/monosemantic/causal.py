@@ -176,8 +176,8 @@ def distribution_shifts(model, hook: str, windows, edits: list[Callable], family
     tags = [""] + [str(m + 1) for m in range(1, masks.shape[1])]  # "dmass", "dmass2", ...
     if own_tokens is not None and len(own_tokens) != len(edits):
         raise UserError(f"own_tokens gives {len(own_tokens)} token sets for {len(edits)} edits")
-    owns = [""] * (own_tokens is not None)
-    keys = ("kl", "tokens", "kl_fire", "fire", *(f"{k}{t}{f}" for t in [*tags, *(o + "_own" for o in owns)]
+    suffixes = [*tags, "_own"] if own_tokens is not None else tags  # "dmass_own": on each edit's own tokens
+    keys = ("kl", "tokens", "kl_fire", "fire", *(f"{k}{t}{f}" for t in suffixes
                                                  for k in ("dmass", "mass") for f in ("", "_fire")))
     out: list[dict[str, list[Tensor]]] = [{k: [] for k in keys} for _ in edits]
     mask = masks
@@ -390,6 +390,8 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         matched, matched_dec = randoms * (push_f / push_r)[:, None], decoders * (push_f / push_d)[:, None]
         own = [promoted_of(sae.W_dec[feature:feature + 1].detach())[0], *own_r, *own_d]
         n_r, n_d = len(matched), len(matched_dec)
+        unit_dir = sae.W_dec[feature].detach().float()
+        cosines = torch.cat([randoms, decoders]) @ (unit_dir / unit_dir.norm())  # each control's cosine with it
         for mode in ("clamp", "ablate"):
             w, d = (windows, docs) if mode == "clamp" else fire_windows
             if len(d) == 0:
@@ -423,8 +425,6 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             measures = (single[where[0]], single[where[1]], single[where[4]], single[own_key])
             ranks = control_ranks(*measures, [0, *range(1, 1 + n_r)], mode)
             ranks.update(control_ranks(*measures, [0, *range(1 + n_r, 1 + n_r + n_d)], mode, "_dec") if n_d else {})
-            unit_dir = sae.W_dec[feature].detach().float()
-            cosines = torch.cat([randoms, decoders]) @ (unit_dir / unit_dir.norm())  # each control's cosine with it
             for i in range(n_r + n_d):
                 control, j = ("random", i) if i < n_r else ("decoder", i - n_r)
                 singles.append({"feature": feature, "family": family, "mode": mode, "control": control,

@@ -19,11 +19,11 @@ from .llama_data import Shards, run_dir
 from .llama_eval import evaluate, heldout_windows, layer_model
 from .llama_train import trained
 
-# AuxK as Gao et al. set it (weight 1/32; a latent counts as dead after 100k activations without firing, the
-# default) and a stronger AuxK (1/8, dead after 25k), each over the profile's length: the settings are
-# absolute, so the sweep means the same whatever the profile now uses (the cpu profile took the second). On
-# this 2-core AVX2 machine a 1.5-pass run at 2x takes ~10 min with the first and ~15 with the second, whose
-# many dead latents take the dense path; 4-pass runs (an earlier design) would cost ~25-40 min each.
+# the package's default AuxK (Gao et al.'s weight 1/32; a latent counts as dead after 100k activations without
+# firing, our window: theirs is 10M tokens) and a stronger AuxK (1/8, dead after 25k), each over the profile's
+# length: the settings are absolute, so the sweep means the same whatever the profile now uses (the cpu
+# profile took the second). On this 2-core AVX2 machine a 1.5-pass run at 2x took 10 min with the first and
+# 13 with the second; 4-pass runs (an earlier design) would cost ~25-40 min each.
 VARIANTS: tuple[dict[str, Any], ...] = (
     {"aux_coeff": 1 / 32, "dead_window": 100_000},
     {"aux_coeff": 1 / 8, "dead_window": 25_000},
