@@ -1135,6 +1135,18 @@ LABELS = {"neurons": "neurons", MAIN_SAE: "features", "anchor": "anchor_features
 _NO_CONTEXTS = ("anchor", RANDOM_DICTIONARY, RANDOM_MODEL)  # sets whose dashboards are not kept
 
 
+def control_tables(units, cfg: AnalysisConfig) -> dict[str, Any]:
+    """The tables of :data:`CONTROL_TABLES` for an analysis's ``units``: every score's pass fraction per set
+    and density bin, and each set's density-matched difference from the neurons."""
+    return {"density_bins": density_bins(units, cfg), "density_matched": matched_differences(units, cfg)}
+
+
+def drop_control_contexts(result: dict[str, Any]) -> None:
+    """Drop the dashboards of the sets in ``_NO_CONTEXTS`` from an :func:`analyze` result: they only served
+    those sets' explanations; their scores are kept, their contexts would multiply the committed size."""
+    result["contexts"] = result["contexts"][~result["contexts"]["set"].isin(_NO_CONTEXTS)]
+
+
 def random_lm(config, seed: int = 0):
     """A randomly initialised copy of the LM (:class:`monosemantic.lm.Transformer` of ``config``), the same
     for the same seed: the model the ``random-model`` SAE is trained on."""
@@ -1282,11 +1294,9 @@ def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Cal
                                       progress=progress, skip_first_positions=cfg.skip_first_positions)
 
     units = result["units"]
-    controls = {"density_bins": density_bins(units, cfg), "density_matched": matched_differences(units, cfg)}
+    controls = control_tables(units, cfg)
     with store.write("analysis", profile, "features", config=cfg, inputs=inputs) as w:
-        # the dashboards of the anchor-recipe SAE and of the controls only served their explanations: their
-        # scores are kept, their contexts are not (they would multiply the committed size)
-        result["contexts"] = result["contexts"][~result["contexts"]["set"].isin(_NO_CONTEXTS)]
+        drop_control_contexts(result)
         for name in TABLES:
             result[name].to_parquet(w.dir / f"{name}.parquet", index=False)
         for name, frame in controls.items():

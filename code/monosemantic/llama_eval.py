@@ -200,11 +200,15 @@ def analyze_features(cfg: LlamaConfig, profile: str, source: LlamaSource, sae, *
     hook = source.hook_name(cfg.layer, cfg.site)
     held = held if held is not None else heldout_windows(cfg, source, profile)
     explain = token_stream(source, texts if texts is not None else corpus_texts(profile, "train"), cfg.explain_tokens)
+    acfg = analysis_config(cfg)
     sets = [analysis.UnitSet.from_sae(analysis.MAIN_SAE, sae)]
     if cfg.site.startswith("mlp."):
         sets.insert(0, analysis.UnitSet.neurons(source.width(hook)))
+    if acfg.random_dictionary:  # the chance control: the SAE's width, k and centre, random directions
+        sets.append(analysis.UnitSet.random_dictionary(analysis.RANDOM_DICTIONARY, sae.cfg.d_in, sae.cfg.n_features,
+                                                       sae.cfg.k, seed=cfg.seed, centre=sae.b_dec))
     return analysis.analyze(layer_model(cfg, source), AnalysisTokenizer(source), sets, explain,
-                            held.first(cfg.heldout_tokens).x.numpy(), analysis_config(cfg), progress=progress)
+                            held.first(cfg.heldout_tokens).x.numpy(), acfg, progress=progress)
 
 
 # --- the whole run (harvest -> train -> evaluate -> analyse -> cache) --------------------------------------------
@@ -252,10 +256,15 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
         # weights in cache/work (DESIGN: large-model SAEs commit their metrics and tables, not weights)
         sae_mod.save(out.sae, w.work_dir / "sae", metadata={"hook_name": hook, "model_name": cfg.model})
         pd.DataFrame(out.history).to_parquet(w.dir / "history.parquet", index=False)
+        controls = analysis.control_tables(tables["units"], analysis_config(cfg))
+        analysis.drop_control_contexts(tables)
         for table in analysis.TABLES:  # chapter 04's scores and the browser
             tables[table].to_parquet(w.dir / f"{table}.parquet", index=False)
+        for table, frame in controls.items():
+            frame.to_parquet(w.dir / f"{table}.parquet", index=False)
         w.metrics.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in ev.metrics.items()})
         w.metrics.update(analysis.summary_metrics(tables["units"], analysis_config(cfg)))
+        w.metrics.update(analysis.control_metrics(controls["density_matched"]))
         w.metrics.update({"explain_tokens": tables["tokens"]["explain"],
                           "held_out_tokens": tables["tokens"]["held_out"]})
         if tables["mlp_mean_sq_norm"] is not None:

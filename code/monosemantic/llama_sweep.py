@@ -28,7 +28,7 @@ VARIANTS: tuple[dict[str, Any], ...] = (
     {"aux_coeff": 1 / 32, "dead_window": 100_000},
     {"aux_coeff": 1 / 8, "dead_window": 25_000},
 )
-CE_TOKENS = 16_384
+CE_TOKENS = 32_768
 """The sweep splices each SAE into the model on at most the first this many held-out tokens (the cpu
 profile's evaluation reads as many; a larger profile's reads more), and the interval says how precisely."""
 

@@ -215,6 +215,7 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     units = pd.read_parquet(art.file("units.parquet"))
     shared = {*metrics.METRIC_NAMES, *evaluation.HEADLINE,
               *analysis.summary_metrics(units, llama.analysis_config(TINY_CFG)),
+              *analysis.control_metrics(pd.read_parquet(art.file("density_matched.parquet"))),
               *(f"{h}_{end}" for h in evaluation.HEADLINE if h not in ("dead_fraction", "ultralow_fraction")
                 for end in ("low", "high")),
               "n_documents", "explain_tokens", "held_out_tokens", "mlp_mean_sq_norm", "train_activations",
@@ -222,6 +223,11 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     own = {"d_in", "k", "harvest_seconds", "harvest_tokens_per_s", "eval_seconds", "analysis_seconds"}
     assert set(m) == shared | own
     assert "features.parquet" not in art.files and "ce_loss_recovered_mean" not in m
+    # the chance control beside the neurons and the features, scored but without dashboards, and compared
+    assert set(units.set) == {"neurons", analysis.MAIN_SAE, analysis.RANDOM_DICTIONARY}
+    assert (units.set == analysis.RANDOM_DICTIONARY).sum() == m["n_features"]
+    contexts = pd.read_parquet(art.file("contexts.parquet"))
+    assert analysis.RANDOM_DICTIONARY not in set(contexts.set) and "matched_specificity_features_minus_neurons" in m
     assert m["l0"] <= TINY_CFG.k and m["n_features"] == 2 * tiny.d_mlp and m["eval_tokens"] == 34 * 31
     assert m["ce_loss_recovered_low"] <= m["ce_loss_recovered"] <= m["ce_loss_recovered_high"]
     assert m["fvu_low"] <= m["fvu"] <= m["fvu_high"] and m["n_documents"] >= 2
@@ -229,7 +235,7 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
                 "interpretable_fraction_neurons"):
         assert 0 <= m[key] <= 1, key
     # the analysis on the same layer: features and the layer's (two-signed) neurons, shares in [0, 1]
-    assert set(units["set"]) == {"neurons", "topk"} and (units["set"] == "topk").sum() == m["n_features"]
+    assert (units["set"] == "topk").sum() == m["n_features"]
     assert units["family_share"].dropna().between(0, 1).all() and units["family_share"].notna().any()
     assert units.loc[units["scored"], "explain_corr"].between(-1, 1).all() and units["scored"].any()
     assert m["never_fired_fraction_features"] == pytest.approx(
