@@ -10,6 +10,7 @@ import math
 from typing import Any, NamedTuple
 
 from . import store
+from .config import UserError
 
 # The unit sets of analysis/<profile>-features as the chapters name them, in the order they show them.
 UNIT_SETS: dict[str, str] = {"neurons": "neurons", "topk": "TopK features", "anchor": "anchor-fixed features",
@@ -310,7 +311,11 @@ def score_config(fa, **changes: Any) -> Any:
 
     keys = ("corr_threshold", "detection_threshold", "specificity_threshold", "lift_threshold",
             "density_bin_width", "n_boot", "seed")
-    return SimpleNamespace(**{**{k: fa.config[k] for k in keys}, **changes})
+    # an analysis artifact's config is the analysis's; a Llama run keeps the analysis's beside its own
+    config = fa.config if "corr_threshold" in fa.config else fa.manifest.get("info", {}).get("analysis_config")
+    if config is None:
+        raise UserError(f"{fa.key} records no analysis thresholds; regenerate it with `{fa.command}`")
+    return SimpleNamespace(**{**{k: config[k] for k in keys}, **changes})
 
 
 def direct_comparison(fa, units, a: str, b: str, scores=("specificity", "sim_corr", "detection"), *,

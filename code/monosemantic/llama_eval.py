@@ -161,26 +161,34 @@ class EvalResult(NamedTuple):
 
 
 @torch.no_grad()
-def evaluate(cfg: LlamaConfig, source: LlamaSource, sae, held: HeldOut) -> EvalResult:
-    """The one-layer SAEs' evaluation (:func:`monosemantic.metrics.run_evaluation`) on the held-out windows,
-    with the SAE spliced into the running model at the run's hook: MSE, FVU, L0, dead and ultra-low fractions,
-    the four CE losses and the loss recovered against zero- and mean-ablation, and 95% intervals of the
-    headline metrics over held-out documents (:func:`monosemantic.metrics.metric_intervals`; none when the
-    windows come from one document). The model runs in its own dtype, the SAE in float32."""
+def evaluate_many(cfg: LlamaConfig, source: LlamaSource, saes, held: HeldOut) -> list[EvalResult]:
+    """The one-layer SAEs' evaluation (:func:`monosemantic.metrics.run_evaluations`) on the held-out windows,
+    with each SAE spliced into the running model at the run's hook (the clean and ablated passes shared): MSE,
+    FVU, L0, dead and ultra-low fractions, the four CE losses and the loss recovered against zero- and
+    mean-ablation, and 95% intervals of the headline metrics over held-out documents
+    (:func:`monosemantic.metrics.metric_intervals`; none when the windows come from one document). The model
+    runs in its own dtype, the SAEs in float32."""
     from . import metrics
     from .evaluation import headline_metrics
     from .harvest import window_batches
 
     model = layer_model(cfg, source)
-    sae = sae.to(source.device).eval()
+    saes = [sae.to(source.device).eval() for sae in saes]
     windows = window_batches(held.x, held.y, np.arange(len(held.x)), cfg.batch_size)
-    ev = metrics.run_evaluation(model, sae, windows, hook=model.hook, dtype="model")
     n_documents = int(len(np.unique(held.documents)))
-    intervals = {}
-    if n_documents > 1:  # a bootstrap over one document has nothing to resample
-        cis = metrics.metric_intervals(ev, held.documents, n_boot=cfg.n_boot, seed=cfg.seed)
-        intervals = {k: v for k, v in headline_metrics(cis).items() if k not in ev.metrics}
-    return EvalResult({**ev.metrics, **intervals, "n_documents": n_documents}, ev)
+    out = []
+    for ev in metrics.run_evaluations(model, saes, windows, hook=model.hook, dtype="model"):
+        intervals = {}
+        if n_documents > 1:  # a bootstrap over one document has nothing to resample
+            cis = metrics.metric_intervals(ev, held.documents, n_boot=cfg.n_boot, seed=cfg.seed)
+            intervals = {k: v for k, v in headline_metrics(cis).items() if k not in ev.metrics}
+        out.append(EvalResult({**ev.metrics, **intervals, "n_documents": n_documents}, ev))
+    return out
+
+
+def evaluate(cfg: LlamaConfig, source: LlamaSource, sae, held: HeldOut) -> EvalResult:
+    """:func:`evaluate_many` of one SAE."""
+    return evaluate_many(cfg, source, [sae], held)[0]
 
 
 def analysis_config(cfg: LlamaConfig):
@@ -276,6 +284,7 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
                           "harvest_tokens_per_s": round(shards.tokens_per_s(), 2),
                           "eval_seconds": round(eval_seconds, 1), "analysis_seconds": round(analysis_seconds, 1)})
         w.info.update({"hook": hook, "model": source.info(), "memory_plan": out.plan._asdict(),
+                       "analysis_config": analysis_config(cfg).to_dict(),  # the thresholds the scores used
                        "processes": dist_info().world, "sae_config": out.sae.cfg.to_dict()})
     print(f"llama: wrote llama/{profile}-{name}: " + ", ".join(
         f"{k}={ev.metrics[k]:.4g}" for k in ("mse", "fvu", "l0", "dead_fraction", "ce_loss_recovered")))

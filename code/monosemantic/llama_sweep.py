@@ -16,8 +16,9 @@ import torch
 
 from .llama import LlamaConfig
 from .llama_data import Shards, run_dir
-from .llama_eval import evaluate, heldout_windows, layer_model
+from .llama_eval import evaluate_many, heldout_windows, layer_model
 from .llama_train import trained
+from .metrics import paired_difference
 
 # the package's default AuxK (Gao et al.'s weight 1/32; a latent counts as dead after 100k activations without
 # firing, our window: theirs is 10M tokens) and a stronger AuxK (1/8, dead after 25k), each over the profile's
@@ -78,23 +79,32 @@ def run_sweep(cfg: LlamaConfig, profile: str, variants=VARIANTS, *, source=None,
     held = heldout_windows(cfg, source, profile, texts() if texts else None)
     acts = heldout_activations(cfg, source, held)
     log(f"llama sweep: {len(acts):,} held-out activations; {len(variants)} settings on {shards.rows:,} harvested")
-    rows = []
+    rows, saes = [], []
     start = time.perf_counter()
     for n, change in enumerate(variants, 1):
         vcfg = cfg.replace(**change)
         log(f"[{n}/{len(variants)}] {change or 'the profile settings'}")
         out = trained(vcfg, profile, progress=progress)
-        ev = evaluate(vcfg, source, out.sae, held.first(min(cfg.eval_tokens, CE_TOKENS))).metrics
+        saes.append(out.sae)
         rows.append({"setting": n, "sae_epochs": vcfg.sae_epochs, "aux_coeff": vcfg.aux_coeff,
                      "dead_window": vcfg.dead_window, "k": vcfg.k, "n_features": out.sae.cfg.n_features,
                      "train_activations": out.sae.cfg.n_steps * vcfg.sae_batch, "train_seconds": out.seconds,
                      "train_dead_fraction": float(out.history[-1]["dead_fraction"]) if out.history else np.nan,
-                     **{f"heldout_{k}": v for k, v in fidelity(out.sae, acts).items()},
-                     **{k: ev[k] for k in ("ce_loss_recovered", "ce_loss_recovered_low", "ce_loss_recovered_high",
-                                           "dead_fraction", "eval_tokens") if k in ev}})
-        log("  " + ", ".join(f"{k}={rows[-1][k]:.4g}" for k in ("heldout_fvu", "heldout_l0",
-                                                                 "heldout_never_fired_fraction",
-                                                                 "ce_loss_recovered")))
+                     **{f"heldout_{k}": v for k, v in fidelity(out.sae, acts).items()}})
+    # every setting spliced in on the same held-out windows (shared clean and ablated passes), so each can be
+    # compared with the first by a paired difference over the same documents
+    ce_held = held.first(min(cfg.eval_tokens, CE_TOKENS))
+    evs = evaluate_many(cfg, source, saes, ce_held)
+    for row, ev in zip(rows, evs, strict=True):
+        row.update({k: ev.metrics[k] for k in ("ce_loss_recovered", "ce_loss_recovered_low", "ce_loss_recovered_high",
+                                               "dead_fraction", "eval_tokens", "n_documents") if k in ev.metrics})
+        if len(np.unique(ce_held.documents)) > 1:
+            d = paired_difference(evs[0].evaluation, ev.evaluation, ce_held.documents, n_boot=cfg.n_boot,
+                                  seed=cfg.seed)
+            row.update({"ce_recovered_minus_first": d.value, "ce_recovered_minus_first_low": d.low,
+                        "ce_recovered_minus_first_high": d.high})
+        log(f"[{row['setting']}] " + ", ".join(f"{k}={row[k]:.4g}" for k in (
+            "heldout_fvu", "heldout_l0", "heldout_never_fired_fraction", "ce_loss_recovered")))
     table = pd.DataFrame(rows)
     with store.write("llama", profile, sweep_name(cfg), config=cfg) as w:
         w.wall_time_s = time.perf_counter() - start

@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -311,15 +311,11 @@ def _recovered_of(baseline: str):
     return lambda s: (s[baseline] - s["loss_sae"]) / (s[baseline] - s["loss_orig"])
 
 
-def metric_intervals(ev: Evaluation, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0
-                     ) -> dict[str, Interval]:
-    """95% intervals of the evaluation's metrics when the ``groups`` (one label per eval window: its document,
-    :func:`monosemantic.intervals.window_documents`) are resampled with replacement. Dead and ultra-low
-    fractions come with their value only (low and high NaN): see the comment at the end."""
-    sums, _ = group_sums(ev.per_window, groups)
-    stats = {
+def _interval_stats(d_in: int) -> dict[str, Callable[[Any], Any]]:
+    """The metrics an interval is given for, as functions of an evaluation's summed per-window quantities."""
+    return {
         "fvu": _ratio("resid", "centred"),
-        "mse": _ratio("resid", "tokens", float(ev.d_in)),
+        "mse": _ratio("resid", "tokens", float(d_in)),
         "l0": _ratio("active", "tokens"),
         "ce_loss_recovered": _recovered_of("loss_zero"),
         "ce_loss_recovered_mean_ablation": _recovered_of("loss_mean"),
@@ -328,7 +324,15 @@ def metric_intervals(ev: Evaluation, groups: np.ndarray, *, n_boot: int = 1000, 
         "fvu_after_first": lambda s: (s["resid"] - s["resid_first"]) / (s["centred"] - s["centred_first"]),
         **{f"ce_loss_{k}": _ratio(f"loss_{k}", "tokens") for k in ("orig", "sae", "zero", "mean")},
     }
-    out = {name: bootstrap(sums, fn, n_boot=n_boot, seed=seed) for name, fn in stats.items()}
+
+
+def metric_intervals(ev: Evaluation, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0
+                     ) -> dict[str, Interval]:
+    """95% intervals of the evaluation's metrics when the ``groups`` (one label per eval window: its document,
+    :func:`monosemantic.intervals.window_documents`) are resampled with replacement. Dead and ultra-low
+    fractions come with their value only (low and high NaN): see the comment at the end."""
+    sums, _ = group_sums(ev.per_window, groups)
+    out = {name: bootstrap(sums, fn, n_boot=n_boot, seed=seed) for name, fn in _interval_stats(ev.d_in).items()}
     # Dead and ultra-low fractions get their value and no interval: "never fires in the sample" only grows when
     # documents are dropped, and a bootstrap replicate drops about a third of them, so its percentile interval
     # lies above the estimate (on the cpu SAE: 20.6% dead, replicates 23.9-29.4%) and covers nothing.
@@ -336,6 +340,31 @@ def metric_intervals(ev: Evaluation, groups: np.ndarray, *, n_boot: int = 1000, 
     out["dead_fraction"] = Interval(ev.metrics["dead_fraction"], math.nan, math.nan, n_groups, 0)
     out["ultralow_fraction"] = Interval(ev.metrics["ultralow_fraction"], math.nan, math.nan, n_groups, 0)
     return out
+
+
+def paired_difference(a: Evaluation, b: Evaluation, groups: np.ndarray, metric: str = "ce_loss_recovered", *,
+                      n_boot: int = 1000, seed: int = 0) -> Interval:
+    """``metric`` of ``b`` minus that of ``a``, two evaluations of the same windows (e.g. two SAEs in one
+    :func:`run_evaluations`), with a 95% interval from resampling the ``groups`` (documents) of both together:
+    the paired comparison, whose interval is narrower than the two metrics' own when their errors move
+    together across documents."""
+    if not all(np.array_equal(np.asarray(a.per_window[k]), np.asarray(b.per_window[k]))
+               for k in ("tokens", "loss_orig")):
+        raise MetricsError("the two evaluations read different windows; evaluate both on the same ones "
+                           "(run_evaluations) to compare them")
+    stat = _interval_stats(a.d_in).get(metric)
+    if stat is None or a.d_in != b.d_in:
+        raise MetricsError(f"no paired difference of {metric!r} between SAEs of widths {a.d_in} and {b.d_in}; "
+                           f"choose one of {sorted(_interval_stats(a.d_in))} for SAEs of one hook")
+    sa, _ = group_sums(a.per_window, groups)
+    sb, _ = group_sums(b.per_window, groups)
+    sums = {**{f"a/{k}": v for k, v in sa.items()}, **{f"b/{k}": v for k, v in sb.items()}}
+
+    def diff(s):
+        return (stat({k[2:]: v for k, v in s.items() if k.startswith("b/")})
+                - stat({k[2:]: v for k, v in s.items() if k.startswith("a/")}))
+
+    return bootstrap(sums, diff, n_boot=n_boot, seed=seed)
 
 
 def evaluate(model: torch.nn.Module, sae: SAE, windows: Sequence[tuple[Tensor, Tensor]], *, hook: str = HOOK,

@@ -228,6 +228,7 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     assert (units.set == analysis.RANDOM_DICTIONARY).sum() == m["n_features"]
     contexts = pd.read_parquet(art.file("contexts.parquet"))
     assert analysis.RANDOM_DICTIONARY not in set(contexts.set) and "matched_specificity_features_minus_neurons" in m
+    assert art.manifest["info"]["analysis_config"] == llama.analysis_config(TINY_CFG).to_dict()
     assert m["l0"] <= TINY_CFG.k and m["n_features"] == 2 * tiny.d_mlp and m["eval_tokens"] == 34 * 31
     assert m["ce_loss_recovered_low"] <= m["ce_loss_recovered"] <= m["ce_loss_recovered_high"]
     assert m["fvu_low"] <= m["fvu"] <= m["fvu_high"] and m["n_documents"] >= 2
@@ -270,6 +271,11 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     assert list(table.setting) == [1, 2] and list(table.aux_coeff) == [TINY_CFG.aux_coeff, 0.25]
     assert table.heldout_never_fired_fraction.between(0, 1).all() and (table.heldout_l0 <= TINY_CFG.k).all()
     assert table.train_seconds.iloc[0] == pytest.approx(m["train_seconds"], abs=0.1)  # the run's SAE, reused
+    # each setting against the first on the same documents: zero for the first, the two recoveries apart after
+    first = table.iloc[0]
+    assert (first.ce_recovered_minus_first, first.ce_recovered_minus_first_low) == (0.0, 0.0)
+    assert table.ce_recovered_minus_first.iloc[1] == pytest.approx(
+        table.ce_loss_recovered.iloc[1] - first.ce_loss_recovered, abs=1e-9)
     assert llama.main_artifact().name == art.name  # the sweep is not a run the book shows
 
 

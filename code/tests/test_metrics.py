@@ -173,6 +173,27 @@ def test_a_perfect_sae_has_a_zero_width_interval_at_full_recovery():
     assert np.isnan(ci["dead_fraction"].low)
 
 
+def test_a_paired_difference_is_the_two_metrics_apart_and_tighter_than_either():
+    from monosemantic.metrics import MetricsError, metric_intervals, paired_difference, run_evaluations
+
+    torch.manual_seed(0)
+    model, w = tiny_model(), windows(12)
+    a, b = run_evaluations(model, [IdentitySAE(cfg()), SAE(cfg(architecture="topk", k=4))], w)
+    docs = np.repeat(np.arange(6), 2)
+    d = paired_difference(a, b, docs, n_boot=300)
+    assert d.value == pytest.approx(b.metrics["ce_loss_recovered"] - a.metrics["ce_loss_recovered"], rel=1e-9)
+    assert d.low <= d.value <= d.high and d.n_groups == 6
+    # against a perfect SAE the difference varies only with b, so its interval is b's own, shifted by -1
+    own = metric_intervals(b, docs, n_boot=300)["ce_loss_recovered"]
+    assert d.low == pytest.approx(own.low - 1) and d.high == pytest.approx(own.high - 1)
+    assert paired_difference(b, b, docs, "fvu", n_boot=50)[:3] == (0.0, 0.0, 0.0)  # one SAE against itself
+    other = run_evaluations(model, [SAE(cfg())], windows(12, seed=5))[0]
+    with pytest.raises(MetricsError, match="different windows"):
+        paired_difference(a, other, docs)
+    with pytest.raises(MetricsError, match="choose one of"):
+        paired_difference(a, b, docs, "dead_fraction")
+
+
 def test_several_saes_at_once_give_each_one_its_own_numbers():
     from monosemantic.metrics import run_evaluations
 
