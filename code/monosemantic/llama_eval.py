@@ -9,6 +9,7 @@ thing and writes ``llama/<profile>-<run>``.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -291,15 +292,22 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
     return store.load("llama", profile, name)
 
 
-def main_artifact():
-    """The Llama-family run the book shows: a Stheno (gpu profile) run when one is cached, else the widest
-    SmolLM2 SAE of the cpu profile; ``None`` when there is none. Chapter 04 and its browser read it."""
+def main_artifact(configs: Mapping[str, LlamaConfig] | None = None):
+    """The Llama-family run the book shows: a Stheno (gpu profile) run when one is cached, else a SmolLM2 SAE
+    of the cpu profile; among a profile's runs, the one made with ``configs[profile]`` (the profile's own
+    settings, which the caller passes) if cached, else the widest; ``None`` when there is none. Chapter 04 and
+    its browser read it."""
     from . import store
 
     arts = [a for a in store.list_artifacts("llama") if not a.name.startswith(("throughput-", "rehearsal-", "sweep-"))]
     if not arts:
         return None
-    arts.sort(key=lambda a: ({"gpu": 0, "cpu": 1, "tiny": 2}.get(a.profile, 3), "smollm2" in a.name,
+
+    def not_own(a) -> bool:  # made with other settings than its profile's
+        own = (configs or {}).get(a.profile)
+        return own is None or a.config != json.loads(json.dumps(own.to_dict()))
+
+    arts.sort(key=lambda a: ({"gpu": 0, "cpu": 1, "tiny": 2}.get(a.profile, 3), "smollm2" in a.name, not_own(a),
                              -a.metrics.get("n_features", 0), a.name))
     return store.load("llama", arts[0].profile, arts[0].name)
 

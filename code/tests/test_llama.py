@@ -501,3 +501,17 @@ def test_logit_effects_name_the_tokens_a_feature_pushes_up(tiny):
         assert int(out.logits[0, -1].argmax()) == int(e.argmax())
     acts = am.run_with_cache(ids, [hook])[hook]
     assert acts.shape == (1, 4, tiny.d_mlp)  # the EOS in front is read but not returned
+
+
+def test_the_book_shows_the_profiles_own_run_before_a_wider_one(tmp_cache):
+    from monosemantic import store
+
+    own = TINY_CFG.replace(expansion=2)
+    for cfg_, n in ((own, 2 * 48), (own.replace(expansion=4), 4 * 48)):
+        with store.write("llama", "cpu", f"smollm2-run-topk4-{n}", config=cfg_) as w:
+            w.metrics["n_features"] = n
+    with store.write("llama", "cpu", "sweep-smollm2-run-x2", config=own) as w:
+        w.metrics["n_features"] = 8 * 48
+    assert llama.main_artifact().metrics["n_features"] == 4 * 48  # no settings given: the widest
+    assert llama.main_artifact({"cpu": own}).metrics["n_features"] == 2 * 48
+    assert llama.main_artifact({"cpu": own.replace(k=8)}).metrics["n_features"] == 4 * 48  # neither is its own
