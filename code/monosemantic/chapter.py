@@ -30,6 +30,29 @@ SCORE_PROSE: dict[str, str] = {"specificity": "specificity", "sim_corr": "simula
                                "explain_corr": "the all-token correlation"}  # "by ..." in a sentence
 
 
+def pass_table(bins_t, names: dict[str, str], scores=("specificity", "sim_corr", "detection", "explain_corr")):
+    """Each unit set of a ``density_bins`` table by every score, over all densities: units, scored, too rare
+    (after a +, those that fire often enough held out but too rarely on the explanation text to have an
+    explanation), and each score's pass fraction with its interval; one row per set of ``names`` present,
+    labelled by it."""
+    import pandas as pd
+
+    allbin = bins_t[bins_t.bin == "all"].set_index("set")
+    rows = []
+    for s, label in names.items():
+        if s not in allbin.index:
+            continue
+        r = allbin.loc[s]
+        unexplained = int(r.units - r.scored - r.too_rare)
+        row = {"units": label, "count": f"{int(r.units):,}", "scored": f"{int(r.scored):,}",
+               "too rare": f"{int(r.too_rare):,}" + (f" + {unexplained}" if unexplained else "")}
+        for sc in scores:
+            row[SCORE_NAMES[sc]] = interval(r[f"{sc}_fraction"], r[f"{sc}_fraction_low"], r[f"{sc}_fraction_high"],
+                                            fmt=pct)
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("units")
+
+
 def md(text: str) -> None:
     """Show ``text`` as Markdown in a chapter's output (the chapters' prose cells)."""
     from IPython.display import Markdown, display
