@@ -1,46 +1,65 @@
 """``monosemantic causal``: do the named features *do* what their labels say? Clamp and ablate them in the
-running model, against random directions of the same norm (issue 18, item 6).
+running model, against random directions of the same push and against other features' directions (issue 18,
+item 6).
 
-A feature i of an SAE on the MLP's hidden layer has an activation f_i(h) and a unit decoder direction d_i.
-Interventions edit the hidden activation h at every position and keep everything the SAE does not
-explain (the "error term"), as Templeton et al. (2024, "Scaling Monosemanticity", section "Feature
-steering") do; the anchor's notebook (``generate_with_pinned_features``) instead replaces h by the SAE's
-reconstruction with the feature pinned at 100, dropping the error term:
+A feature i of an SAE on the MLP's hidden layer has an activation f_i(h) and a decoder direction d_i.
+Interventions edit the hidden activation h and keep everything the SAE does not explain (the "error term"),
+as Templeton et al. (2024, "Scaling Monosemanticity", section "Feature steering") do; the anchor's notebook
+(``generate_with_pinned_features``) instead replaces h by the SAE's reconstruction with the feature pinned
+at 100, dropping the error term:
 
 - **clamp** to a value c: h' = h + (c - f_i(h)) d_i, so that in the SAE's decomposition of h (its
-  reconstruction plus the error) the feature's term becomes c d_i at every position (re-encoding h' need not
-  give c: the encoder is not the decoder's inverse, and TopK may drop the feature); c is a multiple of the
-  largest activation the feature reaches on the explanation text (``clamp_multiple``);
+  reconstruction plus the error) the feature's term becomes c d_i; c is a multiple of the largest activation
+  the feature reaches on the explanation text (``clamp_multiple``, and ``dose_multiples`` for a dose series);
 - **ablate**: h' = h - f_i(h) d_i, the feature's contribution removed where it fires.
 
-The control replaces d_i by a random direction r with the same coefficients, scaled so that it moves the
-MLP's output as far as d_i does (||W_out r|| = ||W_out d_i||: two unit directions of the hidden layer do
-not), so a feature's effect is compared with what any push of that size does where the model reads it.
-Measured on held-out windows (those of ``heldout/<profile>-windows`` when it is in the cache, the
-analysis's held-out set; else the val split): the KL divergence KL(p || p') of the next-token distribution
-(nats per token; for ablation over the positions where the feature fires), the family's mass before the
-edit, and the change of the probability mass on the feature's family (the vocabulary tokens that family's
-detector marks when the token is read alone, :func:`monosemantic.analysis.token_families`), each with a
-95% interval over held-out documents, and the feature's minus the random directions' (a paired interval:
-both measured on the same windows, the documents resampled together); and greedy continuations of a few
-prompts.
+**Where it is measured, and why that is exact.** The model has one layer, and its MLP comes after the
+attention: the hidden activation at position t reaches the output only at t, through ``fc_out``, the final
+LayerNorm and the unembedding. So an edit at every position changes each position's next-token
+distribution exactly as an edit at that position alone does, and the stage caches, for a sample of held-out
+positions, the hidden activation and the residual stream after the MLP, then reads each edit's next-token
+distribution from those alone (:func:`edit_logits`; a test checks it against the full forward pass with the
+edit hooked in). That is what lets every feature be compared with ``n_random`` random directions.
 
-The family's mass suits a feature that makes the model write its family; for a feature that detects one
-token (a comma, a line break) the next token is rarely of the same family, so the change of the mass on the
-tokens the feature's decoder direction promotes most (its top direct logit effects, the analysis's
-``logits.parquet``) is measured beside it. Those tokens favour a clamped feature, whose direction picked
-them, so each control direction is also measured on the tokens *it* promotes most (the "fair" promoted
-measure). The control is ranked one direction at a time: the feature's rank among ``n_random`` random
-directions is a permutation-style test. A second control asks whether any direction the SAE learned would
-do as well: ``n_decoder`` other features' decoder directions, with the tested feature's coefficients and
-the same scaling. And the clamp is repeated at ``dose_multiples`` of the largest activation, for the feature
-and a few random directions, to show how the effect grows with the push.
+**The controls**, each with the feature's coefficients: ``n_random`` random directions, drawn afresh for each
+feature, and ``n_decoder`` decoder directions of other scored features of the SAE, each scaled so that it
+moves the MLP's output as far as the feature's direction does (||W_out r|| = ||W_out d_i||), so a feature's
+effect is compared with what any push of that size does where the model reads it. The feature's *rank*
+among a control's directions is the test: rank 1 of n + 1 has probability 1 / (n + 1) if its direction were
+one more of them.
 
-Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x intervention x direction, with the
-feature's ranks among each control), ``random_directions.parquet`` (each control direction's own result:
-``control`` "random" or "decoder"), ``dose.parquet`` (the clamp at each strength) and ``generations.parquet``.
+**The measures**, on the next-token distribution at each sampled position: the KL divergence KL(p || p'), and
+the change in log-odds of three masses, each on its own token set:
 
-    monosemantic causal --profile cpu --windows 32   # ~70 min on 2 CPU cores
+- the *family*: the vocabulary tokens that the feature's family detector marks when read alone
+  (:func:`vocab_family_masks`);
+- the *predicted* tokens: the ``predicted_tokens`` next tokens whose probability after the feature fires
+  exceeds their overall probability most, counted on one half of the held-out documents (the *explore*
+  half); every measure is then taken on the other half (the *test* half), so the prediction is fixed before
+  the positions it is tested on are read. It states what the feature's firings foretell, from observation,
+  and favours no direction by construction;
+- each direction's *own* tokens: the ``promoted_tokens`` tokens its direct logit effect raises most, so a
+  random direction is measured on what it promotes, as the feature is (the fair form of the promoted-token
+  measure).
+
+Log-odds rather than mass: a family with 0.1% of the mass that rises to 1% has moved as much as one at 10%
+rising to 50%, and a raw difference of masses would rank only the second. The change in mass (percentage
+points) is kept beside it.
+
+**Which features.** For each family with enough vocabulary tokens, up to ``per_family`` features drawn at
+random (seeded) from those the analysis scored specific to it that fire often enough on held-out text: not
+the most specific one, which favours single-token detectors, and not one picked by hand.
+
+**In text.** Greedy continuations of a few prompts (unedited, the feature clamped, a random direction
+clamped), and sampled ones (temperature 1), where the share of generated tokens in the feature's family is
+counted for the feature and for ``sample_random`` random directions.
+
+Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x edit x direction: the feature, the mean
+of the random directions and the paired difference, with 95% intervals over test-half documents, and the
+feature's ranks), ``random_directions.parquet`` (each control direction's own result), ``dose.parquet``,
+``predicted.parquet`` (each feature's predicted tokens), ``generations.parquet`` and ``sampling.parquet``.
+
+    monosemantic causal --profile cpu
 """
 
 from __future__ import annotations
@@ -48,7 +67,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -60,62 +79,75 @@ from .hardware import trimmed
 
 DEFAULT_PROFILE = "cpu"
 PROMPTS = ("The", "In 1998, the", "def main(", "The license", "Der")
+RESID = "blocks.0.hook_resid_post"  # the residual stream after the (one) MLP: what the final LayerNorm reads
+MEASURES = ("family", "predicted", "own")  # the masses whose log-odds each edit is ranked on (beside the KL)
 
 
 @dataclasses.dataclass(frozen=True)
 class CausalConfig(StageConfig):
-    """Which features, how hard they are pushed, on how much held-out text."""
+    """Which features, how hard they are pushed, against what, on how much held-out text."""
 
     STAGE: ClassVar[str] = "analysis"
-    VERSION: ClassVar[int] = 6  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
+    VERSION: ClassVar[int] = 7  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
     # 4: 20 random directions, each one's result kept, the feature's rank among them; 5: ties of family share
     # broken by held-out firings, 8 features, the mass on the tokens each feature promotes; 6: each control
-    # direction also measured on the tokens it promotes itself, other features' decoder directions as a second
-    # control, and the clamp at several strengths
+    # direction also measured on the tokens it promotes itself, other features' decoder directions, a dose
+    # series; 7: read from cached positions (100 random directions, fresh per feature), log-odds, features
+    # drawn at random per family, tokens predicted on one half of the held-out documents and tested on the
+    # other, sampled text
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
-    n_features: int = 8
-    """Features tested: the most specific scored feature of each of this many families (see :func:`pick`)."""
-    promoted_tokens: int = 10
-    """The tokens whose next-token mass the "promoted" measure reads: this many of the feature's largest direct
-    logit effects (at most the analysis's ``logit_tokens``)."""
+    per_family: int = 3
+    """Features drawn (at random, seeded) from each family's qualifying features."""
+    n_features: int = 48
+    """At most this many features in all (a seeded draw of the per-family picks when there are more)."""
     min_heldout_firings: int = 50
-    """A feature is only picked if it fires at least this often on the held-out text."""
+    """A feature qualifies only if it fires at least this often on the held-out text."""
     min_family_tokens: int = 20
     """A family is only used if at least this many vocabulary tokens belong to it when read alone."""
     clamp_multiple: float = 5.0
     """Clamp value = this x the feature's largest activation on the explanation text (a high value, as
     feature steering uses: the largest natural value barely moves the output of a rare feature)."""
-    n_random: int = 20
-    """Random directions per feature for the control: their mean is the paired control, and the feature's
-    rank among them a permutation-style test (rank 1 of ``n_random + 1``: p = 1 / (n_random + 1))."""
-    n_decoder: int = 20
-    """A second control: the decoder directions of this many other scored features of the SAE (seeded draw,
-    the tested features left out), each with the tested feature's coefficients and scaled as the random
-    directions are. Does the feature's own direction matter, or would any direction the SAE learned do?"""
     dose_multiples: tuple[float, ...] = (1.0, 2.0, 10.0)
-    """Further clamp values (multiples of the feature's largest activation, beside ``clamp_multiple``): the
-    feature and the first ``dose_random`` random directions clamped at each, on the same windows."""
+    """Further clamp values (multiples of the largest activation) for the feature and ``dose_random`` random
+    directions on the same positions."""
     dose_random: int = 5
-    eval_windows: int = 128
-    """Held-out windows (of the model's context) the distributions are measured on: for clamping, spread
-    evenly over the held-out split; for ablation, those where the feature fires most often."""
-    batch_windows: int = 16
+    n_random: int = 100
+    """Random directions per feature (fresh for each): rank 1 of ``n_random + 1`` has p = 1 / (n_random + 1)."""
+    n_decoder: int = 20
+    """Decoder directions of other scored features (a seeded draw per feature): does the feature's own
+    direction matter, or would any direction the SAE learned do?"""
+    promoted_tokens: int = 10
+    """Each direction's own tokens: this many of its largest direct logit effects."""
+    predicted_tokens: int = 10
+    """The tokens that follow the feature's firings on the explore half more often than they follow any token."""
+    scan_windows: int = 8192
+    """Held-out windows scanned (spread over the set; 0: all) for each feature's firings and next tokens."""
+    positions: int = 512
+    """Test-half positions each edit is measured on: a seeded sample of all positions for the clamp, of the
+    feature's firing positions for the ablation (all of them when fewer)."""
+    batch_windows: int = 64
     new_tokens: int = 16
-    """Greedy tokens generated per prompt."""
+    """Tokens generated per prompt, greedy and sampled."""
+    samples: int = 4
+    """Sampled continuations per prompt and direction (temperature 1)."""
+    sample_random: int = 5
+    """Random directions whose sampled text is counted beside the feature's."""
     n_boot: int = 1000
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_positive(self, "n_features", "min_heldout_firings", "min_family_tokens", "n_random", "eval_windows",
-                       "batch_windows", "new_tokens", "n_boot", "promoted_tokens", "n_decoder", "dose_random",
-                       integer=True)
+        check_positive(self, "per_family", "n_features", "min_heldout_firings", "min_family_tokens", "n_random",
+                       "positions", "batch_windows", "new_tokens", "n_boot", "promoted_tokens",
+                       "predicted_tokens", "n_decoder", "dose_random", "samples", "sample_random", integer=True)
+        check_positive(self, "scan_windows", integer=True, zero=True)
         check_positive(self, "clamp_multiple")
         if not all(isinstance(m, (int, float)) and m > 0 for m in self.dose_multiples):
             raise ConfigError(f"causal.dose_multiples must be positive numbers, got {self.dose_multiples!r}")
-        if self.dose_random > self.n_random:
-            raise ConfigError(f"causal.dose_random ({self.dose_random}) must be at most n_random ({self.n_random})")
+        for name in ("dose_random", "sample_random"):
+            if getattr(self, name) > self.n_random:
+                raise ConfigError(f"causal.{name} ({getattr(self, name)}) must be at most n_random ({self.n_random})")
 
 
 # --- the interventions ------------------------------------------------------------------------------------
@@ -124,7 +156,7 @@ def edit_hook(sae, feature: int, mode: str, direction: Tensor | None = None, val
               ) -> Callable[[Tensor, str], Tensor]:
     """A hook ``fn(h, name) -> h'`` on the SAE's hook point: ``mode`` "clamp" sets feature ``feature`` to
     ``value`` (h + (value - f) d), "ablate" removes it (h - f d). ``direction`` (d_in,) replaces the
-    feature's decoder direction d (the random-direction control); the coefficients are the feature's own."""
+    feature's decoder direction d (a control); the coefficients are the feature's own."""
     if mode not in ("clamp", "ablate"):
         raise UserError(f"mode must be 'clamp' or 'ablate', got {mode!r}")
     d = (sae.W_dec[feature] if direction is None else direction).detach().float()  # (d_in,)
@@ -133,17 +165,27 @@ def edit_hook(sae, feature: int, mode: str, direction: Tensor | None = None, val
         flat = h.reshape(-1, h.shape[-1]).float()  # (N, d_in)
         with torch.no_grad():
             f = sae.encode(flat)[:, feature]  # (N,)
-        coeff = (value - f) if mode == "clamp" else -f
-        return (flat + coeff[:, None] * d.to(flat.device)).to(h.dtype).reshape(h.shape)
+        return (flat + coefficients(f, mode, value)[:, None] * d.to(flat.device)).to(h.dtype).reshape(h.shape)
     return fn
+
+
+def coefficients(f: Tensor, mode: str, value: float = 0.0) -> Tensor:
+    """(N,) how far each position is moved along the edited direction, given the feature's activations f (N,):
+    value - f when clamped, -f when ablated (zero where the feature is silent)."""
+    return (value - f) if mode == "clamp" else -f
 
 
 def output_push(model, vectors: Tensor) -> Tensor:
     """(n,) how far each (n, d_in) hidden-layer vector moves the MLP's output: ||W_out v||. Two unit directions
-    edited with the same coefficient push the residual stream by different amounts, so the random control
-    is of equal size in the hidden layer only."""
+    edited with the same coefficient push the residual stream by different amounts, so a control is scaled to
+    the feature's push, not to its norm in the hidden layer."""
+    return writes(model, vectors).norm(dim=1)
+
+
+def writes(model, vectors: Tensor) -> Tensor:
+    """(n, d_model) what each (n, d_in) hidden-layer vector adds to the residual stream: W_out v (no bias)."""
     w_out = model.blocks[0].mlp.fc_out.weight.detach().float()  # (d_model, d_mlp)
-    return (vectors.float() @ w_out.t()).norm(dim=1)
+    return vectors.float() @ w_out.t()
 
 
 def random_directions(d_in: int, n: int, seed: int) -> Tensor:
@@ -153,106 +195,117 @@ def random_directions(d_in: int, n: int, seed: int) -> Tensor:
     return r / r.norm(dim=1, keepdim=True)
 
 
-@torch.no_grad()
-def distribution_shift(model, hook: str, windows, edit: Callable, family_mask: Tensor, sae=None,
-                       feature: int | None = None, own_tokens: Tensor | None = None) -> dict[str, np.ndarray]:
-    """Per-window sums of the next-token shift an edit causes: ``kl`` (sum over tokens of KL(p || p')),
-    ``dmass`` (sum of p'(family) - p(family)), ``tokens``, ``mass`` (sum of p(family), before the edit); and
-    the same restricted to the positions where ``feature`` fires (``kl_fire``, ``dmass_fire``, ``fire``,
-    ``mass_fire``), when an SAE and feature are given. ``family_mask`` (V,) or (V, M): with M masks, the
-    second and later give ``dmass2``, ``mass2``, ``dmass2_fire``, ``mass2_fire`` (and 3, ...). ``own_tokens``
-    (P,) token ids of the edit's own: ``dmass_own``, ``mass_own`` (and ``_fire``) on those."""
-    return distribution_shifts(model, hook, windows, [edit], family_mask, sae, feature,
-                               None if own_tokens is None else [own_tokens])[0]
+def edit_logits(model, resid: Tensor, push: Tensor, coeff: Tensor, vocab: int) -> Tensor:
+    """(N, vocab) next-token logits at N positions whose residual stream after the MLP is ``resid`` (N, d_model),
+    when the MLP's hidden activation there is moved by ``coeff`` (N,) along a direction that writes ``push``
+    (d_model,) into the residual stream: the final LayerNorm and the unembedding of resid + coeff push. In a
+    one-layer model this is exactly what the edit hooked into the full forward pass gives at those positions
+    (nothing after the MLP mixes positions)."""
+    x = resid + coeff[:, None] * push[None, :]
+    return model.unembed(model.ln_final(x))[:, :vocab].float()
 
 
-@torch.no_grad()  # without it every accumulated sum keeps its batch's graph, logits included (GBs per batch)
-def distribution_shifts(model, hook: str, windows, edits: list[Callable], family_mask: Tensor, sae=None,
-                        feature: int | None = None, own_tokens: list[Tensor] | None = None
-                        ) -> list[dict[str, np.ndarray]]:
-    """:func:`distribution_shift` for several edits of the same windows: the unedited pass is shared.
-    ``own_tokens``: one (P,) tensor of token ids per edit (each control direction's own promoted tokens)."""
-    masks = family_mask.float().reshape(len(family_mask), -1)  # (V, M); padded to the model's vocabulary below
-    tags = [""] + [str(m + 1) for m in range(1, masks.shape[1])]  # "dmass", "dmass2", ...
-    if own_tokens is not None and len(own_tokens) != len(edits):
-        raise UserError(f"own_tokens gives {len(own_tokens)} token sets for {len(edits)} edits")
-    suffixes = [*tags, "_own"] if own_tokens is not None else tags  # "dmass_own": on each edit's own tokens
-    keys = ("kl", "tokens", "kl_fire", "fire", *(f"{k}{t}{f}" for t in suffixes
-                                                 for k in ("dmass", "mass") for f in ("", "_fire")))
-    out: list[dict[str, list[Tensor]]] = [{k: [] for k in keys} for _ in edits]
-    mask = masks
-    for x, _ in trimmed(windows):
-        B, T = x.shape
-        logp = F.log_softmax(model(x).logits.float(), dim=-1)  # (B, T, V)
-        p = logp.exp()
-        if len(mask) < logp.shape[-1]:
-            mask = F.pad(mask, (0, 0, 0, logp.shape[-1] - len(mask)))
-        base_mass = (p @ mask[: logp.shape[-1]]).double()  # (B, T, M)
-        if sae is not None and feature is not None:
-            h = model.run_with_cache(x, [hook])[hook]  # (B, T, d_in)
-            fires = (sae.encode(h.reshape(-1, h.shape[-1]).float())[:, feature] > 0).reshape(B, T).double()
+class Shift(NamedTuple):
+    """Per-position effects of one edit: ``kl`` (N,) KL(p || p'); for each of M token sets, ``dmass`` (N, M)
+    p'(set) - p(set), ``dlogodds`` (N, M) the change of its log-odds, ``mass`` (N, M) p(set) before the edit."""
+
+    kl: Tensor
+    dmass: Tensor
+    dlogodds: Tensor
+    mass: Tensor
+
+
+def log_odds(m: Tensor) -> Tensor:
+    m = m.clamp(1e-7, 1 - 1e-7)
+    return torch.log(m) - torch.log1p(-m)
+
+
+def shift(logp: Tensor, logq: Tensor, sets: Tensor) -> Shift:
+    """:class:`Shift` of next-token log-probabilities ``logp`` (N, V) to ``logq`` (N, V) on the token sets
+    ``sets`` (V, M) (0/1)."""
+    p, q = logp.exp(), logq.exp()
+    kl = (p * (logp - logq)).sum(-1)
+    base, after = p @ sets, q @ sets  # (N, M)
+    return Shift(kl.double(), (after - base).double(), (log_odds(after) - log_odds(base)).double(), base.double())
+
+
+def token_sets(vocab: int, *sets: Tensor) -> Tensor:
+    """(vocab, M) float 0/1 columns, one per set: a bool mask (V,) or a tensor of token ids."""
+    out = torch.zeros(vocab, len(sets))
+    for j, s_ in enumerate(sets):
+        if s_.dtype == torch.bool:
+            out[: len(s_), j] = s_[:vocab].float()
         else:
-            fires = torch.zeros(B, T, dtype=torch.float64)
-        for e, (edit, acc) in enumerate(zip(edits, out, strict=True)):
-            with model.hooks({hook: edit}):
-                logq = F.log_softmax(model(x).logits.float(), dim=-1)
-            kl = (p * (logp - logq)).sum(-1).double()  # (B, T)
-            q = logq.exp()
-            dmass = (q @ mask[: logp.shape[-1]]).double() - base_mass  # (B, T, M)
-            if own_tokens is not None:  # the mass on this edit's own tokens, before and after
-                idx = torch.as_tensor(own_tokens[e], dtype=torch.long)
-                own_base = p[..., idx].sum(-1).double()  # (B, T)
-                own_d = q[..., idx].sum(-1).double() - own_base
-                for k, v in (("dmass_own", own_d), ("mass_own", own_base)):
-                    acc[k].append(v.sum(1))
-                    acc[f"{k}_fire"].append((v * fires).sum(1))
-            del logq, q
-            acc["kl"].append(kl.sum(1))
-            acc["tokens"].append(torch.full((B,), float(T), dtype=torch.float64))
-            acc["kl_fire"].append((kl * fires).sum(1))
-            acc["fire"].append(fires.sum(1))
-            for m, t in enumerate(tags):
-                acc[f"dmass{t}"].append(dmass[..., m].sum(1))
-                acc[f"dmass{t}_fire"].append((dmass[..., m] * fires).sum(1))
-                acc[f"mass{t}"].append(base_mass[..., m].sum(1))  # the mass before the edit
-                acc[f"mass{t}_fire"].append((base_mass[..., m] * fires).sum(1))
-    return [{k: torch.cat(v).numpy() for k, v in acc.items()} for acc in out]
-
-
-@torch.no_grad()
-def firing_counts(model, sae, hook: str, inputs: Tensor, features: list[int], batch: int) -> np.ndarray:
-    """(n_windows, len(features)) how many positions of each window (rows of ``inputs``) each feature fires on."""
-    out = np.zeros((len(inputs), len(features)), dtype=np.int64)  # filled in place: see hardware.trimmed
-    idx = torch.as_tensor(features, dtype=torch.long)
-    for i in trimmed(range(0, len(inputs), batch)):
-        h = model.run_with_cache(inputs[i:i + batch], [hook])[hook]  # (B, T, d_in)
-        z = sae.encode(h.reshape(-1, h.shape[-1]).float())[:, idx]  # (B*T, F)
-        out[i:i + len(h)] = (z > 0).reshape(h.shape[0], h.shape[1], -1).sum(1).numpy()
+            out[s_.long(), j] = 1.0
     return out
 
 
+class Readout(NamedTuple):
+    """The cached positions' next-token read-out, arranged so that an edit costs no matrix product. An edit adds
+    c u to the residual stream x at a position (u = W_out d); the final LayerNorm then gives
+    s' (x~ + c u~) * gamma + beta, with x~, u~ the centred vectors and s' = 1 / sqrt(var(x~ + c u~) + eps), and
+    var(x~ + c u~) = var(x~) + 2 c mean(x~ u~) + c^2 var(u~); so the logits are z = s' A + s' c B + C with
+    A = W (gamma x~) for each position, B = W (gamma u~) for each direction and C = W beta + b (W the
+    unembedding). :func:`fast_shift` reads an edit from them; a test checks it against :func:`edit_logits`."""
+
+    A: Tensor  # (N, V)
+    C: Tensor  # (V,)
+    xc: Tensor  # (N, d_model) the centred residual streams
+    var: Tensor  # (N,) their variances
+    gamma: Tensor  # (d_model,)
+    W: Tensor  # (V, d_model)
+    eps: float
+    p: Tensor  # (N, V) the unedited next-token distribution
+    plogp: Tensor  # (N,) sum p log p
+    pA: Tensor  # (N,) sum p A
+    pC: Tensor  # (N,) sum p C
+
+
+@torch.no_grad()
+def readout(model, resid: Tensor, vocab: int) -> Readout:
+    """:class:`Readout` of the positions whose residual stream after the MLP is ``resid`` (N, d_model)."""
+    ln, un = model.ln_final, model.unembed
+    W = un.weight[:vocab].float()  # (V, d)
+    gamma = ln.weight.float()
+    C = ln.bias.float() @ W.t() + un.bias[:vocab].float()
+    xc = resid.float() - resid.float().mean(-1, keepdim=True)
+    var = xc.pow(2).mean(-1)
+    A = (xc * gamma) @ W.t()
+    z = A * (var + ln.eps).rsqrt()[:, None] + C
+    logp = F.log_softmax(z, dim=-1)
+    p = logp.exp()
+    return Readout(A, C, xc, var, gamma, W, float(ln.eps), p, (p * logp).sum(-1), (p * A).sum(-1), p @ C)
+
+
+def fast_shift(ro: Readout, push: Tensor, coeff: Tensor, sets: list[Tensor]) -> Shift:
+    """:class:`Shift` of the edit that writes ``push`` (d_model,) per unit of ``coeff`` (N,) at the positions of
+    ``ro``, on the token sets ``sets`` (each a tensor of token ids), without a matrix product over the
+    vocabulary: the KL as sum p log p - sum p z' + logsumexp z', each set's mass from its own columns."""
+    uc = push.float() - push.float().mean()
+    B = ro.W @ (ro.gamma * uc)  # (V,)
+    var = ro.var + 2 * coeff * (ro.xc @ uc) / len(uc) + coeff.pow(2) * uc.pow(2).mean()
+    s1 = (var + ro.eps).rsqrt()  # (N,)
+    z = torch.addr(ro.A, coeff, B).mul_(s1[:, None]).add_(ro.C)  # (N, V): s' (A + c B) + C
+    lse = torch.logsumexp(z, dim=-1)
+    pz = s1 * ro.pA + coeff * s1 * (ro.p @ B) + ro.pC  # sum p z'
+    kl = ro.plogp - pz + lse
+    base = torch.stack([ro.p[:, t].sum(-1) for t in sets], 1)  # (N, M)
+    after = torch.stack([(z[:, t] - lse[:, None]).exp().sum(-1) for t in sets], 1)
+    return Shift(kl.double(), (after - base).double(), (log_odds(after) - log_odds(base)).double(), base.double())
+
+
+def rank_first(values: np.ndarray, sign: float) -> int:
+    """Where ``values[0]`` (the feature's) ranks among the rest (the control directions') the way the edit
+    should go (``sign`` +1: up, -1: down): 1 + how many do at least as well. Rank 1 of n + 1 is the feature
+    beating every control: p = 1 / (n + 1) under the null that its direction is one more of them."""
+    v = sign * np.asarray(values, dtype=np.float64)
+    return int(1 + (v[1:] >= v[0]).sum())
+
+
 def rank_among(kl: np.ndarray, dmass: np.ndarray, mode: str) -> dict[str, int]:
-    """Where the feature's edit (element 0) ranks among the random directions' (the rest): ``kl_rank`` = 1 +
-    how many random directions move the distribution at least as far; ``dmass_rank`` = 1 + how many change the
-    family's mass at least as much the way the edit should (up when clamped, down when ablated). Rank 1 of
-    n + 1 is the feature beating every random direction: p = 1 / (n + 1) under the null that its direction is
-    one more random one."""
-    sign = 1.0 if mode == "clamp" else -1.0
-    return {"kl_rank": int(1 + (kl[1:] >= kl[0]).sum()),
-            "dmass_rank": int(1 + (sign * dmass[1:] >= sign * dmass[0]).sum())}
-
-
-def control_ranks(kl: np.ndarray, dmass: np.ndarray, promoted: np.ndarray, fair: np.ndarray, sel: list[int],
-                  mode: str, suffix: str = "") -> dict[str, int]:
-    """The feature's (element 0) ranks among the control directions ``sel`` (indices into the arrays, 0 first)
-    on each measure, as :func:`rank_among` ranks them: ``kl_rank``, ``dmass_rank`` (the family's mass),
-    ``promoted_rank`` (the feature's promoted tokens) and ``promoted_fair_rank`` (each direction's own), with
-    ``suffix`` appended to the names."""
-    def one(values: np.ndarray) -> int:
-        return rank_among(kl[sel], values[sel], mode)["dmass_rank"]
-
-    return {f"kl_rank{suffix}": rank_among(kl[sel], dmass[sel], mode)["kl_rank"], f"dmass_rank{suffix}": one(dmass),
-            f"promoted_rank{suffix}": one(promoted), f"promoted_fair_rank{suffix}": one(fair)}
+    """The feature's (element 0) ranks among the control directions (the rest): ``kl_rank`` (the largest KL
+    first) and ``dmass_rank`` (the mass up when clamped, down when ablated)."""
+    return {"kl_rank": rank_first(kl, 1.0), "dmass_rank": rank_first(dmass, 1.0 if mode == "clamp" else -1.0)}
 
 
 def vocab_family_masks(token_bytes: list[bytes]) -> np.ndarray:
@@ -262,38 +315,159 @@ def vocab_family_masks(token_bytes: list[bytes]) -> np.ndarray:
     return np.concatenate([token_families([b]) for b in token_bytes]) if token_bytes else np.zeros((0, 0), bool)
 
 
-def pick(units, families: list[str], family_sizes: dict[str, int], cfg: CausalConfig, heldout_tokens: int):
-    """The features to test: for each family with enough vocabulary tokens, of the scored features of ``units``
-    (the analysis's table for one set) labelled with it that fire at least ``min_heldout_firings`` times on
-    the held-out text, the one with the highest family share (ties within a point: the most firings); the
-    ``n_features`` best of those, by share and then firings."""
-    ok = units[units["scored"] & (units["density_val"] * heldout_tokens >= cfg.min_heldout_firings)]
+# --- choosing the features and what they predict ---------------------------------------------------------------
+
+def qualifying(units, family: str, cfg: CausalConfig, heldout_tokens: int, specificity: float, lift: float):
+    """The rows of ``units`` (one set of the analysis's table) scored specific to ``family`` (share at least
+    ``specificity`` at a lift of at least ``lift``) that fire at least ``min_heldout_firings`` times held out."""
+    return units[units["scored"] & (units["family"] == family) & (units["family_share"] >= specificity)
+                 & (units["family_lift"] >= lift) & (units["density_val"] * heldout_tokens >= cfg.min_heldout_firings)]
+
+
+def pick(units, families: list[str], family_sizes: dict[str, int], cfg: CausalConfig, heldout_tokens: int,
+         specificity: float, lift: float):
+    """The features to test: for each family with at least ``min_family_tokens`` vocabulary tokens, up to
+    ``per_family`` drawn at random (seeded by ``seed`` and the family) from its :func:`qualifying` features; at
+    most ``n_features`` in all (a seeded draw when there are more). Rows of ``units``, by family then unit."""
+    import zlib
+
     rows = []
     for fam in families:
         if family_sizes.get(fam, 0) < cfg.min_family_tokens:
             continue
-        cand = ok[ok["family"] == fam]
-        if len(cand):
-            # many features share the top family share (often 100%): of those within a point of it, the one
-            # that fires most on held-out text, so the pick is no accident of the table's order
-            top = cand[cand["family_share"] >= cand["family_share"].max() - 0.01]
-            rows.append(top.sort_values(["density_val", "unit"], ascending=[False, True]).iloc[0])
-    rows.sort(key=lambda r: (-round(float(r["family_share"]), 2), -float(r["density_val"])))
-    return rows[: cfg.n_features]
+        cand = qualifying(units, fam, cfg, heldout_tokens, specificity, lift).sort_values("unit")
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(fam.encode())])
+        take = np.sort(rng.choice(len(cand), min(cfg.per_family, len(cand)), replace=False))
+        rows.extend(cand.iloc[i] for i in take)
+    if len(rows) > cfg.n_features:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(rows), cfg.n_features, replace=False))
+        rows = [rows[i] for i in keep]
+    return rows
+
+
+class Scan(NamedTuple):
+    """What a pass over held-out windows found for each tested feature."""
+
+    next_counts: np.ndarray  # (F, V) next tokens after each feature's firings, explore half
+    all_counts: np.ndarray  # (V,) next tokens after every position, explore half
+    firings: list[np.ndarray]  # per feature, (n, 2) (window row, position) of its firings in the test half
+    positions: np.ndarray  # (n, 2) every scanned test-half (row, position), the first position left out
+
+
+@torch.no_grad()
+def scan(model, sae, hook: str, inputs: Tensor, targets: Tensor, rows: np.ndarray, explore: np.ndarray,
+         features: list[int], batch: int, vocab: int) -> Scan:
+    """One pass over the windows ``rows`` of ``inputs`` (targets: the next tokens), the first position of each
+    left out as the analysis leaves it out: on the ``explore`` rows (bool per window of ``inputs``), the next
+    tokens after each feature fires and after every position; on the others, where each feature fires."""
+    idx = torch.as_tensor(features, dtype=torch.long)
+    next_counts = np.zeros((len(features), vocab), dtype=np.int64)
+    all_counts = np.zeros(vocab, dtype=np.int64)
+    firings: list[list[np.ndarray]] = [[] for _ in features]
+    positions = []
+    for i in trimmed(range(0, len(rows), batch)):
+        r = rows[i:i + batch]
+        h = model.run_with_cache(inputs[r], [hook])[hook][:, 1:]  # (B, T-1, d_in): the first position left out
+        B, T = h.shape[:2]
+        fires = (sae.encode(h.reshape(-1, h.shape[-1]).float())[:, idx] > 0).reshape(B, T, -1).numpy()
+        nxt = targets[r][:, 1:].numpy().astype(np.int64)  # (B, T-1)
+        ex = explore[r]
+        all_counts += np.bincount(nxt[ex].ravel(), minlength=vocab)[:vocab]
+        for j in range(len(features)):
+            on = fires[..., j]
+            next_counts[j] += np.bincount(nxt[ex][on[ex]], minlength=vocab)[:vocab]
+            b, t = np.nonzero(on & ~ex[:, None])
+            firings[j].append(np.stack([r[b], t + 1], axis=1))
+        b, t = np.nonzero(np.broadcast_to(~ex[:, None], (B, T)))
+        positions.append(np.stack([r[b], t + 1], axis=1))
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)  # noqa: E731
+    return Scan(next_counts, all_counts, [cat(f) for f in firings], cat(positions))
+
+
+def predicted(next_counts: np.ndarray, all_counts: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` token ids whose probability after the feature fires (``next_counts``) exceeds their probability
+    after any position (``all_counts``) by most; only tokens that do exceed it (fewer when fewer do)."""
+    if next_counts.sum() == 0:
+        return np.zeros(0, dtype=np.int64)
+    excess = next_counts / next_counts.sum() - all_counts / max(all_counts.sum(), 1)
+    order = np.argsort(-excess, kind="stable")[:n]
+    return order[excess[order] > 0]
+
+
+def sample_positions(pos: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most ``n`` rows of ``pos`` (k, 2), a seeded draw, sorted (all of them when there are fewer)."""
+    if len(pos) <= n:
+        return pos
+    keep = np.sort(np.random.default_rng(seed).choice(len(pos), n, replace=False))
+    return pos[keep]
+
+
+class Cached(NamedTuple):
+    """Held-out positions where the edits are read: the SAE's input there and the residual stream after the MLP."""
+
+    h: Tensor  # (N, d_in)
+    resid: Tensor  # (N, d_model)
+    logp: Tensor  # (N, V) the unedited next-token log-probabilities
+    docs: np.ndarray  # (N,) the document of each
+
+
+@torch.no_grad()
+def cache_positions(model, hook: str, inputs: Tensor, pos: np.ndarray, docs_all: np.ndarray, batch: int,
+                    vocab: int) -> Cached:
+    """:class:`Cached` for the (window row, position) pairs ``pos`` of ``inputs``: the forward pass up to the
+    MLP's output on the windows that hold them (no unembedding), then the unedited distribution from there."""
+    rows = np.unique(pos[:, 0])
+    where = {int(r): i for i, r in enumerate(rows)}
+    hs, rs = [], []
+    for i in range(0, len(rows), batch):
+        got = model.run_with_cache(inputs[rows[i:i + batch]], [hook, RESID])
+        hs.append(got[hook])
+        rs.append(got[RESID])
+    h_all, r_all = torch.cat(hs), torch.cat(rs)  # (W, T, d)
+    wi = torch.as_tensor([where[int(r)] for r in pos[:, 0]], dtype=torch.long)
+    ti = torch.as_tensor(pos[:, 1], dtype=torch.long)
+    h, resid = h_all[wi, ti].float(), r_all[wi, ti].float()
+    zero = torch.zeros(len(pos))
+    logp = F.log_softmax(edit_logits(model, resid, torch.zeros(resid.shape[1]), zero, vocab), dim=-1)
+    return Cached(h, resid, logp, docs_all[pos[:, 0]])
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
 
+def effects(ro: Readout, pushes: Tensor, coeff: Tensor, sets: list[list[Tensor]]) -> list[Shift]:
+    """The :class:`Shift` of each edit at the positions of ``ro``: direction j writes ``pushes[j]`` (d_model,)
+    per unit of ``coeff`` (N,), and is measured on the token sets ``sets[j]`` (token-id tensors)."""
+    return [fast_shift(ro, push, coeff, s_) for push, s_ in zip(pushes, sets, strict=True)]
+
+
+def _summaries(shifts: list[Shift]) -> dict[str, np.ndarray]:
+    """Each edit's mean over positions: ``kl`` and, per token set (family, predicted, own), the change of its
+    log-odds (``family``, ...) and of its mass in probability (``dmass_family``, ...); arrays over edits."""
+    out = {"kl": np.array([float(s.kl.mean()) for s in shifts])}
+    for j, name in enumerate(MEASURES):
+        out[name] = np.array([float(s.dlogodds[:, j].mean()) for s in shifts])
+        out[f"dmass_{name}"] = np.array([float(s.dmass[:, j].mean()) for s in shifts])
+    return out
+
+
+def _ranks(summary: dict[str, np.ndarray], sel: list[int], mode: str, suffix: str) -> dict[str, int]:
+    """The feature's (index 0) rank among the edits ``sel`` on the KL and on each measure's log-odds."""
+    sign = 1.0 if mode == "clamp" else -1.0
+    return {f"kl_rank{suffix}": rank_first(summary["kl"][sel], 1.0),
+            **{f"{m}_rank{suffix}": rank_first(summary[m][sel], sign) for m in MEASURES}}
+
+
 @torch.no_grad()
 def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
+    import zlib
+
     import pandas as pd
 
+    from . import heldout, store, tokenizer
     from . import sae as sae_mod
-    from . import store, tokenizer
     from .analysis import FAMILY_NAMES, N_VOCAB, logit_effects
-    from .data import TokenDataset
-    from .harvest import HOOK, split_windows, spread_rows, window_batches
-    from .intervals import bootstrap, group_sums, window_documents
+    from .harvest import HOOK, spread_rows
+    from .intervals import bootstrap, group_sums
     from .lm import load_pretrained
 
     model = load_pretrained(profile).eval()
@@ -307,61 +481,44 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     if units.empty:
         raise UserError(f"analysis/{profile}-features has no units of set {set_name!r}; "
                         f"run `monosemantic analyze --profile {profile}`")
+    if not (store.artifact_path("heldout", profile, "windows") / store.MANIFEST).is_file():
+        raise UserError(f"the causal test reads the held-out set; make it with `monosemantic heldout --profile "
+                        f"{profile}`")
     heldout_tokens = int(an.metrics.get("held_out_tokens", 0))
-    logits = pd.read_parquet(an.file("logits.parquet"))
-    promoted = logits[(logits["set"] == set_name) & (logits["sign"] == 1) & (logits["rank"] < cfg.promoted_tokens)]
     tok = tokenizer.load()
-    masks = vocab_family_masks(tok.token_bytes(list(range(N_VOCAB))))  # (V, F)
+    masks = torch.as_tensor(vocab_family_masks(tok.token_bytes(list(range(N_VOCAB)))))  # (V, F)
     sizes = {f: int(masks[:, j].sum()) for j, f in enumerate(FAMILY_NAMES)}
-    picks = pick(units, list(FAMILY_NAMES), sizes, cfg, heldout_tokens)
+    picks = pick(units, list(FAMILY_NAMES), sizes, cfg, heldout_tokens, float(an.config["specificity_threshold"]),
+                 float(an.config["lift_threshold"]))
     if not picks:
-        raise UserError("no feature qualifies (scored, specific to a family with vocabulary tokens, firing "
+        raise UserError("no feature qualifies (scored specific to a family with vocabulary tokens, firing "
                         f">= {cfg.min_heldout_firings} times held out); lower min_heldout_firings")
+    features = [int(u["unit"]) for u in picks]
+    inputs = [lm_art, sae_art, an, store.load("heldout", profile, "windows")]
 
-    inputs = [lm_art, sae_art, an]
-    if (store.artifact_path("heldout", profile, "windows") / store.MANIFEST).is_file():
-        # the held-out set the analysis scored on (text no LM, SAE or explanation read), documents as groups
-        from . import heldout
+    # the held-out set, its documents in two halves: what a feature's firings foretell is counted on one, every
+    # edit measured on the other
+    held = heldout.load_windows(profile)
+    w_all = torch.from_numpy(held.windows.astype(np.int64))
+    inputs_all, targets_all, docs_all = w_all[:, :-1], w_all[:, 1:], held.documents
+    names = np.unique(docs_all)
+    explore_docs = names[np.random.default_rng(cfg.seed).permutation(len(names))[: len(names) // 2]]
+    explore = np.isin(docs_all, explore_docs)
+    rows = spread_rows(len(inputs_all), cfg.scan_windows)
+    log(f"causal: {len(features)} features from {len({str(u['family']) for u in picks})} families; scanning "
+        f"{len(rows):,} held-out windows ({int(explore[rows].sum()):,} in the explore half)")
+    found = scan(model, sae, HOOK, inputs_all, targets_all, rows, explore, features, cfg.batch_windows, N_VOCAB)
+    clamp_at = cache_positions(model, HOOK, inputs_all, sample_positions(found.positions, cfg.positions, cfg.seed),
+                               docs_all, cfg.batch_windows, N_VOCAB)
+    clamp_ro = readout(model, clamp_at.resid, N_VOCAB)
 
-        held = heldout.load_windows(profile)
-        w_all = torch.from_numpy(held.windows.astype(np.int64))
-        inputs_all, targets_all, docs_all = w_all[:, :-1], w_all[:, 1:], held.documents
-        inputs.append(store.load("heldout", profile, "windows"))
-        seq = inputs_all.shape[1]
-    else:  # the val split, in whole windows from its start
-        data = TokenDataset.open(profile, "val")
-        seq = model.config.context_length
-        inputs_all, targets_all = split_windows(data.tokens, seq)  # (n_all, seq) each
-        docs_all = window_documents(data.tokens, np.arange(len(inputs_all)) * seq, data.eot_id)
-    n_all = len(inputs_all)
-    fires_all = firing_counts(model, sae, HOOK, inputs_all, [int(u["unit"]) for u in picks], cfg.batch_windows)
-
-    def batches(rows: np.ndarray):
-        rows = np.sort(rows)
-        return window_batches(inputs_all, targets_all, rows, cfg.batch_windows), docs_all[rows]
-
-    spread = spread_rows(n_all, cfg.eval_windows)
-    windows, docs = batches(spread)
-    n_windows = len(spread)
-    randoms = random_directions(sae.cfg.d_in, cfg.n_random, cfg.seed)
-    # a unit of coefficient along each random direction moves the MLP's output this far (equal in the hidden
-    # layer, the directions would not push the output equally): each feature's control is scaled by it below
-    push_r = output_push(model, randoms)  # (n_random,)
-    # the second control: other features' decoder directions (scored, not tested here), drawn once for all
-    picked = {int(u["unit"]) for u in picks}
-    pool = np.sort(units[units["scored"] & ~units["unit"].isin(picked)]["unit"].to_numpy().astype(np.int64))
-    dec_ids = np.sort(np.random.default_rng(cfg.seed).choice(pool, min(cfg.n_decoder, len(pool)), replace=False))
-    decoders = sae.W_dec[torch.as_tensor(dec_ids, dtype=torch.long)].detach().float()  # (n_decoder, d_in)
-    decoders = decoders / decoders.norm(dim=1, keepdim=True)
-    dec_family = dict(zip(units["unit"].astype(int), units["family"].fillna("").astype(str), strict=True))
-    push_d = output_push(model, decoders)
-
-    def promoted_of(directions: Tensor) -> Tensor:  # (n, P) the tokens each direction's direct effect raises most
+    def own_tokens(directions: Tensor) -> Tensor:  # (n, P) the tokens each direction's direct effect raises most
         return logit_effects(model, directions.float())[:, :N_VOCAB].topk(cfg.promoted_tokens, dim=1).indices
 
-    own_r, own_d = promoted_of(randoms), promoted_of(decoders)  # a direction's own tokens do not depend on its scale
-    rows, gens, singles, dose = [], [], [], []
+    pool = np.sort(units[units["scored"] & ~units["unit"].isin(features)]["unit"].to_numpy().astype(np.int64))
+    family_of = dict(zip(units["unit"].astype(int), units["family"].fillna("").astype(str), strict=True))
     prompts = [torch.tensor([tok.encode(p)]) for p in PROMPTS]
+    fam_rows, singles, dose, gens, sampled, preds = [], [], [], [], [], []
 
     def greedy(edit) -> list[str]:
         texts = []
@@ -371,147 +528,149 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             texts.append(tok.decode(out[0, ids.shape[1]:].tolist()))
         return texts
 
+    def family_share(edit, fam: Tensor, seed: int) -> tuple[float, int]:
+        """The share of sampled continuation tokens (every prompt, ``samples`` each) in the family."""
+        g = torch.Generator().manual_seed(seed)
+        hits = total = 0
+        for ids in prompts:
+            with model.hooks({HOOK: edit} if edit else {}):
+                out = model.generate(ids.repeat(cfg.samples, 1), cfg.new_tokens, temperature=1.0, generator=g)
+            new = out[:, ids.shape[1]:].reshape(-1)
+            hits += int(fam[new].sum())
+            total += len(new)
+        return hits / total, total
+
     base_text = greedy(None)
-    for n, unit in enumerate(picks, 1):
+    for n, unit in enumerate(picks):
         feature, family = int(unit["unit"]), str(unit["family"])
-        fam_mask = torch.as_tensor(masks[:, FAMILY_NAMES.index(family)])
-        up_mask = torch.zeros(len(fam_mask), dtype=torch.bool)  # the tokens its decoder direction promotes most
-        up_mask[torch.tensor(promoted[promoted["unit"] == feature]["token"].to_numpy(), dtype=torch.long)] = True
-        both_masks = torch.stack([fam_mask, up_mask], dim=1)  # (V, 2): "dmass" and "dmass2" below
         value = cfg.clamp_multiple * float(unit["max"])
-        log(f"[{n}/{len(picks)}] feature {feature} ({family}, share {unit['family_share']:.2f}): clamp to "
-            f"{value:.2f}, ablate; {cfg.n_random} random directions")
-        firing = fires_all[:, n - 1]  # (n_all,) how often the feature fires in each held-out window
-        top = np.argsort(-firing, kind="stable")[: cfg.eval_windows]
-        fire_windows = batches(top[firing[top] > 0])
-        # this feature's controls: random directions and other features' decoder directions, each scaled to
-        # move the MLP's output as far as its own direction does
-        push_f = output_push(model, sae.W_dec[feature:feature + 1])
-        matched, matched_dec = randoms * (push_f / push_r)[:, None], decoders * (push_f / push_d)[:, None]
-        own = [promoted_of(sae.W_dec[feature:feature + 1].detach())[0], *own_r, *own_d]
-        n_r, n_d = len(matched), len(matched_dec)
-        unit_dir = sae.W_dec[feature].detach().float()
-        cosines = torch.cat([randoms, decoders]) @ (unit_dir / unit_dir.norm())  # each control's cosine with it
-        for mode in ("clamp", "ablate"):
-            w, d = (windows, docs) if mode == "clamp" else fire_windows
-            if len(d) == 0:
-                continue  # never fires held out (pick() requires firings, so only on a tiny split)
-            edits = [edit_hook(sae, feature, mode, None, value)] + [edit_hook(sae, feature, mode, r, value)
-                                                                     for r in (*matched, *matched_dec)]
-            shifts = distribution_shifts(model, HOOK, w, edits, both_masks, sae, feature, own)
-            # the feature's edit and the random directions' (averaged) on the same windows, summed per
-            # document; "difference" is feature minus random with both resampled together (a paired interval)
-            per_dir = {"feature": shifts[:1], "random": shifts[1:1 + n_r]}
-            means = {direction: {k: np.mean([r[k] for r in results], axis=0) for k in results[0]}
-                     for direction, results in per_dir.items()}
-            sums, _ = group_sums({f"{direction}_{k}": v for direction, m in means.items() for k, v in m.items()}, d)
-            if len(sums["feature_tokens"]) < 2:
-                continue  # one document: no interval over documents
-            where = (("kl", "dmass", "tokens", "mass", "dmass2", "mass2") if mode == "clamp" else
-                     ("kl_fire", "dmass_fire", "fire", "mass_fire", "dmass2_fire", "mass2_fire"))
-
-            def ratio(direction: str, num: str, w=where):
-                if direction == "difference":
-                    return lambda s: ratio("feature", num)(s) - ratio("random", num)(s)
-                return lambda s: s[f"{direction}_{num}"] / s[f"{direction}_{w[2]}"]
-
-            # each control direction alone, over all the windows: where the feature's edit ranks among them.
-            # "promoted": every direction on the feature's promoted tokens (favours a clamped feature, whose
-            # direction picked them); "fair": each direction on the tokens it promotes itself
-            own_key = "dmass_own" if mode == "clamp" else "dmass_own_fire"
-            single = {k: np.array([r[k].sum() / r[where[2]].sum() for r in shifts])
-                      for k in (*where[:2], where[4], own_key)}
-
-            measures = (single[where[0]], single[where[1]], single[where[4]], single[own_key])
-            ranks = control_ranks(*measures, [0, *range(1, 1 + n_r)], mode)
-            ranks.update(control_ranks(*measures, [0, *range(1 + n_r, 1 + n_r + n_d)], mode, "_dec") if n_d else {})
+        fam = masks[:, FAMILY_NAMES.index(family)]
+        pred = torch.as_tensor(predicted(found.next_counts[n], found.all_counts, cfg.predicted_tokens))
+        preds.extend({"feature": feature, "family": family, "rank": i, "token": int(t),
+                      "after_firing": float(found.next_counts[n, t] / max(found.next_counts[n].sum(), 1)),
+                      "overall": float(found.all_counts[t] / max(found.all_counts.sum(), 1))}
+                     for i, t in enumerate(pred.tolist()))
+        # the controls, fresh for this feature, each scaled to push the residual stream as far as the feature
+        d_f = sae.W_dec[feature].detach().float()
+        push_f = writes(model, d_f[None])[0]
+        seed_f = [cfg.seed, feature]
+        randoms = random_directions(sae.cfg.d_in, cfg.n_random, int(np.random.default_rng(seed_f).integers(2**62)))
+        dec_ids = np.sort(np.random.default_rng([*seed_f, 1]).choice(pool, min(cfg.n_decoder, len(pool)),
+                                                                      replace=False))
+        decoders = sae.W_dec[torch.as_tensor(dec_ids, dtype=torch.long)].detach().float()
+        controls = torch.cat([randoms, decoders])
+        push_c = writes(model, controls)
+        pushes = torch.cat([push_f[None], push_c * (push_f.norm() / push_c.norm(dim=1))[:, None]])
+        own = [own_tokens(d_f[None])[0], *own_tokens(controls)]  # a direction's own tokens: its scale is irrelevant
+        fam_ids = torch.nonzero(fam).flatten()
+        sets = [[fam_ids, pred, o] for o in own]
+        n_r, n_d = len(randoms), len(decoders)
+        cosines = controls @ (d_f / d_f.norm())
+        log(f"[{n + 1}/{len(picks)}] feature {feature} ({family}, share {unit['family_share']:.2f}): clamp to "
+            f"{value:.2f} and ablate; {n_r} random and {n_d} decoder directions; predicted "
+            + " ".join(repr(tok.decode([int(t)])) for t in pred[:5].tolist()))
+        abl_pos = sample_positions(found.firings[n], cfg.positions, cfg.seed + 1)
+        abl_at = (cache_positions(model, HOOK, inputs_all, abl_pos, docs_all, cfg.batch_windows, N_VOCAB)
+                  if len(abl_pos) else None)
+        for mode, at in (("clamp", clamp_at), ("ablate", abl_at)):
+            if at is None or len(np.unique(at.docs)) < 2:
+                continue  # no interval over documents: the feature fires in fewer than two test-half documents
+            ro = clamp_ro if mode == "clamp" else readout(model, at.resid, N_VOCAB)
+            coeff = coefficients(sae.encode(at.h)[:, feature], mode, value)
+            shifts = effects(ro, pushes, coeff, sets)
+            summary = _summaries(shifts)
+            ranks = {**_ranks(summary, [0, *range(1, 1 + n_r)], mode, ""),
+                     **_ranks(summary, [0, *range(1 + n_r, 1 + n_r + n_d)], mode, "_dec")}
             for i in range(n_r + n_d):
                 control, j = ("random", i) if i < n_r else ("decoder", i - n_r)
-                singles.append({"feature": feature, "family": family, "mode": mode, "control": control,
-                                "index": j, "source_feature": -1 if control == "random" else int(dec_ids[j]),
-                                "source_family": "" if control == "random" else dec_family.get(int(dec_ids[j]), ""),
-                                "cosine": float(cosines[i]),
-                                "kl": float(single[where[0]][i + 1]), "dmass": float(single[where[1]][i + 1]),
-                                "promoted_dmass": float(single[where[4]][i + 1]),
-                                "own_promoted_dmass": float(single[own_key][i + 1])})
-            if mode == "clamp":  # the strength the edit is made at: the main value and the others, feature and
-                # the first dose_random random directions on the same windows
-                at = {cfg.clamp_multiple: shifts[:1 + cfg.dose_random]}
-                for m in cfg.dose_multiples:
-                    if m != cfg.clamp_multiple:
-                        at[m] = distribution_shifts(
-                            model, HOOK, w, [edit_hook(sae, feature, "clamp", dr, m * float(unit["max"]))
-                                             for dr in (None, *matched[:cfg.dose_random])],
-                            both_masks, sae, feature, own[:1 + cfg.dose_random])
-                for m, res in sorted(at.items()):
-                    for i, r in enumerate(res):
+                singles.append({"feature": feature, "family": family, "mode": mode, "control": control, "index": j,
+                                "source_feature": -1 if control == "random" else int(dec_ids[j]),
+                                "source_family": "" if control == "random" else family_of.get(int(dec_ids[j]), ""),
+                                "cosine": float(cosines[i]), **{k: float(v[i + 1]) for k, v in summary.items()}})
+            # per document: the feature's effects and the random directions' mean, for intervals (the difference
+            # resampled with both together: a paired interval)
+            mean_r = Shift(*(torch.stack([getattr(s_, k) for s_ in shifts[1:1 + n_r]]).mean(0) for k in Shift._fields))
+            per_pos = {"n": torch.ones(len(coeff), dtype=torch.float64)}
+            for who, s_ in (("feature", shifts[0]), ("random", mean_r)):
+                per_pos[f"{who}_kl"] = s_.kl
+                for j, m in enumerate(MEASURES):
+                    per_pos[f"{who}_{m}"] = s_.dlogodds[:, j]
+                    per_pos[f"{who}_dmass_{m}"] = s_.dmass[:, j]
+                    per_pos[f"{who}_mass_{m}"] = s_.mass[:, j]
+            sums, _ = group_sums({k: v.numpy() for k, v in per_pos.items()}, at.docs)
+
+            def mean_of(who: str, key: str):
+                if who == "difference":
+                    return lambda s: s[f"feature_{key}"] / s["n"] - s[f"random_{key}"] / s["n"]
+                return lambda s: s[f"{who}_{key}"] / s["n"]
+
+            keys = ("kl", *MEASURES, *(f"dmass_{m}" for m in MEASURES))
+            for who in ("feature", "random", "difference"):
+                row = {"feature": feature, "family": family, "family_share": float(unit["family_share"]),
+                       "mode": mode, "direction": who, "value": value if mode == "clamp" else 0.0,
+                       "positions": len(coeff), "documents": int(len(sums["n"])), "n_random": n_r, "n_decoder": n_d,
+                       "predicted_tokens": len(pred),
+                       **{f"base_mass_{m}": float(sums[f"feature_mass_{m}"].sum() / sums["n"].sum()) for m in MEASURES}}
+                for k in keys:
+                    ci = bootstrap(sums, mean_of(who, k), n_boot=cfg.n_boot, seed=cfg.seed)
+                    row.update({k: ci.value, f"{k}_low": ci.low, f"{k}_high": ci.high})
+                row.update(ranks if who == "feature" else dict.fromkeys(ranks, 0))
+                fam_rows.append(row)
+            if mode == "clamp":  # the dose series: the feature and the first random directions at each strength
+                f_ = sae.encode(at.h)[:, feature]
+                for m in sorted({cfg.clamp_multiple, *cfg.dose_multiples}):
+                    res = (shifts[: 1 + cfg.dose_random] if m == cfg.clamp_multiple else
+                           effects(ro, pushes[: 1 + cfg.dose_random], coefficients(f_, "clamp", m * float(unit["max"])),
+                                   sets[: 1 + cfg.dose_random]))
+                    sm = _summaries(res)
+                    for i in range(len(res)):
                         dose.append({"feature": feature, "family": family, "multiple": float(m),
                                      "value": m * float(unit["max"]), "direction": "feature" if i == 0 else "random",
-                                     "index": i - 1, **{c: float(r[k].sum() / r["tokens"].sum()) for c, k in
-                                                        (("kl", "kl"), ("dmass", "dmass"), ("promoted_dmass", "dmass2"),
-                                                         ("own_promoted_dmass", "dmass_own"))}})
-            for direction in ("feature", "random", "difference"):
-                kl = bootstrap(sums, ratio(direction, where[0]), n_boot=cfg.n_boot, seed=cfg.seed)
-                dm = bootstrap(sums, ratio(direction, where[1]), n_boot=cfg.n_boot, seed=cfg.seed)
-                pm = bootstrap(sums, ratio(direction, where[4]), n_boot=cfg.n_boot, seed=cfg.seed)
-                rows.append({"feature": feature, "family": family, "family_share": float(unit["family_share"]),
-                             "mode": mode, "direction": direction, "value": value if mode == "clamp" else 0.0,
-                             "positions": float(sums[f"feature_{where[2]}"].sum()),
-                             "documents": int(len(sums[f"feature_{where[2]}"])),
-                             "base_mass": float(sums[f"feature_{where[3]}"].sum() / sums[f"feature_{where[2]}"].sum()),
-                             "kl": kl.value,
-                             "kl_low": kl.low, "kl_high": kl.high, "dmass": dm.value, "dmass_low": dm.low,
-                             "dmass_high": dm.high, "promoted_dmass": pm.value, "promoted_dmass_low": pm.low,
-                             "promoted_dmass_high": pm.high,
-                             "promoted_base_mass": float(sums[f"feature_{where[5]}"].sum()
-                                                         / sums[f"feature_{where[2]}"].sum()),
-                             "n_random": n_r, "n_decoder": n_d,
-                             **(ranks if direction == "feature" else dict.fromkeys(ranks, 0))})
-        clamped = greedy(edit_hook(sae, feature, "clamp", None, value))
-        rand = greedy(edit_hook(sae, feature, "clamp", matched[0], value))
-        for p, b, c, r in zip(PROMPTS, base_text, clamped, rand, strict=True):
-            gens.append({"feature": feature, "family": family, "prompt": p, "as_is": b, "clamped": c,
+                                     "index": i - 1, **{k: float(v[i]) for k, v in sm.items()}})
+        # in text: greedy continuations, and the family's share of sampled ones, feature against random directions
+        clamped = edit_hook(sae, feature, "clamp", None, value)
+        scaled = [randoms[i] * float(push_f.norm() / writes(model, randoms[i:i + 1]).norm())
+                  for i in range(cfg.sample_random)]
+        for p_, b, c, r in zip(PROMPTS, base_text, greedy(clamped), greedy(edit_hook(sae, feature, "clamp", scaled[0],
+                                                                                       value)), strict=True):
+            gens.append({"feature": feature, "family": family, "prompt": p_, "as_is": b, "clamped": c,
                          "random_direction": r})
-    table = pd.DataFrame(rows)
-    clamp = table[table["mode"] == "clamp"].pivot(index="feature", columns="direction", values="dmass")
-    ablate = table[table["mode"] == "ablate"].pivot(index="feature", columns="direction", values="kl")
+        seed_s = int(zlib.crc32(f"{cfg.seed}:{feature}".encode()))
+        for who, i, edit in (("none", -1, None), ("feature", -1, clamped),
+                             *(("random", i, edit_hook(sae, feature, "clamp", scaled[i], value))
+                               for i in range(cfg.sample_random))):
+            share, total = family_share(edit, fam, seed_s)
+            sampled.append({"feature": feature, "family": family, "direction": who, "index": i,
+                            "family_share": share, "tokens": total})
+    table = pd.DataFrame(fam_rows)
     with store.write("analysis", profile, "causal", config=cfg, inputs=inputs) as w:
         table.to_parquet(w.dir / "causal.parquet", index=False)
         pd.DataFrame(singles).to_parquet(w.dir / "random_directions.parquet", index=False)
         pd.DataFrame(dose).to_parquet(w.dir / "dose.parquet", index=False)
+        pd.DataFrame(preds).to_parquet(w.dir / "predicted.parquet", index=False)
         pd.DataFrame(gens).to_parquet(w.dir / "generations.parquet", index=False)
-        def finite(v) -> float | None:
-            return float(v) if np.isfinite(v) else None
-
+        pd.DataFrame(sampled).to_parquet(w.dir / "sampling.parquet", index=False)
+        feats = table[table.direction == "feature"]
         w.metrics.update({
-            "features": len(picks), "eval_tokens": n_windows * seq, "n_documents": int(len(np.unique(docs))),
-            "clamp_dmass_feature_median": finite(clamp["feature"].median()),
-            "clamp_dmass_random_median": finite(clamp["random"].median()),
-            "clamp_family_up_fraction": finite((clamp["feature"] > clamp["random"]).mean()),
-            "ablate_kl_feature_median": finite(ablate["feature"].median()),
-            "ablate_kl_random_median": finite(ablate["random"].median()),
-            **{f"{mode}_{col}_{side}_features": int(((diff[f"{col}_low"] > 0) if side == "above"
-                                                     else (diff[f"{col}_high"] < 0)).sum())
-               for mode, diff in (("clamp", table[(table["mode"] == "clamp") & (table.direction == "difference")]),
-                                  ("ablate", table[(table["mode"] == "ablate") & (table.direction == "difference")]))
-               for col in ("kl", "dmass") for side in ("above", "below")},
-            # features whose edit beats every one of the random directions (rank 1: p = 1 / (n_random + 1))
-            **{f"{mode}_{col}_rank1{suffix}_features":
-               int((table[(table["mode"] == mode) & (table.direction == "feature")][f"{col}_rank{suffix}"] == 1).sum())
-               for mode in ("clamp", "ablate") for col in ("kl", "dmass", "promoted", "promoted_fair")
-               for suffix in ("", "_dec") if f"{col}_rank{suffix}" in table},
-            "decoder_features": [int(f) for f in dec_ids],
+            "features": len(picks), "families": len({str(u["family"]) for u in picks}),
+            "clamp_positions": int(len(clamp_at.docs)), "clamp_documents": int(len(np.unique(clamp_at.docs))),
+            "scanned_windows": int(len(rows)), "explore_documents": int(len(explore_docs)),
+            # features whose edit beats every control direction on a measure (rank 1: p = 1 / (n + 1))
+            **{f"{mode}_{m}_rank1{sfx}_features": int((feats[feats["mode"] == mode][f"{m}_rank{sfx}"] == 1).sum())
+               for mode in ("clamp", "ablate") for m in ("kl", *MEASURES) for sfx in ("", "_dec")},
         })
+        w.info["features"] = features
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", default="topk", help="which SAE's features (default: topk)")
-    p.add_argument("--windows", type=int, default=None, help="held-out windows to measure on (default 128)")
+    p.add_argument("--positions", type=int, default=None, help="held-out positions per edit (default 512)")
+    p.add_argument("--random", type=int, default=None, dest="n_random",
+                   help="random directions per feature (default 100)")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = CausalConfig(sae=args.sae)
-    if args.windows:
-        cfg = cfg.replace(eval_windows=args.windows)
-    run_stage(args.profile, cfg)
+    changes = {k: v for k, v in (("positions", args.positions), ("n_random", args.n_random)) if v}
+    run_stage(args.profile, cfg.replace(**changes) if changes else cfg)
     return 0

@@ -431,15 +431,22 @@ def verdicts(fa, units, scores=("specificity", "sim_corr", "detection")) -> dict
     return out
 
 
-LEADER_MEASURES = ("dmass", "promoted_fair")
-"""What a causal leader must come first on: measures of the mass the label predicts, which favour no direction
-by construction (the family's next-token mass; each direction's own promoted tokens where measured). The KL
-says only that an edit moves the distribution, and the mass on the *feature's* promoted tokens favours the
-feature's own direction in both edits; neither counts."""
+LEADER_MEASURES = ("family", "predicted", "own")
+"""What a causal leader must come first on (the change in log-odds of a mass the label or the feature's
+behaviour predicts): the family's next-token mass; the tokens that follow the feature's firings on the other
+half of the held-out documents; each direction's own promoted tokens. None favours the feature's direction by
+construction. The KL says only that an edit moves the distribution and does not count. Causal tables before
+version 7 of the stage name their measures :data:`LEADER_MEASURES_V6`."""
+LEADER_MEASURES_V6 = ("dmass", "promoted_fair")
 
 
-def _first_on(ranks: dict[str, float], suffix: str = "") -> bool:
-    return any(ranks.get(f"{c}_rank{suffix}") == 1 for c in LEADER_MEASURES)
+def leader_measures(ct) -> tuple[str, ...]:
+    """The leader measures a causal table (``causal.parquet``) has ranks for."""
+    return LEADER_MEASURES if "family_rank" in ct else LEADER_MEASURES_V6
+
+
+def _first_on(ranks: dict[str, float], measures: tuple[str, ...], suffix: str = "") -> bool:
+    return any(ranks.get(f"{c}_rank{suffix}") == 1 for c in measures)
 
 
 def causal_leaders(ct, control: str = "") -> list[int]:
@@ -449,9 +456,10 @@ def causal_leaders(ct, control: str = "") -> list[int]:
     decoder directions, "both" requires both."""
     rows = ct[ct.direction == "feature"].set_index(["feature", "mode"])
     suffixes = ("", "_dec") if control == "both" else (control,)
+    measures = leader_measures(ct)
 
     def first(f, mode, suffix) -> bool:
-        return (f, mode) in rows.index and _first_on(rows.loc[(f, mode)].to_dict(), suffix)
+        return (f, mode) in rows.index and _first_on(rows.loc[(f, mode)].to_dict(), measures, suffix)
 
     return [int(f) for f in ct.feature.drop_duplicates()
             if all(first(f, mode, sfx) for mode in ("clamp", "ablate") for sfx in suffixes)]
@@ -467,8 +475,11 @@ def causal_null_rate(ct, singles, control: str = "random") -> tuple[float, int]:
 
     singles = singles[singles["control"] == control] if "control" in singles else singles
     feats = ct[ct.direction == "feature"].set_index(["feature", "mode"])
-    cols = {"dmass": "dmass", "promoted_fair": "own_promoted_dmass"}
-    feat_cols = {"dmass": "dmass", "promoted_fair": "promoted_dmass"}  # the feature on its own promoted tokens
+    if "family_rank" in ct:  # version 7: each measure under one name in both tables
+        cols = feat_cols = {m: m for m in LEADER_MEASURES}
+    else:
+        cols = {"dmass": "dmass", "promoted_fair": "own_promoted_dmass"}
+        feat_cols = {"dmass": "dmass", "promoted_fair": "promoted_dmass"}  # the feature on its own promoted tokens
     passed = tried = 0
     for f, part in singles.groupby("feature"):
         by_mode = {mode: part[part["mode"] == mode].sort_values("index") for mode in ("clamp", "ablate")}
@@ -479,7 +490,7 @@ def causal_null_rate(ct, singles, control: str = "random") -> tuple[float, int]:
         for mode, sign in (("clamp", 1.0), ("ablate", -1.0)):
             first = np.zeros(n, dtype=bool)
             for m_, col in cols.items():
-                if col not in by_mode[mode] or (m_ == "promoted_fair" and "promoted_fair_rank" not in feats):
+                if col not in by_mode[mode] or f"{m_}_rank" not in feats:
                     continue
                 v = sign * by_mode[mode][col].to_numpy()
                 others = np.append(v, sign * float(feats.loc[(f, mode), feat_cols[m_]]))

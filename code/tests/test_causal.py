@@ -1,5 +1,6 @@
-"""The causal test's pieces with known answers: the clamp and ablation edits, the shift they cause, the
-random control's directions, the family masks of the vocabulary and the choice of features."""
+"""The causal test's pieces with known answers: the clamp and ablation edits, reading an edit from cached
+positions (exactly what the full forward pass gives), the shift it causes, the controls, the family masks of
+the vocabulary, what a feature's firings predict and the choice of features."""
 
 from __future__ import annotations
 
@@ -11,15 +12,26 @@ import torch.nn.functional as F
 
 from monosemantic.analysis import FAMILY_NAMES
 from monosemantic.causal import (
+    RESID,
     CausalConfig,
-    distribution_shift,
-    distribution_shifts,
+    Shift,
+    cache_positions,
+    coefficients,
     edit_hook,
+    edit_logits,
+    fast_shift,
     output_push,
     pick,
+    predicted,
     random_directions,
     rank_among,
+    rank_first,
+    readout,
+    scan,
+    shift,
+    token_sets,
     vocab_family_masks,
+    writes,
 )
 from monosemantic.config import ConfigError, UserError
 from monosemantic.harvest import HOOK, sequential_windows
@@ -76,25 +88,6 @@ def tiny_lm_and_windows():
     return Transformer(cfg).eval(), sequential_windows(toks, 8, 4, batch=2)
 
 
-def test_no_edit_shifts_nothing_and_a_big_push_shifts_a_lot():
-    model, windows = tiny_lm_and_windows()
-    mask = torch.zeros(60, dtype=torch.bool)  # shorter than the vocabulary: padded with zeros
-    mask[:8] = True
-    none = distribution_shift(model, HOOK, windows, lambda h, name: h, mask)
-    assert np.allclose(none["kl"], 0, atol=1e-6) and np.allclose(none["dmass"], 0, atol=1e-6)
-    assert none["tokens"].tolist() == [8.0] * 4
-    push = distribution_shift(model, HOOK, windows, lambda h, name: h + 50.0, mask)
-    assert (push["kl"] > 1e-3).all()
-    # two masks at once give what each gives alone; a mask and its complement over the whole vocabulary
-    # hold all the probability, so their changes cancel
-    full = F.pad(mask, (0, 64 - 60))
-    two = distribution_shift(model, HOOK, windows, lambda h, name: h + 50.0, torch.stack([full, ~full], dim=1))
-    comp = distribution_shift(model, HOOK, windows, lambda h, name: h + 50.0, ~full)
-    assert np.allclose(two["dmass"], push["dmass"], atol=1e-6) and np.allclose(two["kl"], push["kl"], atol=1e-6)
-    assert np.allclose(two["dmass2"], comp["dmass"], atol=1e-6)
-    assert np.allclose(two["dmass"] + two["dmass2"], 0, atol=1e-5)  # the mass moves from one to the other
-
-
 def test_vocabulary_tokens_get_the_families_their_detectors_give_them():
     masks = vocab_family_masks([b"123", b" The", b"{", b"\xd0\xbf"])  # 'п' is Cyrillic
     col = {f: j for j, f in enumerate(FAMILY_NAMES)}
@@ -102,23 +95,9 @@ def test_vocabulary_tokens_get_the_families_their_detectors_give_them():
     assert masks[3, col["cyrillic"]] and not masks[0, col["cyrillic"]]
 
 
-def test_pick_takes_the_most_specific_qualifying_feature_of_each_family():
-    units = pd.DataFrame({
-        "unit": [0, 1, 2, 3, 4], "scored": [True, True, True, True, False],
-        "density_val": [1e-3, 1e-3, 1e-6, 1e-3, 1e-3], "family": ["digits", "digits", "digits", "url", "url"],
-        "family_share": [0.6, 0.9, 0.99, 0.7, 0.95], "family_lift": [10, 20, 30, 8, 9]})
-    cfg = CausalConfig(n_features=5, min_heldout_firings=50, min_family_tokens=10)
-    chosen = pick(units, ["digits", "url", "latex"], {"digits": 100, "url": 50, "latex": 0}, cfg, 500_000)
-    # unit 2 fires 0.5 times held out (too rare), unit 4 is not scored, latex has no vocabulary tokens
-    assert [int(r["unit"]) for r in chosen] == [1, 3]
-    # features that tie on the share (within a point): the one that fires most held out, whatever the order
-    ties = pd.DataFrame({"unit": [7, 8, 9], "scored": True, "density_val": [1e-3, 5e-3, 2e-3],
-                         "family": "digits", "family_share": [1.0, 0.995, 0.97], "family_lift": 20})
-    assert [int(r["unit"]) for r in pick(ties, ["digits"], {"digits": 100}, cfg, 500_000)] == [8]
-
-
-@pytest.mark.parametrize("bad", [{"n_random": 0}, {"clamp_multiple": 0.0}, {"eval_windows": True},
-                                 {"dose_multiples": (1.0, -2.0)}, {"n_random": 3, "dose_random": 4}])
+@pytest.mark.parametrize("bad", [{"n_random": 0}, {"clamp_multiple": 0.0}, {"positions": True},
+                                 {"dose_multiples": (1.0, -2.0)}, {"n_random": 3, "dose_random": 4},
+                                 {"scan_windows": -1}, {"n_random": 2, "sample_random": 3}])
 def test_bad_config_is_one_line(bad):
     with pytest.raises(ConfigError):
         CausalConfig(**bad)
@@ -127,20 +106,6 @@ def test_bad_config_is_one_line(bad):
 def test_an_unknown_mode_is_refused():
     with pytest.raises(UserError, match="clamp"):
         edit_hook(tiny_sae(), 0, "pin")
-
-
-def test_firing_counts_count_positions_per_window():
-    from monosemantic.causal import firing_counts
-
-    torch.manual_seed(0)
-    cfg = LMConfig(vocab_size=64, context_length=8, d_model=16, n_heads=2, d_mlp=D, compile=False, dtype="float32")
-    model, sae = Transformer(cfg).eval(), tiny_sae()
-    x = torch.randint(0, 64, (5, 8))
-    counts = firing_counts(model, sae, HOOK, x, [3, 9], batch=2)
-    h = model.run_with_cache(x, [HOOK])[HOOK]
-    z = sae.encode(h.reshape(-1, D))
-    expected = (z[:, [3, 9]] > 0).reshape(5, 8, 2).sum(1).numpy()
-    assert counts.shape == (5, 2) and np.array_equal(counts, expected)
 
 
 def test_output_push_is_the_norm_of_the_mlp_output_change():
@@ -166,19 +131,107 @@ def test_the_feature_ranks_among_random_directions_by_the_way_its_edit_should_go
                                                                                           "dmass_rank": 1}
 
 
-def test_each_edit_is_also_measured_on_its_own_tokens():
+def test_an_edit_read_from_cached_positions_is_the_full_forward_pass_with_the_edit_hooked_in():
+    # one layer, the MLP after the attention: an edit at every position changes each position's output as
+    # an edit there alone does, so the cached residual stream and the last LayerNorm and unembedding suffice
     model, windows = tiny_lm_and_windows()
-    mask = torch.zeros(64, dtype=torch.bool)
-    mask[:8] = True
-    push = lambda h, name: h + 50.0  # noqa: E731
-    # an edit's own tokens give what the same tokens as a family mask give, edit by edit
-    own = [torch.arange(8), torch.arange(8, 20)]
-    got = distribution_shifts(model, HOOK, windows, [push, push], mask, own_tokens=own)
-    other = torch.zeros(64, dtype=torch.bool)
-    other[8:20] = True
-    want = distribution_shifts(model, HOOK, windows, [push], torch.stack([mask, other], dim=1))[0]
-    assert np.allclose(got[0]["dmass_own"], want["dmass"], atol=1e-6)
-    assert np.allclose(got[1]["dmass_own"], want["dmass2"], atol=1e-6)
-    assert np.allclose(got[1]["mass_own"], want["mass2"], atol=1e-6)
-    with pytest.raises(UserError, match="2 edits"):
-        distribution_shifts(model, HOOK, windows, [push, push], mask, own_tokens=own[:1])
+    sae = tiny_sae()
+    x = torch.cat([w for w, _ in windows])  # (4, 8)
+    pos = np.array([[0, 1], [0, 7], [2, 3], [3, 0], [3, 5]])
+    docs = np.array(["a", "a", "b", "c"])
+    at = cache_positions(model, HOOK, x, pos, docs, batch=3, vocab=60)
+    full = F.log_softmax(model(x).logits[..., :60].float(), -1)
+    assert torch.allclose(at.logp, full[pos[:, 0], pos[:, 1]], atol=1e-5) and list(at.docs) == ["a", "a", "b", "c", "c"]
+    for mode, direction in (("clamp", None), ("ablate", None), ("clamp", random_directions(D, 1, seed=4)[0] * 3)):
+        d = sae.W_dec[6] if direction is None else direction
+        with model.hooks({HOOK: edit_hook(sae, 6, mode, direction, value=7.0)}):
+            edited = F.log_softmax(model(x).logits[..., :60].float(), -1)[pos[:, 0], pos[:, 1]]
+        coeff = coefficients(sae.encode(at.h)[:, 6], mode, 7.0)
+        fast = F.log_softmax(edit_logits(model, at.resid, writes(model, d[None])[0], coeff, 60), -1)
+        assert torch.allclose(fast, edited, atol=1e-5), mode
+    assert RESID in model.hook_points
+
+
+def test_a_shift_measures_kl_mass_and_log_odds_on_each_token_set():
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    logq = torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+    sets = token_sets(3, torch.tensor([True, False, False]), torch.tensor([2]))  # {0} as a mask, {2} as ids
+    assert sets.tolist() == [[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]
+    s = shift(logp, logq, sets)
+    assert s.kl.item() == pytest.approx(0.5 * np.log(2) + 0.25 * np.log(0.5))
+    assert s.dmass.tolist() == [[pytest.approx(-0.25), pytest.approx(0.25)]]
+    assert s.mass.tolist() == [[pytest.approx(0.5), pytest.approx(0.25)]]
+    # log-odds: 0.5 -> 0.25 is log(1/3) - 0; 0.25 -> 0.5 the reverse
+    assert s.dlogodds.tolist() == [[pytest.approx(np.log(1 / 3)), pytest.approx(-np.log(1 / 3))]]
+    none = shift(logp, logp, sets)
+    assert torch.equal(none.dmass, torch.zeros(1, 2)) and none.kl.abs().item() < 1e-7
+
+
+def test_rank_first_counts_the_controls_at_least_as_good_the_way_the_edit_should_go():
+    assert rank_first(np.array([0.3, 0.1, 0.3, 0.5]), 1.0) == 3  # a tie counts against the feature
+    assert rank_first(np.array([-0.3, 0.1, -0.2]), -1.0) == 1  # down: the lowest wins
+
+
+def test_the_predicted_tokens_are_those_that_follow_a_firing_more_than_any_position():
+    after = np.array([0, 6, 3, 1, 0])  # next tokens after the feature fires
+    overall = np.array([50, 10, 20, 20, 0])  # after every position
+    # excess: token 1 0.6 - 0.1, token 2 0.3 - 0.2, token 3 0.1 - 0.2 (below), token 0 0 - 0.5
+    assert predicted(after, overall, 5).tolist() == [1, 2]
+    assert predicted(after, overall, 1).tolist() == [1]
+    assert predicted(np.zeros(5, int), overall, 3).tolist() == []
+
+
+def test_pick_draws_per_family_from_the_qualifying_features_only():
+    units = pd.DataFrame({
+        "unit": range(8), "scored": [True] * 7 + [False],
+        "density_val": [1e-3, 1e-3, 1e-6, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3],
+        "family": ["digits"] * 5 + ["url"] * 3, "family_share": [0.6, 0.9, 0.99, 0.3, 0.8, 0.7, 0.9, 0.95],
+        "family_lift": [10, 20, 30, 8, 2, 8, 9, 9]})
+    cfg = CausalConfig(per_family=2, min_heldout_firings=50, min_family_tokens=10)
+    chosen = pick(units, ["digits", "url", "latex"], {"digits": 100, "url": 50, "latex": 0}, cfg, 500_000, 0.5, 5)
+    # digits: 2 fires 0.5 times held out, 3 is not specific (share 0.3), 4 has a lift of 2: 0 and 1 remain;
+    # url: 7 is not scored, so 5 and 6; latex has no vocabulary tokens
+    assert [int(r["unit"]) for r in chosen] == [0, 1, 5, 6]
+    one = pick(units, ["digits"], {"digits": 100}, cfg.replace(per_family=1), 500_000, 0.5, 5)
+    assert len(one) == 1 and int(one[0]["unit"]) in (0, 1)
+    assert [int(r["unit"]) for r in pick(units, ["digits"], {"digits": 100}, cfg.replace(per_family=1), 500_000,
+                                         0.5, 5)] == [int(one[0]["unit"])]  # seeded
+    capped = pick(units, ["digits", "url"], {"digits": 100, "url": 50}, cfg.replace(n_features=3), 500_000, 0.5, 5)
+    assert len(capped) == 3 and {int(r["unit"]) for r in capped} <= {0, 1, 5, 6}
+
+
+def test_the_scan_counts_next_tokens_on_one_half_and_firings_on_the_other():
+    model, windows = tiny_lm_and_windows()
+    sae = tiny_sae()
+    x = torch.cat([w for w, _ in windows])
+    y = torch.cat([t for _, t in windows])
+    explore = np.array([True, False, True, False])
+    found = scan(model, sae, HOOK, x, y, np.arange(4), explore, [3, 9], batch=3, vocab=64)
+    z = sae.encode(model.run_with_cache(x, [HOOK])[HOOK].reshape(-1, D)).reshape(4, 8, -1)[:, 1:]  # no first position
+    for j, f in enumerate((3, 9)):
+        on = (z[..., f] > 0).numpy()
+        want = np.bincount(y[:, 1:].numpy()[explore][on[explore]], minlength=64)
+        assert np.array_equal(found.next_counts[j], want)
+        rows, t = np.nonzero(on & ~explore[:, None])
+        assert np.array_equal(found.firings[j], np.stack([rows, t + 1], 1))
+    assert found.all_counts.sum() == 2 * 7 and len(found.positions) == 2 * 7
+    assert set(found.positions[:, 0]) == {1, 3} and found.positions[:, 1].min() == 1
+
+
+def test_the_fast_read_out_gives_what_the_logits_give():
+    # the LayerNorm and unembedding rearranged so that an edit needs no product over the vocabulary
+    model, windows = tiny_lm_and_windows()
+    x = torch.cat([w for w, _ in windows])
+    pos = np.array([[0, 1], [1, 4], [2, 7], [3, 3]])
+    at = cache_positions(model, HOOK, x, pos, np.array(["a", "b", "c", "d"]), batch=4, vocab=60)
+    ro = readout(model, at.resid, 60)
+    assert torch.allclose(ro.p.log(), at.logp, atol=1e-5)
+    sets = [torch.tensor([0, 5, 9]), torch.arange(20, 40), torch.tensor([59])]
+    for push, coeff in ((torch.randn(16), torch.randn(4) * 3), (torch.zeros(16), torch.ones(4)),
+                        (torch.randn(16) * 10, torch.tensor([0.0, -2.0, 5.0, 1.0]))):
+        want = shift(at.logp, F.log_softmax(edit_logits(model, at.resid, push, coeff, 60), -1),
+                     token_sets(60, *sets))
+        got = fast_shift(ro, push, coeff, sets)
+        for k in Shift._fields:
+            assert torch.allclose(getattr(got, k), getattr(want, k), atol=1e-5), k
+

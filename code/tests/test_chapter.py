@@ -148,3 +148,21 @@ def test_the_leader_rules_false_positive_rate_is_measured_on_the_controls():
     # decoder rows are a control of their own, and the random ones are not counted with them
     dec = singles.assign(control="decoder", dmass=singles.dmass * 0.1)
     assert chapter.causal_null_rate(ct, pd.concat([singles, dec]), control="decoder") == (0.0, 3)
+
+
+def test_a_version_7_causal_table_is_read_by_its_own_measures():
+    import pandas as pd
+
+    def row(f, mode, **first):
+        return {"feature": f, "mode": mode, "direction": "feature", "kl_rank": 1,
+                **{f"{m}_rank": 1 if m in first else 4 for m in chapter.LEADER_MEASURES},
+                **{m: first.get(m, 0.0) for m in chapter.LEADER_MEASURES}}
+
+    ct = pd.DataFrame([row(1, "clamp", predicted=2.0), row(1, "ablate", own=-2.0),  # a leader on two measures
+                       row(2, "clamp", family=2.0), row(2, "ablate")])  # first only when clamped (KL does not count)
+    assert chapter.leader_measures(ct) == chapter.LEADER_MEASURES and chapter.causal_leaders(ct) == [1]
+    # the null: three random directions of feature 1, each ranked among the others and the feature
+    singles = pd.DataFrame([{"feature": 1, "mode": m, "control": "random", "index": i, "family": v, "predicted": 0.0,
+                             "own": 0.0} for m, vs in (("clamp", (3.0, 0.1, 0.2)), ("ablate", (-3.0, 0.0, 1.0)))
+                            for i, v in enumerate(vs)])
+    assert chapter.causal_null_rate(ct[ct.feature == 1], singles) == (pytest.approx(1 / 3), 3)
