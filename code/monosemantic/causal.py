@@ -80,7 +80,8 @@ from .hardware import trimmed
 DEFAULT_PROFILE = "cpu"
 PROMPTS = ("The", "In 1998, the", "def main(", "The license", "Der")
 RESID = "blocks.0.hook_resid_post"  # the residual stream after the (one) MLP: what the final LayerNorm reads
-MEASURES = ("family", "predicted", "own")  # the masses whose log-odds each edit is ranked on (beside the KL)
+MEASURES = ("family", "predicted", "own")  # the token sets whose mass each edit is ranked on, by its log-odds
+# (columns <set>_logodds and their ranks <set>_rank; dmass_<set> its change in probability, beside the KL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +123,7 @@ class CausalConfig(StageConfig):
     """Each direction's own tokens: this many of its largest direct logit effects."""
     predicted_tokens: int = 10
     """The tokens that follow the feature's firings on the explore half more often than they follow any token."""
-    scan_windows: int = 8192
+    scan_windows: int = 16384
     """Held-out windows scanned (spread over the set; 0: all) for each feature's firings and next tokens."""
     positions: int = 512
     """Test-half positions each edit is measured on: a seeded sample of all positions for the clamp, of the
@@ -442,10 +443,10 @@ def effects(ro: Readout, pushes: Tensor, coeff: Tensor, sets: list[list[Tensor]]
 
 def _summaries(shifts: list[Shift]) -> dict[str, np.ndarray]:
     """Each edit's mean over positions: ``kl`` and, per token set (family, predicted, own), the change of its
-    log-odds (``family``, ...) and of its mass in probability (``dmass_family``, ...); arrays over edits."""
+    log-odds (``family_logodds``, ...) and of its mass in probability (``dmass_family``, ...); arrays over edits."""
     out = {"kl": np.array([float(s.kl.mean()) for s in shifts])}
     for j, name in enumerate(MEASURES):
-        out[name] = np.array([float(s.dlogodds[:, j].mean()) for s in shifts])
+        out[f"{name}_logodds"] = np.array([float(s.dlogodds[:, j].mean()) for s in shifts])
         out[f"dmass_{name}"] = np.array([float(s.dmass[:, j].mean()) for s in shifts])
     return out
 
@@ -454,7 +455,7 @@ def _ranks(summary: dict[str, np.ndarray], sel: list[int], mode: str, suffix: st
     """The feature's (index 0) rank among the edits ``sel`` on the KL and on each measure's log-odds."""
     sign = 1.0 if mode == "clamp" else -1.0
     return {f"kl_rank{suffix}": rank_first(summary["kl"][sel], 1.0),
-            **{f"{m}_rank{suffix}": rank_first(summary[m][sel], sign) for m in MEASURES}}
+            **{f"{m}_rank{suffix}": rank_first(summary[f"{m}_logodds"][sel], sign) for m in MEASURES}}
 
 
 @torch.no_grad()
@@ -594,7 +595,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             for who, s_ in (("feature", shifts[0]), ("random", mean_r)):
                 per_pos[f"{who}_kl"] = s_.kl
                 for j, m in enumerate(MEASURES):
-                    per_pos[f"{who}_{m}"] = s_.dlogodds[:, j]
+                    per_pos[f"{who}_{m}_logodds"] = s_.dlogodds[:, j]
                     per_pos[f"{who}_dmass_{m}"] = s_.dmass[:, j]
                     per_pos[f"{who}_mass_{m}"] = s_.mass[:, j]
             sums, _ = group_sums({k: v.numpy() for k, v in per_pos.items()}, at.docs)
@@ -604,7 +605,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                     return lambda s: s[f"feature_{key}"] / s["n"] - s[f"random_{key}"] / s["n"]
                 return lambda s: s[f"{who}_{key}"] / s["n"]
 
-            keys = ("kl", *MEASURES, *(f"dmass_{m}" for m in MEASURES))
+            keys = ("kl", *(f"{m}_logodds" for m in MEASURES), *(f"dmass_{m}" for m in MEASURES))
             for who in ("feature", "random", "difference"):
                 row = {"feature": feature, "family": family, "family_share": float(unit["family_share"]),
                        "mode": mode, "direction": who, "value": value if mode == "clamp" else 0.0,

@@ -476,7 +476,7 @@ def causal_null_rate(ct, singles, control: str = "random") -> tuple[float, int]:
     singles = singles[singles["control"] == control] if "control" in singles else singles
     feats = ct[ct.direction == "feature"].set_index(["feature", "mode"])
     if "family_rank" in ct:  # version 7: each measure under one name in both tables
-        cols = feat_cols = {m: m for m in LEADER_MEASURES}
+        cols = feat_cols = {m: f"{m}_logodds" for m in LEADER_MEASURES}
     else:
         cols = {"dmass": "dmass", "promoted_fair": "own_promoted_dmass"}
         feat_cols = {"dmass": "dmass", "promoted_fair": "promoted_dmass"}  # the feature on its own promoted tokens

@@ -156,13 +156,14 @@ def test_a_version_7_causal_table_is_read_by_its_own_measures():
     def row(f, mode, **first):
         return {"feature": f, "mode": mode, "direction": "feature", "kl_rank": 1,
                 **{f"{m}_rank": 1 if m in first else 4 for m in chapter.LEADER_MEASURES},
-                **{m: first.get(m, 0.0) for m in chapter.LEADER_MEASURES}}
+                **{f"{m}_logodds": first.get(m, 0.0) for m in chapter.LEADER_MEASURES}}
 
     ct = pd.DataFrame([row(1, "clamp", predicted=2.0), row(1, "ablate", own=-2.0),  # a leader on two measures
                        row(2, "clamp", family=2.0), row(2, "ablate")])  # first only when clamped (KL does not count)
     assert chapter.leader_measures(ct) == chapter.LEADER_MEASURES and chapter.causal_leaders(ct) == [1]
     # the null: three random directions of feature 1, each ranked among the others and the feature
-    singles = pd.DataFrame([{"feature": 1, "mode": m, "control": "random", "index": i, "family": v, "predicted": 0.0,
-                             "own": 0.0} for m, vs in (("clamp", (3.0, 0.1, 0.2)), ("ablate", (-3.0, 0.0, 1.0)))
+    singles = pd.DataFrame([{"feature": 1, "mode": m, "control": "random", "index": i, "family_logodds": v,
+                             "predicted_logodds": 0.0, "own_logodds": 0.0}
+                            for m, vs in (("clamp", (3.0, 0.1, 0.2)), ("ablate", (-3.0, 0.0, 1.0)))
                             for i, v in enumerate(vs)])
     assert chapter.causal_null_rate(ct[ct.feature == 1], singles) == (pytest.approx(1 / 3), 3)

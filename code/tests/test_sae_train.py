@@ -257,9 +257,10 @@ def test_the_causal_stage_ranks_each_feature_among_its_controls_on_the_test_half
     art = store.load("analysis", "tiny", "causal", config=cfg)
     table = pd.read_parquet(art.file("causal.parquet"))
     assert len(table) and set(table.direction) == {"feature", "random", "difference"}
+    assert table.family.map(type).eq(str).all()  # the family's name, not a measure of it
     for (_, _), part in table.groupby(["feature", "mode"]):
         by = part.set_index("direction")
-        for col in ("kl", "family", "dmass_family"):  # the difference is the feature's minus the random mean
+        for col in ("kl", "family_logodds", "dmass_family"):  # the difference: the feature's minus the random mean
             assert by.loc["difference", col] == pytest.approx(by.loc["feature", col] - by.loc["random", col],
                                                               abs=1e-9)
             assert by.loc["difference", f"{col}_low"] <= by.loc["difference", col] <= \
@@ -278,7 +279,8 @@ def test_the_causal_stage_ranks_each_feature_among_its_controls_on_the_test_half
         sign = 1.0 if mode == "clamp" else -1.0
         # the rank among the random directions, on each measure's log-odds, counts those at least as good
         for measure in causal.MEASURES:
-            assert frow[f"{measure}_rank"] == 1 + (sign * rnd[measure] >= sign * frow[measure] - 1e-12).sum()
+            col = f"{measure}_logodds"
+            assert frow[f"{measure}_rank"] == 1 + (sign * rnd[col] >= sign * frow[col] - 1e-12).sum()
         assert frow.kl_rank == 1 + (rnd.kl >= frow.kl - 1e-12).sum() and 1 <= frow.kl_rank_dec <= cfg.n_decoder + 1
     # each test feature's random directions are its own (drawn afresh per feature)
     rnd_all = singles[(singles.control == "random") & (singles["mode"] == "clamp")]
@@ -292,7 +294,7 @@ def test_the_causal_stage_ranks_each_feature_among_its_controls_on_the_test_half
     at5 = dose[(dose.multiple == cfg.clamp_multiple) & (dose.direction == "feature")].set_index("feature")
     clamp_f = table[(table["mode"] == "clamp") & (table.direction == "feature")].set_index("feature")
     for f in at5.index:  # the main clamp's own numbers
-        assert at5.loc[f, "family"] == pytest.approx(clamp_f.loc[f, "family"], abs=1e-9)
+        assert at5.loc[f, "family_logodds"] == pytest.approx(clamp_f.loc[f, "family_logodds"], abs=1e-9)
     sampled = pd.read_parquet(art.file("sampling.parquet"))
     assert set(sampled.direction) == {"none", "feature", "random"} and sampled.family_share.between(0, 1).all()
     assert (sampled.tokens == len(causal.PROMPTS) * cfg.samples * cfg.new_tokens).all()
