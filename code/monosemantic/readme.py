@@ -68,16 +68,14 @@ def _smollm2(a: store.Artifact) -> str:
                f"{m['interpretable_fraction_neurons']:.0%} of the layer's neurons reach a held-out correlation of "
                f"{m['interpretable_threshold']:g} (the analysis stage's code)"
                if "interpretable_fraction_features" in m else "")
-            + ("; matched for density, features minus neurons in percentage points: " + ", ".join(
-                f"{name} {_points(m, f'matched_{score}_features_minus_neurons')}"
-                for score, name in (("specificity", "specific"), ("sim_corr", "simulation"),
-                                    ("detection", "detection")))
-               if "matched_specificity_features_minus_neurons" in m else "") + ".")
-
-
-def _points(m: dict, key: str) -> str:
-    """A manifest's difference and its interval in percentage points: ``+6 [+2, +10]``."""
-    return f"{100 * m[key]:+.0f} [{100 * m[key + '_low']:+.0f}, {100 * m[key + '_high']:+.0f}]"
+            + ("; against a random dictionary of its width and k, its scored features pass the specificity, "
+               "simulation and detection scores at " + "/".join(
+                f"{m[f'{score}_fraction_features']:.0%}" for score in ("specific", "simulation", "detection"))
+               + " against " + "/".join(
+                f"{m[f'{score}_fraction_random_dictionary']:.0%}" for score in ("specific", "simulation", "detection"))
+               + f" (the neurons, the median one active on {m['median_density_neurons']:.0%} of tokens, cannot be "
+               "matched to the features' density)"
+               if "simulation_fraction_random_dictionary" in m else "") + ".")
 
 
 def _sae(a: store.Artifact) -> str:
