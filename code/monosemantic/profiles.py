@@ -60,7 +60,7 @@ def _tiny() -> Profile:
 
 
 def _cpu() -> Profile:
-    return Profile(name="cpu", toy=_toy_cpu(), llama=LlamaConfig(  # SmolLM2-135M: ~45 min on 2 shared cores
+    return Profile(name="cpu", toy=_toy_cpu(), llama=LlamaConfig(  # SmolLM2-135M: ~2 h on 2 cores (harvest 76 min)
         # 2x: with these settings and this harvest a 4x SAE left 55% of its latents never firing on 65,790
         # held-out activations (2x: 1.7%), fewer live latents than 2x has, at the same FVU (0.105 vs 0.106),
         # in 4.2x the training time (chapter 4's width table); 8x on 200k tokens had left 67% dead
