@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from . import store
 from .config import UserError
+from .explain import MIN_BIN_UNITS  # noqa: F401 (the chapters read it here)
 
 # The unit sets of analysis/<profile>-features as the chapters name them, in the order they show them.
 UNIT_SETS: dict[str, str] = {"neurons": "neurons", "topk": "TopK features", "anchor": "anchor-fixed features",
@@ -375,7 +376,7 @@ THRESHOLD_SWEEPS: dict[str, tuple[tuple[str, dict[str, float]], ...]] = {
     "sim_corr": (("0.3", {"corr_threshold": 0.3}), ("0.7", {"corr_threshold": 0.7})),
     "detection": (("0.7", {"detection_threshold": 0.7}), ("0.9", {"detection_threshold": 0.9})),
 }
-MIN_BIN_UNITS = 20  # a density bin is compared only where both sets have this many scored units in it
+
 
 
 class Verdict(NamedTuple):

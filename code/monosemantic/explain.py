@@ -735,8 +735,13 @@ def matched_difference(density: np.ndarray, ok: np.ndarray, base_density: np.nda
                    float(weights[both].sum()), int(both.sum()))
 
 
+MIN_BIN_UNITS = 20
+"""A density bin is compared only where both sets have this many scored units in it: a bin of one or a few
+units has a bootstrap interval of no width, which would make a matched difference look exact."""
+
+
 def matched_differences(units, cfg, baseline: str = "neurons", scores: Sequence[str] = SCORES,
-                        min_units: int = 1) -> Any:
+                        min_units: int = MIN_BIN_UNITS) -> Any:
     """:func:`matched_difference` of every set against ``baseline`` by every score, over scored units: rows
     (set, baseline, score, raw, raw_low, raw_high, matched, matched_low, matched_high, coverage, bins); bins
     with fewer than ``min_units`` units of either set left out."""
