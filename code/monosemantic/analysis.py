@@ -283,6 +283,25 @@ class UnitSet:
         return cls("neurons", lambda h: h, torch.eye(d_mlp))
 
     @classmethod
+    def neuron_topk(cls, name: str, d_mlp: int, k: int, contexts: bool = True) -> UnitSet:
+        """The neuron basis made a sparse code of the SAE's width: the 2 d_mlp half-neurons max(h_i, 0) and
+        max(-h_i, 0), of which each token keeps its k largest, a = ReLU(TopK_k([h, -h])). For a layer whose
+        neurons take both signs (a gated MLP) this is the like-for-like neuron baseline of a TopK SAE with
+        2 d_mlp latents: the same width and L0, each unit one sign of one neuron (directions +e_i, -e_i)."""
+        eye = torch.eye(d_mlp)
+        directions = torch.cat([eye, -eye])  # (2 d_mlp, d_mlp)
+
+        def encode(h: Tensor) -> Tensor:
+            pre = torch.cat([h, -h], dim=-1)
+            values, indices = pre.topk(k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter(-1, indices, values.clamp_min(0))
+
+        def sparse_encode(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return _topk_nonzeros(torch.cat([h, -h], dim=-1), k)
+
+        return cls(name, encode, directions, contexts, sparse_encode=sparse_encode)
+
+    @classmethod
     def from_sae(cls, name: str, sae, contexts: bool = True) -> UnitSet:
         sae = sae.float().eval()
         architecture = getattr(getattr(sae, "cfg", None), "architecture", None)
@@ -1128,11 +1147,13 @@ def token_profiles(model, sets: list[UnitSet], tokens: np.ndarray, n_tokens: int
 MAIN_SAE = "topk"  # the SAE whose features the chapter shows (the better recipe)
 RANDOM_DICTIONARY = "random"  # the set of random directions with the TopK SAE's encoding
 RANDOM_MODEL = "random-model"  # the set (and sae/<profile>-random-model artifact) of an SAE on a random LM
+NEURON_TOPK = "neuron-topk"  # the half-neurons of a two-signed layer, k per token (UnitSet.neuron_topk)
 TABLES = ("units", "contexts", "top_tokens", "logits", "histograms", "vocab", "families", "neighbours")
 CONTROL_TABLES = ("density_bins", "density_matched")
 LABELS = {"neurons": "neurons", MAIN_SAE: "features", "anchor": "anchor_features",
-          RANDOM_DICTIONARY: "random_dictionary", RANDOM_MODEL: "random_model_features"}  # manifest names
-_NO_CONTEXTS = ("anchor", RANDOM_DICTIONARY, RANDOM_MODEL)  # sets whose dashboards are not kept
+          RANDOM_DICTIONARY: "random_dictionary", RANDOM_MODEL: "random_model_features",
+          NEURON_TOPK: "neuron_topk"}  # manifest names
+_NO_CONTEXTS = ("anchor", RANDOM_DICTIONARY, RANDOM_MODEL, NEURON_TOPK)  # sets whose dashboards are not kept
 
 
 def control_tables(units, cfg: AnalysisConfig) -> dict[str, Any]:

@@ -213,6 +213,10 @@ def analyze_features(cfg: LlamaConfig, profile: str, source: LlamaSource, sae, *
     sets = [analysis.UnitSet.from_sae(analysis.MAIN_SAE, sae)]
     if cfg.site.startswith("mlp."):
         sets.insert(0, analysis.UnitSet.neurons(source.width(hook)))
+    if cfg.site.startswith("mlp."):
+        # a gated MLP's neurons take both signs: its half-neurons, k per token, are a neuron baseline with the
+        # SAE's L0 (and its width when the SAE is 2x)
+        sets.append(analysis.UnitSet.neuron_topk(analysis.NEURON_TOPK, source.width(hook), sae.cfg.k))
     if acfg.random_dictionary:  # the chance control: the SAE's width, k and centre, random directions
         sets.append(analysis.UnitSet.random_dictionary(analysis.RANDOM_DICTIONARY, sae.cfg.d_in, sae.cfg.n_features,
                                                        sae.cfg.k, seed=cfg.seed, centre=sae.b_dec))

@@ -507,3 +507,17 @@ def test_the_browser_picture_shows_the_best_predicted_readable_feature_of_modera
     assert figure_unit(units, top, text) == 4  # unit 2's top token is a byte fragment
     top.loc[top.unit == 4, "share"] = 0.3  # most of unit 4's activation is elsewhere: unit 0 is left
     assert figure_unit(units, top, text) == 0
+
+
+def test_half_neurons_keep_the_k_largest_signed_values_of_each_token():
+    h = torch.tensor([[3.0, -5.0, 1.0], [-1.0, 0.5, -0.2]])
+    u = A.UnitSet.neuron_topk("half", 3, k=2)
+    a = u.encode(h)
+    # units 0..2 are +h, 3..5 are -h: row 0 keeps -h_1 = 5 and h_0 = 3; row 1 keeps -h_0 = 1 and h_1 = 0.5
+    assert a.tolist() == [[3.0, 0.0, 0.0, 0.0, 5.0, 0.0], [0.0, 0.5, 0.0, 1.0, 0.0, 0.0]]
+    assert torch.equal(u.directions, torch.cat([torch.eye(3), -torch.eye(3)]))
+    rows, units, values = u.sparse_encode(h)
+    dense = torch.zeros(2, 6)
+    dense[rows, units] = values
+    assert torch.equal(dense, a) and u.n_units == 6
+

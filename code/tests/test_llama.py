@@ -224,7 +224,9 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     assert set(m) == shared | own
     assert "features.parquet" not in art.files and "ce_loss_recovered_mean" not in m
     # the chance control beside the neurons and the features, scored but without dashboards, and compared
-    assert set(units.set) == {"neurons", analysis.MAIN_SAE, analysis.RANDOM_DICTIONARY}
+    assert set(units.set) == {"neurons", analysis.MAIN_SAE, analysis.RANDOM_DICTIONARY, analysis.NEURON_TOPK}
+    half = units[units.set == analysis.NEURON_TOPK]
+    assert len(half) == 2 * m["d_in"] and (half.polarity == 1).all()  # half-neurons, each one sign
     assert (units.set == analysis.RANDOM_DICTIONARY).sum() == m["n_features"]
     contexts = pd.read_parquet(art.file("contexts.parquet"))
     assert analysis.RANDOM_DICTIONARY not in set(contexts.set) and "matched_specificity_features_minus_neurons" in m
