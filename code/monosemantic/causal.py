@@ -36,8 +36,9 @@ the change in log-odds of three masses, each on its own token set:
 - the *predicted* tokens: the ``predicted_tokens`` next tokens whose probability after the feature fires
   exceeds their overall probability most, counted on one half of the held-out documents (the *explore*
   half); every measure is then taken on the other half (the *test* half), so the prediction is fixed before
-  the positions it is tested on are read. It states what the feature's firings foretell, from observation,
-  and favours no direction by construction;
+  the positions it is tested on are read. It states what the feature's firings foretell, from observation;
+  every direction is measured on the feature's set, so any direction fit to the firings (a difference of
+  means, a neuron) would be expected to move it too, and only such a control would make it specific to the SAE;
 - each direction's *own* tokens: the ``promoted_tokens`` tokens its direct logit effect raises most, so a
   random direction is measured on what it promotes, as the feature is (the fair form of the promoted-token
   measure).
@@ -275,7 +276,10 @@ def readout(model, resid: Tensor, vocab: int) -> Readout:
     z = A * (var + ln.eps).rsqrt()[:, None] + C
     logp = F.log_softmax(z, dim=-1)
     p = logp.exp()
-    return Readout(A, C, xc, var, gamma, W, float(ln.eps), p, (p * logp).sum(-1), (p * A).sum(-1), p @ C)
+    # the sums over the vocabulary in float64: the KL below is a small difference of large terms
+    pd_ = p.double()
+    return Readout(A, C, xc, var, gamma, W, float(ln.eps), p, (pd_ * logp.double()).sum(-1), (pd_ * A.double()).sum(-1),
+                   pd_ @ C.double())
 
 
 def fast_shift(ro: Readout, push: Tensor, coeff: Tensor, sets: list[Tensor]) -> Shift:
@@ -287,9 +291,10 @@ def fast_shift(ro: Readout, push: Tensor, coeff: Tensor, sets: list[Tensor]) -> 
     var = ro.var + 2 * coeff * (ro.xc @ uc) / len(uc) + coeff.pow(2) * uc.pow(2).mean()
     s1 = (var + ro.eps).rsqrt()  # (N,)
     z = torch.addr(ro.A, coeff, B).mul_(s1[:, None]).add_(ro.C)  # (N, V): s' (A + c B) + C
-    lse = torch.logsumexp(z, dim=-1)
-    pz = s1 * ro.pA + coeff * s1 * (ro.p @ B) + ro.pC  # sum p z'
-    kl = ro.plogp - pz + lse
+    lse = torch.logsumexp(z.double(), dim=-1).float()
+    s1d, cd = s1.double(), coeff.double()
+    pz = s1d * ro.pA + cd * s1d * (ro.p.double() @ B.double()) + ro.pC  # sum p z', in float64
+    kl = ro.plogp - pz + lse.double()
     base = torch.stack([ro.p[:, t].sum(-1) for t in sets], 1)  # (N, M)
     after = torch.stack([(z[:, t] - lse[:, None]).exp().sum(-1) for t in sets], 1)
     return Shift(kl.double(), (after - base).double(), (log_odds(after) - log_odds(base)).double(), base.double())

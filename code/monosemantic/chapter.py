@@ -435,8 +435,10 @@ def verdicts(fa, units, scores=("specificity", "sim_corr", "detection")) -> dict
 LEADER_MEASURES = ("family", "predicted", "own")
 """What a causal leader must come first on (the change in log-odds of a mass the label or the feature's
 behaviour predicts): the family's next-token mass; the tokens that follow the feature's firings on the other
-half of the held-out documents; each direction's own promoted tokens. None favours the feature's direction by
-construction. The KL says only that an edit moves the distribution and does not count. Causal tables before
+half of the held-out documents; each direction's own promoted tokens. The predicted tokens are chosen from
+the feature's firings, so any direction fit to those firings would also move them; the own tokens hold more
+of the probability where a feature fires than a random direction's do, which favours random directions under
+ablation. The KL says only that an edit moves the distribution and does not count. Causal tables before
 version 7 of the stage name their measures :data:`LEADER_MEASURES_V6`."""
 LEADER_MEASURES_V6 = ("dmass", "promoted_fair")
 
@@ -470,8 +472,9 @@ def causal_null_rate(ct, singles, control: str = "random") -> tuple[float, int]:
     """How often the leader rule passes a direction that is not a feature's: each control direction of
     ``singles`` (``random_directions.parquet``, rows of ``control``) is ranked, as the feature is, among the
     other control directions and the feature, on each measure of :data:`LEADER_MEASURES` and in both edits;
-    returns (the share of control directions the rule passes, how many were tried). The rule's false-positive
-    rate measured on the null itself, dependence between measures and edits included."""
+    returns (the share of control directions the rule passes, how many were tried): the rule's false-positive
+    rate on the controls, dependence between measures and edits included. The feature is among what each
+    control is ranked against, so a feature far ahead lowers the rate a little."""
     import numpy as np
 
     singles = singles[singles["control"] == control] if "control" in singles else singles

@@ -219,8 +219,12 @@ def test_the_scan_counts_next_tokens_on_one_half_and_firings_on_the_other():
 
 
 def test_the_fast_read_out_gives_what_the_logits_give():
-    # the LayerNorm and unembedding rearranged so that an edit needs no product over the vocabulary
+    # the LayerNorm and unembedding rearranged so that an edit needs no product over the vocabulary; the final
+    # LayerNorm's gain and bias made non-trivial, so that both enter the rearrangement
     model, windows = tiny_lm_and_windows()
+    with torch.no_grad():
+        model.ln_final.weight.uniform_(0.5, 2.0)
+        model.ln_final.bias.normal_(0, 0.5)
     x = torch.cat([w for w, _ in windows])
     pos = np.array([[0, 1], [1, 4], [2, 7], [3, 3]])
     at = cache_positions(model, HOOK, x, pos, np.array(["a", "b", "c", "d"]), batch=4, vocab=60)
