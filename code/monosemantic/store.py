@@ -305,6 +305,27 @@ def write(stage: str, profile: str, name: str, *, config: StageConfig | dict, co
         raise
 
 
+def move_to_work(art: Artifact, rels: list[str]) -> Artifact:
+    """Keep the files ``rels`` of a written artifact in ``cache/work/`` instead of the committed cache (the
+    manifest records their location; their hashes do not change), e.g. tables no chapter reads, to keep the
+    committed cache small. The artifact, read again."""
+    manifest = json.loads((art.path / MANIFEST).read_text())
+    for rel in rels:
+        entry = manifest.get("files", {}).get(rel)
+        if entry is None:
+            raise CacheError(f"{art.key} has no file {rel!r} (it has: {', '.join(art.files) or 'none'})")
+        if entry.get("location") == "work":
+            continue
+        target = art.work_path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(art.path / rel), str(target))
+        entry["location"] = "work"
+    tmp = art.path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, art.path / MANIFEST)
+    return load(art.stage, art.profile, art.name)
+
+
 def _read_manifest(path: Path, key: str, command: str) -> dict[str, Any]:
     try:
         manifest = json.loads((path / MANIFEST).read_text())

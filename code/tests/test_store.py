@@ -242,3 +242,22 @@ def test_checkpoint_save_is_atomic_and_load_sets_aside_another_config(tmp_path):
     with pytest.raises(UserError, match=r"is not a readable demo checkpoint \(some of its parts are missing\); "
                                         r"delete it$"):
         checkpoint.load(path, "abc", {"step", "model"}, what="demo", fix="delete it")
+
+
+def test_a_file_moved_to_work_keeps_its_hash_and_leaves_the_committed_cache(tmp_cache):
+    import shutil
+
+    with store.write("lm", "tiny", "model", config=DemoConfig(), command="monosemantic train-lm --profile tiny") as w:
+        (w.dir / "weights.bin").write_bytes(b"weights")
+        (w.dir / "table.bin").write_bytes(b"a big table")
+    art = store.move_to_work(store.load("lm", "tiny", "model"), ["table.bin"])
+    assert not (art.path / "table.bin").exists() and art.file("table.bin").read_bytes() == b"a big table"
+    assert art.manifest["files"]["table.bin"]["location"] == "work" and art.problems() == []
+    assert art.size_bytes() == len(b"weights")  # what is committed
+    assert store.move_to_work(art, ["table.bin"]).problems() == []  # moving it again changes nothing
+    shutil.rmtree(art.work_path)  # a fresh clone: the work file is optional, and asking for it names the command
+    assert art.problems() == []
+    with pytest.raises(store.CacheError, match="monosemantic train-lm --profile tiny"):
+        art.file("table.bin")
+    with pytest.raises(store.CacheError, match="no file 'nope'"):
+        store.move_to_work(art, ["nope"])
