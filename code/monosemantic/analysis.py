@@ -292,9 +292,7 @@ class UnitSet:
         directions = torch.cat([eye, -eye])  # (2 d_mlp, d_mlp)
 
         def encode(h: Tensor) -> Tensor:
-            pre = torch.cat([h, -h], dim=-1)
-            values, indices = pre.topk(k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter(-1, indices, values.clamp_min(0))
+            return _topk_code(torch.cat([h, -h], dim=-1), k)
 
         def sparse_encode(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             return _topk_nonzeros(torch.cat([h, -h], dim=-1), k)
@@ -329,14 +327,18 @@ class UnitSet:
         c = torch.zeros(d) if centre is None else centre.detach().float().clone()
 
         def encode(h: Tensor) -> Tensor:
-            pre = (h - c) @ R.t()  # (N, n_units)
-            values, indices = pre.topk(k, dim=-1, sorted=False)  # (N, k)
-            return torch.zeros_like(pre).scatter(-1, indices, values.clamp_min(0))
+            return _topk_code((h - c) @ R.t(), k)  # (N, n_units)
 
         def sparse_encode(h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             return _topk_nonzeros((h - c) @ R.t(), k)
 
         return cls(name, encode, R, contexts, sparse_encode=sparse_encode)
+
+
+def _topk_code(pre: Tensor, k: int) -> Tensor:
+    """ReLU(TopK_k(pre)) of pre-activations (N, n): each row's k largest kept where positive, the rest zero."""
+    values, indices = pre.topk(k, dim=-1, sorted=False)  # (N, k)
+    return torch.zeros_like(pre).scatter(-1, indices, values.clamp_min(0))
 
 
 def _topk_nonzeros(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:

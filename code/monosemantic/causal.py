@@ -18,8 +18,9 @@ attention: the hidden activation at position t reaches the output only at t, thr
 LayerNorm and the unembedding. So an edit at every position changes each position's next-token
 distribution exactly as an edit at that position alone does, and the stage caches, for a sample of held-out
 positions, the hidden activation and the residual stream after the MLP, then reads each edit's next-token
-distribution from those alone (:func:`edit_logits`; a test checks it against the full forward pass with the
-edit hooked in). That is what lets every feature be compared with ``n_random`` random directions.
+distribution from those alone (:func:`fast_shift`). :func:`edit_logits` and :func:`shift` are the plain form
+of that read-out, kept as the reference the tests check it against, and checked themselves against the full
+forward pass with the edit hooked in. That is what lets every feature meet ``n_random`` random directions.
 
 **The controls**, each with the feature's coefficients: ``n_random`` random directions, drawn afresh for each
 feature, and ``n_decoder`` decoder directions of other scored features of the SAE, each scaled so that it
@@ -177,15 +178,10 @@ def coefficients(f: Tensor, mode: str, value: float = 0.0) -> Tensor:
     return (value - f) if mode == "clamp" else -f
 
 
-def output_push(model, vectors: Tensor) -> Tensor:
-    """(n,) how far each (n, d_in) hidden-layer vector moves the MLP's output: ||W_out v||. Two unit directions
-    edited with the same coefficient push the residual stream by different amounts, so a control is scaled to
-    the feature's push, not to its norm in the hidden layer."""
-    return writes(model, vectors).norm(dim=1)
-
-
 def writes(model, vectors: Tensor) -> Tensor:
-    """(n, d_model) what each (n, d_in) hidden-layer vector adds to the residual stream: W_out v (no bias)."""
+    """(n, d_model) what each (n, d_in) hidden-layer vector adds to the residual stream: W_out v (no bias). Two
+    unit directions edited with the same coefficient push the residual stream by different amounts, so a
+    control is scaled to the norm of this push, not to its norm in the hidden layer."""
     w_out = model.blocks[0].mlp.fc_out.weight.detach().float()  # (d_model, d_mlp)
     return vectors.float() @ w_out.t()
 
@@ -308,12 +304,6 @@ def rank_first(values: np.ndarray, sign: float) -> int:
     return int(1 + (v[1:] >= v[0]).sum())
 
 
-def rank_among(kl: np.ndarray, dmass: np.ndarray, mode: str) -> dict[str, int]:
-    """The feature's (element 0) ranks among the control directions (the rest): ``kl_rank`` (the largest KL
-    first) and ``dmass_rank`` (the mass up when clamped, down when ablated)."""
-    return {"kl_rank": rank_first(kl, 1.0), "dmass_rank": rank_first(dmass, 1.0 if mode == "clamp" else -1.0)}
-
-
 def vocab_family_masks(token_bytes: list[bytes]) -> np.ndarray:
     """(V, n_families) bool: the families each vocabulary token belongs to when read alone."""
     from .analysis import token_families
@@ -413,15 +403,13 @@ class Cached(NamedTuple):
 
     h: Tensor  # (N, d_in)
     resid: Tensor  # (N, d_model)
-    logp: Tensor  # (N, V) the unedited next-token log-probabilities
     docs: np.ndarray  # (N,) the document of each
 
 
 @torch.no_grad()
-def cache_positions(model, hook: str, inputs: Tensor, pos: np.ndarray, docs_all: np.ndarray, batch: int,
-                    vocab: int) -> Cached:
+def cache_positions(model, hook: str, inputs: Tensor, pos: np.ndarray, docs_all: np.ndarray, batch: int) -> Cached:
     """:class:`Cached` for the (window row, position) pairs ``pos`` of ``inputs``: the forward pass up to the
-    MLP's output on the windows that hold them (no unembedding), then the unedited distribution from there."""
+    MLP's output on the windows that hold them (no unembedding; :func:`readout` reads the distribution)."""
     rows = np.unique(pos[:, 0])
     where = {int(r): i for i, r in enumerate(rows)}
     hs, rs = [], []
@@ -432,10 +420,7 @@ def cache_positions(model, hook: str, inputs: Tensor, pos: np.ndarray, docs_all:
     h_all, r_all = torch.cat(hs), torch.cat(rs)  # (W, T, d)
     wi = torch.as_tensor([where[int(r)] for r in pos[:, 0]], dtype=torch.long)
     ti = torch.as_tensor(pos[:, 1], dtype=torch.long)
-    h, resid = h_all[wi, ti].float(), r_all[wi, ti].float()
-    zero = torch.zeros(len(pos))
-    logp = F.log_softmax(edit_logits(model, resid, torch.zeros(resid.shape[1]), zero, vocab), dim=-1)
-    return Cached(h, resid, logp, docs_all[pos[:, 0]])
+    return Cached(h_all[wi, ti].float(), r_all[wi, ti].float(), docs_all[pos[:, 0]])
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
@@ -515,7 +500,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         f"{len(rows):,} held-out windows ({int(explore[rows].sum()):,} in the explore half)")
     found = scan(model, sae, HOOK, inputs_all, targets_all, rows, explore, features, cfg.batch_windows, N_VOCAB)
     clamp_at = cache_positions(model, HOOK, inputs_all, sample_positions(found.positions, cfg.positions, cfg.seed),
-                               docs_all, cfg.batch_windows, N_VOCAB)
+                               docs_all, cfg.batch_windows)
     clamp_ro = readout(model, clamp_at.resid, N_VOCAB)
 
     def own_tokens(directions: Tensor) -> Tensor:  # (n, P) the tokens each direction's direct effect raises most
@@ -576,7 +561,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             f"{value:.2f} and ablate; {n_r} random and {n_d} decoder directions; predicted "
             + " ".join(repr(tok.decode([int(t)])) for t in pred[:5].tolist()))
         abl_pos = sample_positions(found.firings[n], cfg.positions, cfg.seed + 1)
-        abl_at = (cache_positions(model, HOOK, inputs_all, abl_pos, docs_all, cfg.batch_windows, N_VOCAB)
+        abl_at = (cache_positions(model, HOOK, inputs_all, abl_pos, docs_all, cfg.batch_windows)
                   if len(abl_pos) else None)
         for mode, at in (("clamp", clamp_at), ("ablate", abl_at)):
             if at is None or len(np.unique(at.docs)) < 2:

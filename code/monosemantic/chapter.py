@@ -378,7 +378,6 @@ THRESHOLD_SWEEPS: dict[str, tuple[tuple[str, dict[str, float]], ...]] = {
 }
 
 
-
 class Verdict(NamedTuple):
     """Whether the TopK features beat the neurons by one score, against every control (:func:`verdicts`)."""
 

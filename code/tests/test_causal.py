@@ -20,11 +20,9 @@ from monosemantic.causal import (
     edit_hook,
     edit_logits,
     fast_shift,
-    output_push,
     pick,
     predicted,
     random_directions,
-    rank_among,
     rank_first,
     readout,
     scan,
@@ -108,7 +106,7 @@ def test_an_unknown_mode_is_refused():
         edit_hook(tiny_sae(), 0, "pin")
 
 
-def test_output_push_is_the_norm_of_the_mlp_output_change():
+def test_a_push_is_the_norm_of_the_mlp_output_change():
     model = Transformer(LMConfig(vocab_size=50, context_length=8, d_model=4, n_heads=1, d_mlp=D, compile=False,
                                  dtype="float32"))
     with torch.no_grad():
@@ -116,19 +114,18 @@ def test_output_push_is_the_norm_of_the_mlp_output_change():
         model.blocks[0].mlp.fc_out.weight[0, 0] = 3.0  # hidden unit 0 writes 3x into output 0; the rest nothing
     v = torch.zeros(2, D)
     v[0, 0], v[1, 1] = 1.0, 1.0  # two unit vectors, equal in the hidden layer
-    assert output_push(model, v).tolist() == pytest.approx([3.0, 0.0])
+    assert writes(model, v).norm(dim=1).tolist() == pytest.approx([3.0, 0.0])
 
 
 def test_the_feature_ranks_among_random_directions_by_the_way_its_edit_should_go():
     kl = np.array([0.5, 0.1, 0.7, 0.2])  # the feature first, then three random directions
     dmass = np.array([0.02, 0.03, -0.01, 0.0])
     # clamped: one random direction moves the distribution further (0.7) and one raises the mass more (0.03)
-    assert rank_among(kl, dmass, "clamp") == {"kl_rank": 2, "dmass_rank": 2}
+    assert (rank_first(kl, 1.0), rank_first(dmass, 1.0)) == (2, 2)
     # ablated, the mass should fall: the feature raises it (+0.02), and two random directions (-0.01, 0.0) do
     # better the way it should go, one (+0.03) worse: third of four
-    assert rank_among(kl, dmass, "ablate") == {"kl_rank": 2, "dmass_rank": 3}
-    assert rank_among(np.array([9.0, 1.0, 2.0]), np.array([-5.0, 0.0, 1.0]), "ablate") == {"kl_rank": 1,
-                                                                                          "dmass_rank": 1}
+    assert (rank_first(kl, 1.0), rank_first(dmass, -1.0)) == (2, 3)
+    assert (rank_first(np.array([9.0, 1.0, 2.0]), 1.0), rank_first(np.array([-5.0, 0.0, 1.0]), -1.0)) == (1, 1)
 
 
 def test_an_edit_read_from_cached_positions_is_the_full_forward_pass_with_the_edit_hooked_in():
@@ -139,9 +136,11 @@ def test_an_edit_read_from_cached_positions_is_the_full_forward_pass_with_the_ed
     x = torch.cat([w for w, _ in windows])  # (4, 8)
     pos = np.array([[0, 1], [0, 7], [2, 3], [3, 0], [3, 5]])
     docs = np.array(["a", "a", "b", "c"])
-    at = cache_positions(model, HOOK, x, pos, docs, batch=3, vocab=60)
+    at = cache_positions(model, HOOK, x, pos, docs, batch=3)
     full = F.log_softmax(model(x).logits[..., :60].float(), -1)
-    assert torch.allclose(at.logp, full[pos[:, 0], pos[:, 1]], atol=1e-5) and list(at.docs) == ["a", "a", "b", "c", "c"]
+    unedited = F.log_softmax(edit_logits(model, at.resid, torch.zeros(16), torch.zeros(len(pos)), 60), -1)
+    assert torch.allclose(unedited, full[pos[:, 0], pos[:, 1]], atol=1e-5)
+    assert list(at.docs) == ["a", "a", "b", "c", "c"]
     for mode, direction in (("clamp", None), ("ablate", None), ("clamp", random_directions(D, 1, seed=4)[0] * 3)):
         d = sae.W_dec[6] if direction is None else direction
         with model.hooks({HOOK: edit_hook(sae, 6, mode, direction, value=7.0)}):
@@ -227,13 +226,14 @@ def test_the_fast_read_out_gives_what_the_logits_give():
         model.ln_final.bias.normal_(0, 0.5)
     x = torch.cat([w for w, _ in windows])
     pos = np.array([[0, 1], [1, 4], [2, 7], [3, 3]])
-    at = cache_positions(model, HOOK, x, pos, np.array(["a", "b", "c", "d"]), batch=4, vocab=60)
+    at = cache_positions(model, HOOK, x, pos, np.array(["a", "b", "c", "d"]), batch=4)
     ro = readout(model, at.resid, 60)
-    assert torch.allclose(ro.p.log(), at.logp, atol=1e-5)
+    logp = F.log_softmax(model(x).logits[..., :60].float(), -1)[pos[:, 0], pos[:, 1]]
+    assert torch.allclose(ro.p.log(), logp, atol=1e-5)
     sets = [torch.tensor([0, 5, 9]), torch.arange(20, 40), torch.tensor([59])]
     for push, coeff in ((torch.randn(16), torch.randn(4) * 3), (torch.zeros(16), torch.ones(4)),
                         (torch.randn(16) * 10, torch.tensor([0.0, -2.0, 5.0, 1.0]))):
-        want = shift(at.logp, F.log_softmax(edit_logits(model, at.resid, push, coeff, 60), -1),
+        want = shift(logp, F.log_softmax(edit_logits(model, at.resid, push, coeff, 60), -1),
                      token_sets(60, *sets))
         got = fast_shift(ro, push, coeff, sets)
         for k in Shift._fields:
