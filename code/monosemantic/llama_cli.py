@@ -141,7 +141,9 @@ def run(args) -> int:
         if cmd == "harvest":
             return 0
     if cmd in ("train-sae", "run"):
-        train_and_store(cfg, args.profile, fsdp=args.fsdp)
+        from . import profiles
+
+        train_and_store(cfg, args.profile, fsdp=args.fsdp, tables_in_work=cfg != profiles.get(args.profile).llama)
         return 0
     if cmd == "sweep":
         from .llama_sweep import run_sweep
@@ -162,7 +164,7 @@ def run(args) -> int:
             raise LlamaError(f"no cached SAE for {cfg.run_name}; train one with `monosemantic llama train-sae "
                              f"--profile {args.profile}`")
         art = store.load("llama", args.profile, candidates[-1].name)
-        ev = evaluate(cfg, src, load_sae(art), heldout_windows(cfg, src, args.profile).first(cfg.eval_tokens))
+        ev = evaluate(cfg, src, load_sae(art), heldout_windows(cfg, src, args.profile).spread(cfg.eval_tokens))
         for k, v in ev.metrics.items():
             print(f"{k:>24}: {v:.5g}" if isinstance(v, float) else f"{k:>24}: {v}")
         return 0

@@ -118,6 +118,9 @@ def layer_model(cfg: LlamaConfig, source: LlamaSource) -> LayerModel:
 
 # --- held-out text ---------------------------------------------------------------------------------------------
 
+SPREAD_READ = 16  # held-out text read, in multiples of what is measured: the pool HeldOut.spread draws from
+
+
 class HeldOut(NamedTuple):
     """Held-out windows: consecutive windows of documents that neither the harvest nor the SAE saw."""
 
@@ -130,9 +133,22 @@ class HeldOut(NamedTuple):
         n = math.ceil(n_tokens / self.x.shape[1])
         return HeldOut(self.x[:n], self.y[:n], self.documents[:n])
 
+    def spread(self, n_tokens: int) -> HeldOut:
+        """Windows holding at least ``n_tokens`` tokens, spread over as many documents as they can be: the first
+        window starting in each document, in stream order, then each document's second, and so on (fixed by
+        the text alone, before anything is measured); kept in stream order. Long documents no longer fill the
+        sample, so a bootstrap over documents has many to resample."""
+        n = min(math.ceil(n_tokens / self.x.shape[1]), len(self.x))
+        docs = np.asarray(self.documents)
+        starts = np.r_[0, np.flatnonzero(np.diff(docs)) + 1]  # windows are in stream order: runs of one document
+        rank = np.arange(len(docs)) - np.repeat(starts, np.diff(np.r_[starts, len(docs)]))
+        keep = np.sort(np.lexsort((np.arange(len(docs)), rank))[:n])
+        return HeldOut(self.x[keep], self.y[keep], docs[keep])
+
 
 def heldout_windows(cfg: LlamaConfig, source: LlamaSource, profile: str, texts: Iterable[str] | None = None) -> HeldOut:
-    """``max(eval_tokens, heldout_tokens)`` tokens of held-out text in windows: the corpus's validation split
+    """Held-out text in windows, up to :data:`SPREAD_READ` times ``max(eval_tokens, heldout_tokens)`` tokens (the
+    evaluation and the analysis take :meth:`HeldOut.spread` of them): the corpus's validation split
     (documents the harvest, which reads the train split, never saw), each document then EOS as the harvest
     packs them; with explicit ``texts``, what follows the windows a one-process harvest of ``harvest_tokens``
     read (whole batches of ``batch_size`` windows)."""
@@ -140,7 +156,8 @@ def heldout_windows(cfg: LlamaConfig, source: LlamaSource, profile: str, texts: 
     from .intervals import window_documents
 
     T = cfg.seq_len - cfg.skip_first
-    n_windows = math.ceil(max(cfg.eval_tokens, cfg.heldout_tokens) / T)
+    # enough text for HeldOut.spread to reach many documents (all of a small validation split)
+    n_windows = SPREAD_READ * math.ceil(max(cfg.eval_tokens, cfg.heldout_tokens) / T)
     harvested = math.ceil(math.ceil(cfg.harvest_tokens / T) / cfg.batch_size) * cfg.batch_size  # windows
     skip = harvested * cfg.seq_len if texts is not None else 0
     stream = token_stream(source, texts if texts is not None else corpus_texts(profile, "val"),
@@ -221,7 +238,7 @@ def analyze_features(cfg: LlamaConfig, profile: str, source: LlamaSource, sae, *
         sets.append(analysis.UnitSet.random_dictionary(analysis.RANDOM_DICTIONARY, sae.cfg.d_in, sae.cfg.n_features,
                                                        sae.cfg.k, seed=cfg.seed, centre=sae.b_dec))
     return analysis.analyze(layer_model(cfg, source), AnalysisTokenizer(source), sets, explain,
-                            held.first(cfg.heldout_tokens).x.numpy(), acfg, progress=progress)
+                            held.spread(cfg.heldout_tokens).x.numpy(), acfg, progress=progress)
 
 
 # --- the whole run (harvest -> train -> evaluate -> analyse -> cache) --------------------------------------------
@@ -232,7 +249,7 @@ def artifact_name(cfg: LlamaConfig, n_features: int) -> str:
 
 def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | None = None,
                     texts: Callable[[], Iterable[str]] | None = None, fsdp: bool = False,
-                    progress: bool = True):
+                    progress: bool = True, tables_in_work: bool = False):
     """Train the SAE on the harvested shards, evaluate it, analyse its features and the layer's neurons, and
     write the artifact ``llama/<profile>-<name>``: metrics under the one-layer SAEs' names (the evaluation's
     :data:`monosemantic.metrics.METRIC_NAMES` with intervals, the analysis's
@@ -240,7 +257,9 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
     analysis's tables (:data:`monosemantic.analysis.TABLES`: units, dashboards, logit effects; the browser and
     chapter 04 read them), the training curve, and the fp16 SAE (SAELens format) in ``cache/work``.
     ``texts``: a function giving the text to read instead of the corpus (the train text, then the held-out
-    text after what the harvest consumed). Only rank 0 evaluates and writes."""
+    text after what the harvest consumed). ``tables_in_work``: keep the analysis's tables in ``cache/work`` (a
+    run with other settings than its profile's, whose tables no chapter reads; the manifest records where).
+    Only rank 0 evaluates and writes."""
     import pandas as pd
 
     from . import analysis, store
@@ -257,7 +276,7 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
                          f"{source.width(hook)}: the shards and the model do not match")
     held = heldout_windows(cfg, source, profile, texts() if texts else None)
     eval_start = time.perf_counter()
-    ev = evaluate(cfg, source, out.sae, held.first(cfg.eval_tokens))
+    ev = evaluate(cfg, source, out.sae, held.spread(cfg.eval_tokens))
     eval_seconds = time.perf_counter() - eval_start
     analysis_start = time.perf_counter()
     tables = analyze_features(cfg, profile, source, out.sae.cpu(), progress=progress, held=held,
@@ -271,10 +290,11 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
         pd.DataFrame(out.history).to_parquet(w.dir / "history.parquet", index=False)
         controls = analysis.control_tables(tables["units"], analysis_config(cfg))
         analysis.drop_control_contexts(tables)
+        folder = w.work_dir if tables_in_work else w.dir
         for table in analysis.TABLES:  # chapter 04's scores and the browser
-            tables[table].to_parquet(w.dir / f"{table}.parquet", index=False)
+            tables[table].to_parquet(folder / f"{table}.parquet", index=False)
         for table, frame in controls.items():
-            frame.to_parquet(w.dir / f"{table}.parquet", index=False)
+            frame.to_parquet(folder / f"{table}.parquet", index=False)
         w.metrics.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in ev.metrics.items()})
         w.metrics.update(analysis.summary_metrics(tables["units"], analysis_config(cfg)))
         w.metrics.update(analysis.control_metrics(controls["density_matched"]))

@@ -10,6 +10,7 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -343,14 +344,28 @@ def test_heldout_windows_follow_the_harvest_and_know_their_documents(tiny):
     T = TINY_CFG.seq_len - TINY_CFG.skip_first
     stream = llama.token_stream(tiny, texts, 10**6)
     skip = 20 * TINY_CFG.seq_len  # a harvest of 600 activations reads 5 batches of 4 windows (31 activations each)
-    # as many windows as heldout_tokens asks for, or as the text has after the harvest's (it runs out here)
-    assert held.x.shape == (min(-(-TINY_CFG.heldout_tokens // T), (len(stream) - skip - 1) // T), T)
+    # the pool the spread sample draws from, or as much as the text has after the harvest's (it runs out here)
+    pool = llama.SPREAD_READ * -(-max(TINY_CFG.eval_tokens, TINY_CFG.heldout_tokens) // T)
+    assert held.x.shape == (min(pool, (len(stream) - skip - 1) // T), T)
     torch.testing.assert_close(held.x[0], torch.as_tensor(stream[skip:skip + T]))
     torch.testing.assert_close(held.x[:, 1:], held.y[:, :-1])  # y is x shifted by one
     eos = tiny.tokenizer.eos_token_id
     for w in range(len(held.x)):  # the document a window starts in: the EOS tokens before it
         assert held.documents[w] == int((stream[skip:skip + w * T] == eos).sum())
     assert len(held.first(100).x) == -(-100 // T)
+
+
+def test_the_spread_sample_takes_each_documents_first_window_before_any_second():
+    # windows 0-3 start in document 0, 4 in 1, 5-6 in 2, 7 in 3
+    docs = np.array([0, 0, 0, 0, 1, 2, 2, 3])
+    x = torch.arange(8 * 3).view(8, 3)
+    held = llama.HeldOut(x, x + 1, docs)
+    s = held.spread(4 * 3)  # four windows: the first of each document, in stream order
+    assert s.documents.tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(s.x, x[[0, 4, 5, 7]])
+    torch.testing.assert_close(s.y, x[[0, 4, 5, 7]] + 1)
+    assert held.spread(6 * 3 - 1).documents.tolist() == [0, 0, 1, 2, 2, 3]  # then the second windows: of 0 and 2
+    assert held.spread(100).documents.tolist() == docs.tolist()  # all of them when asked for more
 
 
 # --- data-parallel training: 2 processes on CPU (gloo) = 1 process on the same global batches --------------
