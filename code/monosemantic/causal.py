@@ -82,8 +82,12 @@ from .hardware import trimmed
 DEFAULT_PROFILE = "cpu"
 PROMPTS = ("The", "In 1998, the", "def main(", "The license", "Der")
 RESID = "blocks.0.hook_resid_post"  # the residual stream after the (one) MLP: what the final LayerNorm reads
-MEASURES = ("family", "predicted", "own")  # the token sets whose mass each edit is ranked on, by its log-odds
-# (columns <set>_logodds and their ranks <set>_rank; dmass_<set> its change in probability, beside the KL)
+MEASURES = ("family", "predicted", "own", "self")  # the token sets whose mass each edit is measured on, by its
+# log-odds (columns <set>_logodds and their ranks <set>_rank; dmass_<set> its change in probability, beside the
+# KL); "self" is each direction's own predicted tokens, defined for the feature and for other features' decoder
+# directions only, so it is ranked among those (<set>_rank_dec)
+RANDOM_MEASURES = ("family", "predicted", "own")  # the measures a random direction is ranked against
+CONTROLS = ("random", "decoder", "mean_difference", "best_neuron")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +95,16 @@ class CausalConfig(StageConfig):
     """Which features, how hard they are pushed, against what, on how much held-out text."""
 
     STAGE: ClassVar[str] = "analysis"
-    VERSION: ClassVar[int] = 7  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
+    VERSION: ClassVar[int] = 8  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
     # 4: 20 random directions, each one's result kept, the feature's rank among them; 5: ties of family share
     # broken by held-out firings, 8 features, the mass on the tokens each feature promotes; 6: each control
     # direction also measured on the tokens it promotes itself, other features' decoder directions, a dose
     # series; 7: read from cached positions (100 random directions, fresh per feature), log-odds, features
     # drawn at random per family, tokens predicted on one half of the held-out documents and tested on the
-    # other, sampled text
+    # other, sampled text; 8: a difference-of-means direction and the family's best neuron as controls, other
+    # features' directions measured on their own predicted tokens, clamps at 1x and 5x on all and on firing
+    # positions, ablation only with enough firings (and with the LayerNorm scale frozen), the anchor's pinned
+    # reconstruction, generations at several strengths, every held-out window scanned
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
@@ -125,11 +132,24 @@ class CausalConfig(StageConfig):
     """Each direction's own tokens: this many of its largest direct logit effects."""
     predicted_tokens: int = 10
     """The tokens that follow the feature's firings on the explore half more often than they follow any token."""
-    scan_windows: int = 16384
+    scan_windows: int = 0
     """Held-out windows scanned (spread over the set; 0: all) for each feature's firings and next tokens."""
     positions: int = 512
-    """Test-half positions each edit is measured on: a seeded sample of all positions for the clamp, of the
-    feature's firing positions for the ablation (all of them when fewer)."""
+    """Test-half positions each edit is measured on: a seeded sample of all positions, or of the feature's firing
+    positions (all of them when fewer)."""
+    min_firing_positions: int = 50
+    """Edits at a feature's firing positions (ablation, and the clamps there) need at least this many of them..."""
+    min_firing_documents: int = 10
+    """... in at least this many test-half documents (an interval over documents needs documents)."""
+    cell_random: int = 20
+    """Random directions in the further cells of the design (1x, firing positions, the frozen-scale ablation);
+    the main clamp and ablation use all ``n_random``."""
+    generation_multiples: tuple[float, ...] = (1.0, 5.0, 10.0)
+    """Greedy continuations with the feature clamped at these multiples of its largest activation."""
+    pin_value: float = 100.0
+    """The anchor's ``pin_amount``: its notebook generates with the feature pinned at 100 in the reconstruction."""
+    pin_tokens: int = 32
+    """Tokens sampled after ``<|endoftext|>`` with a feature pinned (the anchor's ``max_new_tokens``)."""
     batch_windows: int = 64
     new_tokens: int = 16
     """Tokens generated per prompt, greedy and sampled."""
@@ -143,12 +163,14 @@ class CausalConfig(StageConfig):
     def __post_init__(self) -> None:
         check_positive(self, "per_family", "n_features", "min_heldout_firings", "min_family_tokens", "n_random",
                        "positions", "batch_windows", "new_tokens", "n_boot", "promoted_tokens",
-                       "predicted_tokens", "n_decoder", "dose_random", "samples", "sample_random", integer=True)
+                       "predicted_tokens", "n_decoder", "dose_random", "samples", "sample_random",
+                       "min_firing_positions", "min_firing_documents", "cell_random", "pin_tokens", integer=True)
         check_positive(self, "scan_windows", integer=True, zero=True)
-        check_positive(self, "clamp_multiple")
-        if not all(isinstance(m, (int, float)) and m > 0 for m in self.dose_multiples):
-            raise ConfigError(f"causal.dose_multiples must be positive numbers, got {self.dose_multiples!r}")
-        for name in ("dose_random", "sample_random"):
+        check_positive(self, "clamp_multiple", "pin_value")
+        for name in ("dose_multiples", "generation_multiples"):
+            if not all(isinstance(m, (int, float)) and m > 0 for m in getattr(self, name)):
+                raise ConfigError(f"causal.{name} must be positive numbers, got {getattr(self, name)!r}")
+        for name in ("dose_random", "sample_random", "cell_random"):
             if getattr(self, name) > self.n_random:
                 raise ConfigError(f"causal.{name} ({getattr(self, name)}) must be at most n_random ({self.n_random})")
 
@@ -159,9 +181,20 @@ def edit_hook(sae, feature: int, mode: str, direction: Tensor | None = None, val
               ) -> Callable[[Tensor, str], Tensor]:
     """A hook ``fn(h, name) -> h'`` on the SAE's hook point: ``mode`` "clamp" sets feature ``feature`` to
     ``value`` (h + (value - f) d), "ablate" removes it (h - f d). ``direction`` (d_in,) replaces the
-    feature's decoder direction d (a control); the coefficients are the feature's own."""
-    if mode not in ("clamp", "ablate"):
-        raise UserError(f"mode must be 'clamp' or 'ablate', got {mode!r}")
+    feature's decoder direction d (a control); the coefficients are the feature's own. ``mode`` "pin" is the
+    anchor's ``generate_with_pinned_features``: h replaced by the SAE's reconstruction with the feature's
+    activation set to ``value`` (the error term dropped; ``feature`` None: the plain reconstruction)."""
+    if mode not in ("clamp", "ablate", "pin"):
+        raise UserError(f"mode must be 'clamp', 'ablate' or 'pin', got {mode!r}")
+    if mode == "pin":
+        def pinned(h: Tensor, name: str) -> Tensor:
+            flat = h.reshape(-1, h.shape[-1]).float()
+            with torch.no_grad():
+                f = sae.encode(flat)
+                if feature is not None:
+                    f[:, feature] = value
+                return sae.decode(f).to(h.dtype).reshape(h.shape)
+        return pinned
     d = (sae.W_dec[feature] if direction is None else direction).detach().float()  # (d_in,)
 
     def fn(h: Tensor, name: str) -> Tensor:
@@ -278,13 +311,15 @@ def readout(model, resid: Tensor, vocab: int) -> Readout:
                    pd_ @ C.double())
 
 
-def fast_shift(ro: Readout, push: Tensor, coeff: Tensor, sets: list[Tensor]) -> Shift:
+def fast_shift(ro: Readout, push: Tensor, coeff: Tensor, sets: list[Tensor], frozen: bool = False) -> Shift:
     """:class:`Shift` of the edit that writes ``push`` (d_model,) per unit of ``coeff`` (N,) at the positions of
     ``ro``, on the token sets ``sets`` (each a tensor of token ids), without a matrix product over the
-    vocabulary: the KL as sum p log p - sum p z' + logsumexp z', each set's mass from its own columns."""
+    vocabulary: the KL as sum p log p - sum p z' + logsumexp z', each set's mass from its own columns.
+    ``frozen``: the final LayerNorm keeps the unedited scale 1 / sqrt(var + eps) (a read-out of the edit's
+    direction alone: removing a large push also shrinks the variance, which raises every logit's scale)."""
     uc = push.float() - push.float().mean()
     B = ro.W @ (ro.gamma * uc)  # (V,)
-    var = ro.var + 2 * coeff * (ro.xc @ uc) / len(uc) + coeff.pow(2) * uc.pow(2).mean()
+    var = ro.var if frozen else ro.var + 2 * coeff * (ro.xc @ uc) / len(uc) + coeff.pow(2) * uc.pow(2).mean()
     s1 = (var + ro.eps).rsqrt()  # (N,)
     z = torch.addr(ro.A, coeff, B).mul_(s1[:, None]).add_(ro.C)  # (N, V): s' (A + c B) + C
     lse = torch.logsumexp(z.double(), dim=-1).float()
@@ -342,42 +377,61 @@ def pick(units, families: list[str], family_sizes: dict[str, int], cfg: CausalCo
 
 
 class Scan(NamedTuple):
-    """What a pass over held-out windows found for each tested feature."""
+    """What a pass over held-out windows found for each tested feature (and the next tokens of ``extra`` ones)."""
 
-    next_counts: np.ndarray  # (F, V) next tokens after each feature's firings, explore half
+    next_counts: np.ndarray  # (F + E, V) next tokens after each feature's firings, explore half
     all_counts: np.ndarray  # (V,) next tokens after every position, explore half
-    firings: list[np.ndarray]  # per feature, (n, 2) (window row, position) of its firings in the test half
+    firings: list[np.ndarray]  # per tested feature, (n, 2) (window row, position) of its firings in the test half
     positions: np.ndarray  # (n, 2) every scanned test-half (row, position), the first position left out
+    h_firing: np.ndarray  # (F, d_in) mean hidden activation where each tested feature fires, explore half
+    h_all: np.ndarray  # (d_in,) mean hidden activation over every explore-half position
 
 
 @torch.no_grad()
 def scan(model, sae, hook: str, inputs: Tensor, targets: Tensor, rows: np.ndarray, explore: np.ndarray,
-         features: list[int], batch: int, vocab: int) -> Scan:
+         features: list[int], batch: int, vocab: int, extra: list[int] | tuple[int, ...] = ()) -> Scan:
     """One pass over the windows ``rows`` of ``inputs`` (targets: the next tokens), the first position of each
     left out as the analysis leaves it out: on the ``explore`` rows (bool per window of ``inputs``), the next
-    tokens after each feature fires and after every position; on the others, where each feature fires."""
-    idx = torch.as_tensor(features, dtype=torch.long)
-    next_counts = np.zeros((len(features), vocab), dtype=np.int64)
+    tokens after each feature (``features``, then ``extra``) fires and after every position, and the mean
+    hidden activation where each of ``features`` fires and over all positions; on the others, where each of
+    ``features`` fires."""
+    every = [*features, *extra]
+    idx = torch.as_tensor(every, dtype=torch.long)
+    n_f = len(features)
+    counts = torch.zeros(len(every) * vocab, dtype=torch.int64)
     all_counts = np.zeros(vocab, dtype=np.int64)
     firings: list[list[np.ndarray]] = [[] for _ in features]
     positions = []
+    h_fire = torch.zeros(n_f, sae.cfg.d_in, dtype=torch.float64)
+    n_fire = torch.zeros(n_f, dtype=torch.float64)
+    h_sum, n_all = torch.zeros(sae.cfg.d_in, dtype=torch.float64), 0
     for i in trimmed(range(0, len(rows), batch)):
         r = rows[i:i + batch]
-        h = model.run_with_cache(inputs[r], [hook])[hook][:, 1:]  # (B, T-1, d_in): the first position left out
+        h = model.run_with_cache(inputs[r], [hook])[hook][:, 1:].float()  # (B, T-1, d_in): first position left out
         B, T = h.shape[:2]
-        fires = (sae.encode(h.reshape(-1, h.shape[-1]).float())[:, idx] > 0).reshape(B, T, -1).numpy()
-        nxt = targets[r][:, 1:].numpy().astype(np.int64)  # (B, T-1)
-        ex = explore[r]
-        all_counts += np.bincount(nxt[ex].ravel(), minlength=vocab)[:vocab]
-        for j in range(len(features)):
-            on = fires[..., j]
-            next_counts[j] += np.bincount(nxt[ex][on[ex]], minlength=vocab)[:vocab]
-            b, t = np.nonzero(on & ~ex[:, None])
+        fires = sae.encode(h.reshape(-1, h.shape[-1]))[:, idx] > 0  # (B (T-1), F + E)
+        nxt = targets[r][:, 1:].reshape(-1).long()  # (B (T-1),)
+        ex = torch.as_tensor(np.repeat(explore[r], T))
+        all_counts += np.bincount(nxt[ex].numpy(), minlength=vocab)[:vocab]
+        p_, f_ = torch.nonzero(fires & ex[:, None], as_tuple=True)
+        counts.index_add_(0, f_ * vocab + nxt[p_], torch.ones(len(p_), dtype=torch.int64))
+        hx, fx = h.reshape(-1, h.shape[-1])[ex].double(), fires[ex][:, :n_f].double()
+        h_fire += fx.t() @ hx
+        n_fire += fx.sum(0)
+        h_sum += hx.sum(0)
+        n_all += len(hx)
+        on = fires[:, :n_f].reshape(B, T, n_f).numpy()
+        test = ~explore[r]
+        for j in range(n_f):
+            b, t = np.nonzero(on[..., j] & test[:, None])
             firings[j].append(np.stack([r[b], t + 1], axis=1))
-        b, t = np.nonzero(np.broadcast_to(~ex[:, None], (B, T)))
+        b, t = np.nonzero(np.broadcast_to(test[:, None], (B, T)))
         positions.append(np.stack([r[b], t + 1], axis=1))
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)  # noqa: E731
-    return Scan(next_counts, all_counts, [cat(f) for f in firings], cat(positions))
+    h_firing = (h_fire / n_fire.clamp_min(1)[:, None]).float().numpy()
+    h_firing[n_fire.numpy() == 0] = np.nan
+    return Scan(counts.view(len(every), vocab).numpy(), all_counts, [cat(f) for f in firings], cat(positions),
+                h_firing, (h_sum / max(n_all, 1)).float().numpy())
 
 
 def predicted(next_counts: np.ndarray, all_counts: np.ndarray, n: int) -> np.ndarray:
@@ -425,27 +479,46 @@ def cache_positions(model, hook: str, inputs: Tensor, pos: np.ndarray, docs_all:
 
 # --- the stage ----------------------------------------------------------------------------------------------
 
-def effects(ro: Readout, pushes: Tensor, coeff: Tensor, sets: list[list[Tensor]]) -> list[Shift]:
+def effects(ro: Readout, pushes: Tensor, coeff: Tensor, sets: list[list[Tensor]], frozen: bool = False
+            ) -> list[Shift]:
     """The :class:`Shift` of each edit at the positions of ``ro``: direction j writes ``pushes[j]`` (d_model,)
     per unit of ``coeff`` (N,), and is measured on the token sets ``sets[j]`` (token-id tensors)."""
-    return [fast_shift(ro, push, coeff, s_) for push, s_ in zip(pushes, sets, strict=True)]
+    return [fast_shift(ro, push, coeff, s_, frozen) for push, s_ in zip(pushes, sets, strict=True)]
 
 
-def _summaries(shifts: list[Shift]) -> dict[str, np.ndarray]:
-    """Each edit's mean over positions: ``kl`` and, per token set (family, predicted, own), the change of its
-    log-odds (``family_logodds``, ...) and of its mass in probability (``dmass_family``, ...); arrays over edits."""
+def _summaries(shifts: list[Shift], sets: list[list[Tensor]] | None = None) -> dict[str, np.ndarray]:
+    """Each edit's mean over positions: ``kl`` and, per token set (:data:`MEASURES`), the change of its log-odds
+    (``family_logodds``, ...) and of its mass in probability (``dmass_family``, ...); arrays over edits, NaN
+    where an edit's token set (``sets``, when given) is empty."""
     out = {"kl": np.array([float(s.kl.mean()) for s in shifts])}
-    for j, name in enumerate(MEASURES):
-        out[f"{name}_logodds"] = np.array([float(s.dlogodds[:, j].mean()) for s in shifts])
-        out[f"dmass_{name}"] = np.array([float(s.dmass[:, j].mean()) for s in shifts])
+    for j, name in enumerate(MEASURES[: shifts[0].dlogodds.shape[1]] if shifts else MEASURES):
+        empty = np.array([sets is not None and len(sets[i][j]) == 0 for i in range(len(shifts))])
+        for key, field in ((f"{name}_logodds", "dlogodds"), (f"dmass_{name}", "dmass")):
+            out[key] = np.where(empty, np.nan, [float(getattr(s, field)[:, j].mean()) for s in shifts])
     return out
 
 
-def _ranks(summary: dict[str, np.ndarray], sel: list[int], mode: str, suffix: str) -> dict[str, int]:
-    """The feature's (index 0) rank among the edits ``sel`` on the KL and on each measure's log-odds."""
+def _ranks(summary: dict[str, np.ndarray], sel: list[int], mode: str, suffix: str,
+           measures: tuple[str, ...] = RANDOM_MEASURES) -> dict[str, int]:
+    """The feature's (index 0) rank among the edits ``sel`` on the KL and on each measure's log-odds (controls
+    where a measure is undefined left out; 0 where the feature's is)."""
     sign = 1.0 if mode == "clamp" else -1.0
-    return {f"kl_rank{suffix}": rank_first(summary["kl"][sel], 1.0),
-            **{f"{m}_rank{suffix}": rank_first(summary[f"{m}_logodds"][sel], sign) for m in MEASURES}}
+
+    def rank(values: np.ndarray, sgn: float) -> int:  # 0: undefined (the feature's own token set is empty)
+        v = values[sel]
+        return 0 if np.isnan(v[0]) else rank_first(v[~np.isnan(v)], sgn)
+
+    return {f"kl_rank{suffix}": rank(summary["kl"], 1.0),
+            **{f"{m}_rank{suffix}": rank(summary[f"{m}_logodds"], sign) for m in measures}}
+
+
+def best_neuron(neurons, family: str):
+    """The neuron the analysis found most specific to ``family`` (the highest share among scored neurons whose
+    best family it is; more held-out firings break ties), or None."""
+    cand = neurons[neurons["scored"] & (neurons["family"] == family)]
+    if cand.empty:
+        return None
+    return cand.sort_values(["family_share", "density_val", "unit"], ascending=[False, False, True]).iloc[0]
 
 
 @torch.no_grad()
@@ -496,20 +569,34 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     explore_docs = names[np.random.default_rng(cfg.seed).permutation(len(names))[: len(names) // 2]]
     explore = np.isin(docs_all, explore_docs)
     rows = spread_rows(len(inputs_all), cfg.scan_windows)
+    # the other features whose decoder directions are controls, drawn per tested feature before the scan, which
+    # counts what their firings predict too (each is measured on its own predicted tokens)
+    pool = np.sort(units[units["scored"] & ~units["unit"].isin(features)]["unit"].to_numpy().astype(np.int64))
+    dec_ids_of = {f: np.sort(np.random.default_rng([cfg.seed, f, 1]).choice(pool, min(cfg.n_decoder, len(pool)),
+                                                                             replace=False)) for f in features}
+    extra = sorted({int(d) for ids in dec_ids_of.values() for d in ids})
     log(f"causal: {len(features)} features from {len({str(u['family']) for u in picks})} families; scanning "
-        f"{len(rows):,} held-out windows ({int(explore[rows].sum()):,} in the explore half)")
-    found = scan(model, sae, HOOK, inputs_all, targets_all, rows, explore, features, cfg.batch_windows, N_VOCAB)
+        f"{len(rows):,} held-out windows ({int(explore[rows].sum()):,} in the explore half), counting next tokens "
+        f"for {len(extra)} control features too")
+    found = scan(model, sae, HOOK, inputs_all, targets_all, rows, explore, features, cfg.batch_windows, N_VOCAB,
+                 extra=extra)
+    extra_row = {f: len(features) + i for i, f in enumerate(extra)}
     clamp_at = cache_positions(model, HOOK, inputs_all, sample_positions(found.positions, cfg.positions, cfg.seed),
                                docs_all, cfg.batch_windows)
     clamp_ro = readout(model, clamp_at.resid, N_VOCAB)
+    neurons = units_all[units_all["set"] == "neurons"]
 
     def own_tokens(directions: Tensor) -> Tensor:  # (n, P) the tokens each direction's direct effect raises most
         return logit_effects(model, directions.float())[:, :N_VOCAB].topk(cfg.promoted_tokens, dim=1).indices
 
-    pool = np.sort(units[units["scored"] & ~units["unit"].isin(features)]["unit"].to_numpy().astype(np.int64))
+    def predicted_of(row: int) -> Tensor:
+        return torch.as_tensor(predicted(found.next_counts[row], found.all_counts, cfg.predicted_tokens))
+
     family_of = dict(zip(units["unit"].astype(int), units["family"].fillna("").astype(str), strict=True))
     prompts = [torch.tensor([tok.encode(p)]) for p in PROMPTS]
+    eot_prompt = torch.tensor([[tokenizer.EOT_ID]])
     fam_rows, singles, dose, gens, sampled, preds = [], [], [], [], [], []
+    skipped_firing = 0
 
     def greedy(edit) -> list[str]:
         texts = []
@@ -519,13 +606,13 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             texts.append(tok.decode(out[0, ids.shape[1]:].tolist()))
         return texts
 
-    def family_share(edit, fam: Tensor, seed: int) -> tuple[float, int]:
-        """The share of sampled continuation tokens (every prompt, ``samples`` each) in the family."""
+    def family_share(edit, fam: Tensor, seed: int, starts: list[Tensor], n_new: int) -> tuple[float, int]:
+        """The share of sampled continuation tokens (each prompt of ``starts``, ``samples`` each) in the family."""
         g = torch.Generator().manual_seed(seed)
         hits = total = 0
-        for ids in prompts:
+        for ids in starts:
             with model.hooks({HOOK: edit} if edit else {}):
-                out = model.generate(ids.repeat(cfg.samples, 1), cfg.new_tokens, temperature=1.0, generator=g)
+                out = model.generate(ids.repeat(cfg.samples, 1), n_new, temperature=1.0, generator=g)
             new = out[:, ids.shape[1]:].reshape(-1)
             hits += int(fam[new].sum())
             total += len(new)
@@ -534,55 +621,94 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     base_text = greedy(None)
     for n, unit in enumerate(picks):
         feature, family = int(unit["unit"]), str(unit["family"])
-        value = cfg.clamp_multiple * float(unit["max"])
+        top = float(unit["max"])
+        value = cfg.clamp_multiple * top
         fam = masks[:, FAMILY_NAMES.index(family)]
-        pred = torch.as_tensor(predicted(found.next_counts[n], found.all_counts, cfg.predicted_tokens))
+        pred = predicted_of(n)
         preds.extend({"feature": feature, "family": family, "rank": i, "token": int(t),
                       "after_firing": float(found.next_counts[n, t] / max(found.next_counts[n].sum(), 1)),
                       "overall": float(found.all_counts[t] / max(found.all_counts.sum(), 1))}
                      for i, t in enumerate(pred.tolist()))
-        # the controls, fresh for this feature, each scaled to push the residual stream as far as the feature
+        # the directions: the feature's, then the controls (fresh random ones, other features' decoder directions,
+        # the difference of the mean hidden activation where the feature fires and everywhere, the family's best
+        # neuron), each scaled to push the residual stream as far as the feature's
         d_f = sae.W_dec[feature].detach().float()
         push_f = writes(model, d_f[None])[0]
         seed_f = [cfg.seed, feature]
         randoms = random_directions(sae.cfg.d_in, cfg.n_random, int(np.random.default_rng(seed_f).integers(2**62)))
-        dec_ids = np.sort(np.random.default_rng([*seed_f, 1]).choice(pool, min(cfg.n_decoder, len(pool)),
-                                                                      replace=False))
+        dec_ids = dec_ids_of[feature]
         decoders = sae.W_dec[torch.as_tensor(dec_ids, dtype=torch.long)].detach().float()
-        controls = torch.cat([randoms, decoders])
+        kinds = ["feature"] + ["random"] * len(randoms) + ["decoder"] * len(decoders)
+        index = [-1, *range(len(randoms)), *range(len(decoders))]
+        source = [-1] * (1 + len(randoms)) + [int(d) for d in dec_ids]
+        specials = []
+        md = found.h_firing[n] - found.h_all
+        if np.isfinite(md).all() and np.linalg.norm(md) > 0:
+            specials.append(("mean_difference", torch.as_tensor(md, dtype=torch.float32), -1))
+        bn = best_neuron(neurons, family)
+        if bn is not None:
+            e = torch.zeros(sae.cfg.d_in)
+            e[int(bn["unit"])] = 1.0
+            specials.append(("best_neuron", e, int(bn["unit"])))
+        for kind, _, src in specials:
+            kinds.append(kind)
+            index.append(0)
+            source.append(src)
+        controls = torch.cat([randoms, decoders, *(v[None] for _, v, _ in specials)])
         push_c = writes(model, controls)
         pushes = torch.cat([push_f[None], push_c * (push_f.norm() / push_c.norm(dim=1))[:, None]])
         own = [own_tokens(d_f[None])[0], *own_tokens(controls)]  # a direction's own tokens: its scale is irrelevant
+        empty = torch.zeros(0, dtype=torch.long)
+        selfs = [pred, *([empty] * len(randoms)), *(predicted_of(extra_row[int(d)]) for d in dec_ids),
+                 *(pred if kind == "mean_difference" else empty for kind, _, _ in specials)]
         fam_ids = torch.nonzero(fam).flatten()
-        sets = [[fam_ids, pred, o] for o in own]
+        sets = [[fam_ids, pred, o, sf] for o, sf in zip(own, selfs, strict=True)]
+        cosines = torch.cat([torch.ones(1), controls @ (d_f / d_f.norm()) / controls.norm(dim=1)])
         n_r, n_d = len(randoms), len(decoders)
-        cosines = controls @ (d_f / d_f.norm())
-        log(f"[{n + 1}/{len(picks)}] feature {feature} ({family}, share {unit['family_share']:.2f}): clamp to "
-            f"{value:.2f} and ablate; {n_r} random and {n_d} decoder directions; predicted "
+        rand_i = [i for i, k in enumerate(kinds) if k == "random"]
+        dec_i = [i for i, k in enumerate(kinds) if k == "decoder"]
+        spec_i = [i for i, k in enumerate(kinds) if k in ("mean_difference", "best_neuron")]
+        full = list(range(len(kinds)))
+        small = [0, *rand_i[: cfg.cell_random], *dec_i, *spec_i]
+        firing = found.firings[n]
+        fire_pos = sample_positions(firing, cfg.positions, cfg.seed + 1)
+        enough = (len(firing) >= cfg.min_firing_positions
+                  and len(np.unique(docs_all[firing[:, 0]])) >= cfg.min_firing_documents)
+        fire_at = cache_positions(model, HOOK, inputs_all, fire_pos, docs_all, cfg.batch_windows) if enough else None
+        fire_ro = readout(model, fire_at.resid, N_VOCAB) if enough else None
+        skipped_firing += not enough
+        log(f"[{n + 1}/{len(picks)}] feature {feature} ({family}, share {unit['family_share']:.2f}): "
+            f"{n_r} random, {n_d} decoder and {len(specials)} fitted control directions; {len(firing):,} test-half "
+            f"firings" + ("" if enough else " (too few for the edits at firing positions)") + "; predicted "
             + " ".join(repr(tok.decode([int(t)])) for t in pred[:5].tolist()))
-        abl_pos = sample_positions(found.firings[n], cfg.positions, cfg.seed + 1)
-        abl_at = (cache_positions(model, HOOK, inputs_all, abl_pos, docs_all, cfg.batch_windows)
-                  if len(abl_pos) else None)
-        for mode, at in (("clamp", clamp_at), ("ablate", abl_at)):
-            if at is None or len(np.unique(at.docs)) < 2:
-                continue  # no interval over documents: the feature fires in fewer than two test-half documents
-            ro = clamp_ro if mode == "clamp" else readout(model, at.resid, N_VOCAB)
-            coeff = coefficients(sae.encode(at.h)[:, feature], mode, value)
-            shifts = effects(ro, pushes, coeff, sets)
-            summary = _summaries(shifts)
-            ranks = {**_ranks(summary, [0, *range(1, 1 + n_r)], mode, ""),
-                     **_ranks(summary, [0, *range(1 + n_r, 1 + n_r + n_d)], mode, "_dec")}
-            for i in range(n_r + n_d):
-                control, j = ("random", i) if i < n_r else ("decoder", i - n_r)
-                singles.append({"feature": feature, "family": family, "mode": mode, "control": control, "index": j,
-                                "source_feature": -1 if control == "random" else int(dec_ids[j]),
-                                "source_family": "" if control == "random" else family_of.get(int(dec_ids[j]), ""),
-                                "cosine": float(cosines[i]), **{k: float(v[i + 1]) for k, v in summary.items()}})
-            # per document: the feature's effects and the random directions' mean, for intervals (the difference
-            # resampled with both together: a paired interval)
-            mean_r = Shift(*(torch.stack([getattr(s_, k) for s_ in shifts[1:1 + n_r]]).mean(0) for k in Shift._fields))
+        # the design: (mode, multiple, positions, LayerNorm scale frozen, directions)
+        cells = [("clamp", cfg.clamp_multiple, "all", False, full), ("ablate", 0.0, "firing", False, full),
+                 ("ablate", 0.0, "firing", True, small), ("clamp", 1.0, "all", False, small),
+                 ("clamp", 1.0, "firing", False, small), ("clamp", cfg.clamp_multiple, "firing", False, small)]
+        for mode, mult, where, frozen, sel in cells:
+            at, ro = (clamp_at, clamp_ro) if where == "all" else (fire_at, fire_ro)
+            if at is None:
+                continue
+            coeff = coefficients(sae.encode(at.h)[:, feature], mode, mult * top)
+            shifts = effects(ro, pushes[sel], coeff, [sets[i] for i in sel], frozen)
+            summary = _summaries(shifts, [sets[i] for i in sel])
+            pos_of = {i: j for j, i in enumerate(sel)}
+            in_r = [0, *(pos_of[i] for i in rand_i if i in pos_of)]
+            in_d = [0, *(pos_of[i] for i in dec_i)]
+            ranks = {**_ranks(summary, in_r, mode, ""), **_ranks(summary, in_d, mode, "_dec", MEASURES)}
+            cell = {"mode": mode, "multiple": float(mult), "where": where, "frozen_scale": frozen}
+            for j, i in enumerate(sel[1:], start=1):
+                singles.append({"feature": feature, "family": family, **cell, "control": kinds[i], "index": index[i],
+                                "source_feature": source[i],
+                                "source_family": family_of.get(source[i], "") if kinds[i] == "decoder" else "",
+                                "cosine": float(cosines[i]), **{k: float(v[j]) for k, v in summary.items()}})
+            # per document: the feature's effects, the random directions' mean and the fitted controls, for
+            # intervals (differences resampled with both sides together: paired intervals)
+            mean_r = Shift(*(torch.stack([getattr(shifts[j], k) for j in in_r[1:]]).mean(0) for k in Shift._fields))
+            who_shift = [("feature", shifts[0]), ("random", mean_r),
+                         *((kinds[i], shifts[pos_of[i]]) for i in spec_i)]
             per_pos = {"n": torch.ones(len(coeff), dtype=torch.float64)}
-            for who, s_ in (("feature", shifts[0]), ("random", mean_r)):
+            for who, s_ in who_shift:
                 per_pos[f"{who}_kl"] = s_.kl
                 for j, m in enumerate(MEASURES):
                     per_pos[f"{who}_{m}_logodds"] = s_.dlogodds[:, j]
@@ -595,43 +721,63 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                     return lambda s: s[f"feature_{key}"] / s["n"] - s[f"random_{key}"] / s["n"]
                 return lambda s: s[f"{who}_{key}"] / s["n"]
 
-            keys = ("kl", *(f"{m}_logodds" for m in MEASURES), *(f"dmass_{m}" for m in MEASURES))
-            for who in ("feature", "random", "difference"):
-                row = {"feature": feature, "family": family, "family_share": float(unit["family_share"]),
-                       "mode": mode, "direction": who, "value": value if mode == "clamp" else 0.0,
-                       "positions": len(coeff), "documents": int(len(sums["n"])), "n_random": n_r, "n_decoder": n_d,
-                       "predicted_tokens": len(pred),
-                       **{f"base_mass_{m}": float(sums[f"feature_mass_{m}"].sum() / sums["n"].sum()) for m in MEASURES}}
+            keys = ("kl", *(f"{m}_logodds" for m in RANDOM_MEASURES), *(f"dmass_{m}" for m in RANDOM_MEASURES))
+            for who in ("feature", "random", "difference", *(kinds[i] for i in spec_i)):
+                row = {"feature": feature, "family": family, "family_share": float(unit["family_share"]), **cell,
+                       "direction": who, "value": mult * top if mode == "clamp" else 0.0,
+                       "positions": len(coeff), "documents": int(len(sums["n"])), "n_random": len(in_r) - 1,
+                       "n_decoder": n_d, "predicted_tokens": len(pred),
+                       **{f"base_mass_{m}": float(sums[f"feature_mass_{m}"].sum() / sums["n"].sum())
+                          for m in RANDOM_MEASURES}}
                 for k in keys:
                     ci = bootstrap(sums, mean_of(who, k), n_boot=cfg.n_boot, seed=cfg.seed)
                     row.update({k: ci.value, f"{k}_low": ci.low, f"{k}_high": ci.high})
+                if len(pred) == 0:  # nothing predicted: the measure is undefined, not zero
+                    row.update({k: np.nan for k in row if k.startswith(("predicted_logodds", "dmass_predicted"))})
+                row["self_logodds"] = float(summary["self_logodds"][0]) if who == "feature" else np.nan
                 row.update(ranks if who == "feature" else dict.fromkeys(ranks, 0))
                 fam_rows.append(row)
-            if mode == "clamp":  # the dose series: the feature and the first random directions at each strength
+            if mode == "clamp" and where == "all" and mult == cfg.clamp_multiple:
+                # the dose series: the feature and the first random directions at each strength
                 f_ = sae.encode(at.h)[:, feature]
+                first = [0, *rand_i[: cfg.dose_random]]
                 for m in sorted({cfg.clamp_multiple, *cfg.dose_multiples}):
-                    res = (shifts[: 1 + cfg.dose_random] if m == cfg.clamp_multiple else
-                           effects(ro, pushes[: 1 + cfg.dose_random], coefficients(f_, "clamp", m * float(unit["max"])),
-                                   sets[: 1 + cfg.dose_random]))
-                    sm = _summaries(res)
+                    res = ([shifts[i] for i in first] if m == cfg.clamp_multiple else
+                           effects(ro, pushes[first], coefficients(f_, "clamp", m * top), [sets[i] for i in first]))
+                    sm = _summaries(res, [sets[i] for i in first])
                     for i in range(len(res)):
-                        dose.append({"feature": feature, "family": family, "multiple": float(m),
-                                     "value": m * float(unit["max"]), "direction": "feature" if i == 0 else "random",
-                                     "index": i - 1, **{k: float(v[i]) for k, v in sm.items()}})
-        # in text: greedy continuations, and the family's share of sampled ones, feature against random directions
+                        dose.append({"feature": feature, "family": family, "multiple": float(m), "value": m * top,
+                                     "direction": "feature" if i == 0 else "random", "index": i - 1,
+                                     **{k: float(v[i]) for k, v in sm.items()}})
+        # in text: greedy continuations at several strengths, the anchor's pinned reconstruction, and a random
+        # direction; the family's share of sampled continuations, for the feature against random directions
         clamped = edit_hook(sae, feature, "clamp", None, value)
         scaled = [randoms[i] * float(push_f.norm() / writes(model, randoms[i:i + 1]).norm())
                   for i in range(cfg.sample_random)]
-        for p_, b, c, r in zip(PROMPTS, base_text, greedy(clamped), greedy(edit_hook(sae, feature, "clamp", scaled[0],
-                                                                                       value)), strict=True):
-            gens.append({"feature": feature, "family": family, "prompt": p_, "as_is": b, "clamped": c,
-                         "random_direction": r})
+        texts = {"as_is": base_text, "clamped": greedy(clamped),
+                 "random_direction": greedy(edit_hook(sae, feature, "clamp", scaled[0], value)),
+                 "pinned": greedy(edit_hook(sae, feature, "pin", value=value)),
+                 "pinned_anchor": greedy(edit_hook(sae, feature, "pin", value=cfg.pin_value))}
+        for m in cfg.generation_multiples:
+            if m != cfg.clamp_multiple:
+                texts[f"clamped_{m:g}x"] = greedy(edit_hook(sae, feature, "clamp", None, m * top))
+        for i, p_ in enumerate(PROMPTS):
+            gens.append({"feature": feature, "family": family, "prompt": p_, **{k: v[i] for k, v in texts.items()}})
         seed_s = int(zlib.crc32(f"{cfg.seed}:{feature}".encode()))
-        for who, i, edit in (("none", -1, None), ("feature", -1, clamped),
-                             *(("random", i, edit_hook(sae, feature, "clamp", scaled[i], value))
-                               for i in range(cfg.sample_random))):
-            share, total = family_share(edit, fam, seed_s)
-            sampled.append({"feature": feature, "family": family, "direction": who, "index": i,
+        runs = [("clamp", "none", -1, None), ("clamp", "feature", -1, clamped),
+                *(("clamp", "random", i, edit_hook(sae, feature, "clamp", scaled[i], value))
+                  for i in range(cfg.sample_random)),
+                # the anchor's protocol: sampled after <|endoftext|> with the feature pinned in the reconstruction,
+                # against the reconstruction alone and other features pinned the same way
+                ("pinned", "none", -1, edit_hook(sae, None, "pin")),
+                ("pinned", "feature", -1, edit_hook(sae, feature, "pin", value=cfg.pin_value)),
+                *(("pinned", "decoder", i, edit_hook(sae, int(dec_ids[i]), "pin", value=cfg.pin_value))
+                  for i in range(min(cfg.sample_random, len(dec_ids))))]
+        for protocol, who, i, edit in runs:
+            starts, n_new = (prompts, cfg.new_tokens) if protocol == "clamp" else ([eot_prompt], cfg.pin_tokens)
+            share, total = family_share(edit, fam, seed_s, starts, n_new)
+            sampled.append({"feature": feature, "family": family, "protocol": protocol, "direction": who, "index": i,
+                            "source_feature": int(dec_ids[i]) if who == "decoder" else -1,
                             "family_share": share, "tokens": total})
     table = pd.DataFrame(fam_rows)
     with store.write("analysis", profile, "causal", config=cfg, inputs=inputs) as w:
@@ -641,14 +787,18 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         pd.DataFrame(preds).to_parquet(w.dir / "predicted.parquet", index=False)
         pd.DataFrame(gens).to_parquet(w.dir / "generations.parquet", index=False)
         pd.DataFrame(sampled).to_parquet(w.dir / "sampling.parquet", index=False)
-        feats = table[table.direction == "feature"]
+        feats = table[(table.direction == "feature") & ~table.frozen_scale
+                      & (table["multiple"].isin([0.0, cfg.clamp_multiple]))
+                      & (table["where"] == table["mode"].map({"clamp": "all", "ablate": "firing"}))]
         w.metrics.update({
             "features": len(picks), "families": len({str(u["family"]) for u in picks}),
             "clamp_positions": int(len(clamp_at.docs)), "clamp_documents": int(len(np.unique(clamp_at.docs))),
             "scanned_windows": int(len(rows)), "explore_documents": int(len(explore_docs)),
+            "features_without_firing_edits": int(skipped_firing),
             # features whose edit beats every control direction on a measure (rank 1: p = 1 / (n + 1))
             **{f"{mode}_{m}_rank1{sfx}_features": int((feats[feats["mode"] == mode][f"{m}_rank{sfx}"] == 1).sum())
-               for mode in ("clamp", "ablate") for m in ("kl", *MEASURES) for sfx in ("", "_dec")},
+               for mode in ("clamp", "ablate") for sfx in ("", "_dec")
+               for m in ("kl", *(MEASURES if sfx else RANDOM_MEASURES))},
         })
         w.info["features"] = features
 

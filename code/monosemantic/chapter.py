@@ -442,6 +442,21 @@ version 7 of the stage name their measures :data:`LEADER_MEASURES_V6`."""
 LEADER_MEASURES_V6 = ("dmass", "promoted_fair")
 
 
+def causal_main(table, config: dict | None = None):
+    """The main cells of a causal table (``causal.parquet``, ``random_directions.parquet``, ``sampling.parquet``):
+    the clamp at ``clamp_multiple`` on all positions, the ablation at firing positions with the true LayerNorm
+    scale, and the clamp protocol's sampled text. Tables made before version 8 of the stage hold only those."""
+    keep = table.index == table.index
+    if "where" in table:
+        clamp_multiple = float((config or {}).get("clamp_multiple", 5.0))
+        keep &= ~table["frozen_scale"] & (((table["mode"] == "clamp") & (table["where"] == "all")
+                                           & (table["multiple"] == clamp_multiple))
+                                          | ((table["mode"] == "ablate") & (table["where"] == "firing")))
+    if "protocol" in table:
+        keep &= table["protocol"] == "clamp"
+    return table[keep].reset_index(drop=True)
+
+
 def leader_measures(ct) -> tuple[str, ...]:
     """The leader measures a causal table (``causal.parquet``) has ranks for."""
     return LEADER_MEASURES if "family_rank" in ct else LEADER_MEASURES_V6

@@ -103,7 +103,19 @@ def test_bad_config_is_one_line(bad):
 
 def test_an_unknown_mode_is_refused():
     with pytest.raises(UserError, match="clamp"):
-        edit_hook(tiny_sae(), 0, "pin")
+        edit_hook(tiny_sae(), 0, "steer")
+
+
+def test_pinning_replaces_h_by_the_reconstruction_with_the_feature_set():
+    # the anchor's generate_with_pinned_features: the error term is dropped, the feature's latent set to the value
+    sae = tiny_sae()
+    h = torch.rand(2, 3, D)
+    f = sae.encode(h.reshape(-1, D))
+    f[:, 4] = 100.0
+    out = edit_hook(sae, 4, "pin", value=100.0)(h, HOOK)
+    assert torch.allclose(out.reshape(-1, D), f @ sae.W_dec + sae.b_dec, atol=1e-5)
+    plain = edit_hook(sae, None, "pin")(h, HOOK).reshape(-1, D)  # no feature: the reconstruction itself
+    assert torch.allclose(plain, sae.decode(sae.encode(h.reshape(-1, D))), atol=1e-6)
 
 
 def test_a_push_is_the_norm_of_the_mlp_output_change():
@@ -215,6 +227,18 @@ def test_the_scan_counts_next_tokens_on_one_half_and_firings_on_the_other():
         assert np.array_equal(found.firings[j], np.stack([rows, t + 1], 1))
     assert found.all_counts.sum() == 2 * 7 and len(found.positions) == 2 * 7
     assert set(found.positions[:, 0]) == {1, 3} and found.positions[:, 1].min() == 1
+    # the mean hidden activation where each feature fires and everywhere, on the explore half
+    h = model.run_with_cache(x, [HOOK])[HOOK][:, 1:][torch.as_tensor(explore)].reshape(-1, D)
+    assert np.allclose(found.h_all, h.mean(0).numpy(), atol=1e-5)
+    for j, f in enumerate((3, 9)):
+        on = z[torch.as_tensor(explore)][..., f].reshape(-1) > 0
+        if on.any():
+            assert np.allclose(found.h_firing[j], h[on].mean(0).numpy(), atol=1e-5)
+        else:
+            assert np.isnan(found.h_firing[j]).all()
+    # extra features: their next tokens counted after the tested ones', nothing else about them kept
+    more = scan(model, sae, HOOK, x, y, np.arange(4), explore, [3], batch=2, vocab=64, extra=[9, 3])
+    assert np.array_equal(more.next_counts, found.next_counts[[0, 1, 0]]) and len(more.firings) == 1
 
 
 def test_the_fast_read_out_gives_what_the_logits_give():
@@ -239,3 +263,47 @@ def test_the_fast_read_out_gives_what_the_logits_give():
         for k in Shift._fields:
             assert torch.allclose(getattr(got, k), getattr(want, k), atol=1e-5), k
 
+
+
+def test_a_frozen_scale_read_out_keeps_the_unedited_layernorm_scale():
+    model, windows = tiny_lm_and_windows()
+    x = torch.cat([w for w, _ in windows])
+    pos = np.array([[0, 2], [1, 5], [3, 6]])
+    at = cache_positions(model, HOOK, x, pos, np.array(["a", "b", "c", "d"]), batch=4)
+    ro = readout(model, at.resid, 64)
+    push, coeff = torch.randn(16) * 3, torch.tensor([1.0, -2.0, 0.5])
+    ln, r = model.ln_final, at.resid
+    scale = (r.var(-1, unbiased=False) + ln.eps).rsqrt()[:, None]  # the unedited positions' scale
+    moved = r + coeff[:, None] * push
+    z = ((moved - moved.mean(-1, keepdim=True)) * scale * ln.weight + ln.bias) @ model.unembed.weight[:64].t()
+    want = shift(ro.p.log(), F.log_softmax(z + model.unembed.bias[:64], -1), token_sets(64, torch.tensor([1, 2])))
+    got = fast_shift(ro, push, coeff, [torch.tensor([1, 2])], frozen=True)
+    for k in Shift._fields:
+        assert torch.allclose(getattr(got, k), getattr(want, k), atol=1e-5), k
+    assert not torch.allclose(fast_shift(ro, push, coeff, [torch.tensor([1, 2])]).kl, got.kl)
+
+
+def test_summaries_leave_an_empty_token_set_undefined_and_ranks_skip_it():
+    from monosemantic.causal import MEASURES, _ranks, _summaries
+
+    n = len(MEASURES)
+    shifts = [Shift(torch.tensor([0.1, 0.3]).double(), torch.full((2, n), d).double(), torch.full((2, n), d).double(),
+                    torch.zeros(2, n).double()) for d in (1.0, 0.5, 2.0, -1.0)]
+    full, empty = torch.tensor([1]), torch.zeros(0, dtype=torch.long)
+    sets = [[full] * n, [full] * n, [full, full, full, empty], [full] * n]  # the third has no "self" tokens
+    sm = _summaries(shifts, sets)
+    assert np.isnan(sm["self_logodds"][2]) and sm["self_logodds"][[0, 1, 3]].tolist() == [1.0, 0.5, -1.0]
+    r = _ranks(sm, [0, 1, 2, 3], "clamp", "_dec", MEASURES)
+    assert r["self_rank_dec"] == 1 and r["family_rank_dec"] == 2  # the third beats the feature where defined
+    sets[0] = [full, full, full, empty]  # the feature's own set empty: its rank is undefined (0)
+    assert _ranks(_summaries(shifts, sets), [0, 1, 2, 3], "clamp", "_dec", MEASURES)["self_rank_dec"] == 0
+
+
+def test_the_best_neuron_is_the_most_specific_scored_one_of_the_family():
+    from monosemantic.causal import best_neuron
+
+    neurons = pd.DataFrame({"unit": [0, 1, 2, 3], "scored": [True, True, False, True],
+                            "family": ["digits", "digits", "digits", "url"],
+                            "family_share": [0.4, 0.6, 0.9, 0.99], "density_val": [0.1, 0.01, 0.1, 0.1]})
+    assert int(best_neuron(neurons, "digits")["unit"]) == 1  # unit 2 is not scored, unit 3 is another family
+    assert best_neuron(neurons, "cjk") is None

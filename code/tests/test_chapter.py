@@ -167,3 +167,18 @@ def test_a_version_7_causal_table_is_read_by_its_own_measures():
                             for m, vs in (("clamp", (3.0, 0.1, 0.2)), ("ablate", (-3.0, 0.0, 1.0)))
                             for i, v in enumerate(vs)])
     assert chapter.causal_null_rate(ct[ct.feature == 1], singles) == (pytest.approx(1 / 3), 3)
+
+
+def test_the_main_causal_cells_are_the_5x_clamp_everywhere_and_the_ablation_where_the_feature_fires():
+    import pandas as pd
+
+    ct = pd.DataFrame({"mode": ["clamp", "clamp", "clamp", "ablate", "ablate"], "multiple": [5.0, 1.0, 5.0, 0.0, 0.0],
+                       "where": ["all", "all", "firing", "firing", "firing"],
+                       "frozen_scale": [False, False, False, False, True], "feature": [1, 1, 1, 1, 1]})
+    main = chapter.causal_main(ct, {"clamp_multiple": 5.0})
+    assert main[["mode", "multiple", "where"]].values.tolist() == [["clamp", 5.0, "all"], ["ablate", 0.0, "firing"]]
+    assert len(chapter.causal_main(ct, {"clamp_multiple": 1.0})) == 2  # the 1x clamp is then the main one
+    old = ct[["mode", "feature"]]  # a table made before version 8: all of it
+    assert chapter.causal_main(old).equals(old)
+    sampled = pd.DataFrame({"protocol": ["clamp", "pinned"], "direction": ["feature", "feature"]})
+    assert chapter.causal_main(sampled)["protocol"].tolist() == ["clamp"]
