@@ -110,6 +110,42 @@ def test_a_score_counts_for_the_features_only_when_every_control_agrees(tmp_path
     assert not chapter.verdicts(fa, units, scores=("sim_corr",))["sim_corr"].counts
 
 
+def test_holm_multiplies_the_smallest_p_by_the_number_of_tests_and_steps_down():
+    assert chapter.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
+    assert chapter.holm([0.5, 0.9]).tolist() == pytest.approx([1.0, 1.0])  # capped at 1, and monotone
+
+
+def test_the_mean_rank_test_knows_uniform_ranks_from_ranks_that_lead():
+    import numpy as np
+
+    mean, p = chapter.mean_rank_test(np.tile(np.arange(1, 102), 3), 100)  # exactly uniform on 1..101
+    assert mean == pytest.approx(51) and p == pytest.approx(1.0)
+    mean, p = chapter.mean_rank_test(np.ones(30), 100)  # 30 features first among 101: far from chance
+    assert mean == 1 and p < 1e-10
+
+
+def test_the_rank_tests_cover_each_cell_and_measure_and_leave_undefined_ranks_out():
+    import pandas as pd
+
+    cfg = {"clamp_multiple": 5.0}
+    rows = []
+    for f in range(10):
+        for key in chapter.causal_cells(cfg):
+            mode, mult, where, frozen = key
+            rows.append({"feature": f, "direction": "feature", "mode": mode, "multiple": mult, "where": where,
+                         "frozen_scale": frozen, "n_random": 100 if mult in (0.0, 5.0) and not frozen else 20,
+                         "family_rank": 1, "predicted_rank": 0 if f < 4 else 11,
+                         "own_rank": 101 if mode == "ablate" else 51})
+    tests = chapter.causal_rank_tests(pd.DataFrame(rows), cfg)
+    assert len(tests) == 6 * 3
+    main = ("clamp", 5.0, "all", False)
+    assert tests[(main, "family")].mean == 1 and tests[(main, "family")].p_holm < 1e-6
+    assert tests[(main, "predicted")].features == 6  # four predicted nothing
+    assert tests[(("clamp", 1.0, "all", False), "predicted")].chance == 11  # 20 random directions in that cell
+    assert tests[(main, "own")].p == pytest.approx(1.0)
+    assert all(t.p_holm >= t.p for t in tests.values())
+
+
 def test_a_causal_leader_beats_every_control_on_the_labels_mass_both_clamped_and_ablated():
     import pandas as pd
 
