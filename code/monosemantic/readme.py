@@ -182,8 +182,15 @@ def _stheno_cost(a: store.Artifact) -> str:
             f"{row['total_hours']:.1f} GPU-hours (${row['usd']:.0f} at ${row['usd_per_hour']:.2f}/h).")
 
 
-# (stage, artifact name, line writer), in the order the book tells the story
-HEADLINES: list[tuple[str, str, Callable[[store.Artifact], str]]] = [
+def _llama_main() -> store.Artifact | None:
+    """The Llama-family run chapter 4 shows: a profile's own settings before a wider run."""
+    from . import llama, profiles
+
+    return llama.main_artifact({p: profiles.get(p).llama for p in ("cpu", "gpu")})
+
+
+# (stage, artifact name or a function that finds it, line writer), in the order the book tells the story
+HEADLINES: list[tuple[str, str | Callable[[], store.Artifact | None], Callable[[store.Artifact], str]]] = [
     ("corpus", "minipile", _corpus),
     ("lm", "model", _lm),
     ("toy", "superposition", _superposition),
@@ -192,7 +199,7 @@ HEADLINES: list[tuple[str, str, Callable[[store.Artifact], str]]] = [
     ("sae", "anchor-fixed", _sae),
     ("sae", "topk", _sae),
     ("analysis", "features", _analysis),
-    ("llama", "smollm2-*", _smollm2),  # the SmolLM2 run chapter 4 shows (its name carries the SAE's shape)
+    ("llama", _llama_main, _smollm2),
     ("diff", "finetune-shakespeare", _diff),
 ]
 
@@ -202,24 +209,13 @@ def headline_markdown() -> str:
     lines = ["**Headline results** (written by `monosemantic readme` from the committed cache):", ""]
     missing = []
     for stage, name, line in HEADLINES:
+        label = f"{stage}/{name if isinstance(name, str) else 'main run'}"
         try:
-            if stage == "llama":  # the run chapter 4 shows: the profile's own settings before a wider run
-                from . import llama, profiles
-
-                art = llama.main_artifact({p: profiles.get(p).llama for p in ("cpu", "gpu")})
-                if art is None:
-                    raise store.CacheError(f"no {stage}/{name}")
-            elif name.endswith("*"):
-                found = [a for a in store.list_artifacts(stage) if a.name.startswith(name[:-1])]
-                if not found:
-                    raise store.CacheError(f"no {stage}/{name}")
-                best = max(found, key=lambda a: (("tiny", "cpu", "gpu").index(a.profile),  # then the widest
-                                                 a.metrics.get("n_features", 0)))
-                art = store.load(stage, best.profile, best.name)
-            else:
-                art = store.find(stage, name)
+            art = store.find(stage, name) if isinstance(name, str) else name()
+            if art is None:
+                raise store.CacheError(f"no {label}")
         except store.CacheError:
-            missing.append(f"{stage}/{name}")
+            missing.append(label)
             continue
         lines.append(f"- {line(art)}")
     for t in store.list_artifacts("llama"):  # GPU throughput measured for the Stheno cost model
