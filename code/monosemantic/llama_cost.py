@@ -145,15 +145,18 @@ class CostAssumptions:
 
 
 def measured_throughputs() -> list[dict[str, Any]]:
-    """Every ``llama/*-throughput-*`` artifact's metrics (one row per hardware measured), each loaded
-    through :func:`store.load`, so a damaged one stops with one line and the book lists what it read."""
+    """Every ``llama/*-throughput-*`` artifact's metrics (one row per hardware measured), with the date it was
+    measured and the machine's bf16 units (``bf16_units``: the CPU flag, "gpu", or None), each loaded through
+    :func:`store.load`, so a damaged one stops with one line and the book lists what it read."""
     from . import store
 
     rows = []
     for art in store.list_artifacts("llama"):
         if art.name.startswith("throughput-"):
             art = store.load(art.stage, art.profile, art.name)
-            rows.append({**art.metrics, "profile": art.profile})
+            hw = art.manifest.get("hardware", {})
+            rows.append({**art.metrics, "profile": art.profile, "measured": art.manifest.get("created", "")[:10],
+                         "bf16_units": hw.get("cpu_bf16") if not hw.get("gpu") else "gpu"})
     return rows
 
 
