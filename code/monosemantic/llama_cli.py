@@ -142,8 +142,11 @@ def run(args) -> int:
             return 0
     if cmd in ("train-sae", "run"):
         from . import profiles
+        from .llama_eval import own_run
 
-        train_and_store(cfg, args.profile, fsdp=args.fsdp, tables_in_work=cfg != profiles.get(args.profile).llama)
+        own = profiles.get(args.profile).llama
+        train_and_store(cfg, args.profile, fsdp=args.fsdp, tables_in_work=cfg != own,
+                        paired_with=own_run(cfg, args.profile, own))
         return 0
     if cmd == "sweep":
         from .llama_sweep import run_sweep

@@ -247,9 +247,32 @@ def artifact_name(cfg: LlamaConfig, n_features: int) -> str:
     return f"{cfg.run_name}-topk{cfg.k}-{n_features}"
 
 
+PAIRED_METRICS = ("ce_loss_recovered", "ce_loss_recovered_mean_ablation", "fvu")
+"""What a run with another width is compared on, paired with its profile's own run (``<metric>_minus_own``)."""
+
+
+def own_run(cfg: LlamaConfig, profile: str, own: LlamaConfig):
+    """The cached run of ``profile`` made with its own settings ``own``, when ``cfg`` differs from them in the
+    width alone (same model, hook, harvest, training and evaluation): the run a width is compared with, paired.
+    None when there is none, or when ``cfg`` is ``own``."""
+    from . import store
+
+    def but_width(c) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(c if isinstance(c, dict) else c.to_dict())).items()
+                if k != "expansion"}
+
+    if cfg == own or but_width(cfg) != but_width(own):
+        return None
+    wanted = json.loads(json.dumps(own.to_dict()))
+    for a in store.list_artifacts("llama"):
+        if a.profile == profile and a.config == wanted and a.name.startswith(f"{own.run_name}-topk{own.k}-"):
+            return store.load("llama", profile, a.name)
+    return None
+
+
 def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | None = None,
                     texts: Callable[[], Iterable[str]] | None = None, fsdp: bool = False,
-                    progress: bool = True, tables_in_work: bool = False):
+                    progress: bool = True, tables_in_work: bool = False, paired_with=None):
     """Train the SAE on the harvested shards, evaluate it, analyse its features and the layer's neurons, and
     write the artifact ``llama/<profile>-<name>``: metrics under the one-layer SAEs' names (the evaluation's
     :data:`monosemantic.metrics.METRIC_NAMES` with intervals, the analysis's
@@ -259,7 +282,9 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
     ``texts``: a function giving the text to read instead of the corpus (the train text, then the held-out
     text after what the harvest consumed). ``tables_in_work``: keep the analysis's tables in ``cache/work`` (a
     run with other settings than its profile's, whose tables no chapter reads; the manifest records where).
-    Only rank 0 evaluates and writes."""
+    ``paired_with``: the profile's own run (:func:`own_run`) when this one differs from it in width only; both
+    SAEs are then evaluated in one pass over the same windows, and the differences :data:`PAIRED_METRICS`
+    (this minus that) are recorded with intervals over documents. Only rank 0 evaluates and writes."""
     import pandas as pd
 
     from . import analysis, store
@@ -276,7 +301,22 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
                          f"{source.width(hook)}: the shards and the model do not match")
     held = heldout_windows(cfg, source, profile, texts() if texts else None)
     eval_start = time.perf_counter()
-    ev = evaluate(cfg, source, out.sae, held.spread(cfg.eval_tokens))
+    eval_held = held.spread(cfg.eval_tokens)
+    other = load_sae(paired_with) if paired_with is not None else None
+    if other is not None and other.cfg.d_in != out.sae.cfg.d_in:
+        raise LlamaError(f"{paired_with.key} reads {other.cfg.d_in} numbers, this SAE {out.sae.cfg.d_in}: "
+                         "they cannot be compared on one hook")
+    evs = evaluate_many(cfg, source, [out.sae] + ([other] if other is not None else []), eval_held)
+    ev = evs[0]
+    paired = {}
+    if other is not None and len(np.unique(eval_held.documents)) > 1:
+        from .metrics import paired_difference
+
+        for metric in PAIRED_METRICS:
+            d = paired_difference(evs[1].evaluation, ev.evaluation, eval_held.documents, metric,
+                                  n_boot=cfg.n_boot, seed=cfg.seed)
+            paired.update({f"{metric}_minus_own": round(d.value, 6), f"{metric}_minus_own_low": round(d.low, 6),
+                           f"{metric}_minus_own_high": round(d.high, 6)})
     eval_seconds = time.perf_counter() - eval_start
     analysis_start = time.perf_counter()
     tables = analyze_features(cfg, profile, source, out.sae.cpu(), progress=progress, held=held,
@@ -296,6 +336,7 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
         for table, frame in controls.items():
             frame.to_parquet(folder / f"{table}.parquet", index=False)
         w.metrics.update({k: (round(v, 6) if isinstance(v, float) else v) for k, v in ev.metrics.items()})
+        w.metrics.update(paired)
         w.metrics.update(analysis.summary_metrics(tables["units"], analysis_config(cfg)))
         w.metrics.update(analysis.control_metrics(controls["density_matched"]))
         w.metrics.update({"explain_tokens": tables["tokens"]["explain"],
@@ -310,7 +351,8 @@ def train_and_store(cfg: LlamaConfig, profile: str, *, source: LlamaSource | Non
                           "eval_seconds": round(eval_seconds, 1), "analysis_seconds": round(analysis_seconds, 1)})
         w.info.update({"hook": hook, "model": source.info(), "memory_plan": out.plan._asdict(),
                        "analysis_config": analysis_config(cfg).to_dict(),  # the thresholds the scores used
-                       "processes": dist_info().world, "sae_config": out.sae.cfg.to_dict()})
+                       "processes": dist_info().world, "sae_config": out.sae.cfg.to_dict(),
+                       **({"paired_with": paired_with.key} if paired else {})})
     print(f"llama: wrote llama/{profile}-{name}: " + ", ".join(
         f"{k}={ev.metrics[k]:.4g}" for k in ("mse", "fvu", "l0", "dead_fraction", "ce_loss_recovered")))
     return store.load("llama", profile, name)

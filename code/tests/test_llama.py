@@ -532,3 +532,22 @@ def test_the_book_shows_the_profiles_own_run_before_a_wider_one(tmp_cache):
     assert llama.main_artifact().metrics["n_features"] == 4 * 48  # no settings given: the widest
     assert llama.main_artifact({"cpu": own}).metrics["n_features"] == 2 * 48
     assert llama.main_artifact({"cpu": own.replace(k=8)}).metrics["n_features"] == 4 * 48  # neither is its own
+
+
+def test_a_run_of_another_width_is_paired_with_its_profiles_own_run_only(monkeypatch):
+    from types import SimpleNamespace
+
+    from monosemantic import store
+
+    own = TINY_CFG
+    wide = own.replace(expansion=own.expansion * 2)
+    cached = [SimpleNamespace(profile="tiny", name=f"{own.run_name}-topk{own.k}-64",
+                              config=json.loads(json.dumps(own.to_dict()))),
+              SimpleNamespace(profile="cpu", name=f"{own.run_name}-topk{own.k}-64",  # another profile's
+                              config=json.loads(json.dumps(own.to_dict())))]
+    monkeypatch.setattr(store, "list_artifacts", lambda stage: cached)
+    monkeypatch.setattr(store, "load", lambda stage, profile, name: (profile, name))
+    assert llama.own_run(wide, "tiny", own) == ("tiny", f"{own.run_name}-topk{own.k}-64")
+    assert llama.own_run(own, "tiny", own) is None  # the own run itself is not paired
+    assert llama.own_run(wide.replace(k=own.k * 2), "tiny", own) is None  # differs in more than the width
+    assert llama.own_run(wide, "gpu", own) is None  # no own run cached for that profile
