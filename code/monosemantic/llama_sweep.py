@@ -25,13 +25,26 @@ from .metrics import paired_difference
 # length: the settings are absolute, so the sweep means the same whatever the profile now uses (the cpu
 # profile took the second). On this 2-core AVX2 machine a 1.5-pass run at 2x took 10 min with the first and
 # 13 with the second; 4-pass runs (an earlier design) would cost ~25-40 min each.
+DEFAULT_AUXK = {"aux_coeff": 1 / 32, "dead_window": 100_000}
+STRONG_AUXK = {"aux_coeff": 1 / 8, "dead_window": 25_000}
 VARIANTS: tuple[dict[str, Any], ...] = (
-    {"aux_coeff": 1 / 32, "dead_window": 100_000},
-    {"aux_coeff": 1 / 8, "dead_window": 25_000},
+    DEFAULT_AUXK,
+    STRONG_AUXK,
+    # the two knobs apart: the default weight with the short window, and AuxK off
+    {"aux_coeff": 1 / 32, "dead_window": 25_000},
+    {"aux_coeff": 0.0, "dead_window": 25_000},
+    # the length: two thirds of the profile's passes (1 of 1.5 on the cpu profile) with the stronger AuxK
+    {**STRONG_AUXK, "sae_epochs_scale": 2 / 3},
+    # seeds: the two AuxK settings each trained twice more
+    {**DEFAULT_AUXK, "seed": 1}, {**DEFAULT_AUXK, "seed": 2},
+    {**STRONG_AUXK, "seed": 1}, {**STRONG_AUXK, "seed": 2},
 )
+"""Each setting a change to the run's config (``sae_epochs_scale`` multiplies its ``sae_epochs``); the first is
+the reference the others are compared with, paired."""
 CE_TOKENS = 32_768
-"""The sweep splices each SAE into the model on at most the first this many held-out tokens (the cpu
-profile's evaluation reads as many; a larger profile's reads more), and the interval says how precisely."""
+"""The sweep splices each SAE into the model on at most this many held-out tokens, in windows spread over
+documents as the evaluation's are (the cpu profile's evaluation reads as many, and the same windows; a larger
+profile's reads more), and the interval says how precisely."""
 
 
 def sweep_name(cfg: LlamaConfig) -> str:
@@ -40,9 +53,10 @@ def sweep_name(cfg: LlamaConfig) -> str:
 
 @torch.no_grad()
 def heldout_activations(cfg: LlamaConfig, source, held) -> torch.Tensor:
-    """(N, d) float16 activations of the run's hook on the held-out windows (first ``heldout_tokens``)."""
+    """(N, d) float16 activations of the run's hook on the held-out windows the analysis reads
+    (:meth:`~monosemantic.llama_eval.HeldOut.spread` of ``heldout_tokens``)."""
     model = layer_model(cfg, source)
-    x = held.first(cfg.heldout_tokens).x
+    x = held.spread(cfg.heldout_tokens).x
     out = [model.run_with_cache(x[i:i + cfg.batch_size], [model.hook])[model.hook].reshape(-1, model.config.d_mlp)
            .half() for i in range(0, len(x), cfg.batch_size)]
     return torch.cat(out)
@@ -82,18 +96,20 @@ def run_sweep(cfg: LlamaConfig, profile: str, variants=VARIANTS, *, source=None,
     rows, saes = [], []
     start = time.perf_counter()
     for n, change in enumerate(variants, 1):
-        vcfg = cfg.replace(**change)
+        change = dict(change)
+        scale = change.pop("sae_epochs_scale", 1.0)
+        vcfg = cfg.replace(**change, sae_epochs=round(cfg.sae_epochs * scale, 6))
         log(f"[{n}/{len(variants)}] {change or 'the profile settings'}")
         out = trained(vcfg, profile, progress=progress)
         saes.append(out.sae)
-        rows.append({"setting": n, "sae_epochs": vcfg.sae_epochs, "aux_coeff": vcfg.aux_coeff,
+        rows.append({"setting": n, "seed": vcfg.seed, "sae_epochs": vcfg.sae_epochs, "aux_coeff": vcfg.aux_coeff,
                      "dead_window": vcfg.dead_window, "k": vcfg.k, "n_features": out.sae.cfg.n_features,
                      "train_activations": out.sae.cfg.n_steps * vcfg.sae_batch, "train_seconds": out.seconds,
                      "train_dead_fraction": float(out.history[-1]["dead_fraction"]) if out.history else np.nan,
                      **{f"heldout_{k}": v for k, v in fidelity(out.sae, acts).items()}})
     # every setting spliced in on the same held-out windows (shared clean and ablated passes), so each can be
     # compared with the first by a paired difference over the same documents
-    ce_held = held.first(min(cfg.eval_tokens, CE_TOKENS))
+    ce_held = held.spread(min(cfg.eval_tokens, CE_TOKENS))
     evs = evaluate_many(cfg, source, saes, ce_held)
     for row, ev in zip(rows, evs, strict=True):
         row.update({k: ev.metrics[k] for k in ("ce_loss_recovered", "ce_loss_recovered_low", "ce_loss_recovered_high",

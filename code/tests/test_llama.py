@@ -268,10 +268,12 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     # the sweep of training settings on the same harvest: one row per setting, the profile's own reused
     from monosemantic.llama_sweep import run_sweep
 
-    sweep = run_sweep(TINY_CFG, "tiny", ({}, {"aux_coeff": 0.25, "dead_window": 64}), source=tiny,
-                      texts=lambda: texts, progress=False, log=lambda *a: None)
+    sweep = run_sweep(TINY_CFG, "tiny", ({}, {"aux_coeff": 0.25, "dead_window": 64}, {"sae_epochs_scale": 0.5}),
+                      source=tiny, texts=lambda: texts, progress=False, log=lambda *a: None)
     table = pd.read_parquet(sweep.file("sweep.parquet"))
-    assert list(table.setting) == [1, 2] and list(table.aux_coeff) == [TINY_CFG.aux_coeff, 0.25]
+    assert list(table.setting) == [1, 2, 3] and list(table.aux_coeff) == [TINY_CFG.aux_coeff, 0.25, TINY_CFG.aux_coeff]
+    assert table.sae_epochs.iloc[2] == pytest.approx(TINY_CFG.sae_epochs / 2)  # the length, scaled
+    assert table.train_activations.iloc[2] < table.train_activations.iloc[0]
     assert table.heldout_never_fired_fraction.between(0, 1).all() and (table.heldout_l0 <= TINY_CFG.k).all()
     assert table.train_seconds.iloc[0] == pytest.approx(m["train_seconds"], abs=0.1)  # the run's SAE, reused
     # each setting against the first on the same documents: zero for the first, the two recoveries apart after
