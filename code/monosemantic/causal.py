@@ -18,16 +18,26 @@ attention: the hidden activation at position t reaches the output only at t, thr
 LayerNorm and the unembedding. So an edit at every position changes each position's next-token
 distribution exactly as an edit at that position alone does, and the stage caches, for a sample of held-out
 positions, the hidden activation and the residual stream after the MLP, then reads each edit's next-token
-distribution from those alone (:func:`fast_shift`). :func:`edit_logits` and :func:`shift` are the plain form
-of that read-out, kept as the reference the tests check it against, and checked themselves against the full
-forward pass with the edit hooked in. That is what lets every feature meet ``n_random`` random directions.
+distribution from those alone (:func:`~monosemantic.causal_edits.fast_shift`; the edits and the read-out
+live in :mod:`monosemantic.causal_edits`, whose :func:`~monosemantic.causal_edits.edit_logits` and
+:func:`~monosemantic.causal_edits.shift` are the plain form of that read-out, kept as the reference the
+tests check it against, and checked themselves against the full forward pass with the edit hooked in). That
+is what lets every feature meet ``n_random`` random directions.
 
 **The controls**, each with the feature's coefficients: ``n_random`` random directions, drawn afresh for each
 feature, and ``n_decoder`` decoder directions of other scored features of the SAE, each scaled so that it
 moves the MLP's output as far as the feature's direction does (||W_out r|| = ||W_out d_i||), so a feature's
-effect is compared with what any push of that size does where the model reads it. The feature's *rank*
-among a control's directions is the test: rank 1 of n + 1 has probability 1 / (n + 1) if its direction were
-one more of them.
+effect is compared with what any push of that size does where the model reads it; and two directions fitted
+without the SAE, scaled the same way: the *difference of means* (the mean hidden activation where the feature
+fires minus the mean over every position, on the explore half below) and the family's *best neuron* (the
+neuron the analysis finds most specific to the family). The feature's *rank* among a control's directions is
+the test: rank 1 of n + 1 has probability 1 / (n + 1) if its direction were one more of them.
+
+**The design.** The clamp at ``clamp_multiple`` and at 1x, each on every sampled position and only where the
+feature fires; the ablation where it fires, read as the model computes it and with the final LayerNorm's
+scale frozen at its unedited value. Edits where the feature fires need ``min_firing_positions`` of them in
+``min_firing_documents`` test-half documents. The main cells (the clamp at ``clamp_multiple`` everywhere, the
+ablation) use every control; the others ``cell_random`` random directions with the rest.
 
 **The measures**, on the next-token distribution at each sampled position: the KL divergence KL(p || p'), and
 the change in log-odds of three masses, each on its own token set:
@@ -42,7 +52,10 @@ the change in log-odds of three masses, each on its own token set:
   means, a neuron) would be expected to move it too, and only such a control would make it specific to the SAE;
 - each direction's *own* tokens: the ``promoted_tokens`` tokens its direct logit effect raises most, so a
   random direction is measured on what it promotes, as the feature is (the fair form of the promoted-token
-  measure).
+  measure);
+- *self*: for the feature and each other feature's decoder direction, the tokens that feature's own firings
+  predict (counted on the explore half in the same scan), so that "does a direction write what its firings
+  foretell?" is asked of every feature alike; ranked among the decoder directions only.
 
 Log-odds rather than mass: a family with 0.1% of the mass that rises to 1% has moved as much as one at 10%
 rising to 50%, and a raw difference of masses would rank only the second. The change in mass (percentage
@@ -52,14 +65,19 @@ points) is kept beside it.
 random (seeded) from those the analysis scored specific to it that fire often enough on held-out text: not
 the most specific one, which favours single-token detectors, and not one picked by hand.
 
-**In text.** Greedy continuations of a few prompts (unedited, the feature clamped, a random direction
-clamped), and sampled ones (temperature 1), where the share of generated tokens in the feature's family is
-counted for the feature and for ``sample_random`` random directions.
+**In text.** Greedy continuations of a few prompts (unedited, the feature clamped at each of
+``generation_multiples``, a random direction clamped, the anchor's pinned reconstruction at the clamp value
+and at ``pin_value``), and sampled ones (temperature 1), where the share of generated tokens in the
+feature's family is counted for the feature and for ``sample_random`` random directions; and the anchor's
+protocol (``generate_with_pinned_features``: ``pin_tokens`` tokens sampled after ``<|endoftext|>`` with the
+feature pinned at ``pin_value`` in the reconstruction, the error term dropped), against the reconstruction
+alone and other features pinned the same way.
 
-Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x edit x direction: the feature, the mean
-of the random directions and the paired difference, with 95% intervals over test-half documents, and the
-feature's ranks), ``random_directions.parquet`` (each control direction's own result), ``dose.parquet``,
-``predicted.parquet`` (each feature's predicted tokens), ``generations.parquet`` and ``sampling.parquet``.
+Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x cell of the design x direction: the
+feature, the mean of the random directions, their paired difference and the two fitted controls, with 95%
+intervals over test-half documents, and the feature's ranks), ``random_directions.parquet`` (each control
+direction's own result), ``dose.parquet``, ``predicted.parquet`` (each feature's predicted tokens),
+``generations.parquet`` and ``sampling.parquet``.
 
     monosemantic causal --profile cpu
 """
@@ -68,14 +86,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .causal_edits import (
+    Readout,
+    Shift,
+    coefficients,
+    edit_hook,
+    fast_shift,
+    random_directions,
+    rank_first,
+    readout,
+    writes,
+)
 from .config import ConfigError, StageConfig, UserError, check_positive
 from .hardware import trimmed
 
@@ -173,170 +200,6 @@ class CausalConfig(StageConfig):
         for name in ("dose_random", "sample_random", "cell_random"):
             if getattr(self, name) > self.n_random:
                 raise ConfigError(f"causal.{name} ({getattr(self, name)}) must be at most n_random ({self.n_random})")
-
-
-# --- the interventions ------------------------------------------------------------------------------------
-
-def edit_hook(sae, feature: int, mode: str, direction: Tensor | None = None, value: float = 0.0
-              ) -> Callable[[Tensor, str], Tensor]:
-    """A hook ``fn(h, name) -> h'`` on the SAE's hook point: ``mode`` "clamp" sets feature ``feature`` to
-    ``value`` (h + (value - f) d), "ablate" removes it (h - f d). ``direction`` (d_in,) replaces the
-    feature's decoder direction d (a control); the coefficients are the feature's own. ``mode`` "pin" is the
-    anchor's ``generate_with_pinned_features``: h replaced by the SAE's reconstruction with the feature's
-    activation set to ``value`` (the error term dropped; ``feature`` None: the plain reconstruction)."""
-    if mode not in ("clamp", "ablate", "pin"):
-        raise UserError(f"mode must be 'clamp', 'ablate' or 'pin', got {mode!r}")
-    if mode == "pin":
-        def pinned(h: Tensor, name: str) -> Tensor:
-            flat = h.reshape(-1, h.shape[-1]).float()
-            with torch.no_grad():
-                f = sae.encode(flat)
-                if feature is not None:
-                    f[:, feature] = value
-                return sae.decode(f).to(h.dtype).reshape(h.shape)
-        return pinned
-    d = (sae.W_dec[feature] if direction is None else direction).detach().float()  # (d_in,)
-
-    def fn(h: Tensor, name: str) -> Tensor:
-        flat = h.reshape(-1, h.shape[-1]).float()  # (N, d_in)
-        with torch.no_grad():
-            f = sae.encode(flat)[:, feature]  # (N,)
-        return (flat + coefficients(f, mode, value)[:, None] * d.to(flat.device)).to(h.dtype).reshape(h.shape)
-    return fn
-
-
-def coefficients(f: Tensor, mode: str, value: float = 0.0) -> Tensor:
-    """(N,) how far each position is moved along the edited direction, given the feature's activations f (N,):
-    value - f when clamped, -f when ablated (zero where the feature is silent)."""
-    return (value - f) if mode == "clamp" else -f
-
-
-def writes(model, vectors: Tensor) -> Tensor:
-    """(n, d_model) what each (n, d_in) hidden-layer vector adds to the residual stream: W_out v (no bias). Two
-    unit directions edited with the same coefficient push the residual stream by different amounts, so a
-    control is scaled to the norm of this push, not to its norm in the hidden layer."""
-    w_out = model.blocks[0].mlp.fc_out.weight.detach().float()  # (d_model, d_mlp)
-    return vectors.float() @ w_out.t()
-
-
-def random_directions(d_in: int, n: int, seed: int) -> Tensor:
-    """(n, d_in) random unit vectors (uniform on the sphere), seeded."""
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(n, d_in, generator=g)
-    return r / r.norm(dim=1, keepdim=True)
-
-
-def edit_logits(model, resid: Tensor, push: Tensor, coeff: Tensor, vocab: int) -> Tensor:
-    """(N, vocab) next-token logits at N positions whose residual stream after the MLP is ``resid`` (N, d_model),
-    when the MLP's hidden activation there is moved by ``coeff`` (N,) along a direction that writes ``push``
-    (d_model,) into the residual stream: the final LayerNorm and the unembedding of resid + coeff push. In a
-    one-layer model this is exactly what the edit hooked into the full forward pass gives at those positions
-    (nothing after the MLP mixes positions)."""
-    x = resid + coeff[:, None] * push[None, :]
-    return model.unembed(model.ln_final(x))[:, :vocab].float()
-
-
-class Shift(NamedTuple):
-    """Per-position effects of one edit: ``kl`` (N,) KL(p || p'); for each of M token sets, ``dmass`` (N, M)
-    p'(set) - p(set), ``dlogodds`` (N, M) the change of its log-odds, ``mass`` (N, M) p(set) before the edit."""
-
-    kl: Tensor
-    dmass: Tensor
-    dlogodds: Tensor
-    mass: Tensor
-
-
-def log_odds(m: Tensor) -> Tensor:
-    m = m.clamp(1e-7, 1 - 1e-7)
-    return torch.log(m) - torch.log1p(-m)
-
-
-def shift(logp: Tensor, logq: Tensor, sets: Tensor) -> Shift:
-    """:class:`Shift` of next-token log-probabilities ``logp`` (N, V) to ``logq`` (N, V) on the token sets
-    ``sets`` (V, M) (0/1)."""
-    p, q = logp.exp(), logq.exp()
-    kl = (p * (logp - logq)).sum(-1)
-    base, after = p @ sets, q @ sets  # (N, M)
-    return Shift(kl.double(), (after - base).double(), (log_odds(after) - log_odds(base)).double(), base.double())
-
-
-def token_sets(vocab: int, *sets: Tensor) -> Tensor:
-    """(vocab, M) float 0/1 columns, one per set: a bool mask (V,) or a tensor of token ids."""
-    out = torch.zeros(vocab, len(sets))
-    for j, s_ in enumerate(sets):
-        if s_.dtype == torch.bool:
-            out[: len(s_), j] = s_[:vocab].float()
-        else:
-            out[s_.long(), j] = 1.0
-    return out
-
-
-class Readout(NamedTuple):
-    """The cached positions' next-token read-out, arranged so that an edit costs no matrix product. An edit adds
-    c u to the residual stream x at a position (u = W_out d); the final LayerNorm then gives
-    s' (x~ + c u~) * gamma + beta, with x~, u~ the centred vectors and s' = 1 / sqrt(var(x~ + c u~) + eps), and
-    var(x~ + c u~) = var(x~) + 2 c mean(x~ u~) + c^2 var(u~); so the logits are z = s' A + s' c B + C with
-    A = W (gamma x~) for each position, B = W (gamma u~) for each direction and C = W beta + b (W the
-    unembedding). :func:`fast_shift` reads an edit from them; a test checks it against :func:`edit_logits`."""
-
-    A: Tensor  # (N, V)
-    C: Tensor  # (V,)
-    xc: Tensor  # (N, d_model) the centred residual streams
-    var: Tensor  # (N,) their variances
-    gamma: Tensor  # (d_model,)
-    W: Tensor  # (V, d_model)
-    eps: float
-    p: Tensor  # (N, V) the unedited next-token distribution
-    plogp: Tensor  # (N,) sum p log p
-    pA: Tensor  # (N,) sum p A
-    pC: Tensor  # (N,) sum p C
-
-
-@torch.no_grad()
-def readout(model, resid: Tensor, vocab: int) -> Readout:
-    """:class:`Readout` of the positions whose residual stream after the MLP is ``resid`` (N, d_model)."""
-    ln, un = model.ln_final, model.unembed
-    W = un.weight[:vocab].float()  # (V, d)
-    gamma = ln.weight.float()
-    C = ln.bias.float() @ W.t() + un.bias[:vocab].float()
-    xc = resid.float() - resid.float().mean(-1, keepdim=True)
-    var = xc.pow(2).mean(-1)
-    A = (xc * gamma) @ W.t()
-    z = A * (var + ln.eps).rsqrt()[:, None] + C
-    logp = F.log_softmax(z, dim=-1)
-    p = logp.exp()
-    # the sums over the vocabulary in float64: the KL below is a small difference of large terms
-    pd_ = p.double()
-    return Readout(A, C, xc, var, gamma, W, float(ln.eps), p, (pd_ * logp.double()).sum(-1), (pd_ * A.double()).sum(-1),
-                   pd_ @ C.double())
-
-
-def fast_shift(ro: Readout, push: Tensor, coeff: Tensor, sets: list[Tensor], frozen: bool = False) -> Shift:
-    """:class:`Shift` of the edit that writes ``push`` (d_model,) per unit of ``coeff`` (N,) at the positions of
-    ``ro``, on the token sets ``sets`` (each a tensor of token ids), without a matrix product over the
-    vocabulary: the KL as sum p log p - sum p z' + logsumexp z', each set's mass from its own columns.
-    ``frozen``: the final LayerNorm keeps the unedited scale 1 / sqrt(var + eps) (a read-out of the edit's
-    direction alone: removing a large push also shrinks the variance, which raises every logit's scale)."""
-    uc = push.float() - push.float().mean()
-    B = ro.W @ (ro.gamma * uc)  # (V,)
-    var = ro.var if frozen else ro.var + 2 * coeff * (ro.xc @ uc) / len(uc) + coeff.pow(2) * uc.pow(2).mean()
-    s1 = (var + ro.eps).rsqrt()  # (N,)
-    z = torch.addr(ro.A, coeff, B).mul_(s1[:, None]).add_(ro.C)  # (N, V): s' (A + c B) + C
-    lse = torch.logsumexp(z.double(), dim=-1).float()
-    s1d, cd = s1.double(), coeff.double()
-    pz = s1d * ro.pA + cd * s1d * (ro.p.double() @ B.double()) + ro.pC  # sum p z', in float64
-    kl = ro.plogp - pz + lse.double()
-    base = torch.stack([ro.p[:, t].sum(-1) for t in sets], 1)  # (N, M)
-    after = torch.stack([(z[:, t] - lse[:, None]).exp().sum(-1) for t in sets], 1)
-    return Shift(kl.double(), (after - base).double(), (log_odds(after) - log_odds(base)).double(), base.double())
-
-
-def rank_first(values: np.ndarray, sign: float) -> int:
-    """Where ``values[0]`` (the feature's) ranks among the rest (the control directions') the way the edit
-    should go (``sign`` +1: up, -1: down): 1 + how many do at least as well. Rank 1 of n + 1 is the feature
-    beating every control: p = 1 / (n + 1) under the null that its direction is one more of them."""
-    v = sign * np.asarray(values, dtype=np.float64)
-    return int(1 + (v[1:] >= v[0]).sum())
 
 
 def vocab_family_masks(token_bytes: list[bytes]) -> np.ndarray:

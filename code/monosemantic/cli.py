@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("book", "monosemantic.book", "build the book (HTML site + PDF) from the committed cache"),
     ("train-lm", "monosemantic.lm_train", "train the one-layer language model (resumes from its checkpoint)"),
     ("bench", "monosemantic.bench", "throughput and MFU side by side with the anchor's code (cache/bench/)"),
+    ("faults", "monosemantic.faults", "run the tests of bad input and faults, and cache the table they record"),
     ("toy", "monosemantic.toy", "synthetic superposition and SAE dictionary recovery with known answers (chapter 2)"),
     ("readme", "monosemantic.readme", "write the README's headline numbers from the cache"),
     ("reproduce", "monosemantic.pipeline", "run every stage of the pipeline in order for one profile"),

@@ -23,8 +23,9 @@ def tmp_cache(tmp_path, monkeypatch):
 
 
 # --- the fault table ------------------------------------------------------------------------------------
-# Tests of bad input and faults record what they tried and what the program said; at the end of the run
-# the rows are merged into the artifact faults/tiny-table (the setup appendix of the book shows it).
+# Tests of bad input and faults record what they tried and what the program said (the ``fault`` fixture, which
+# marks them ``faults``); `monosemantic faults` runs them alone and writes the rows into the artifact
+# faults/tiny-table (the setup appendix of the book shows it). A plain test run writes nothing.
 
 _FAULTS: dict[str, dict[str, str]] = {}
 
@@ -50,24 +51,16 @@ def fault(tmp_path):
     return FaultRecorder(tmp_path)
 
 
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "fault" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.faults)
+
+
 def pytest_sessionfinish(session, exitstatus):
-    if not _FAULTS or exitstatus != 0:
-        return
-    import json
     import os
 
-    from monosemantic import store
-    from monosemantic.config import StageConfig
+    from monosemantic.faults import OUT_ENV, record
 
-    os.environ.pop("MONOSEMANTIC_CACHE", None)  # the repository's cache, whatever a test set
-    try:
-        old = {r["case"]: r for r in json.loads(store.load("faults", "tiny", "table").file("faults.json").read_text())}
-    except (store.CacheError, OSError, ValueError):
-        old = {}
-    rows = {**old, **_FAULTS}
-    if rows == old:
-        return  # unchanged: the committed artifact stays byte for byte
-    with store.write("faults", "tiny", "table", config=StageConfig(), command="make test") as w:
-        (w.dir / "faults.json").write_text(json.dumps([rows[k] for k in sorted(rows)], indent=1,
-                                                      ensure_ascii=False) + "\n")
-        w.metrics["cases"] = len(rows)
+    if _FAULTS and exitstatus == 0 and os.environ.get(OUT_ENV):
+        record(_FAULTS, os.environ[OUT_ENV])

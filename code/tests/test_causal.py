@@ -14,21 +14,23 @@ from monosemantic.analysis import FAMILY_NAMES
 from monosemantic.causal import (
     RESID,
     CausalConfig,
-    Shift,
     cache_positions,
+    pick,
+    predicted,
+    scan,
+    vocab_family_masks,
+)
+from monosemantic.causal_edits import (
+    Shift,
     coefficients,
     edit_hook,
     edit_logits,
     fast_shift,
-    pick,
-    predicted,
     random_directions,
     rank_first,
     readout,
-    scan,
     shift,
     token_sets,
-    vocab_family_masks,
     writes,
 )
 from monosemantic.config import ConfigError, UserError

@@ -4,6 +4,7 @@ which the setup appendix of the book shows."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -274,3 +275,13 @@ def test_llama_harvest_checks_the_disk_first(tmp_cache, monkeypatch, fault):
     fault("disk: not enough free space for Llama shards", "monosemantic llama harvest", "5,000 activations of "
           "a random Llama model to shard with 10 kB free", one_line(e), "nothing written: checked before the "
           "first shard")
+
+
+def test_a_test_that_records_faults_is_marked_for_the_faults_command(fault, request, tmp_path):
+    # `monosemantic faults` runs `pytest -m faults`: every test taking the fixture must be selected by it
+    assert request.node.get_closest_marker("faults") is not None
+    from monosemantic.faults import record
+
+    rows = {"b": {"case": "b", "said": "x"}, "a": {"case": "a", "said": "ü"}}
+    record(rows, tmp_path / "f.json")
+    assert [r["case"] for r in json.loads((tmp_path / "f.json").read_text())] == ["a", "b"]  # sorted, UTF-8 kept
