@@ -548,7 +548,7 @@ def rehearse(cfg: RehearsalConfig = RehearsalConfig(), *, profile: str = "cpu",
             with meter.stage("harvest"), meter.around("load_model", "load model"):
                 llama.harvest(run_cfg, RUN_PROFILE, progress=progress)
             with (meter.stage("train, evaluate, analyse"), meter.around("load_model", "load model"),
-                  meter.around("trained", "train SAE"), meter.around("evaluate", "evaluate"),
+                  meter.around("trained", "train SAE"), meter.around("evaluate_many", "evaluate"),
                   meter.around("analyze_features", "analyse")):
                 inner = llama.train_and_store(run_cfg, RUN_PROFILE, progress=progress)
             with meter.stage("browser"):

@@ -244,7 +244,7 @@ def test_analyze_measures_neurons_and_both_saes_alike_and_tracks_splitting(in_ti
 def test_the_causal_stage_ranks_each_feature_among_its_controls_on_the_test_half(in_tiny_cache):
     import pandas as pd
 
-    from monosemantic import causal
+    from monosemantic import causal, chapter
 
     if not store.artifact_path("analysis", "tiny", "features").is_dir():
         assert cli.main(["analyze", "--profile", "tiny", "--no-progress"]) == 0
@@ -252,13 +252,17 @@ def test_the_causal_stage_ranks_each_feature_among_its_controls_on_the_test_half
         assert cli.main(["heldout", "--profile", "tiny"]) == 0
     cfg = causal.CausalConfig(min_heldout_firings=1, min_family_tokens=1, per_family=1, n_features=3, n_random=3,
                               n_decoder=2, dose_multiples=(1.0, 10.0), dose_random=1, new_tokens=2, samples=1,
-                              sample_random=1, positions=64, n_boot=50)
+                              sample_random=1, positions=64, n_boot=50, cell_random=2, min_firing_positions=2,
+                              min_firing_documents=2, pin_tokens=3)
     causal.run_stage("tiny", cfg, log=lambda *a: None)
     art = store.load("analysis", "tiny", "causal", config=cfg)
     table = pd.read_parquet(art.file("causal.parquet"))
-    assert len(table) and set(table.direction) == {"feature", "random", "difference"}
+    assert len(table) and {"feature", "random", "difference"} <= set(table.direction)
+    assert set(table.direction) <= {"feature", "random", "difference", "mean_difference", "best_neuron"}
     assert table.family.map(type).eq(str).all()  # the family's name, not a measure of it
-    for (_, _), part in table.groupby(["feature", "mode"]):
+    cells = ["feature", "mode", "multiple", "where", "frozen_scale"]
+    assert {tuple(k) for k in table[cells[1:]].drop_duplicates().values} <= set(chapter.causal_cells(cfg.to_dict()))
+    for _, part in table.groupby(cells):
         by = part.set_index("direction")
         for col in ("kl", "family_logodds", "dmass_family"):  # the difference: the feature's minus the random mean
             assert by.loc["difference", col] == pytest.approx(by.loc["feature", col] - by.loc["random", col],
@@ -267,37 +271,53 @@ def test_the_causal_stage_ranks_each_feature_among_its_controls_on_the_test_half
                 by.loc["difference", f"{col}_high"] + 1e-12
         assert part.base_mass_family.nunique() == 1 and part.base_mass_family.between(0, 1).all()
     assert (table[table.direction == "feature"].kl > -1e-6).all() and (table.documents >= 2).all()
-    assert (table[table["mode"] == "ablate"].positions <= cfg.positions).all()
+    assert (table[table["where"] == "firing"].positions <= cfg.positions).all()
+    assert (table[table["mode"] == "ablate"]["where"] == "firing").all()
     m = art.metrics
     assert m["features"] == len(art.manifest["info"]["features"]) <= cfg.n_features
     singles = pd.read_parquet(art.file("random_directions.parquet"))
-    for (f, mode), part in singles.groupby(["feature", "mode"]):
+    for key, part in singles.groupby(cells):
         rnd, dec = part[part.control == "random"], part[part.control == "decoder"]
-        assert sorted(rnd["index"]) == list(range(cfg.n_random)) and len(dec) == cfg.n_decoder
-        assert f not in set(dec.source_feature) and dec.cosine.between(-1, 1).all()
-        frow = table[(table.feature == f) & (table["mode"] == mode) & (table.direction == "feature")].iloc[0]
-        sign = 1.0 if mode == "clamp" else -1.0
+        main = (key[1], key[2], key[3], key[4]) in (("clamp", cfg.clamp_multiple, "all", False),
+                                                     ("ablate", 0.0, "firing", False))
+        assert sorted(rnd["index"]) == list(range(cfg.n_random if main else cfg.cell_random))
+        assert len(dec) == cfg.n_decoder and key[0] not in set(dec.source_feature) and dec.cosine.between(-1, 1).all()
+        frow = table.set_index(cells[:]).loc[key]
+        frow = frow[frow.direction == "feature"].iloc[0]
+        sign = 1.0 if key[1] == "clamp" else -1.0
         # the rank among the random directions, on each measure's log-odds, counts those at least as good
-        for measure in causal.MEASURES:
+        for measure in causal.RANDOM_MEASURES:
             col = f"{measure}_logodds"
+            if frow[f"{measure}_rank"] == 0:  # undefined: nothing predicted
+                assert np.isnan(frow[col]) and measure == "predicted"
+                continue
             assert frow[f"{measure}_rank"] == 1 + (sign * rnd[col] >= sign * frow[col] - 1e-12).sum()
         assert frow.kl_rank == 1 + (rnd.kl >= frow.kl - 1e-12).sum() and 1 <= frow.kl_rank_dec <= cfg.n_decoder + 1
     # each test feature's random directions are its own (drawn afresh per feature)
-    rnd_all = singles[(singles.control == "random") & (singles["mode"] == "clamp")]
+    rnd_all = singles[(singles.control == "random") & (singles["mode"] == "clamp")
+                      & (singles["multiple"] == cfg.clamp_multiple) & (singles["where"] == "all")]
     if rnd_all.feature.nunique() > 1:
         firsts = rnd_all[rnd_all["index"] == 0].cosine
         assert firsts.nunique() == len(firsts)
-    assert m["clamp_kl_rank1_features"] == int((table[(table["mode"] == "clamp") & (table.direction == "feature")]
-                                                .kl_rank == 1).sum())
+    main_clamp = chapter.causal_main(table, cfg.to_dict())
+    main_clamp = main_clamp[(main_clamp["mode"] == "clamp") & (main_clamp.direction == "feature")]
+    assert m["clamp_kl_rank1_features"] == int((main_clamp.kl_rank == 1).sum())
     dose = pd.read_parquet(art.file("dose.parquet"))
     assert sorted(dose.multiple.unique()) == sorted({*cfg.dose_multiples, cfg.clamp_multiple})
     at5 = dose[(dose.multiple == cfg.clamp_multiple) & (dose.direction == "feature")].set_index("feature")
-    clamp_f = table[(table["mode"] == "clamp") & (table.direction == "feature")].set_index("feature")
+    clamp_f = main_clamp.set_index("feature")
     for f in at5.index:  # the main clamp's own numbers
         assert at5.loc[f, "family_logodds"] == pytest.approx(clamp_f.loc[f, "family_logodds"], abs=1e-9)
     sampled = pd.read_parquet(art.file("sampling.parquet"))
-    assert set(sampled.direction) == {"none", "feature", "random"} and sampled.family_share.between(0, 1).all()
-    assert (sampled.tokens == len(causal.PROMPTS) * cfg.samples * cfg.new_tokens).all()
+    assert set(sampled.protocol) == {"clamp", "pinned"} and sampled.family_share.between(0, 1).all()
+    clamp_s, pinned_s = sampled[sampled.protocol == "clamp"], sampled[sampled.protocol == "pinned"]
+    assert set(clamp_s.direction) == {"none", "feature", "random"} and set(pinned_s.direction) <= {"none", "feature",
+                                                                                                  "decoder"}
+    assert (clamp_s.tokens == len(causal.PROMPTS) * cfg.samples * cfg.new_tokens).all()
+    assert (pinned_s.tokens == cfg.samples * cfg.pin_tokens).all()  # the anchor's: after <|endoftext|> alone
+    gens = pd.read_parquet(art.file("generations.parquet"))
+    assert {"as_is", "clamped", "random_direction", "pinned", "pinned_anchor", "clamped_1x", "clamped_10x"} <= \
+        set(gens.columns)
     pred = pd.read_parquet(art.file("predicted.parquet"))
     assert (pred.after_firing > pred.overall).all() and (pred.groupby("feature").size() <= cfg.predicted_tokens).all()
 
