@@ -527,71 +527,54 @@ def causal_rank_tests(table, config: dict) -> dict[tuple[tuple[str, float, str, 
     return {k: RankTest(n, mean, chance, p, float(a)) for (k, n, mean, p, chance), a in zip(raw, adjusted, strict=True)}
 
 
-# the version-7 reading of the causal test (its both-ways leader rule), until chapter 3 reads version 8
-LEADER_MEASURES_V6 = ("dmass", "promoted_fair")
+class FittedTest(NamedTuple):
+    control: str
+    features: int  # features with a value for both the feature and the control in the cell
+    wins: int  # how many of them move the tokens further than the control, the way the edit should go
+    p: float  # two-sided sign test of wins against losses (ties left out)
+    feature_median: float  # the features' median change in log-odds
+    control_median: float  # the control's
 
 
-def leader_measures(ct) -> tuple[str, ...]:
-    """The leader measures a causal table (``causal.parquet``) has ranks for."""
-    return LEADER_MEASURES if "family_rank" in ct else LEADER_MEASURES_V6
+def causal_fitted(table, key: tuple[str, float, str, bool], measure: str, control: str) -> FittedTest:
+    """The features of a version-8 ``causal.parquet`` against one control row per feature (``control``:
+    "mean_difference", "best_neuron", or "random", the mean of its random directions) in one cell of the design,
+    on the change in log-odds of ``measure``'s tokens: how often the feature moves them further the way its
+    edit should (up when clamped, down when ablated), with a sign test."""
+    from scipy.stats import binomtest
+
+    part = causal_cell(table, key)
+    col = f"{measure}_logodds"
+    f = part[part["direction"] == "feature"].set_index("feature")[col]
+    c = part[part["direction"] == control].set_index("feature")[col]
+    both = f.to_frame("f").join(c.rename("c"), how="inner").dropna()
+    d = (1.0 if key[0] == "clamp" else -1.0) * (both["f"] - both["c"])
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    p = float(binomtest(wins, wins + losses).pvalue) if wins + losses else float("nan")
+    return FittedTest(control, len(both), wins, p, float(both["f"].median()), float(both["c"].median()))
 
 
-def _first_on(ranks: dict[str, float], measures: tuple[str, ...], suffix: str = "") -> bool:
-    return any(ranks.get(f"{c}_rank{suffix}") == 1 for c in measures)
+class FamilyTest(NamedTuple):
+    families: int  # families with at least one feature whose rank is defined in the cell
+    ahead: int  # families whose features' mean rank is better than chance
+    behind: int  # ... worse than chance
+    p: float  # two-sided sign test of ahead against behind
 
 
-def causal_leaders(ct, control: str = "") -> list[int]:
-    """The features of a causal table (``causal.parquet``) whose edit beats every control direction on a
-    measure of :data:`LEADER_MEASURES` both when clamped and when ablated: the rule the chapter and the preface
-    read the test by. ``control`` "" ranks them among the random directions, "_dec" among other features'
-    decoder directions, "both" requires both."""
-    rows = ct[ct.direction == "feature"].set_index(["feature", "mode"])
-    suffixes = ("", "_dec") if control == "both" else (control,)
-    measures = leader_measures(ct)
+def causal_family_test(table, key: tuple[str, float, str, bool], measure: str) -> FamilyTest:
+    """The features' ranks among random directions averaged within each family (features of one family may be
+    split siblings, not independent draws), and a sign test over families of being ahead of chance."""
+    from scipy.stats import binomtest
 
-    def first(f, mode, suffix) -> bool:
-        return (f, mode) in rows.index and _first_on(rows.loc[(f, mode)].to_dict(), measures, suffix)
-
-    return [int(f) for f in ct.feature.drop_duplicates()
-            if all(first(f, mode, sfx) for mode in ("clamp", "ablate") for sfx in suffixes)]
-
-
-def causal_null_rate(ct, singles, control: str = "random") -> tuple[float, int]:
-    """How often the leader rule passes a direction that is not a feature's: each control direction of
-    ``singles`` (``random_directions.parquet``, rows of ``control``) is ranked, as the feature is, among the
-    other control directions and the feature, on each measure of :data:`LEADER_MEASURES` and in both edits;
-    returns (the share of control directions the rule passes, how many were tried): the rule's false-positive
-    rate on the controls, dependence between measures and edits included. The feature is among what each
-    control is ranked against, so a feature far ahead lowers the rate a little."""
-    import numpy as np
-
-    singles = singles[singles["control"] == control] if "control" in singles else singles
-    feats = ct[ct.direction == "feature"].set_index(["feature", "mode"])
-    if "family_rank" in ct:  # version 7: each measure under one name in both tables
-        cols = feat_cols = {m: f"{m}_logodds" for m in LEADER_MEASURES}
-    else:
-        cols = {"dmass": "dmass", "promoted_fair": "own_promoted_dmass"}
-        feat_cols = {"dmass": "dmass", "promoted_fair": "promoted_dmass"}  # the feature on its own promoted tokens
-    passed = tried = 0
-    for f, part in singles.groupby("feature"):
-        by_mode = {mode: part[part["mode"] == mode].sort_values("index") for mode in ("clamp", "ablate")}
-        if any(len(v) == 0 or (f, mode) not in feats.index for mode, v in by_mode.items()):
-            continue
-        n = len(by_mode["clamp"])
-        wins = np.ones(n, dtype=bool)
-        for mode, sign in (("clamp", 1.0), ("ablate", -1.0)):
-            first = np.zeros(n, dtype=bool)
-            for m_, col in cols.items():
-                if col not in by_mode[mode] or f"{m_}_rank" not in feats:
-                    continue
-                v = sign * by_mode[mode][col].to_numpy()
-                others = np.append(v, sign * float(feats.loc[(f, mode), feat_cols[m_]]))
-                # direction j is first when no other direction (nor the feature) does at least as well
-                first |= np.array([(np.delete(others, j) < v[j]).all() for j in range(n)])
-            wins &= first
-        passed += int(wins.sum())
-        tried += n
-    return (passed / tried if tried else float("nan")), tried
+    part = causal_cell(table[table["direction"] == "feature"], key)
+    part = part[part[f"{measure}_rank"] > 0]
+    if part.empty:
+        return FamilyTest(0, 0, 0, float("nan"))
+    chance = (int(part["n_random"].iloc[0]) + 2) / 2
+    means = part.groupby("family")[f"{measure}_rank"].mean()
+    ahead, behind = int((means < chance).sum()), int((means > chance).sum())
+    p = float(binomtest(ahead, ahead + behind).pvalue) if ahead + behind else float("nan")
+    return FamilyTest(len(means), ahead, behind, p)
 
 
 def signed(v: float, fmt: str = "{:+.0f}") -> str:

@@ -146,63 +146,37 @@ def test_the_rank_tests_cover_each_cell_and_measure_and_leave_undefined_ranks_ou
     assert all(t.p_holm >= t.p for t in tests.values())
 
 
-def test_a_causal_leader_beats_every_control_on_the_labels_mass_both_clamped_and_ablated():
+def _cell_rows(rows):
     import pandas as pd
 
-    def row(f, mode, dmass=5, kl=5, promoted=5, fair=5):
-        return {"feature": f, "mode": mode, "direction": "feature", "dmass_rank": dmass, "kl_rank": kl,
-                "promoted_rank": promoted, "promoted_fair_rank": fair}
-
-    ct = pd.DataFrame([row(1, "clamp", dmass=1), row(1, "ablate", fair=1),  # a leader
-                       row(2, "clamp", kl=1), row(2, "ablate", dmass=1),  # first on the KL only when clamped
-                       row(3, "clamp", dmass=1), row(3, "ablate", promoted=1),  # ablated: the feature's tokens
-                       row(4, "clamp", fair=1)])  # never ablated (never fired held out)
-    assert chapter.causal_leaders(ct) == [1]
-    assert chapter.causal_leaders(ct.drop(columns="promoted_fair_rank")) == []  # a run before the fair measure
-    # a second control (other features' decoder directions), read from its own rank columns, alone or with the first
-    for c in ("dmass_rank", "kl_rank", "promoted_rank", "promoted_fair_rank"):
-        ct[c + "_dec"] = 5
-    ct.loc[ct.feature == 3, "dmass_rank_dec"] = 1
-    assert chapter.causal_leaders(ct, "_dec") == [3]
-    ct.loc[(ct.feature == 1) & (ct["mode"] == "ablate"), "promoted_fair_rank_dec"] = 1
-    ct.loc[(ct.feature == 1) & (ct["mode"] == "clamp"), "dmass_rank_dec"] = 1
-    assert chapter.causal_leaders(ct, "both") == [1]
+    base = {"mode": "clamp", "multiple": 5.0, "where": "all", "frozen_scale": False, "n_random": 100}
+    return pd.DataFrame([{**base, **r} for r in rows])
 
 
-def test_the_leader_rules_false_positive_rate_is_measured_on_the_controls():
-    import pandas as pd
+def test_a_feature_is_compared_with_each_fitted_control_by_a_sign_test_the_way_its_edit_should_go():
+    rows = []
+    for f, (feat, md) in enumerate([(2.0, 1.0), (3.0, 1.0), (0.5, 1.0), (1.0, 1.0), (4.0, None)]):
+        rows.append({"feature": f, "direction": "feature", "predicted_logodds": feat})
+        if md is not None:  # feature 4 has no fitted control (no best neuron, say)
+            rows.append({"feature": f, "direction": "mean_difference", "predicted_logodds": md})
+    t = chapter.causal_fitted(_cell_rows(rows), ("clamp", 5.0, "all", False), "predicted", "mean_difference")
+    assert (t.features, t.wins) == (4, 2)  # a tie (feature 3) is neither a win nor a loss
+    assert t.p == pytest.approx(1.0) and t.control_median == 1.0 and t.feature_median == pytest.approx(1.5)
+    # ablated, the edit should lower the tokens: the lower value wins
+    abl = _cell_rows(rows).assign(mode="ablate", multiple=0.0, where="firing")
+    t = chapter.causal_fitted(abl, ("ablate", 0.0, "firing", False), "predicted", "mean_difference")
+    assert t.wins == 1
+    # another cell's rows are not read
+    assert chapter.causal_fitted(abl, ("clamp", 5.0, "all", False), "predicted", "mean_difference").features == 0
 
-    # one feature, three random directions; on the family mass, direction 0 beats the others and the feature
-    # when clamped (up) and when ablated (down): it would pass the rule; direction 1 is first only when clamped
-    ct = pd.DataFrame([{"feature": 7, "mode": m, "direction": "feature", "dmass": d, "promoted_dmass": 0.0,
-                        "dmass_rank": 2, "promoted_rank": 4} for m, d in (("clamp", 0.5), ("ablate", -0.5))])
-    singles = pd.DataFrame([{"feature": 7, "mode": m, "control": "random", "index": i, "dmass": d,
-                             "own_promoted_dmass": 0.0}
-                            for m, ds in (("clamp", (0.9, 0.2, 0.1)), ("ablate", (-0.9, 0.3, -0.1)))
-                            for i, d in enumerate(ds)])
-    assert chapter.causal_null_rate(ct, singles) == (pytest.approx(1 / 3), 3)
-    # decoder rows are a control of their own, and the random ones are not counted with them
-    dec = singles.assign(control="decoder", dmass=singles.dmass * 0.1)
-    assert chapter.causal_null_rate(ct, pd.concat([singles, dec]), control="decoder") == (0.0, 3)
 
-
-def test_a_version_7_causal_table_is_read_by_its_own_measures():
-    import pandas as pd
-
-    def row(f, mode, **first):
-        return {"feature": f, "mode": mode, "direction": "feature", "kl_rank": 1,
-                **{f"{m}_rank": 1 if m in first else 4 for m in chapter.LEADER_MEASURES},
-                **{f"{m}_logodds": first.get(m, 0.0) for m in chapter.LEADER_MEASURES}}
-
-    ct = pd.DataFrame([row(1, "clamp", predicted=2.0), row(1, "ablate", own=-2.0),  # a leader on two measures
-                       row(2, "clamp", family=2.0), row(2, "ablate")])  # first only when clamped (KL does not count)
-    assert chapter.leader_measures(ct) == chapter.LEADER_MEASURES and chapter.causal_leaders(ct) == [1]
-    # the null: three random directions of feature 1, each ranked among the others and the feature
-    singles = pd.DataFrame([{"feature": 1, "mode": m, "control": "random", "index": i, "family_logodds": v,
-                             "predicted_logodds": 0.0, "own_logodds": 0.0}
-                            for m, vs in (("clamp", (3.0, 0.1, 0.2)), ("ablate", (-3.0, 0.0, 1.0)))
-                            for i, v in enumerate(vs)])
-    assert chapter.causal_null_rate(ct[ct.feature == 1], singles) == (pytest.approx(1 / 3), 3)
+def test_the_family_test_averages_sibling_features_before_counting_families():
+    rows = [{"feature": i, "family": fam, "direction": "feature", "predicted_rank": r}
+            for i, (fam, r) in enumerate([("greek", 1), ("greek", 1), ("greek", 1), ("code", 90), ("code", 2),
+                                          ("legal", 80), ("html", 0)])]  # html: undefined rank, left out
+    t = chapter.causal_family_test(_cell_rows(rows), ("clamp", 5.0, "all", False), "predicted")
+    # greek (mean 1) ahead, code (mean 46 < 51) ahead, legal (80) behind
+    assert t == (3, 2, 1, pytest.approx(1.0))
 
 
 def test_the_main_causal_cells_are_the_5x_clamp_everywhere_and_the_ablation_where_the_feature_fires():
