@@ -55,6 +55,9 @@ def add_arguments(p) -> None:
                                      "measure each on held-out text, cache the table")
     model_args(s)
     sae_args(s)
+    s.add_argument("--settings", default="all",
+                   help="which of the sweep's settings to run, by number: e.g. 1,2,5-7 (1, the reference, is always "
+                        "run); default all")
     r = sub.add_parser("run", help="harvest, then train-sae (the whole thing)")
     model_args(r)
     sae_args(r)
@@ -149,9 +152,9 @@ def run(args) -> int:
                         paired_with=own_run(cfg, args.profile, own))
         return 0
     if cmd == "sweep":
-        from .llama_sweep import run_sweep
+        from .llama_sweep import VARIANTS, chosen_settings, run_sweep
 
-        art = run_sweep(cfg, args.profile)
+        art = run_sweep(cfg, args.profile, settings=chosen_settings(args.settings, len(VARIANTS)))
         print(f"llama sweep: wrote {art.key}")
         return 0
     if cmd == "evaluate":

@@ -79,24 +79,45 @@ def fidelity(sae, acts: torch.Tensor, batch: int = 4096) -> dict[str, float]:
     return {"fvu": err / total, "l0": l0 / len(acts), "never_fired_fraction": 1 - float(fired.float().mean())}
 
 
-def run_sweep(cfg: LlamaConfig, profile: str, variants=VARIANTS, *, source=None, texts=None,
-              progress: bool = True, log=print):
+def chosen_settings(spec: str | None, n: int) -> list[int]:
+    """The settings a sweep runs, numbered from 1 as in :data:`VARIANTS`: ``spec`` "all" (or None) or a comma
+    list of numbers and ranges ("1,2,5-7"). Setting 1, the reference every row is paired with, is always run."""
+    from .config import UserError
+
+    if spec in (None, "", "all"):
+        return list(range(1, n + 1))
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out |= set(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"--settings takes numbers and ranges like 1,2,5-7 (or all), got {spec!r}") from None
+    if not out or min(out) < 1 or max(out) > n:
+        raise UserError(f"--settings: the sweep has settings 1 to {n}, got {spec!r}")
+    return sorted(out | {1})
+
+
+def run_sweep(cfg: LlamaConfig, profile: str, variants=VARIANTS, *, settings: list[int] | None = None, source=None,
+              texts=None, progress: bool = True, log=print):
     """Train and measure each of ``variants`` (changes to ``cfg``) on the run's harvest; write the artifact.
-    ``texts``: as for :func:`~monosemantic.llama_eval.train_and_store` (held-out text after the harvest's)."""
+    ``settings`` (numbered from 1; :func:`chosen_settings`) runs only those, keeping their numbers. ``texts``: as
+    for :func:`~monosemantic.llama_eval.train_and_store` (held-out text after the harvest's)."""
     import pandas as pd
 
     from . import store
     from .llama import load_model
 
+    numbers = settings or list(range(1, len(variants) + 1))
     shards = Shards(run_dir(profile, cfg) / "acts")  # raises with the command when there is no harvest
     source = source or load_model(cfg.model, dtype=cfg.dtype)
     held = heldout_windows(cfg, source, profile, texts() if texts else None)
     acts = heldout_activations(cfg, source, held)
-    log(f"llama sweep: {len(acts):,} held-out activations; {len(variants)} settings on {shards.rows:,} harvested")
+    log(f"llama sweep: {len(acts):,} held-out activations; {len(numbers)} settings on {shards.rows:,} harvested")
     rows, saes = [], []
     start = time.perf_counter()
-    for n, change in enumerate(variants, 1):
-        change = dict(change)
+    for n in numbers:
+        change = dict(variants[n - 1])
         scale = change.pop("sae_epochs_scale", 1.0)
         vcfg = cfg.replace(**change, sae_epochs=round(cfg.sae_epochs * scale, 6))
         log(f"[{n}/{len(variants)}] {change or 'the profile settings'}")
@@ -128,4 +149,5 @@ def run_sweep(cfg: LlamaConfig, profile: str, variants=VARIANTS, *, source=None,
         w.metrics.update({"settings": len(rows), "heldout_tokens": len(acts), "harvest_tokens": shards.rows,
                           "n_features": int(table.n_features.iloc[0])})
         w.info["variants"] = [dict(v) for v in variants]
+        w.info["settings"] = numbers  # the variants run, numbered from 1
     return store.load("llama", profile, sweep_name(cfg))

@@ -268,10 +268,13 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     # the sweep of training settings on the same harvest: one row per setting, the profile's own reused
     from monosemantic.llama_sweep import run_sweep
 
-    sweep = run_sweep(TINY_CFG, "tiny", ({}, {"aux_coeff": 0.25, "dead_window": 64}, {"sae_epochs_scale": 0.5}),
-                      source=tiny, texts=lambda: texts, progress=False, log=lambda *a: None)
+    variants = ({}, {"aux_coeff": 0.25, "dead_window": 64}, {"aux_coeff": 0.0}, {"sae_epochs_scale": 0.5})
+    sweep = run_sweep(TINY_CFG, "tiny", variants, settings=[1, 2, 4], source=tiny, texts=lambda: texts,
+                      progress=False, log=lambda *a: None)
     table = pd.read_parquet(sweep.file("sweep.parquet"))
-    assert list(table.setting) == [1, 2, 3] and list(table.aux_coeff) == [TINY_CFG.aux_coeff, 0.25, TINY_CFG.aux_coeff]
+    # the settings asked for, numbered as in the list of variants (3 is left out)
+    assert list(table.setting) == [1, 2, 4] and list(table.aux_coeff) == [TINY_CFG.aux_coeff, 0.25, TINY_CFG.aux_coeff]
+    assert sweep.manifest["info"]["settings"] == [1, 2, 4]
     assert table.sae_epochs.iloc[2] == pytest.approx(TINY_CFG.sae_epochs / 2)  # the length, scaled
     assert table.train_activations.iloc[2] < table.train_activations.iloc[0]
     assert table.heldout_never_fired_fraction.between(0, 1).all() and (table.heldout_l0 <= TINY_CFG.k).all()
@@ -282,6 +285,17 @@ def test_tiny_run_end_to_end(tiny, tmp_cache, monkeypatch):
     assert table.ce_recovered_minus_first.iloc[1] == pytest.approx(
         table.ce_loss_recovered.iloc[1] - first.ce_loss_recovered, abs=1e-9)
     assert llama.main_artifact().name == art.name  # the sweep is not a run the book shows
+
+
+def test_a_sweep_runs_the_settings_asked_for_and_always_its_reference():
+    from monosemantic.config import UserError
+    from monosemantic.llama_sweep import chosen_settings
+
+    assert chosen_settings("all", 9) == list(range(1, 10)) == chosen_settings(None, 9)
+    assert chosen_settings("2,5-7", 9) == [1, 2, 5, 6, 7]  # setting 1 is what the others are paired with
+    for bad in ("0", "10", "2-x", "a"):
+        with pytest.raises(UserError, match="--settings"):
+            chosen_settings(bad, 9)
 
 
 def test_sweep_fidelity_of_an_sae_that_never_fires():
