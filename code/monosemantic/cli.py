@@ -155,6 +155,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    if getattr(args, "profile", None) is not None:
+        from . import profiles
+
+        args.profile_config = profiles.get(args.profile)  # resolved here, once; the stages read it from args
     start = time.perf_counter()
     outer = {name: os.environ.get(name) for name in (COMMAND_START_ENV, COMMAND_ENV)}
     os.environ[COMMAND_START_ENV] = str(time.time())  # what the store records as each artifact's wall time

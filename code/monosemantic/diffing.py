@@ -337,11 +337,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import profiles
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = profiles.get(args.profile).diff
+    cfg = args.profile_config.diff
     run_stage(args.profile, cfg.replace(source=args.source) if args.source else cfg, progress=not args.no_progress)
     return 0
 

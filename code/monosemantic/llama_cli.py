@@ -83,9 +83,7 @@ def add_arguments(p) -> None:
 
 
 def config_from_args(args) -> LlamaConfig:
-    from . import profiles
-
-    cfg = profiles.get(args.profile).llama
+    cfg = args.profile_config.llama
     keys = [f.name for f in dataclasses.fields(LlamaConfig)]
     changes = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return cfg.replace(**changes) if changes else cfg
@@ -144,10 +142,9 @@ def run(args) -> int:
         if cmd == "harvest":
             return 0
     if cmd in ("train-sae", "run"):
-        from . import profiles
         from .llama_eval import own_run
 
-        own = profiles.get(args.profile).llama
+        own = args.profile_config.llama
         train_and_store(cfg, args.profile, fsdp=args.fsdp, tables_in_work=cfg != own,
                         paired_with=own_run(cfg, args.profile, own))
         return 0

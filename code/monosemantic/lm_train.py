@@ -349,11 +349,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import profiles, store, tokenizer
+    from . import store, tokenizer
     from .data import TokenDataset
 
     torch.set_num_threads(args.threads)
-    profile = profiles.get(args.profile)
+    profile = args.profile_config
     cfg = profile.lm
     train_ds = TokenDataset.open(args.profile, "train")
     val_ds = TokenDataset.open(args.profile, "val")

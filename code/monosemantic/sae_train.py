@@ -591,10 +591,8 @@ def _threads(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``monosemantic harvest``."""
-    from . import profiles
-
     _threads(args)
-    art = run_harvest(args.profile, profiles.get(args.profile).sae.harvest, progress=not args.no_progress)
+    art = run_harvest(args.profile, args.profile_config.sae.harvest, progress=not args.no_progress)
     print(f"harvested {art.metrics['train_activations']:,} train and {art.metrics['val_activations']:,} val "
           f"activations in {art.metrics['harvest_seconds']:.0f} s -> {art.work_path}")
     return 0
@@ -621,10 +619,8 @@ class TrainCommand:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from . import profiles
-
         _threads(args)
-        stage = profiles.get(args.profile).sae
+        stage = args.profile_config.sae
         only = (*RECIPES, "sweep") if args.recipe == "all" else (args.recipe,)
         progress = not args.no_progress
         trains_none = args.recipe in (RANDOM_MODEL, SEEDS, UNIVERSALITY, GAUSSIAN_NULL)

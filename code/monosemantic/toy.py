@@ -445,11 +445,9 @@ def _recovery_artifact(profile: str, cfg: RecoveryConfig, progress: bool) -> dic
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import profiles
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg: ToyConfig = profiles.get(args.profile).toy
+    cfg: ToyConfig = args.profile_config.toy
     progress = not args.no_progress
     if args.part in ("all", "superposition"):
         m = _superposition_artifact(args.profile, cfg.superposition, progress)
