@@ -501,30 +501,47 @@ def holm(ps) -> Any:
 
 class RankTest(NamedTuple):
     features: int  # features with the measure defined in the cell
-    mean: float  # their mean rank among the cell's random directions
-    chance: float  # the mean rank of one more random direction
+    mean: float  # their mean rank among the cell's control directions
+    chance: float  # the mean rank of one more control direction
     p: float  # two-sided, against uniform ranks
-    p_holm: float  # adjusted over every test of the table
+    p_holm: float  # adjusted over every mean-rank test of the table
+    first: int  # features ahead of every control direction (rank 1)
+    last: int  # features behind every control direction (rank n + 1)
+    p_ends: float  # one-sided binomial: more features at either end than the 2 / (n + 1) of uniform ranks
+    p_ends_holm: float  # adjusted over every ends test of the table
 
 
-def causal_rank_tests(table, config: dict) -> dict[tuple[tuple[str, float, str, bool], str], RankTest]:
-    """The mean-rank test of each cell of the design and each measure of :data:`LEADER_MEASURES`, from a
-    version-8 ``causal.parquet``, with Holm's adjustment over all of them. Rank 0 (undefined: nothing
-    predicted) is left out."""
+CONTROL_RANKS = {"random": ("", "n_random"), "decoder": ("_dec", "n_decoder")}
+"""A control's rank columns in ``causal.parquet`` (``<measure>_rank<suffix>``) and its count column."""
+
+
+def causal_rank_tests(table, config: dict, control: str = "random", cells=None, measures=LEADER_MEASURES
+                      ) -> dict[tuple[tuple[str, float, str, bool], str], RankTest]:
+    """The rank tests of each cell of the design (``cells``, default all of :func:`causal_cells`) and each of
+    ``measures``, from a version-8 ``causal.parquet``, among ``control``'s directions ("random" or "decoder": other
+    features' decoder directions): the mean rank against uniform ranks, and the count at either end against
+    uniform ranks (a split effect, some features far ahead and some far behind, leaves the mean at chance), each
+    with Holm's adjustment over all of the tests returned. Rank 0 (undefined: nothing predicted) is left out."""
+    from scipy.stats import binom
+
+    suffix, count = CONTROL_RANKS[control]
     feats = table[table["direction"] == "feature"]
     raw = []
-    for key in causal_cells(config):
+    for key in cells or causal_cells(config):
         part = causal_cell(feats, key)
         if part.empty:
             continue
-        n = int(part["n_random"].iloc[0])
-        for m in LEADER_MEASURES:
-            r = part[f"{m}_rank"].to_numpy()
+        n = int(part[count].iloc[0])
+        for m in measures:
+            r = part[f"{m}_rank{suffix}"].to_numpy()
             r = r[r > 0]
             if len(r):
-                raw.append(((key, m), len(r), *mean_rank_test(r, n), (n + 2) / 2))
-    adjusted = holm([t[3] for t in raw])
-    return {k: RankTest(n, mean, chance, p, float(a)) for (k, n, mean, p, chance), a in zip(raw, adjusted, strict=True)}
+                first, last = int((r == 1).sum()), int((r == n + 1).sum())
+                p_ends = float(binom.sf(first + last - 1, len(r), 2 / (n + 1)))
+                raw.append(((key, m), len(r), *mean_rank_test(r, n), (n + 2) / 2, first, last, p_ends))
+    adjusted, adjusted_ends = holm([t[3] for t in raw]), holm([t[7] for t in raw])
+    return {k: RankTest(n, mean, chance, p, float(a), first, last, p_ends, float(ae))
+            for (k, n, mean, p, chance, first, last, p_ends), a, ae in zip(raw, adjusted, adjusted_ends, strict=True)}
 
 
 class FittedTest(NamedTuple):
@@ -534,24 +551,40 @@ class FittedTest(NamedTuple):
     p: float  # two-sided sign test of wins against losses (ties left out)
     feature_median: float  # the features' median change in log-odds
     control_median: float  # the control's
+    wins_per_kl: int  # the same count with each change divided by the square root of its edit's KL
+    p_per_kl: float  # its sign test
+    feature_kl: float  # the features' median KL (nats)
+    control_kl: float  # the control's
+    p_wilcoxon: float  # two-sided signed-rank test of the raw differences (their sizes as well as signs)
 
 
 def causal_fitted(table, key: tuple[str, float, str, bool], measure: str, control: str) -> FittedTest:
     """The features of a version-8 ``causal.parquet`` against one control row per feature (``control``:
     "mean_difference", "best_neuron", or "random", the mean of its random directions) in one cell of the design,
     on the change in log-odds of ``measure``'s tokens: how often the feature moves them further the way its
-    edit should (up when clamped, down when ablated), with a sign test."""
-    from scipy.stats import binomtest
+    edit should (up when clamped, down when ablated), with a sign test; and the same per square root of the
+    edit's KL (a direction pushed as hard in the residual stream may still move the whole distribution more: for
+    a small push the change in log-odds grows with its size and the KL with its square)."""
+    import numpy as np
+    from scipy.stats import binomtest, wilcoxon
+
+    def sign_test(d):
+        wins, losses = int((d > 0).sum()), int((d < 0).sum())
+        return wins, (float(binomtest(wins, wins + losses).pvalue) if wins + losses else float("nan"))
 
     part = causal_cell(table, key)
     col = f"{measure}_logodds"
-    f = part[part["direction"] == "feature"].set_index("feature")[col]
-    c = part[part["direction"] == control].set_index("feature")[col]
-    both = f.to_frame("f").join(c.rename("c"), how="inner").dropna()
-    d = (1.0 if key[0] == "clamp" else -1.0) * (both["f"] - both["c"])
-    wins, losses = int((d > 0).sum()), int((d < 0).sum())
-    p = float(binomtest(wins, wins + losses).pvalue) if wins + losses else float("nan")
-    return FittedTest(control, len(both), wins, p, float(both["f"].median()), float(both["c"].median()))
+    f = part[part["direction"] == "feature"].set_index("feature")[[col, "kl"]]
+    c = part[part["direction"] == control].set_index("feature")[[col, "kl"]]
+    both = f.add_suffix("_f").join(c.add_suffix("_c"), how="inner").dropna()
+    sign = 1.0 if key[0] == "clamp" else -1.0
+    d = sign * (both[f"{col}_f"] - both[f"{col}_c"])
+    wins, p = sign_test(d)
+    root = lambda kl: np.sqrt(np.clip(kl, 1e-12, None))  # noqa: E731 (the fast read-out can dip below 0 by ~1e-4)
+    wins_kl, p_kl = sign_test(sign * (both[f"{col}_f"] / root(both["kl_f"]) - both[f"{col}_c"] / root(both["kl_c"])))
+    p_w = float(wilcoxon(d).pvalue) if (d != 0).sum() else float("nan")
+    return FittedTest(control, len(both), wins, p, float(both[f"{col}_f"].median()), float(both[f"{col}_c"].median()),
+                      wins_kl, p_kl, float(both["kl_f"].median()), float(both["kl_c"].median()), p_w)
 
 
 class FamilyTest(NamedTuple):
@@ -575,6 +608,14 @@ def causal_family_test(table, key: tuple[str, float, str, bool], measure: str) -
     ahead, behind = int((means < chance).sum()), int((means > chance).sum())
     p = float(binomtest(ahead, ahead + behind).pvalue) if ahead + behind else float("nan")
     return FamilyTest(len(means), ahead, behind, p)
+
+
+NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def count_words(n: int, noun: str) -> str:
+    """A count and its noun as prose: "one cell", "two cells", "12 cells" (words up to ten, as style guides ask)."""
+    return f"{NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else f'{n:,}'} {noun}{'' if n == 1 else 's'}"
 
 
 def signed(v: float, fmt: str = "{:+.0f}") -> str:

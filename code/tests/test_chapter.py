@@ -136,7 +136,8 @@ def test_the_rank_tests_cover_each_cell_and_measure_and_leave_undefined_ranks_ou
                          "frozen_scale": frozen, "n_random": 100 if mult in (0.0, 5.0) and not frozen else 20,
                          "family_rank": 1, "predicted_rank": 0 if f < 4 else 11,
                          "own_rank": 101 if mode == "ablate" else 51})
-    tests = chapter.causal_rank_tests(pd.DataFrame(rows), cfg)
+    table = pd.DataFrame(rows)
+    tests = chapter.causal_rank_tests(table, cfg)
     assert len(tests) == 6 * 3
     main = ("clamp", 5.0, "all", False)
     assert tests[(main, "family")].mean == 1 and tests[(main, "family")].p_holm < 1e-6
@@ -144,6 +145,19 @@ def test_the_rank_tests_cover_each_cell_and_measure_and_leave_undefined_ranks_ou
     assert tests[(("clamp", 1.0, "all", False), "predicted")].chance == 11  # 20 random directions in that cell
     assert tests[(main, "own")].p == pytest.approx(1.0)
     assert all(t.p_holm >= t.p for t in tests.values())
+    # the ends: every feature first on the family tokens; ablated, every feature last on its own tokens, a result
+    # the mean rank also sees; a split, half first and half last, which it does not
+    assert (tests[(main, "family")].first, tests[(main, "family")].last) == (10, 0)
+    ablate = ("ablate", 0.0, "firing", False)
+    assert tests[(ablate, "own")].last == 10 and tests[(ablate, "own")].p_ends_holm < 1e-6
+    split = table.assign(family_rank=[1 if f % 2 else 101 for f in table.feature])
+    t = chapter.causal_rank_tests(split, cfg, cells=[main])[(main, "family")]
+    assert t.mean == pytest.approx(51) and t.p == pytest.approx(1.0) and t.p_ends < 1e-10
+    # among other features' decoder directions, from the _dec columns and the decoder count
+    dec = table.assign(n_decoder=20, family_rank_dec=21, predicted_rank_dec=1, own_rank_dec=11, self_rank_dec=1)
+    d = chapter.causal_rank_tests(dec, cfg, control="decoder", cells=[main], measures=("predicted", "self"))
+    assert set(d) == {(main, "predicted"), (main, "self")} and d[(main, "self")].chance == 11
+    assert d[(main, "predicted")].first == 10
 
 
 def _cell_rows(rows):
@@ -156,12 +170,14 @@ def _cell_rows(rows):
 def test_a_feature_is_compared_with_each_fitted_control_by_a_sign_test_the_way_its_edit_should_go():
     rows = []
     for f, (feat, md) in enumerate([(2.0, 1.0), (3.0, 1.0), (0.5, 1.0), (1.0, 1.0), (4.0, None)]):
-        rows.append({"feature": f, "direction": "feature", "predicted_logodds": feat})
+        rows.append({"feature": f, "direction": "feature", "predicted_logodds": feat, "kl": 1.0})
         if md is not None:  # feature 4 has no fitted control (no best neuron, say)
-            rows.append({"feature": f, "direction": "mean_difference", "predicted_logodds": md})
+            # the control moves the whole distribution 16 times as much: per square root of KL it falls behind
+            rows.append({"feature": f, "direction": "mean_difference", "predicted_logodds": md, "kl": 16.0})
     t = chapter.causal_fitted(_cell_rows(rows), ("clamp", 5.0, "all", False), "predicted", "mean_difference")
     assert (t.features, t.wins) == (4, 2)  # a tie (feature 3) is neither a win nor a loss
     assert t.p == pytest.approx(1.0) and t.control_median == 1.0 and t.feature_median == pytest.approx(1.5)
+    assert t.wins_per_kl == 4 and (t.feature_kl, t.control_kl) == (1.0, 16.0)  # 0.5 / 1 beats 1 / 4
     # ablated, the edit should lower the tokens: the lower value wins
     abl = _cell_rows(rows).assign(mode="ablate", multiple=0.0, where="firing")
     t = chapter.causal_fitted(abl, ("ablate", 0.0, "firing", False), "predicted", "mean_difference")
@@ -192,3 +208,10 @@ def test_the_main_causal_cells_are_the_5x_clamp_everywhere_and_the_ablation_wher
     assert chapter.causal_main(old).equals(old)
     sampled = pd.DataFrame({"protocol": ["clamp", "pinned"], "direction": ["feature", "feature"]})
     assert chapter.causal_main(sampled)["protocol"].tolist() == ["clamp"]
+
+
+def test_counts_are_written_as_prose():
+    assert chapter.count_words(1, "cell") == "one cell"
+    assert chapter.count_words(0, "feature") == "no features"
+    assert chapter.count_words(2, "cell") == "two cells"
+    assert chapter.count_words(1234, "token") == "1,234 tokens"
