@@ -351,12 +351,14 @@ def effects(ro: Readout, pushes: Tensor, coeff: Tensor, sets: list[list[Tensor]]
 
 def _summaries(shifts: list[Shift], sets: list[list[Tensor]] | None = None) -> dict[str, np.ndarray]:
     """Each edit's mean over positions: ``kl`` and, per token set (:data:`MEASURES`), the change of its log-odds
-    (``family_logodds``, ...) and of its mass in probability (``dmass_family``, ...); arrays over edits, NaN
+    (``family_logodds``, ...), of its mass in probability (``dmass_family``, ...) and its mass before the edit
+    (``base_mass_family``, ...: each direction's own set differs, and so does its base); arrays over edits, NaN
     where an edit's token set (``sets``, when given) is empty."""
     out = {"kl": np.array([float(s.kl.mean()) for s in shifts])}
     for j, name in enumerate(MEASURES[: shifts[0].dlogodds.shape[1]] if shifts else MEASURES):
         empty = np.array([sets is not None and len(sets[i][j]) == 0 for i in range(len(shifts))])
-        for key, field in ((f"{name}_logodds", "dlogodds"), (f"dmass_{name}", "dmass")):
+        for key, field in ((f"{name}_logodds", "dlogodds"), (f"dmass_{name}", "dmass"),
+                           (f"base_mass_{name}", "mass")):
             out[key] = np.where(empty, np.nan, [float(getattr(s, field)[:, j].mean()) for s in shifts])
     return out
 
@@ -590,8 +592,9 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                        "direction": who, "value": mult * top if mode == "clamp" else 0.0,
                        "positions": len(coeff), "documents": int(len(sums["n"])), "n_random": len(in_r) - 1,
                        "n_decoder": n_d, "predicted_tokens": len(pred),
-                       **{f"base_mass_{m}": float(sums[f"feature_mass_{m}"].sum() / sums["n"].sum())
-                          for m in RANDOM_MEASURES}}
+                       # the direction's own base mass (its own tokens differ; the random directions' mean)
+                       **{f"base_mass_{m}": float(sums[f"{'feature' if who == 'difference' else who}_mass_{m}"].sum()
+                                                  / sums["n"].sum()) for m in RANDOM_MEASURES}}
                 for k in keys:
                     ci = bootstrap(sums, mean_of(who, k), n_boot=cfg.n_boot, seed=cfg.seed)
                     row.update({k: ci.value, f"{k}_low": ci.low, f"{k}_high": ci.high})

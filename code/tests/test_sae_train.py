@@ -270,6 +270,9 @@ def test_the_causal_stage_ranks_each_feature_among_its_controls_on_the_test_half
             assert by.loc["difference", f"{col}_low"] <= by.loc["difference", col] <= \
                 by.loc["difference", f"{col}_high"] + 1e-12
         assert part.base_mass_family.nunique() == 1 and part.base_mass_family.between(0, 1).all()
+        # each direction's own tokens differ, and so does their mass before the edit
+        assert part.base_mass_own.between(0, 1).all()
+        assert by.loc["difference", "base_mass_own"] == by.loc["feature", "base_mass_own"]
     assert (table[table.direction == "feature"].kl > -1e-6).all() and (table.documents >= 2).all()
     assert (table[table["where"] == "firing"].positions <= cfg.positions).all()
     assert (table[table["mode"] == "ablate"]["where"] == "firing").all()
@@ -282,6 +285,7 @@ def test_the_causal_stage_ranks_each_feature_among_its_controls_on_the_test_half
                                                      ("ablate", 0.0, "firing", False))
         assert sorted(rnd["index"]) == list(range(cfg.n_random if main else cfg.cell_random))
         assert len(dec) == cfg.n_decoder and key[0] not in set(dec.source_feature) and dec.cosine.between(-1, 1).all()
+        assert part.base_mass_own.between(0, 1).all()  # each control's own tokens, before the edit
         frow = table.set_index(cells[:]).loc[key]
         frow = frow[frow.direction == "feature"].iloc[0]
         sign = 1.0 if key[1] == "clamp" else -1.0
