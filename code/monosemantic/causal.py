@@ -30,7 +30,10 @@ moves the MLP's output as far as the feature's direction does (||W_out r|| = ||W
 effect is compared with what any push of that size does where the model reads it; and two directions fitted
 without the SAE, scaled the same way: the *difference of means* (the mean hidden activation where the feature
 fires minus the mean over every position, on the explore half below) and the family's *best neuron* (the
-neuron the analysis finds most specific to the family). The feature's *rank* among a control's directions is
+neuron the analysis finds most specific to the family); each fitted control also a second time, rescaled so
+that its main clamp moves the next-token distribution as far (mean KL) as the feature's does
+(:func:`kl_matched_scale`; direction ``mean_difference_kl``, ``best_neuron_kl``), since an equal push in the
+residual stream can still move the output more. The feature's *rank* among a control's directions is
 the test: rank 1 of n + 1 has probability 1 / (n + 1) if its direction were one more of them.
 
 **The design.** The clamp at ``clamp_multiple`` and at 1x, each on every sampled position and only where the
@@ -86,6 +89,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import ClassVar, NamedTuple
 
 import numpy as np
@@ -114,7 +118,8 @@ MEASURES = ("family", "predicted", "own", "self")  # the token sets whose mass e
 # KL); "self" is each direction's own predicted tokens, defined for the feature and for other features' decoder
 # directions only, so it is ranked among those (<set>_rank_dec)
 RANDOM_MEASURES = ("family", "predicted", "own")  # the measures a random direction is ranked against
-CONTROLS = ("random", "decoder", "mean_difference", "best_neuron")
+KL_MATCHED = "_kl"  # the suffix of a fitted control rescaled to the feature's KL in the main clamp
+CONTROLS = ("random", "decoder", "mean_difference", "best_neuron", "mean_difference_kl", "best_neuron_kl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +127,7 @@ class CausalConfig(StageConfig):
     """Which features, how hard they are pushed, against what, on how much held-out text."""
 
     STAGE: ClassVar[str] = "analysis"
-    VERSION: ClassVar[int] = 8  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
+    VERSION: ClassVar[int] = 9  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
     # 4: 20 random directions, each one's result kept, the feature's rank among them; 5: ties of family share
     # broken by held-out firings, 8 features, the mass on the tokens each feature promotes; 6: each control
     # direction also measured on the tokens it promotes itself, other features' decoder directions, a dose
@@ -131,7 +136,8 @@ class CausalConfig(StageConfig):
     # other, sampled text; 8: a difference-of-means direction and the family's best neuron as controls, other
     # features' directions measured on their own predicted tokens, clamps at 1x and 5x on all and on firing
     # positions, ablation only with enough firings (and with the LayerNorm scale frozen), the anchor's pinned
-    # reconstruction, generations at several strengths, every held-out window scanned
+    # reconstruction, generations at several strengths, every held-out window scanned; 9: each direction's own base
+    # mass, the fitted controls also rescaled to the feature's KL in the main clamp (direction "<kind>_kl")
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
@@ -377,6 +383,27 @@ def _ranks(summary: dict[str, np.ndarray], sel: list[int], mode: str, suffix: st
             **{f"{m}_rank{suffix}": rank(summary[f"{m}_logodds"], sign) for m in measures}}
 
 
+@torch.no_grad()
+def kl_matched_scale(ro: Readout, push_f: Tensor, push: Tensor, coeff: Tensor, steps: int = 30) -> float:
+    """The factor s for which writing ``s * push`` per unit of ``coeff`` moves the next-token distribution at the
+    positions of ``ro`` as far (mean KL) as writing ``push_f`` does: bisection on log s within [1/64, 64] (the
+    KL grows with the push's size); the end of that range when it is not reached."""
+    empty = [torch.zeros(0, dtype=torch.long)]
+
+    def kl(p: Tensor) -> float:
+        return float(fast_shift(ro, p, coeff, empty).kl.mean())
+
+    target = kl(push_f)
+    lo, hi = math.log(1 / 64), math.log(64)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if kl(push * math.exp(mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp((lo + hi) / 2)
+
+
 def best_neuron(neurons, family: str):
     """The neuron the analysis found most specific to ``family`` (the highest share among scored neurons whose
     best family it is; more held-out firings break ties), or None."""
@@ -515,6 +542,9 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
             e = torch.zeros(sae.cfg.d_in)
             e[int(bn["unit"])] = 1.0
             specials.append(("best_neuron", e, int(bn["unit"])))
+        # each fitted control again, rescaled to move the next-token distribution as far (by KL) as the feature's
+        # main clamp does: pushed as hard in the residual stream, a direction can still move the output more
+        specials += [(f"{kind}{KL_MATCHED}", v, src) for kind, v, src in list(specials)]
         for kind, _, src in specials:
             kinds.append(kind)
             index.append(0)
@@ -525,14 +555,18 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         own = [own_tokens(d_f[None])[0], *own_tokens(controls)]  # a direction's own tokens: its scale is irrelevant
         empty = torch.zeros(0, dtype=torch.long)
         selfs = [pred, *([empty] * len(randoms)), *(predicted_of(extra_row[int(d)]) for d in dec_ids),
-                 *(pred if kind == "mean_difference" else empty for kind, _, _ in specials)]
+                 *(pred if kind.startswith("mean_difference") else empty for kind, _, _ in specials)]
+        main_coeff = coefficients(sae.encode(clamp_at.h)[:, feature], "clamp", value)
+        for i, k in enumerate(kinds):
+            if k.endswith(KL_MATCHED):
+                pushes[i] *= kl_matched_scale(clamp_ro, pushes[0], pushes[i], main_coeff)
         fam_ids = torch.nonzero(fam).flatten()
         sets = [[fam_ids, pred, o, sf] for o, sf in zip(own, selfs, strict=True)]
         cosines = torch.cat([torch.ones(1), controls @ (d_f / d_f.norm()) / controls.norm(dim=1)])
         n_r, n_d = len(randoms), len(decoders)
         rand_i = [i for i, k in enumerate(kinds) if k == "random"]
         dec_i = [i for i, k in enumerate(kinds) if k == "decoder"]
-        spec_i = [i for i, k in enumerate(kinds) if k in ("mean_difference", "best_neuron")]
+        spec_i = [i for i, k in enumerate(kinds) if k.removesuffix(KL_MATCHED) in ("mean_difference", "best_neuron")]
         full = list(range(len(kinds)))
         small = [0, *rand_i[: cfg.cell_random], *dec_i, *spec_i]
         firing = found.firings[n]

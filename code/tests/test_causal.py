@@ -267,6 +267,25 @@ def test_the_fast_read_out_gives_what_the_logits_give():
 
 
 
+def test_a_control_rescaled_to_the_features_kl_moves_the_distribution_as_far():
+    from monosemantic.causal import kl_matched_scale
+
+    model, windows = tiny_lm_and_windows()
+    x = torch.cat([w for w, _ in windows])
+    pos = np.array([[0, 1], [1, 4], [2, 7], [3, 3]])
+    ro = readout(model, cache_positions(model, HOOK, x, pos, np.array(["a", "b", "c", "d"]), batch=4).resid, 60)
+    coeff = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    push_f, push = torch.randn(16), torch.randn(16) * 0.3
+
+    def kl(p):
+        return float(fast_shift(ro, p, coeff, [torch.tensor([0])]).kl.mean())
+
+    s = kl_matched_scale(ro, push_f, push, coeff)
+    assert kl(push * s) == pytest.approx(kl(push_f), rel=1e-4)
+    assert kl_matched_scale(ro, push_f, push_f, coeff) == pytest.approx(1.0, rel=1e-4)  # itself: no change
+    assert kl_matched_scale(ro, push_f, push_f * 1e-6, coeff) == pytest.approx(64.0)  # out of reach: the range's end
+
+
 def test_a_frozen_scale_read_out_keeps_the_unedited_layernorm_scale():
     model, windows = tiny_lm_and_windows()
     x = torch.cat([w for w, _ in windows])

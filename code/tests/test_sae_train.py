@@ -258,7 +258,13 @@ def test_the_causal_stage_ranks_each_feature_among_its_controls_on_the_test_half
     art = store.load("analysis", "tiny", "causal", config=cfg)
     table = pd.read_parquet(art.file("causal.parquet"))
     assert len(table) and {"feature", "random", "difference"} <= set(table.direction)
-    assert set(table.direction) <= {"feature", "random", "difference", "mean_difference", "best_neuron"}
+    assert set(table.direction) <= {"feature", "random", "difference", *causal.CONTROLS[2:]}
+    # a fitted control rescaled to the feature's KL in the main clamp moves the distribution as far there
+    main = chapter.causal_cell(table, ("clamp", cfg.clamp_multiple, "all", False)).set_index(["feature", "direction"])
+    for f in table.feature.unique():
+        for kind in ("mean_difference_kl", "best_neuron_kl"):
+            if (f, kind) in main.index:
+                assert main.loc[(f, kind), "kl"] == pytest.approx(main.loc[(f, "feature"), "kl"], rel=1e-3, abs=1e-7)
     assert table.family.map(type).eq(str).all()  # the family's name, not a measure of it
     cells = ["feature", "mode", "multiple", "where", "frozen_scale"]
     assert {tuple(k) for k in table[cells[1:]].drop_duplicates().values} <= set(chapter.causal_cells(cfg.to_dict()))
