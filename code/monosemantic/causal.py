@@ -74,7 +74,8 @@ and at ``pin_value``), and sampled ones (temperature 1), where the share of gene
 feature's family is counted for the feature and for ``sample_random`` random directions; and the anchor's
 protocol (``generate_with_pinned_features``: ``pin_tokens`` tokens sampled after ``<|endoftext|>`` with the
 feature pinned at ``pin_value`` in the reconstruction, the error term dropped), against the reconstruction
-alone and other features pinned the same way.
+alone and other features pinned the same way; and that protocol again at this SAE's scale (``pinned_matched``:
+the feature pinned at the clamp value, other features at the value that pushes the residual stream as hard).
 
 Writes ``analysis/<profile>-causal``: ``causal.parquet`` (feature x cell of the design x direction: the
 feature, the mean of the random directions, their paired difference and the two fitted controls, with 95%
@@ -137,7 +138,8 @@ class CausalConfig(StageConfig):
     # features' directions measured on their own predicted tokens, clamps at 1x and 5x on all and on firing
     # positions, ablation only with enough firings (and with the LayerNorm scale frozen), the anchor's pinned
     # reconstruction, generations at several strengths, every held-out window scanned; 9: each direction's own base
-    # mass, the fitted controls also rescaled to the feature's KL in the main clamp (direction "<kind>_kl")
+    # mass, the fitted controls also rescaled to the feature's KL in the main clamp (direction "<kind>_kl"), four
+    # times the sampled text, the pinned protocol also at the clamp value with push-matched controls
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
@@ -186,7 +188,7 @@ class CausalConfig(StageConfig):
     batch_windows: int = 64
     new_tokens: int = 16
     """Tokens generated per prompt, greedy and sampled."""
-    samples: int = 4
+    samples: int = 16
     """Sampled continuations per prompt and direction (temperature 1)."""
     sample_random: int = 5
     """Random directions whose sampled text is counted beside the feature's."""
@@ -672,6 +674,13 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                 ("pinned", "none", -1, edit_hook(sae, None, "pin")),
                 ("pinned", "feature", -1, edit_hook(sae, feature, "pin", value=cfg.pin_value)),
                 *(("pinned", "decoder", i, edit_hook(sae, int(dec_ids[i]), "pin", value=cfg.pin_value))
+                  for i in range(min(cfg.sample_random, len(dec_ids)))),
+                # the same protocol at this SAE's scale: the feature pinned at the clamp value, other features at
+                # the value that pushes the residual stream as hard (the anchor's 100 is in its own SAE's units)
+                ("pinned_matched", "feature", -1, edit_hook(sae, feature, "pin", value=value)),
+                *(("pinned_matched", "decoder", i,
+                   edit_hook(sae, int(dec_ids[i]), "pin", value=value * float(
+                       push_f.norm() / writes(model, sae.W_dec[int(dec_ids[i])].detach()[None]).norm())))
                   for i in range(min(cfg.sample_random, len(dec_ids))))]
         for protocol, who, i, edit in runs:
             starts, n_new = (prompts, cfg.new_tokens) if protocol == "clamp" else ([eot_prompt], cfg.pin_tokens)

@@ -319,7 +319,9 @@ def test_the_causal_stage_ranks_each_feature_among_its_controls_on_the_test_half
     for f in at5.index:  # the main clamp's own numbers
         assert at5.loc[f, "family_logodds"] == pytest.approx(clamp_f.loc[f, "family_logodds"], abs=1e-9)
     sampled = pd.read_parquet(art.file("sampling.parquet"))
-    assert set(sampled.protocol) == {"clamp", "pinned"} and sampled.family_share.between(0, 1).all()
+    assert set(sampled.protocol) == {"clamp", "pinned", "pinned_matched"} and sampled.family_share.between(0, 1).all()
+    matched = sampled[sampled.protocol == "pinned_matched"]
+    assert set(matched.direction) <= {"feature", "decoder"} and (matched.tokens == cfg.samples * cfg.pin_tokens).all()
     clamp_s, pinned_s = sampled[sampled.protocol == "clamp"], sampled[sampled.protocol == "pinned"]
     assert set(clamp_s.direction) == {"none", "feature", "random"} and set(pinned_s.direction) <= {"none", "feature",
                                                                                                   "decoder"}
