@@ -23,8 +23,8 @@ from .metrics import paired_difference
 # the package's default AuxK (Gao et al.'s weight 1/32; a latent counts as dead after 100k activations without
 # firing, our window: theirs is 10M tokens) and a stronger AuxK (1/8, dead after 25k), each over the profile's
 # length: the settings are absolute, so the sweep means the same whatever the profile now uses (the cpu
-# profile took the second). On this 2-core AVX2 machine a 1.5-pass run at 2x took 10 min with the first and
-# 13 with the second; 4-pass runs (an earlier design) would cost ~25-40 min each.
+# profile took the second). A 1.5-pass run at 2x takes 10-13 min on a 2-core AVX2 machine in fp32 and 4-9 min
+# on a 2-core AMX one in bf16 (the sweep's manifest records each row's time).
 DEFAULT_AUXK = {"aux_coeff": 1 / 32, "dead_window": 100_000}
 STRONG_AUXK = {"aux_coeff": 1 / 8, "dead_window": 25_000}
 VARIANTS: tuple[dict[str, Any], ...] = (
@@ -54,11 +54,13 @@ def sweep_name(cfg: LlamaConfig) -> str:
 @torch.no_grad()
 def heldout_activations(cfg: LlamaConfig, source, held) -> torch.Tensor:
     """(N, d) float16 activations of the run's hook on the held-out windows the analysis reads
-    (:meth:`~monosemantic.llama_eval.HeldOut.spread` of ``heldout_tokens``)."""
+    (:meth:`~monosemantic.llama_eval.HeldOut.spread` of ``heldout_tokens``), each window's first position left
+    out as the analysis leaves it out."""
     model = layer_model(cfg, source)
     x = held.spread(cfg.heldout_tokens).x
-    out = [model.run_with_cache(x[i:i + cfg.batch_size], [model.hook])[model.hook].reshape(-1, model.config.d_mlp)
-           .half() for i in range(0, len(x), cfg.batch_size)]
+    # each window's first position left out, as the analysis leaves it out, so the two count the same positions
+    out = [model.run_with_cache(x[i:i + cfg.batch_size], [model.hook])[model.hook][:, 1:]
+           .reshape(-1, model.config.d_mlp).half() for i in range(0, len(x), cfg.batch_size)]
     return torch.cat(out)
 
 
