@@ -90,19 +90,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .causal_edits import (
+from .causal_edits import (  # noqa: F401 (RESID, Cached, cache_positions, kl_matched_scale: read here too)
+    RESID,
+    Cached,
     Readout,
     Shift,
+    cache_positions,
     coefficients,
     edit_hook,
     fast_shift,
+    kl_matched_scale,
     random_directions,
     rank_first,
     readout,
@@ -113,7 +116,6 @@ from .hardware import trimmed
 
 DEFAULT_PROFILE = "cpu"
 PROMPTS = ("The", "In 1998, the", "def main(", "The license", "Der")
-RESID = "blocks.0.hook_resid_post"  # the residual stream after the (one) MLP: what the final LayerNorm reads
 MEASURES = ("family", "predicted", "own", "self")  # the token sets whose mass each edit is measured on, by its
 # log-odds (columns <set>_logodds and their ranks <set>_rank; dmass_<set> its change in probability, beside the
 # KL); "self" is each direction's own predicted tokens, defined for the feature and for other features' decoder
@@ -323,33 +325,6 @@ def sample_positions(pos: np.ndarray, n: int, seed: int) -> np.ndarray:
     return pos[keep]
 
 
-class Cached(NamedTuple):
-    """Held-out positions where the edits are read: the SAE's input there and the residual stream after the MLP."""
-
-    h: Tensor  # (N, d_in)
-    resid: Tensor  # (N, d_model)
-    docs: np.ndarray  # (N,) the document of each
-
-
-@torch.no_grad()
-def cache_positions(model, hook: str, inputs: Tensor, pos: np.ndarray, docs_all: np.ndarray, batch: int) -> Cached:
-    """:class:`Cached` for the (window row, position) pairs ``pos`` of ``inputs``: the forward pass up to the
-    MLP's output on the windows that hold them (no unembedding; :func:`readout` reads the distribution)."""
-    rows = np.unique(pos[:, 0])
-    where = {int(r): i for i, r in enumerate(rows)}
-    hs, rs = [], []
-    for i in range(0, len(rows), batch):
-        got = model.run_with_cache(inputs[rows[i:i + batch]], [hook, RESID])
-        hs.append(got[hook])
-        rs.append(got[RESID])
-    h_all, r_all = torch.cat(hs), torch.cat(rs)  # (W, T, d)
-    wi = torch.as_tensor([where[int(r)] for r in pos[:, 0]], dtype=torch.long)
-    ti = torch.as_tensor(pos[:, 1], dtype=torch.long)
-    return Cached(h_all[wi, ti].float(), r_all[wi, ti].float(), docs_all[pos[:, 0]])
-
-
-# --- the stage ----------------------------------------------------------------------------------------------
-
 def effects(ro: Readout, pushes: Tensor, coeff: Tensor, sets: list[list[Tensor]], frozen: bool = False
             ) -> list[Shift]:
     """The :class:`Shift` of each edit at the positions of ``ro``: direction j writes ``pushes[j]`` (d_model,)
@@ -383,27 +358,6 @@ def _ranks(summary: dict[str, np.ndarray], sel: list[int], mode: str, suffix: st
 
     return {f"kl_rank{suffix}": rank(summary["kl"], 1.0),
             **{f"{m}_rank{suffix}": rank(summary[f"{m}_logodds"], sign) for m in measures}}
-
-
-@torch.no_grad()
-def kl_matched_scale(ro: Readout, push_f: Tensor, push: Tensor, coeff: Tensor, steps: int = 30) -> float:
-    """The factor s for which writing ``s * push`` per unit of ``coeff`` moves the next-token distribution at the
-    positions of ``ro`` as far (mean KL) as writing ``push_f`` does: bisection on log s within [1/64, 64] (the
-    KL grows with the push's size); the end of that range when it is not reached."""
-    empty = [torch.zeros(0, dtype=torch.long)]
-
-    def kl(p: Tensor) -> float:
-        return float(fast_shift(ro, p, coeff, empty).kl.mean())
-
-    target = kl(push_f)
-    lo, hi = math.log(1 / 64), math.log(64)
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        if kl(push * math.exp(mid)) < target:
-            lo = mid
-        else:
-            hi = mid
-    return math.exp((lo + hi) / 2)
 
 
 def best_neuron(neurons, family: str):

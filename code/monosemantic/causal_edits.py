@@ -2,10 +2,12 @@
 SAE's input (:func:`edit_hook`), the push a hidden-layer direction writes into the residual stream
 (:func:`writes`), and the next-token distribution an edit gives at cached positions, read without a product
 over the vocabulary (:class:`Readout`, :func:`fast_shift`), with the plain read-out the tests check it against
-(:func:`edit_logits`, :func:`shift`). :mod:`monosemantic.causal` runs the stage."""
+(:func:`edit_logits`, :func:`shift`); the positions it is read at (:func:`cache_positions`), and the scale that
+gives a control the feature's KL (:func:`kl_matched_scale`). :mod:`monosemantic.causal` runs the stage."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import UserError
+
+RESID = "blocks.0.hook_resid_post"  # the residual stream after the (one) MLP: what the final LayerNorm reads
 
 # --- the interventions ------------------------------------------------------------------------------------
 
@@ -178,3 +182,52 @@ def rank_first(values: np.ndarray, sign: float) -> int:
     beating every control: p = 1 / (n + 1) under the null that its direction is one more of them."""
     v = sign * np.asarray(values, dtype=np.float64)
     return int(1 + (v[1:] >= v[0]).sum())
+
+
+class Cached(NamedTuple):
+    """Held-out positions where the edits are read: the SAE's input there and the residual stream after the MLP."""
+
+    h: Tensor  # (N, d_in)
+    resid: Tensor  # (N, d_model)
+    docs: np.ndarray  # (N,) the document of each
+
+
+@torch.no_grad()
+def cache_positions(model, hook: str, inputs: Tensor, pos: np.ndarray, docs_all: np.ndarray, batch: int) -> Cached:
+    """:class:`Cached` for the (window row, position) pairs ``pos`` of ``inputs``: the forward pass up to the
+    MLP's output on the windows that hold them (no unembedding; :func:`readout` reads the distribution)."""
+    rows = np.unique(pos[:, 0])
+    where = {int(r): i for i, r in enumerate(rows)}
+    hs, rs = [], []
+    for i in range(0, len(rows), batch):
+        got = model.run_with_cache(inputs[rows[i:i + batch]], [hook, RESID])
+        hs.append(got[hook])
+        rs.append(got[RESID])
+    h_all, r_all = torch.cat(hs), torch.cat(rs)  # (W, T, d)
+    wi = torch.as_tensor([where[int(r)] for r in pos[:, 0]], dtype=torch.long)
+    ti = torch.as_tensor(pos[:, 1], dtype=torch.long)
+    return Cached(h_all[wi, ti].float(), r_all[wi, ti].float(), docs_all[pos[:, 0]])
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def kl_matched_scale(ro: Readout, push_f: Tensor, push: Tensor, coeff: Tensor, steps: int = 30) -> float:
+    """The factor s for which writing ``s * push`` per unit of ``coeff`` moves the next-token distribution at the
+    positions of ``ro`` as far (mean KL) as writing ``push_f`` does: bisection on log s within [1/64, 64] (the
+    KL grows with the push's size); the end of that range when it is not reached."""
+    empty = [torch.zeros(0, dtype=torch.long)]
+
+    def kl(p: Tensor) -> float:
+        return float(fast_shift(ro, p, coeff, empty).kl.mean())
+
+    target = kl(push_f)
+    lo, hi = math.log(1 / 64), math.log(64)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        if kl(push * math.exp(mid)) < target:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp((lo + hi) / 2)

@@ -277,6 +277,7 @@ def test_a_control_rescaled_to_the_features_kl_moves_the_distribution_as_far():
     coeff = torch.tensor([1.0, 2.0, 0.5, 1.5])
     push_f, push = torch.randn(16), torch.randn(16) * 0.3
 
+    @torch.no_grad()
     def kl(p):
         return float(fast_shift(ro, p, coeff, [torch.tensor([0])]).kl.mean())
 
