@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -69,24 +70,39 @@ class GaussianSampler:
         self.mean = mean.float()
         self.factor = torch.linalg.cholesky(cov + ridge * eye).float()
 
-    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        z = torch.randn(n, self.factor.shape[0], generator=generator)
-        return self.mean + z @ self.factor.t()
+    def blocks(self, n: int, generator: torch.Generator, block: int = 16_384) -> Iterator[torch.Tensor]:
+        """``n`` draws, ``block`` rows at a time (the stream is that of one ``draw(n)``)."""
+        for start in range(0, n, block):
+            z = torch.randn(min(block, n - start), self.factor.shape[0], generator=generator)
+            yield torch.addmm(self.mean, z, self.factor.t())
+
+    def draw(self, n: int, generator: torch.Generator, block: int = 16_384) -> torch.Tensor:
+        """``n`` draws as one (n, d) tensor, made block by block so that no second copy of it is ever held."""
+        out = torch.empty(n, self.factor.shape[0])
+        for start, rows in zip(range(0, n, block), self.blocks(n, generator, block), strict=True):
+            out[start:start + rows.shape[0]] = rows
+        return out
 
 
-def fvu_l0_dead(sae: sae_mod.SAE, rows: torch.Tensor, block: int = 16_384) -> dict[str, float]:
+def fvu_l0_dead(sae: sae_mod.SAE, rows: torch.Tensor | Iterable[torch.Tensor],
+                block: int = 16_384) -> dict[str, float]:
     """FVU (squared error over the rows' total variance about their mean), mean L0 and the share of features
-    that never fire, on ``rows`` (N, d_in)."""
-    err, l0, fired = 0.0, 0.0, torch.zeros(sae.cfg.n_features, dtype=torch.bool)
+    that never fire, on ``rows``: one (N, d_in) tensor, or its blocks one after another (nothing is held but
+    the block in hand)."""
+    err, l0, n, fired = 0.0, 0.0, 0, torch.zeros(sae.cfg.n_features, dtype=torch.bool)
+    total = square = 0.0
     with torch.no_grad():
-        for x in rows.split(block):
+        for x in (rows.split(block) if isinstance(rows, torch.Tensor) else rows):
             out = sae(x)
             err += float(((out.recon - x) ** 2).sum())
             active = out.latents > 0
             l0 += float(active.sum())
             fired |= active.any(0)
-    var = float(((rows - rows.mean(0)) ** 2).sum())
-    return {"fvu": err / var, "l0": l0 / rows.shape[0], "dead_fraction": 1.0 - float(fired.float().mean())}
+            n += x.shape[0]
+            x = x.double()
+            total, square = total + x.sum(0), square + (x * x).sum(0)
+    var = float((square - total * total / n).sum())  # float64 sums: no cancellation at these sizes
+    return {"fvu": err / var, "l0": l0 / n, "dead_fraction": 1.0 - float(fired.float().mean())}
 
 
 def harvest_rows(profile: str, stage: Any) -> tuple[Any, np.ndarray]:
@@ -129,14 +145,18 @@ def run(profile: str, stage: Any, cfg: GaussianNullConfig = GaussianNullConfig()
         raise ConfigError(f"no width of the sweep is <= max_width = {cfg.max_width}")
     n_train = max(r.cfg.n_activations for r in runs)
     train = sampler.draw(n_train, gen)
-    test = sampler.draw(cfg.eval_rows, gen)
+    test_state = gen.get_state()  # the same fresh draws for every width, drawn again block by block
+
+    def test() -> Iterator[torch.Tensor]:
+        return sampler.blocks(cfg.eval_rows, torch.Generator().set_state(test_state))
+
     rows = []
     for r in runs:
         log(f"{NAME}: {r.name} on {r.cfg.n_activations / 1e6:.1f}M Gaussian draws")
         start = time.perf_counter()
         trained = sae_mod.train(r.cfg, train, progress=progress, desc=f"SAE {r.name} (Gaussian)", log=log)
         seconds = time.perf_counter() - start
-        m = fvu_l0_dead(trained.sae.cpu(), test)
+        m = fvu_l0_dead(trained.sae.cpu(), test())
         rows.append({"n_features": r.cfg.n_features, "k": r.cfg.k, **m,
                      "train_activations": r.cfg.n_activations, "train_seconds": round(seconds, 1)})
         log(f"    FVU {m['fvu']:.4f}  L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}")
