@@ -92,7 +92,8 @@ from .explain import (
     interpretable_fraction,
     matched_differences,
 )
-from .harvest import HOOK
+from .harvest import HOOK, held_out_windows, spread_windows  # noqa: F401 (the windows are read here too)
+from .lm import random_lm  # noqa: F401 (the random-model control, re-exported)
 from .tokenizer import EOT_ID, N_VOCAB, TokenTable  # GPT-2's; the chapters and the causal stage read them here too
 
 DEFAULT_PROFILE = "cpu"
@@ -658,28 +659,6 @@ class AnalysisConfig(StageConfig):
             raise ConfigError(f"AnalysisConfig: {e}") from None
 
 
-def spread_windows(tokens: np.ndarray, seq_len: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """(W, seq_len) windows spread evenly over ``tokens``, W = min(n_tokens, len) // seq_len, and their
-    (W,) start offsets."""
-    n = len(tokens)
-    if n < seq_len:
-        raise UserError(f"only {n} tokens: analysis windows need at least {seq_len}; build a bigger corpus")
-    n_windows = max(1, min(n_tokens, n) // seq_len)
-    starts = np.linspace(0, n - seq_len, n_windows).astype(np.int64)
-    return np.stack([np.asarray(tokens[s:s + seq_len]) for s in starts]), starts
-
-
-def held_out_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-    """(W, seq_len) held-out windows: ``tokens`` itself when it is already (W, seq_len) windows, else those
-    spread evenly over the 1-D ``tokens`` that cover it (:func:`spread_windows`)."""
-    if getattr(tokens, "ndim", 1) == 2:
-        if tokens.shape[1] != seq_len or not len(tokens):
-            raise UserError(f"held-out windows of shape {tuple(tokens.shape)}: the model reads windows of "
-                            f"{seq_len} tokens, at least one of them")
-        return np.asarray(tokens)
-    return spread_windows(tokens, seq_len, len(tokens))[0]
-
-
 def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndarray, cfg: AnalysisConfig,
                 progress: bool) -> list[_Stats]:
     """Each set's statistics on the explanation text, of each unit's stronger half (module docstring):
@@ -1170,16 +1149,6 @@ def drop_control_contexts(result: dict[str, Any]) -> None:
     result["contexts"] = result["contexts"][~result["contexts"]["set"].isin(_NO_CONTEXTS)]
 
 
-def random_lm(config, seed: int = 0):
-    """A randomly initialised copy of the LM (:class:`monosemantic.lm.Transformer` of ``config``), the same
-    for the same seed: the model the ``random-model`` SAE is trained on."""
-    from .lm import Transformer
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Transformer(config).eval()
-
-
 def _random_model_set(profile: str, lm_art, log: Callable[[str], None]):
     """(random LM, its SAE's unit set, the artifact) from ``sae/<profile>-random-model``, or None (said in
     one line) when that artifact is absent. The artifact is an SAE folder (:func:`monosemantic.sae.load`)
@@ -1237,16 +1206,18 @@ def _carried_splitting(profile: str, sweep, missing: list[str]) -> dict:
                      "those two tables still measure every position of a window, the first included")}
 
 
-def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Callable[[str], None] = print):
+def run_stage(profile: str, cfg: AnalysisConfig, stage, progress: bool = True,
+              log: Callable[[str], None] = print):
     """``analysis/<profile>-features``: neurons, the TopK SAE, the anchor-recipe SAE and the controls (a
     random dictionary; an SAE on a random LM when ``sae/<profile>-random-model`` exists), analysed alike,
-    compared within density bins; plus feature splitting across the width sweep's dictionaries."""
+    compared within density bins; plus feature splitting across the width sweep's dictionaries. ``stage``:
+    the profile's ``SAEStageConfig``, whose SAE artifacts are analysed."""
     import time
 
     import pandas as pd
 
-    from . import profiles, sae_train, store
     from . import sae as sae_mod
+    from . import sae_train, store
     from .data import TokenDataset
     from .lm import load_pretrained
     from .tokenizer import load as load_tokenizer
@@ -1256,7 +1227,6 @@ def run_stage(profile: str, cfg: AnalysisConfig, progress: bool = True, log: Cal
     model.eval()
     tokenizer = load_tokenizer()
     lm_art = store.load("lm", profile, "model")
-    stage = profiles.get(profile).sae
     saes, inputs = {}, [lm_art]
     for recipe in sae_train.RECIPES:
         try:
@@ -1485,13 +1455,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``monosemantic analyze``."""
-    from . import profiles
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = profiles.get(args.profile).analysis
+    cfg = args.profile_config.analysis
     if getattr(args, "explainer", None):
         cfg = cfg.replace(explainer=args.explainer)
-    path = run_stage(args.profile, cfg, progress=not args.no_progress)
+    path = run_stage(args.profile, cfg, args.profile_config.sae, progress=not args.no_progress)
     print(f"wrote {path}")
     return 0

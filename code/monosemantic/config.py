@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 PROFILES = ("tiny", "cpu", "gpu")
+CORPUS_NAME = "minipile"
+"""The corpus artifact name of every profile (cache/corpus/<profile>-<name>, cache/work/tokens/<profile>-<name>):
+library code that reads token shards defaults to it (a test holds the profiles to it)."""
 
 
 class UserError(Exception):

@@ -66,7 +66,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .config import ConfigError, StageConfig, UserError, work_dir
+from .config import CORPUS_NAME, ConfigError, StageConfig, UserError, work_dir
 from .store import sha256_file
 
 EXTRACT_VERSION = 2  # bump when extraction or cleaning changes what a source yields (invalidates text/)
@@ -358,7 +358,7 @@ class CorpusConfig(StageConfig):
     STAGE: ClassVar[str] = "corpus"
     VERSION: ClassVar[int] = 1
 
-    name: str = "minipile"  # artifact name: cache/corpus/<profile>-<name>, cache/work/tokens/<profile>-<name>
+    name: str = CORPUS_NAME  # artifact name: cache/corpus/<profile>-<name>, cache/work/tokens/<profile>-<name>
     sources: tuple[tuple[str, int], ...] = ()
     val_fraction: float = 0.005  # of documents, chosen by a hash of the document id
     seed: int = 0  # orders documents (caps, shuffling); changes which documents a capped source keeps
@@ -1389,9 +1389,7 @@ def write_document_sources(folder: Path, names: list[str], splits: dict[str, np.
 def load_document_sources(profile: str, name: str | None = None, folder: Path | None = None) -> DocumentSources:
     """The source of every document of the ``profile``'s token shards (``folder``: read that folder instead).
     A one-line error when the index is missing or was made for other shards (the commands that make it)."""
-    from . import profiles
-
-    name = name or profiles.get(profile).corpus.name
+    name = name or CORPUS_NAME
     folder = Path(folder) if folder is not None else work_dir() / "tokens" / f"{profile}-{name}"
     remake = f"`monosemantic corpus --profile {profile} --document-sources`"
     path = folder / DOCUMENT_SOURCES
@@ -1651,9 +1649,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import profiles, store
+    from . import store
 
-    cfg: CorpusConfig = profiles.get(args.profile).corpus
+    cfg: CorpusConfig = args.profile_config.corpus
     if args.export_text:
         header = export_text(args.profile, args.name or cfg.name, args.export_text)
         sizes = ", ".join(f"{f} ({(args.export_text.parent / f).stat().st_size / 1e6:.1f} MB)" for f in header["files"])

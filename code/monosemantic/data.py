@@ -78,14 +78,14 @@ class TokenDataset:
     @classmethod
     def open(cls, profile: str, split: str = "train", name: str | None = None, verify: bool = False,
              path: Path | None = None) -> TokenDataset:
-        """The ``split`` ("train" or "val") of profile's token shards. ``name`` defaults to the profile's
-        corpus name; ``path`` reads a folder directly (skipping the cache's manifest check);
-        ``verify`` hashes the file (seconds for 100M tokens)."""
+        """The ``split`` ("train" or "val") of profile's token shards. ``name`` defaults to the corpus name
+        every profile uses (``config.CORPUS_NAME``); ``path`` reads a folder directly (skipping the cache's
+        manifest check); ``verify`` hashes the file (seconds for 100M tokens)."""
         if path is None:
-            from . import profiles, store
+            from . import store
+            from .config import CORPUS_NAME
 
-            cfg = profiles.get(profile).corpus
-            name = name or cfg.name
+            name = name or CORPUS_NAME
             art = store.load("tokens", profile, name, verify=False, check_inputs=False)
             folder = art.work_path
             command = art.command

@@ -105,42 +105,19 @@ def fvu_l0_dead(sae: sae_mod.SAE, rows: torch.Tensor | Iterable[torch.Tensor],
     return {"fvu": err / var, "l0": l0 / n, "dead_fraction": 1.0 - float(fired.float().mean())}
 
 
-def harvest_rows(profile: str, stage: Any) -> tuple[Any, np.ndarray]:
-    """(the activations artifact, its train rows) of the stage's harvest; where that harvest's rows are not on
-    this machine, a re-harvest of the same windows in another precision that is (``activations/<profile>-mlp-*``,
-    e.g. ``-fp32``: the moments differ in rounding only), named as the input so the artifact says which."""
-    from . import store
-    from .config import UserError
-    from .harvest import open_rows
-    from .sae_train import load_harvest
-
-    try:
-        art, train_rows, _ = load_harvest(profile, stage.harvest)
-        return art, train_rows
-    except UserError as first:
-        for path in sorted(store.artifact_path("activations", profile, "mlp").parent.glob(f"{profile}-mlp-*")):
-            other = store.load("activations", profile, path.name.removeprefix(f"{profile}-"), verify=False)
-            rows = other.work_path / "train.f16"
-            if rows.is_file() and other.config.get("train_activations") == stage.harvest.train_activations:
-                return other, open_rows(rows, other.metrics.get("d_in", stage.anchor.d_in),
-                                        stage.harvest.train_activations)
-        raise first
-
-
-def run(profile: str, stage: Any, cfg: GaussianNullConfig = GaussianNullConfig(), progress: bool = True,
-        log=print) -> Path:
-    """Train the width sweep's recipe on Gaussian draws at each width up to ``cfg.max_width``; write the
-    artifact (see the module's docstring)."""
+def run(profile: str, runs: list, act_art: Any, train_rows: np.ndarray, cfg: GaussianNullConfig = GaussianNullConfig(),
+        progress: bool = True, log=print) -> Path:
+    """Train the width sweep's ``runs`` (``sae_train.Run``s of family "width"; those up to ``cfg.max_width``) on
+    Gaussian draws with the moments of ``train_rows``, the harvest ``act_art``'s; write the artifact (see the
+    module's docstring)."""
     import pandas as pd
 
     from . import store
-    from .sae_train import plan
 
-    act_art, train_rows = harvest_rows(profile, stage)
     mean, cov = moments(train_rows, cfg.moment_rows)
     sampler = GaussianSampler(mean, cov)
     gen = torch.Generator().manual_seed(cfg.seed)
-    runs = [r for r in plan(stage) if r.family == "width" and r.cfg.n_features <= cfg.max_width]
+    runs = [r for r in runs if r.family == "width" and r.cfg.n_features <= cfg.max_width]
     if not runs:
         raise ConfigError(f"no width of the sweep is <= max_width = {cfg.max_width}")
     n_train = max(r.cfg.n_activations for r in runs)

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -72,7 +71,7 @@ import numpy as np
 import torch
 
 from .config import StageConfig, UserError, cache_dir, work_dir
-from .harvest import ArraySource, harvest_to_disk, open_rows, random_windows, sequential_windows
+from .harvest import ArraySource, harvest_batch, harvest_to_disk, harvest_windows, open_rows, sequential_windows  # noqa: F401
 from .sae import SAE, SAEConfig
 from .store import sha256_file
 
@@ -104,25 +103,6 @@ def _log(prefix: str = "") -> Callable[[str], None]:
 
 # --- packing (here) -------------------------------------------------------------------------------------
 
-def harvest_batch() -> int:
-    """Windows per forward pass of ``harvest_to_disk`` (its default): the windows are drawn in batches of it."""
-    return int(inspect.signature(harvest_to_disk).parameters["batch"].default)
-
-
-def harvest_windows(tokens: np.ndarray, seq_len: int, seed: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """The windows ``harvest_to_disk(model, tokens, n_rows, seq_len=seq_len, seed=seed)`` reads, in its order:
-    starts (W,) int64 and token ids (W, seq_len) uint16, W a whole number of its batches."""
-    batch = harvest_batch()
-    n_batches = -(-n_rows // (batch * seq_len))
-    windows = random_windows(tokens, seq_len, seed=seed, batch=batch)
-    starts, ids = [], []
-    for _ in range(n_batches):
-        x, s = next(windows)
-        ids.append(x.numpy().astype(np.uint16))
-        starts.append(s.numpy().astype(np.int64))
-    return np.concatenate(starts), np.concatenate(ids)
-
-
 def _tar(path: Path, members: dict[str, Path]) -> None:
     """A gzipped tar of ``{name inside: file here}`` (names relative to a cache root)."""
     with tarfile.open(path, "w:gz", compresslevel=6) as tar:
@@ -141,21 +121,21 @@ def _artifact_members(art, root: str) -> dict[str, Path]:
     return members
 
 
-def pack(profile: str, out: Path, *, reference_rows: int = 2048, saes: tuple[str, ...] = SEED_RECIPES,
+def pack(profile: str, out: Path, stage, *, reference_rows: int = 2048, saes: tuple[str, ...] = SEED_RECIPES,
          log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the GPU run's inputs to ``out`` (emptied first): ``lm.tar.gz`` (the LM artifact),
     ``tokens.tar.gz`` (the tokens manifest and index, the val split, the harvest's train windows and the first
     ``reference_rows`` activations of the harvest computed here), ``saes.tar.gz`` (the committed SAEs
     ``saes`` and the CPU harvest's manifest they name) and ``manifest.json`` (sizes and sha256s). Returns
-    the manifest."""
-    from . import profiles, store
+    the manifest. ``stage``: the profile's ``SAEStageConfig``."""
+    from . import store
+    from .config import CORPUS_NAME
     from .data import TokenDataset
     from .lm import load_pretrained
 
-    prof = profiles.get(profile)
-    hcfg = prof.sae.harvest
+    hcfg = stage.harvest
     lm_art = store.load("lm", profile, "model")
-    tok_art = store.load("tokens", profile, prof.corpus.name, verify=False, check_inputs=False)
+    tok_art = store.load("tokens", profile, CORPUS_NAME, verify=False, check_inputs=False)
     train = TokenDataset.open(profile, "train")
     val = TokenDataset.open(profile, "val", verify=True)
     start = time.perf_counter()
@@ -172,10 +152,10 @@ def pack(profile: str, out: Path, *, reference_rows: int = 2048, saes: tuple[str
         model = load_pretrained(profile).eval()
         harvest_to_disk(model, train.tokens, reference_rows, tmp / "reference.f16", seq_len=hcfg.seq_len,
                         seed=hcfg.seed, hook=hcfg.hook, progress=False)
-        tok_root = f"work/tokens/{profile}-{prof.corpus.name}"
+        tok_root = f"work/tokens/{profile}-{CORPUS_NAME}"
         parts = {
             "lm.tar.gz": _artifact_members(lm_art, f"lm/{profile}-model"),
-            "tokens.tar.gz": {f"tokens/{profile}-{prof.corpus.name}/{store.MANIFEST}": tok_art.path / store.MANIFEST,
+            "tokens.tar.gz": {f"tokens/{profile}-{CORPUS_NAME}/{store.MANIFEST}": tok_art.path / store.MANIFEST,
                               f"{tok_root}/index.json": tok_art.work_path / "index.json",
                               f"{tok_root}/{val.path.name}": val.path,
                               "work/gpu-inputs/windows.npz": tmp / "windows.npz",
@@ -198,7 +178,7 @@ def pack(profile: str, out: Path, *, reference_rows: int = 2048, saes: tuple[str
             "format": 1, "profile": profile, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "git_commit": store.git_commit(), "harvest": hcfg.to_dict(), "harvest_batch": harvest_batch(),
             "windows": int(len(starts)), "reference_rows": reference_rows, "lm": lm_art.content_hash,
-            "tokens": {"name": prof.corpus.name, "content_hash": tok_art.content_hash, "train_tokens": len(train),
+            "tokens": {"name": CORPUS_NAME, "content_hash": tok_art.content_hash, "train_tokens": len(train),
                        "val_tokens": len(val), "val_sha256": sha256_file(val.path)},
             "saes": sae_hashes, "parts": {},
         }
@@ -498,13 +478,13 @@ def fold_scale(sae: SAE, scale: float) -> None:
 class Context:
     """What every job of a worker reads: the model, the harvested rows and the val windows, on ``device``."""
 
-    def __init__(self, profile: str, device: str, harvest_name: str, log: Callable[[str], None]):
-        from . import profiles, store
+    def __init__(self, profile: str, stage, device: str, harvest_name: str, log: Callable[[str], None]):
+        from . import store
         from .data import TokenDataset
         from .lm import load_pretrained
 
         self.profile, self.device = profile, device
-        self.stage = profiles.get(profile).sae
+        self.stage = stage
         h = self.stage.harvest
         self.lm_art = store.load("lm", profile, "model")
         self.act_art = store.load("activations", profile, harvest_name, config=h, verify=False)
@@ -642,8 +622,9 @@ def estimate_seconds(job: Job, rates: dict[str, float]) -> float:
     return job.cfg.n_activations / rate + 15
 
 
-def worker(args: argparse.Namespace) -> int:
-    """Claim jobs in priority order (a folder per claim) and run them until none is left or time is up."""
+def worker(args: argparse.Namespace, stage) -> int:
+    """Claim jobs in priority order (a folder per claim) and run them until none is left or time is up.
+    ``stage``: the ``SAEStageConfig`` of the jobs' profile."""
     torch.set_num_threads(args.threads)
     log = _log(f"[w{args.id}] ")
     spec = json.loads(Path(args.jobs).read_text())
@@ -651,9 +632,8 @@ def worker(args: argparse.Namespace) -> int:
     plan = PlanConfig(**{**spec["plan"], "seeds": tuple(spec["plan"]["seeds"])})
     claims, status = Path(spec["claims"]), Path(spec["status"])
     rates = spec["rates"]
-    from . import profiles, store
+    from . import store
 
-    stage = profiles.get(spec["profile"]).sae
     upstream = act_art_upstream(store.load("lm", spec["profile"], "model"),
                                 store.load("activations", spec["profile"], spec["harvest"], verify=False))
     ctx = None
@@ -678,7 +658,7 @@ def worker(args: argparse.Namespace) -> int:
             (claims / job.name).rmdir()
             continue
         if ctx is None:
-            ctx = Context(spec["profile"], spec["device"], spec["harvest"], log)
+            ctx = Context(spec["profile"], stage, spec["device"], spec["harvest"], log)
         log(f"start {job.name} ({job.kind}): {job.cfg.architecture} {job.cfg.d_in}->{job.cfg.n_features}, "
             f"{job.cfg.n_activations / 1e6:.1f}M act, seed {job.cfg.seed}, input x{job.scale:.4g}, ~{est:.0f} s")
         try:
@@ -713,17 +693,16 @@ def balance(rows: list[dict[str, Any]], now: float, t_train: float, paused: set[
 
 # --- the orchestrator -----------------------------------------------------------------------------------
 
-def harvest(profile: str, log: Callable[[str], None], reference_tol: float = 1e-2):
+def harvest(profile: str, cfg, log: Callable[[str], None], reference_tol: float = 1e-2):
     """The profile's harvest on this machine, by ``harvest_to_disk`` as ``monosemantic harvest`` runs it (the
     model on the CPU, float32, all cores), its first rows checked against the reference rows computed where
     the pack was made. When its files are byte for byte the committed CPU harvest's (whose manifest came in the
     pack), they complete that artifact (``activations/<profile>-mlp``); otherwise they are
-    ``activations/<profile>-mlp-gpu``. Reused when present."""
-    from . import profiles, store
+    ``activations/<profile>-mlp-gpu``. Reused when present. ``cfg``: the profile's ``HarvestConfig``."""
+    from . import store
     from .data import TokenDataset
     from .lm import load_pretrained
 
-    cfg = profiles.get(profile).sae.harvest
     for name in ("mlp", HARVEST_NAME):
         try:
             art = store.load("activations", profile, name, config=cfg, verify=False)
@@ -952,9 +931,10 @@ def return_artifacts(keys: list[str], out: Path, extra: dict[str, Any]) -> dict[
     return returned
 
 
-def run(args: argparse.Namespace) -> int:
-    """The whole GPU session: harvest, jobs in worker processes, artifacts, held-out evaluation, tarball."""
-    from . import evaluation, profiles, store
+def run(args: argparse.Namespace, stage) -> int:
+    """The whole GPU session: harvest, jobs in worker processes, artifacts, held-out evaluation, tarball.
+    ``stage``: the profile's ``SAEStageConfig``."""
+    from . import evaluation, store
 
     t_start = time.time()
     log = _log()
@@ -963,7 +943,6 @@ def run(args: argparse.Namespace) -> int:
     if device == "cpu" and not args.allow_cpu:
         raise GPURunError("no CUDA device here; this is the GPU session's script (--allow-cpu for a test)")
     torch.set_num_threads(args.threads)
-    stage = profiles.get(profile).sae
     plan = PlanConfig(literal_steps=args.literal_steps, literal_dtype=args.literal_dtype,
                       input_scale=args.input_scale, seeds=tuple(args.seeds),
                       controls=not args.no_controls, width_max_activations=args.width_max,
@@ -975,7 +954,7 @@ def run(args: argparse.Namespace) -> int:
     manifest_file = Path(args.pack) / "manifest.json"
     packed_from = json.loads(manifest_file.read_text()).get("git_commit") if manifest_file.is_file() else None
     t0 = time.perf_counter()
-    act_art = harvest(profile, log)
+    act_art = harvest(profile, stage.harvest, log)
     harvest_seconds = round(time.perf_counter() - t0, 1)
     lm_art = store.load("lm", profile, "model")
     inputs = [lm_art, act_art]
@@ -1256,14 +1235,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--force", action="store_true", help="replace artifacts that are here with other content")
     args = p.parse_args(argv)
     try:
+        from . import profiles  # this command line resolves the profile; the functions above take its configs
+
         if args.cmd == "pack":
-            pack(args.profile, args.out, reference_rows=args.reference_rows, saes=tuple(args.saes))
+            pack(args.profile, args.out, profiles.get(args.profile).sae, reference_rows=args.reference_rows,
+                 saes=tuple(args.saes))
         elif args.cmd == "unpack":
             unpack(args.pack, cache_dir())
         elif args.cmd == "run":
-            return run(args)
+            return run(args, profiles.get(args.profile).sae)
         elif args.cmd == "worker":
-            return worker(args)
+            return worker(args, profiles.get(json.loads(Path(args.jobs).read_text())["profile"]).sae)
         else:
             store_returned(args.folder, force=args.force)
     except UserError as e:

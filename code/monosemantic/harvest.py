@@ -35,6 +35,7 @@ so an interrupted SAE run resumes on exactly the batches it would have seen::
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -322,3 +323,46 @@ class ActivationBuffer:
                     self.last_origin = self._origin[start:start + bs].clone()
                 yield self._acts[start:start + bs].clone()
             self._fill(served)  # the served rows are replaced; the unserved half is reshuffled with them
+
+
+# --- which windows a harvest and an analysis read --------------------------------------------------
+
+def harvest_batch() -> int:
+    """Windows per forward pass of ``harvest_to_disk`` (its default): the windows are drawn in batches of it."""
+    return int(inspect.signature(harvest_to_disk).parameters["batch"].default)
+
+
+def harvest_windows(tokens: np.ndarray, seq_len: int, seed: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The windows ``harvest_to_disk(model, tokens, n_rows, seq_len=seq_len, seed=seed)`` reads, in its order:
+    starts (W,) int64 and token ids (W, seq_len) uint16, W a whole number of its batches."""
+    batch = harvest_batch()
+    n_batches = -(-n_rows // (batch * seq_len))
+    windows = random_windows(tokens, seq_len, seed=seed, batch=batch)
+    starts, ids = [], []
+    for _ in range(n_batches):
+        x, s = next(windows)
+        ids.append(x.numpy().astype(np.uint16))
+        starts.append(s.numpy().astype(np.int64))
+    return np.concatenate(starts), np.concatenate(ids)
+
+
+def spread_windows(tokens: np.ndarray, seq_len: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(W, seq_len) windows spread evenly over ``tokens``, W = min(n_tokens, len) // seq_len, and their
+    (W,) start offsets."""
+    n = len(tokens)
+    if n < seq_len:
+        raise UserError(f"only {n} tokens: analysis windows need at least {seq_len}; build a bigger corpus")
+    n_windows = max(1, min(n_tokens, n) // seq_len)
+    starts = np.linspace(0, n - seq_len, n_windows).astype(np.int64)
+    return np.stack([np.asarray(tokens[s:s + seq_len]) for s in starts]), starts
+
+
+def held_out_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """(W, seq_len) held-out windows: ``tokens`` itself when it is already (W, seq_len) windows, else those
+    spread evenly over the 1-D ``tokens`` that cover it (:func:`spread_windows`)."""
+    if getattr(tokens, "ndim", 1) == 2:
+        if tokens.shape[1] != seq_len or not len(tokens):
+            raise UserError(f"held-out windows of shape {tuple(tokens.shape)}: the model reads windows of "
+                            f"{seq_len} tokens, at least one of them")
+        return np.asarray(tokens)
+    return spread_windows(tokens, seq_len, len(tokens))[0]

@@ -11,7 +11,7 @@ function of their configs. So the set is made of text they provably never read:
   (:func:`lm_windows`: the starts :func:`monosemantic.lm_train.batch_starts` draws at each step) and every
   window the SAE harvest ran through the model (:func:`harvest_windows`: the windows
   :func:`monosemantic.harvest.harvest_to_disk` reads), inside documents that no explanation window of the
-  analysis touched (:func:`explanation_windows`: :func:`monosemantic.analysis.spread_windows`), so that no
+  analysis touched (:func:`explanation_windows`: :func:`monosemantic.harvest.spread_windows`), so that no
   unit is scored on a document its explanation was learned from.
 
 Each function redraws its windows by calling the training code's own functions with the configs the
@@ -114,15 +114,15 @@ def harvest_windows(tokens: np.ndarray, cfg) -> SeenWindows:
     """Every train window the SAE harvest of ``cfg`` (:class:`monosemantic.sae_train.HarvestConfig`) ran
     through the model: the windows :func:`monosemantic.harvest.harvest_to_disk` reads for
     ``train_activations`` rows, whole batches of them (the last batch's surplus went through the model too)."""
-    from .gpurun import harvest_windows as drawn
+    from .harvest import harvest_windows as drawn
 
     starts, _ = drawn(tokens, cfg.seq_len, cfg.seed, cfg.train_activations)
     return SeenWindows("harvest", starts, cfg.seq_len)
 
 
 def explanation_windows(tokens: np.ndarray, seq_len: int, explain_tokens: int) -> SeenWindows:
-    """The analysis's explanation text: :func:`monosemantic.analysis.spread_windows` of the train split."""
-    from .analysis import spread_windows
+    """The analysis's explanation text: :func:`monosemantic.harvest.spread_windows` of the train split."""
+    from .harvest import spread_windows
 
     _, starts = spread_windows(tokens, seq_len, explain_tokens)
     return SeenWindows("explanation", starts.astype(np.int64), seq_len)
@@ -304,34 +304,35 @@ def _explain_tokens(profile: str, analysis_cfg) -> list[int]:
     return sorted(sizes)
 
 
-def run_stage(profile: str, cfg: HeldoutConfig, log=print):
-    """Make ``heldout/<profile>-windows`` (module docstring); returns the artifact."""
+def run_stage(profile: str, cfg: HeldoutConfig, prof, log=print):
+    """Make ``heldout/<profile>-windows`` (module docstring); returns the artifact. ``prof``: the resolved
+    profile, whose SAE harvest and analysis configs say which train windows were trained on or explained."""
     import pandas as pd
 
-    from . import corpus, profiles, store
+    from . import corpus, store
+    from .config import CORPUS_NAME
     from .data import TokenDataset
     from .harvest import split_windows
     from .lm import LMConfig
 
-    prof = profiles.get(profile)
     lm_art = store.load("lm", profile, "model")
     lm_cfg = LMConfig(**lm_art.config)
     T = cfg.seq_len or lm_cfg.context_length
-    tokens_art = store.load("tokens", profile, prof.corpus.name, verify=False, check_inputs=False)
-    corpus_art = store.load("corpus", profile, prof.corpus.name, verify=False, check_inputs=False)
+    tokens_art = store.load("tokens", profile, CORPUS_NAME, verify=False, check_inputs=False)
+    corpus_art = store.load("corpus", profile, CORPUS_NAME, verify=False, check_inputs=False)
     inputs = [lm_art, tokens_art]
     try:
         inputs.append(store.load("activations", profile, "mlp", verify=False))
     except store.CacheError:
         pass  # its config is also recorded in the SAE artifacts and the profile (read below)
-    doc_sources = corpus.load_document_sources(profile, prof.corpus.name)
+    doc_sources = corpus.load_document_sources(profile, CORPUS_NAME)
     names, S = doc_sources.names, len(doc_sources.names)
     table = pd.read_parquet(corpus_art.file("sources.parquet")).set_index("source")
     if list(table.index) != names:
         raise HeldoutError(f"{corpus_art.key} lists other sources than the document-source index; recompute "
                            f"it with `monosemantic corpus --profile {profile} --document-sources`")
-    train = TokenDataset.open(profile, "train", name=prof.corpus.name)
-    val = TokenDataset.open(profile, "val", name=prof.corpus.name)
+    train = TokenDataset.open(profile, "train", name=CORPUS_NAME)
+    val = TokenDataset.open(profile, "val", name=CORPUS_NAME)
     tokens, val_tokens = np.asarray(train.tokens), np.asarray(val.tokens)
     n = len(tokens)
     lengths = corpus.document_lengths(tokens, train.eot_id)
@@ -453,19 +454,18 @@ def load_windows(profile: str, cfg: HeldoutConfig | None = None, explain_tokens:
     labelled within their split)``, in
     :func:`windows_table`'s order. One-line errors when the artifact is missing or stale (for ``cfg`` or
     ``explain_tokens``, as in :func:`windows_table`) or the token shards are missing."""
-    from . import profiles, store
+    from . import store
     from .data import TokenDataError, TokenDataset
 
     table = windows_table(profile, cfg, explain_tokens)
     seq_len = table.attrs["seq_len"]
     out = np.zeros((len(table), seq_len), dtype=np.uint16)
-    name = profiles.get(profile).corpus.name
     for split in ("train", "val"):
         rows = np.flatnonzero(table["split"].to_numpy() == split)
         if not len(rows):
             continue
         try:
-            tokens = TokenDataset.open(profile, split, name=name).tokens
+            tokens = TokenDataset.open(profile, split).tokens
         except (TokenDataError, store.CacheError) as e:
             raise HeldoutError(f"the held-out windows need the {split} token shard: {e}") from None
         starts = table["start"].to_numpy()[rows]
@@ -486,12 +486,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from . import profiles
-
-    cfg = profiles.get(args.profile).heldout
+    cfg = args.profile_config.heldout
     if args.target_tokens is not None:
         cfg = cfg.replace(target_tokens=args.target_tokens)
-    art = run_stage(args.profile, cfg)
+    art = run_stage(args.profile, cfg, args.profile_config)
     m = art.metrics
     table = pd.read_parquet(art.file(SOURCES_FILE))
     print(f"{'source':<18} {'corpus':>11} {'unseen':>11} {'available':>11} {'selected':>10} {'windows':>8} "

@@ -637,3 +637,11 @@ def load_pretrained(profile: str | None = None) -> Transformer:
     model = load_weights(art.file(WEIGHTS_FILE), LMConfig(**art.config))
     model.profile = art.profile  # which run this is, for the book to say
     return model
+
+
+def random_lm(config, seed: int = 0):
+    """A randomly initialised copy of the LM (:class:`monosemantic.lm.Transformer` of ``config``), the same
+    for the same seed: the model the ``random-model`` SAE is trained on."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Transformer(config).eval()

@@ -148,13 +148,12 @@ class RehearsalConfig(StageConfig):
                 "intermediate_size": self.intermediate_size, "num_attention_heads": self.num_attention_heads,
                 "num_key_value_heads": self.num_key_value_heads, "vocab_size": self.vocab_size}
 
-    def run_config(self, folder: Path):
-        """The Llama run rehearsed: the gpu profile's config on ``folder``, with this machine's budgets."""
-        from . import profiles
-
+    def run_config(self, folder: Path, base):
+        """The Llama run rehearsed: ``base`` (the gpu profile's ``LlamaConfig``) on ``folder``, with this
+        machine's budgets."""
         keep = ("seq_len", "batch_size", "harvest_tokens", "shard_tokens", "expansion", "sae_batch", "sae_epochs",
                 "memory_gb", "eval_tokens", "explain_tokens", "heldout_tokens", "n_boot")
-        return profiles.get(RUN_PROFILE).llama.replace(model=str(folder), **{k: getattr(self, k) for k in keep})
+        return base.replace(model=str(folder), **{k: getattr(self, k) for k in keep})
 
 
 # --- measuring a stage: wall time and peak resident memory ------------------------------------------------------
@@ -510,11 +509,12 @@ def _metrics(cfg: RehearsalConfig, run_cfg, table, built: dict[str, Any], facts:
     return m
 
 
-def rehearse(cfg: RehearsalConfig = RehearsalConfig(), *, profile: str = "cpu",
+def rehearse(cfg: RehearsalConfig, base, *, profile: str = "cpu",
              throughput: dict[str, Any] | None = None, progress: bool = True, command: str | None = None,
              keep: bool = True, log=print):
     """Build the stand-in, run the gpu profile's pipeline on it stage by stage, and write the artifact
-    ``llama/<profile>-<cfg.name>`` (returned, loaded). ``throughput``: a benchmark row to predict from instead
+    ``llama/<profile>-<cfg.name>`` (returned, loaded). ``base``: the gpu profile's ``LlamaConfig``, the run
+    rehearsed (:meth:`RehearsalConfig.run_config`). ``throughput``: a benchmark row to predict from instead
     of measuring one. ``keep=False`` deletes the scratch folder afterwards (the stand-in's weights, its
     activations, the run's own artifact and SAE, its browser pages). A failing stage stops the run; the
     artifact still records what passed, then :class:`RehearsalError` says which stage failed."""
@@ -524,7 +524,7 @@ def rehearse(cfg: RehearsalConfig = RehearsalConfig(), *, profile: str = "cpu",
     scratch = work_dir() / "rehearsal" / f"{profile}-{cfg.name}"
     shutil.rmtree(scratch, ignore_errors=True)
     folder = scratch / folder_name(cfg)
-    run_cfg = cfg.run_config(folder)
+    run_cfg = cfg.run_config(folder, base)
     meter = Meter()
     built: dict[str, Any] = {}
     facts: dict[str, Any] = {}
@@ -632,7 +632,10 @@ def main(argv: list[str] | None = None) -> int:
     profile = args.profile or ("tiny" if args.shape == "tiny" else "cpu")
     command = " ".join([SCRIPT, *(sys.argv[1:] if argv is None else argv)])
     try:
-        art = rehearse(cfg, profile=profile, progress=not args.no_progress, command=command, keep=args.keep)
+        from . import profiles  # this command line resolves the rehearsed profile; rehearse() takes its config
+
+        art = rehearse(cfg, profiles.get(RUN_PROFILE).llama, profile=profile, progress=not args.no_progress,
+                       command=command, keep=args.keep)
     except UserError as e:
         print(f"{SCRIPT}: {e}", file=sys.stderr)
         return 1

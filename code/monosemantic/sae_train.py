@@ -57,7 +57,7 @@ RANDOM_MODEL = "random-model"
 """The control SAE: the ``topk`` recipe on the MLP activations of a randomly initialised copy of the LM
 (``sae/<profile>-random-model``; the unit set of the same name in :mod:`monosemantic.analysis`)."""
 RANDOM_MODEL_SEED = 0
-"""The seed of that random LM (:func:`monosemantic.analysis.random_lm`), recorded in the artifact."""
+"""The seed of that random LM (:func:`monosemantic.lm.random_lm`), recorded in the artifact."""
 D_IN = 512  # the one-layer model's MLP width (checked against the model when it is loaded)
 
 
@@ -194,6 +194,26 @@ def load_harvest(profile: str, cfg: HarvestConfig) -> tuple[Any, np.ndarray, np.
                             f"make them with `monosemantic harvest --profile {profile}`")
     return (art, open_rows(train_path, d_in, cfg.train_activations),
             open_rows(val_path, d_in, cfg.val_activations))
+
+
+def harvest_rows(profile: str, stage: SAEStageConfig) -> tuple[Any, np.ndarray]:
+    """(the activations artifact, its train rows) of the stage's harvest; where that harvest's rows are not on
+    this machine, a re-harvest of the same windows in another precision that is (``activations/<profile>-mlp-*``,
+    e.g. ``-fp32``: the moments differ in rounding only), named as the input so the artifact says which."""
+    from . import store
+    from .harvest import open_rows
+
+    try:
+        art, train_rows, _ = load_harvest(profile, stage.harvest)
+        return art, train_rows
+    except UserError as first:
+        for path in sorted(store.artifact_path("activations", profile, "mlp").parent.glob(f"{profile}-mlp-*")):
+            other = store.load("activations", profile, path.name.removeprefix(f"{profile}-"), verify=False)
+            rows = other.work_path / "train.f16"
+            if rows.is_file() and other.config.get("train_activations") == stage.harvest.train_activations:
+                return other, open_rows(rows, other.metrics.get("d_in", stage.anchor.d_in),
+                                        stage.harvest.train_activations)
+        raise first
 
 
 # --- one run -----------------------------------------------------------------------------------------
@@ -529,9 +549,8 @@ def run_random_model(profile: str, stage: SAEStageConfig, progress: bool = True,
     compare features of a random transformer). Its activations are harvested from the same train windows as
     the real model's, into ``cache/work/sae/<profile>/runs/random-model-harvest/`` (not committed)."""
     from . import store
-    from .analysis import random_lm
     from .data import TokenDataset
-    from .lm import LMConfig
+    from .lm import LMConfig, random_lm
 
     lm_art = store.load("lm", profile, "model")
     model = random_lm(LMConfig(**lm_art.config), RANDOM_MODEL_SEED)
@@ -635,7 +654,8 @@ class TrainCommand:
         if args.recipe in ("all", GAUSSIAN_NULL):
             from . import gaussian_null
 
-            paths.append(gaussian_null.run(args.profile, stage, progress=progress))
+            act_art, train_rows = harvest_rows(args.profile, stage)
+            paths.append(gaussian_null.run(args.profile, plan(stage), act_art, train_rows, progress=progress))
         for path in paths:
             print(f"wrote {path}")
         return 0

@@ -13,12 +13,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "monosemantic"
 # Library code should take its config from the caller, not look the profile up itself: `monosemantic` resolves the
 # profile once (cli.main sets args.profile_config) and the commands read it from their arguments. These modules
 # still look it up (inside their stage functions); the list may only shrink.
-IMPORT_PROFILES = {"analysis", "corpus", "data", "gpurun", "heldout", "rehearsal"}
+IMPORT_PROFILES: set[str] = set()
 # entry points that resolve the profile: allowed to import it
 ENTRY_POINTS = {"cli", "pipeline", "profiles", "readme", "__main__"}
-# the one import circle today (it closes through profiles, which imports every stage's config class)
-KNOWN_CIRCLES = [{"analysis", "corpus", "data", "diffing", "evaluation", "gaussian_null", "gpurun", "heldout",
-                  "lm_train", "profiles", "sae_train"}]
+# modules with a command line of their own (python -m monosemantic.<module>): they resolve the profile in their
+# `main` and nowhere else, and pass its configs down
+COMMAND_LINES = {"gpurun", "rehearsal"}
+# import circles (strongly connected modules); none today, and a new one fails
+KNOWN_CIRCLES: list[set[str]] = []
 MAX_LINES = 700
 LONG_MODULES = {"analysis", "corpus", "explain", "gpurun", "sae"}
 
@@ -101,9 +103,33 @@ def test_the_graph_reader_sees_relative_and_function_level_imports():
     assert circles({"a": {"b"}, "b": set()}) == []
 
 
+def profiles_imports_outside_main(path: Path) -> list[int]:
+    """Line numbers of the imports of ``profiles`` in ``path`` that are not inside a function called ``main``."""
+    def imports_profiles(node: ast.AST) -> bool:
+        return (isinstance(node, ast.ImportFrom) and (any(a.name == "profiles" for a in node.names)
+                                                      or (node.module or "").endswith("profiles")))
+
+    tree = ast.parse(path.read_text())
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "main"
+              for n in ast.walk(f)}
+    return [n.lineno for n in ast.walk(tree) if imports_profiles(n) and id(n) not in inside]
+
+
+def test_command_line_modules_resolve_the_profile_in_main_only(tmp_path):
+    mods = modules()
+    for name in sorted(COMMAND_LINES):
+        lines = profiles_imports_outside_main(mods[name])
+        assert not lines, f"{name}.py imports profiles outside main() at lines {lines}; take the config as an " \
+                          "argument and resolve it in main()"
+    probe = tmp_path / "probe.py"  # the check sees imports at module level and in other functions
+    probe.write_text("from . import profiles\n\ndef main():\n    from . import profiles\n\n"
+                     "def run():\n    from .profiles import get\n")
+    assert profiles_imports_outside_main(probe) == [1, 7]
+
+
 def test_library_modules_do_not_reach_up_into_the_profiles():
     graph = import_graph()
-    importers = {m for m, deps in graph.items() if "profiles" in deps} - ENTRY_POINTS
+    importers = {m for m, deps in graph.items() if "profiles" in deps} - ENTRY_POINTS - COMMAND_LINES
     assert not importers - IMPORT_PROFILES, f"new modules import profiles: {sorted(importers - IMPORT_PROFILES)}; " \
                                             "take the config as an argument instead"
     gone = sorted(IMPORT_PROFILES - importers)
@@ -124,3 +150,10 @@ def test_no_new_long_module():
     assert not long - LONG_MODULES, f"over {MAX_LINES} lines: {sorted(long - LONG_MODULES)}; split by concept"
     shorter = sorted(LONG_MODULES - long)
     assert not shorter, f"now under {MAX_LINES} lines: {shorter}; remove them from LONG_MODULES"
+
+
+def test_every_profile_uses_the_corpus_name_library_code_defaults_to():
+    from monosemantic import profiles
+    from monosemantic.config import CORPUS_NAME, PROFILES
+
+    assert {profiles.get(p).corpus.name for p in PROFILES} == {CORPUS_NAME}

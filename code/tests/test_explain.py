@@ -329,8 +329,11 @@ def test_bad_explainer_specs_are_one_line_errors():
 
 def test_analyze_cli_flag_replaces_the_explainer(monkeypatch):
     seen = {}
-    monkeypatch.setattr(A, "run_stage", lambda profile, cfg, progress: seen.setdefault("cfg", cfg) and "path")
-    args = SimpleNamespace(profile="tiny", threads=None, no_progress=True, explainer="openai:m@http://localhost:1/v1")
+    from monosemantic import profiles
+
+    monkeypatch.setattr(A, "run_stage", lambda profile, cfg, stage, progress: seen.setdefault("cfg", cfg) and "path")
+    args = SimpleNamespace(profile="tiny", threads=None, no_progress=True, explainer="openai:m@http://localhost:1/v1",
+                           profile_config=profiles.get("tiny"))
     assert A.run(args) == 0 and seen["cfg"].explainer == "openai:m@http://localhost:1/v1"
 
 

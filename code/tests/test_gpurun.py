@@ -211,7 +211,7 @@ def test_an_interrupted_job_resumes_to_the_same_sae(here, tmp_path, monkeypatch)
     monkeypatch.setenv("MONOSEMANTIC_DTYPE_CACHE", str(tmp_path / "dtype.json"))
     monkeypatch.setenv("MONOSEMANTIC_CACHE", str(here))
     log = lambda msg: None  # noqa: E731
-    ctx = gpurun.Context("tiny", "cpu", "mlp", log)
+    ctx = gpurun.Context("tiny", profiles.get("tiny").sae, "cpu", "mlp", log)
     plan = gpurun.PlanConfig()
     cfg = profiles.get("tiny").sae.anchor.replace(n_steps=45)  # the literal rule: resampling after 21 and 41
     jobs = [gpurun.Job(name, "main", "anchor", cfg, scale=3.0) for name in ("whole", "stopped")]

@@ -27,7 +27,7 @@ def test_config_is_sthenos_with_these_shapes(tmp_path):
     assert (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"],
             c["vocab_size"], c["num_hidden_layers"]) == (4096, 14336, 32, 8, 128256, 2)
     assert c["rope_theta"] == 500000.0 and c["rms_norm_eps"] == 1e-5 and c["tie_word_embeddings"] is False
-    run = full.run_config(tmp_path / "L3-8B-Stheno-v3.2-2-layers-random")
+    run = full.run_config(tmp_path / "L3-8B-Stheno-v3.2-2-layers-random", profiles.get("gpu").llama)
     gpu = profiles.get("gpu").llama
     assert (run.k, run.store_dtype, run.layer, run.site, run.dtype) == (gpu.k, gpu.store_dtype, -1, "mlp.hook_post",
                                                                        gpu.dtype)
@@ -74,7 +74,7 @@ def test_meter_nests_stages_and_restores_functions():
 
 
 def test_rehearsal_end_to_end_at_tiny_shapes(tmp_cache):
-    art = rehearsal.rehearse(TINY, throughput=RATES, progress=False, log=lambda *_: None)
+    art = rehearsal.rehearse(TINY, profiles.get("gpu").llama, throughput=RATES, progress=False, log=lambda *_: None)
     m, info = art.metrics, art.manifest["info"]
     assert art.key == "llama/cpu-rehearsal-stheno-2-layers" and m["completed"] and not info["failure"]
     assert m["stages_passed"] == m["stages"]
@@ -129,7 +129,7 @@ def test_rehearsal_end_to_end_at_tiny_shapes(tmp_cache):
 def test_a_failing_stage_is_recorded(tmp_cache):
     bad = TINY.replace(memory_gb=1e-4, harvest_tokens=124)  # no SAE fits: train-sae refuses
     with pytest.raises(rehearsal.RehearsalError, match="train SAE") as e:
-        rehearsal.rehearse(bad, throughput=RATES, progress=False, log=lambda *_: None)
+        rehearsal.rehearse(bad, profiles.get("gpu").llama, throughput=RATES, progress=False, log=lambda *_: None)
     assert "\n" not in str(e.value)
     art = store.load("llama", "cpu", bad.name)
     assert not art.metrics["completed"] and "budget" in art.manifest["info"]["failure"]
