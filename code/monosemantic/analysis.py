@@ -82,16 +82,9 @@ import torch
 from torch import Tensor
 
 from . import explain
+from .comparisons import density_bins, interpretable_fraction, matched_differences
 from .config import ConfigError, StageConfig, UserError, check_positive
-from .explain import (
-    ContextPools,
-    SparseActivations,
-    argsort,
-    density_bins,
-    fit_token_tables,
-    interpretable_fraction,
-    matched_differences,
-)
+from .explain import ContextPools, SparseActivations, argsort, fit_token_tables
 from .harvest import HOOK, held_out_windows, spread_windows  # noqa: F401 (the windows are read here too)
 from .lm import random_lm  # noqa: F401 (the random-model control, re-exported)
 from .tokenizer import EOT_ID, N_VOCAB, TokenTable  # GPT-2's; the chapters and the causal stage read them here too

@@ -10,8 +10,8 @@ import math
 from typing import Any, NamedTuple
 
 from . import store
+from .comparisons import MIN_BIN_UNITS  # noqa: F401 (the chapters read it here)
 from .config import UserError
-from .explain import MIN_BIN_UNITS  # noqa: F401 (the chapters read it here)
 
 # The unit sets of analysis/<profile>-features as the chapters name them, in the order they show them.
 UNIT_SETS: dict[str, str] = {"neurons": "neurons", "topk": "TopK features", "anchor": "anchor-fixed features",
@@ -329,7 +329,7 @@ def seed_precision_words(sp: dict, n_seeds: int) -> str:
 
 def score_config(fa, **changes: Any) -> Any:
     """The thresholds, density-bin width and bootstrap settings an analysis artifact ``fa`` scored with, as
-    :func:`monosemantic.explain.passes` and ``matched_difference`` read them; ``changes`` override some (a
+    :func:`monosemantic.comparisons.passes` and ``matched_difference`` read them; ``changes`` override some (a
     threshold swept in a chapter)."""
     from types import SimpleNamespace
 
@@ -346,19 +346,19 @@ def direct_comparison(fa, units, a: str, b: str, scores=("specificity", "sim_cor
                       cfg: Any = None, min_units: int = 1) -> dict:
     """Unit set ``a`` against set ``b`` of an analysis artifact ``fa`` (its ``units`` table), score by score:
     ``{score: {"at_b": a minus b matched to b's densities, "at_a": the same matched to a's densities,
-    "verdict": "better" | "worse" | "mixed"}}`` (each a :class:`monosemantic.explain.Matched`, intervals
+    "verdict": "better" | "worse" | "mixed"}}`` (each a :class:`monosemantic.comparisons.Matched`, intervals
     included; "better" when a leads under both weightings with intervals above zero). ``cfg``: thresholds
     other than the artifact's (:func:`score_config`); ``min_units``: as for ``matched_difference``."""
-    from . import explain
+    from . import comparisons
 
     cfg = cfg or score_config(fa)
     ua, ub = units[(units.set == a) & units.scored], units[(units.set == b) & units.scored]
     out = {}
     for sc in scores:
-        pa, pb = explain.passes(ua, sc, cfg), explain.passes(ub, sc, cfg)
-        at_b = explain.matched_difference(ua.density_val.to_numpy(), pa, ub.density_val.to_numpy(), pb,
+        pa, pb = comparisons.passes(ua, sc, cfg), comparisons.passes(ub, sc, cfg)
+        at_b = comparisons.matched_difference(ua.density_val.to_numpy(), pa, ub.density_val.to_numpy(), pb,
                                           cfg.density_bin_width, cfg.n_boot, cfg.seed, min_units=min_units)
-        rev = explain.matched_difference(ub.density_val.to_numpy(), pb, ua.density_val.to_numpy(), pa,
+        rev = comparisons.matched_difference(ub.density_val.to_numpy(), pb, ua.density_val.to_numpy(), pa,
                                          cfg.density_bin_width, cfg.n_boot, cfg.seed, min_units=min_units)
         at_a = rev._replace(matched=-rev.matched, matched_low=-rev.matched_high, matched_high=-rev.matched_low,
                             raw=-rev.raw, raw_low=-rev.raw_high, raw_high=-rev.raw_low)
@@ -382,9 +382,9 @@ class Verdict(NamedTuple):
     """Whether the TopK features beat the neurons by one score, against every control (:func:`verdicts`)."""
 
     score: str
-    vs_neurons: Any  # explain.Matched: TopK minus neurons at the neurons' densities
+    vs_neurons: Any  # comparisons.Matched: TopK minus neurons at the neurons' densities
     vs_random: str | None  # the pass fractions over all densities: "above", "below", "not distinguishable from"
-    vs_random_model: Any  # explain.Matched: TopK minus the random model's SAE at the neurons' densities, or None
+    vs_random_model: Any  # comparisons.Matched: TopK minus the random model's SAE at the neurons' densities, or None
     sweep: list[tuple[str, Any]]  # (threshold label, TopK minus neurons at the neurons' densities there)
     counts: bool  # every one of the above in the features' favour, interval clear of zero
 
@@ -401,7 +401,7 @@ def verdicts(fa, units, scores=("specificity", "sim_corr", "detection")) -> dict
     units of either set are left out (their bootstrap has no width)."""
     import pandas as pd
 
-    from . import explain
+    from . import comparisons
 
     bins_t = pd.read_parquet(fa.file("density_bins.parquet"))
     allbin = bins_t[bins_t.bin == "all"].set_index("set")
@@ -410,9 +410,9 @@ def verdicts(fa, units, scores=("specificity", "sim_corr", "detection")) -> dict
     out = {}
     for i, sc in enumerate(scores):
         def vs(a: str, b: str, cfg, weight=nd, sc=sc, i=i):
-            return explain.matched_difference(
-                sets[a].density_val.to_numpy(), explain.passes(sets[a], sc, cfg), sets[b].density_val.to_numpy(),
-                explain.passes(sets[b], sc, cfg), cfg.density_bin_width, cfg.n_boot, cfg.seed + i,
+            return comparisons.matched_difference(
+                sets[a].density_val.to_numpy(), comparisons.passes(sets[a], sc, cfg), sets[b].density_val.to_numpy(),
+                comparisons.passes(sets[b], sc, cfg), cfg.density_bin_width, cfg.n_boot, cfg.seed + i,
                 min_units=MIN_BIN_UNITS, weight_density=weight)
 
         cfg = score_config(fa)

@@ -392,7 +392,7 @@ def feature_units(artifact) -> Any:
     import pandas as pd
 
     from .analysis import MAIN_SAE
-    from .explain import passes
+    from .comparisons import passes
 
     m = artifact.metrics
     units = pd.read_parquet(artifact.file("units.parquet"))

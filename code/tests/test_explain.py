@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from monosemantic import analysis as A
+from monosemantic import comparisons as C
 from monosemantic import explain as E
 from monosemantic.config import ConfigError
 
@@ -164,7 +165,7 @@ def _synthetic_sets():
 def test_matched_difference_is_zero_for_equal_rates_in_every_bin_while_the_raw_one_is_not():
     units = _synthetic_sets()
     cfg = A.AnalysisConfig()
-    table = E.matched_differences(units, cfg)
+    table = C.matched_differences(units, cfg)
     for row in table.itertuples():
         assert row.set == "topk" and row.baseline == "neurons"
         assert row.raw == pytest.approx(0.26 - 0.74) and row.raw_high < 0  # sparser: fewer pass, raw
@@ -180,7 +181,7 @@ def test_matched_difference_recovers_a_real_difference_and_reports_coverage():
     ok = np.arange(1000) % 2 == 0  # 50% in both bins
     base_d = np.concatenate([np.full(800, 0.15), np.full(200, 0.9)])  # a bin the other set lacks
     base_ok = np.arange(1000) % 10 == 0  # 10%
-    m = E.matched_difference(d, ok, base_d, base_ok, width=0.5, n_boot=500)
+    m = C.matched_difference(d, ok, base_d, base_ok, width=0.5, n_boot=500)
     assert m.matched == pytest.approx(0.4) and m.matched_low < 0.4 < m.matched_high and m.matched_low > 0.3
     assert m.coverage == pytest.approx(0.8) and m.bins == 1
 
@@ -190,18 +191,18 @@ def test_matched_difference_skips_bins_too_small_to_resample_and_takes_weights_f
     ok = np.concatenate([np.zeros(100, bool), np.ones(1, bool)])  # 0% sparse, 100% dense
     base_d = np.concatenate([np.full(100, 1.5e-3), np.full(100, 0.15)])
     base_ok = np.concatenate([np.zeros(100, bool), np.zeros(100, bool)])
-    every = E.matched_difference(d, ok, base_d, base_ok, width=0.5, n_boot=200)
+    every = C.matched_difference(d, ok, base_d, base_ok, width=0.5, n_boot=200)
     assert every.matched == pytest.approx(0.5) and every.bins == 2  # the lone dense unit counts half
-    floor = E.matched_difference(d, ok, base_d, base_ok, width=0.5, n_boot=200, min_units=20)
+    floor = C.matched_difference(d, ok, base_d, base_ok, width=0.5, n_boot=200, min_units=20)
     assert floor.matched == pytest.approx(0.0) and floor.bins == 1 and floor.coverage == pytest.approx(0.5)
     # weighted by a third set that lives in the dense bin only: the difference there, 100% - 0%
-    third = E.matched_difference(d, ok, base_d, base_ok, width=0.5, n_boot=200, weight_density=np.full(50, 0.15))
+    third = C.matched_difference(d, ok, base_d, base_ok, width=0.5, n_boot=200, weight_density=np.full(50, 0.15))
     assert third.matched == pytest.approx(1.0) and third.coverage == pytest.approx(1.0)
 
 
 def test_density_bins_give_fractions_and_medians_with_intervals():
     units = _synthetic_sets()
-    table = E.density_bins(units, A.AnalysisConfig(n_boot=200))
+    table = C.density_bins(units, A.AnalysisConfig(n_boot=200))
     rows = table.set_index(["set", "bin"])
     sparse = rows.loc[("topk", "10^-3..10^-2.5")]
     assert sparse["units"] == 900 and sparse["scored"] == 900
@@ -218,10 +219,10 @@ def test_passes_and_interpretable_fraction_count_scored_units_only():
     units = _units("topk", np.full(4, 0.01), np.array([True, True, False, False]))
     units.loc[1, "scored"] = False
     cfg = A.AnalysisConfig()
-    assert E.passes(units, "detection", cfg).tolist() == [True, False, False, False]
-    assert E.interpretable_fraction(units, "detection", cfg) == pytest.approx(1 / 3)
+    assert C.passes(units, "detection", cfg).tolist() == [True, False, False, False]
+    assert C.interpretable_fraction(units, "detection", cfg) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="unknown score"):
-        E.passes(units, "vibes", cfg)
+        C.passes(units, "vibes", cfg)
 
 
 # --- chat explainers ------------------------------------------------------------------------------------
