@@ -8,611 +8,92 @@ what the runs read::
     scripts/gpu-chapter3 OUT         # there: check, rebuild a scratch cache, harvest, train, evaluate, tar to OUT
     scripts/store-gpu-chapter3 DIR   # here: check the returned artifacts and copy them into cache/
 
-**Packing** (:func:`pack`). ``harvest_to_disk`` reads random windows of the train split drawn from the
-profile's seed; the pack holds exactly those windows (their starts and tokens: 46,912 windows of 128 tokens
-for the cpu profile's 6M activations, 12 MB), the val split whole (0.5M tokens), the LM artifact, the seed-0
-SAEs that the held-out evaluation compares against, a few thousand activations computed here as a reference,
-and a manifest of sha256s. :func:`unpack` checks every part, rebuilds the cache there with a sparse
-``train.bin`` of the full length holding those windows at their offsets, and checks that this machine's
-torch draws the same windows from it before anything runs.
+**Packing** (:func:`~monosemantic.gpupack.pack`). ``harvest_to_disk`` reads random windows of the train split drawn
+from the profile's seed; the pack holds exactly those windows (their starts and tokens: 46,912 windows of 128 tokens
+for the cpu profile's 6M activations, 12 MB), the val split whole (0.5M tokens), the LM artifact, the seed-0 SAEs
+that the held-out evaluation compares against, a few thousand activations computed here as a reference, and a
+manifest of sha256s. :func:`~monosemantic.gpupack.unpack` checks every part, rebuilds the cache there with a sparse
+``train.bin`` of the full length holding those windows at their offsets, and checks that this machine's torch draws
+the same windows from it before anything runs.
 
-**Running** (:func:`run`). One harvest (the cpu profile's 6M + 1M activations) by ``harvest_to_disk`` exactly
-as ``monosemantic harvest`` runs it (the model on the CPU, fp32; the machine's 16 cores take ~30 s). When its
-files are byte for byte the committed CPU harvest's (the pack brings that manifest), the runs read
+**Running** (:func:`run`). One harvest (the cpu profile's 6M + 1M activations) by ``harvest_to_disk`` exactly as
+``monosemantic harvest`` runs it (the model on the CPU, fp32; the machine's 16 cores take ~30 s). When its files are
+byte for byte the committed CPU harvest's (the pack brings that manifest), the runs read
 ``activations/<profile>-mlp`` itself; when another CPU or torch rounds differently, the harvest is
-``activations/<profile>-mlp-gpu`` and the SAEs trained on it name it as their input (naming the committed one
-would make them read as stale here). Then the jobs of :func:`plan_jobs`, highest priority first, in worker
-processes that share the GPU (each is bound by Python's kernel launches, not by the GPU) and train from the rows
-held on the GPU in the order ``harvest.ArraySource`` gives (:class:`DeviceArraySource`: the same batches,
-gathered there):
+``activations/<profile>-mlp-gpu`` and the SAEs trained on it name it as their input (naming the committed one would
+make them read as stale here). Then the jobs of :func:`~monosemantic.gpujobs.plan_jobs`, highest priority first, in
+worker processes that share the GPU (each is bound by Python's kernel launches, not by the GPU) and train from the
+rows held on the GPU in the order ``harvest.ArraySource`` gives (:class:`~monosemantic.gpujobs.DeviceArraySource`:
+the same batches, gathered there):
 
-1. ``anchor``: the anchor's recipe literally for its 100,000 steps x 896 = 89.6M activations (15 passes over
-   the 6M harvested), and ``anchor-scaled``: the same on inputs multiplied by ``input_scale`` (see
-   :func:`input_scale`), folded into the saved weights so the SAE reads the model's raw activations;
+1. ``anchor``: the anchor's recipe literally for its 100,000 steps x 896 = 89.6M activations (15 passes over the 6M
+   harvested), and ``anchor-scaled``: the same on inputs multiplied by ``input_scale`` (see
+   :func:`~monosemantic.gpujobs.input_scale`), folded into the saved weights so the SAE reads the model's raw
+   activations;
 2. ``topk-seed<N>``, ``anchor-fixed-seed<N>``: the main TopK and the fixed L1 recipe with other seeds;
-3. ``width-<n>``: the width sweep, each run stopped when its held-out FVU changes by less than 1% over the
-   last 10% of its steps (``converged``), or at a cap or the time budget (``converged`` false);
-4. ``topk-seed0-gpu``, ``anchor-fixed-seed0-gpu``: seed 0 again on this device, to tell the device's and
-   dtype's effect from the seeds' (metrics only).
+3. ``width-<n>``: the width sweep, each run stopped when its held-out FVU changes by less than 1% over the last 10%
+   of its steps (``converged``), or at a cap or the time budget (``converged`` false);
+4. ``topk-seed0-gpu``, ``anchor-fixed-seed0-gpu``: seed 0 again on this device, to tell the device's and dtype's
+   effect from the seeds' (metrics only).
 
-The literal runs are checkpointed; when the time budget runs out they stop and a second call on the warm
-machine resumes them (the scratch cache lives in the ignored ``.gpu-ch3-run/``). Finished runs are written
-as artifacts (``sae/<profile>-<name>``; the sweep as ``sae/<profile>-widths``, every job's timings as
-``sae/<profile>-gpu-runs``), every SAE with weights is evaluated on the whole held-out split with intervals
-over documents (``sae/<profile>-heldout``, as ``monosemantic evaluate`` writes it), and the new artifacts
-(weights fp16, tables, manifests; no activations, no sweep weights) go to OUT as a split tarball with
-``ch3-returned.json`` (their sha256s). :func:`store_returned` checks them and copies them into the cache.
+The literal runs are checkpointed; when the time budget runs out they stop and a second call on the warm machine
+resumes them (the scratch cache lives in the ignored ``.gpu-ch3-run/``). Finished runs are written as artifacts
+(``sae/<profile>-<name>``; the sweep as ``sae/<profile>-widths``, every job's timings as
+``sae/<profile>-gpu-runs``), every SAE with weights is evaluated on the whole held-out split with intervals over
+documents (``sae/<profile>-heldout``, as ``monosemantic evaluate`` writes it), and the new artifacts (weights fp16,
+tables, manifests; no activations, no sweep weights) go to OUT as a split tarball with ``ch3-returned.json`` (their
+sha256s). :func:`~monosemantic.gpupack.store_returned` checks them and copies them into the cache.
 
-What would be cleaner in the stage modules, which this file leaves untouched: ``input_scale`` and a seed
-suffix as fields of ``SAEStageConfig`` (here they live in :class:`PlanConfig` and in each artifact's config
-dict), a ``device`` argument to ``evaluation.run_stage`` and a source factory for ``sae_train.train_run``
-(here :func:`heldout` and :func:`train_job` are their GPU-resident counterparts).
-"""
+What would be cleaner in the stage modules, which this file leaves untouched: ``input_scale`` and a seed suffix as
+fields of ``SAEStageConfig`` (here they live in :class:`~monosemantic.gpujobs.PlanConfig` and in each artifact's
+config dict), a ``device`` argument to ``evaluation.run_stage`` and a source factory for ``sae_train.train_run``
+(here :func:`heldout` and :func:`~monosemantic.gpujobs.train_job` are their GPU-resident counterparts)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import StageConfig, UserError, cache_dir, work_dir
-from .harvest import ArraySource, harvest_batch, harvest_to_disk, harvest_windows, open_rows, sequential_windows  # noqa: F401
-from .sae import SAE, SAEConfig
-from .store import sha256_file
-
-PACK_DIR = ".gpu-ch3"
-"""The packed inputs (ignored; the device call carries it)."""
-RUN_DIR = ".gpu-ch3-run"
-"""The scratch cache on the GPU machine (ignored, so it stays between calls on a warm machine)."""
-HARVEST_NAME = "mlp-gpu"
-"""``activations/<profile>-mlp-gpu``: the harvest made on the GPU machine."""
-SEED_RECIPES = ("topk", "anchor-fixed")
-PART_LIMIT = 55 * 2**20
-"""Largest packed part (the device takes 64 MiB of files per call, the code tree included)."""
-RETURN_PART = 15 * 2**20
-"""Largest returned part (the device returns files of at most 16 MiB, 8 files, 64 MiB in all)."""
-RETURNED = "ch3-returned.json"
-COMMAND = "scripts/pack-gpu-inputs, then scripts/gpu-chapter3 OUT on a GPU machine, then scripts/store-gpu-chapter3 OUT"
-CHECKPOINT_EVERY = 5000
-
-
-class GPURunError(UserError):
-    """A pack, an unpacked cache or a returned folder that does not check out; one line."""
-
-
-def _log(prefix: str = "") -> Callable[[str], None]:
-    def log(msg: str) -> None:
-        print(f"{time.strftime('%H:%M:%S')} {prefix}{msg}", flush=True)
-    return log
-
-
-# --- packing (here) -------------------------------------------------------------------------------------
-
-def _tar(path: Path, members: dict[str, Path]) -> None:
-    """A gzipped tar of ``{name inside: file here}`` (names relative to a cache root)."""
-    with tarfile.open(path, "w:gz", compresslevel=6) as tar:
-        for name, src in sorted(members.items()):
-            tar.add(src, arcname=name, recursive=False)
-
-
-def _artifact_members(art, root: str) -> dict[str, Path]:
-    """The committed files of an artifact (and its manifest) as tar members under ``root``."""
-    from .store import MANIFEST
-
-    members = {f"{root}/{MANIFEST}": art.path / MANIFEST}
-    for rel, entry in art.manifest.get("files", {}).items():
-        if entry.get("location", "cache") == "cache":
-            members[f"{root}/{rel}"] = art.path / rel
-    return members
-
-
-def pack(profile: str, out: Path, stage, *, reference_rows: int = 2048, saes: tuple[str, ...] = SEED_RECIPES,
-         log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write the GPU run's inputs to ``out`` (emptied first): ``lm.tar.gz`` (the LM artifact),
-    ``tokens.tar.gz`` (the tokens manifest and index, the val split, the harvest's train windows and the first
-    ``reference_rows`` activations of the harvest computed here), ``saes.tar.gz`` (the committed SAEs
-    ``saes`` and the CPU harvest's manifest they name) and ``manifest.json`` (sizes and sha256s). Returns
-    the manifest. ``stage``: the profile's ``SAEStageConfig``."""
-    from . import store
-    from .config import CORPUS_NAME
-    from .data import TokenDataset
-    from .lm import load_pretrained
-
-    hcfg = stage.harvest
-    lm_art = store.load("lm", profile, "model")
-    tok_art = store.load("tokens", profile, CORPUS_NAME, verify=False, check_inputs=False)
-    train = TokenDataset.open(profile, "train")
-    val = TokenDataset.open(profile, "val", verify=True)
-    start = time.perf_counter()
-    starts, ids = harvest_windows(train.tokens, hcfg.seq_len, hcfg.seed, hcfg.train_activations)
-    log(f"{len(starts):,} train windows of {hcfg.seq_len} tokens ({ids.nbytes / 1e6:.1f} MB) for "
-        f"{hcfg.train_activations:,} activations")
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        np.savez(tmp / "windows.npz", starts=starts, ids=ids)
-        model = load_pretrained(profile).eval()
-        harvest_to_disk(model, train.tokens, reference_rows, tmp / "reference.f16", seq_len=hcfg.seq_len,
-                        seed=hcfg.seed, hook=hcfg.hook, progress=False)
-        tok_root = f"work/tokens/{profile}-{CORPUS_NAME}"
-        parts = {
-            "lm.tar.gz": _artifact_members(lm_art, f"lm/{profile}-model"),
-            "tokens.tar.gz": {f"tokens/{profile}-{CORPUS_NAME}/{store.MANIFEST}": tok_art.path / store.MANIFEST,
-                              f"{tok_root}/index.json": tok_art.work_path / "index.json",
-                              f"{tok_root}/{val.path.name}": val.path,
-                              "work/gpu-inputs/windows.npz": tmp / "windows.npz",
-                              "work/gpu-inputs/reference.f16": tmp / "reference.f16"},
-        }
-        sae_members: dict[str, Path] = {}
-        sae_hashes = {}
-        for name in saes:
-            art = store.load("sae", profile, name)
-            sae_members.update(_artifact_members(art, f"sae/{profile}-{name}"))
-            sae_hashes[name] = art.content_hash
-            for key in art.manifest.get("inputs", {}):
-                stage, rest = key.split("/", 1)
-                if stage == "activations" and store.artifact_path(stage, *rest.split("-", 1)).is_dir():
-                    up = store.artifact_path(stage, *rest.split("-", 1))
-                    sae_members[f"{key}/{store.MANIFEST}"] = up / store.MANIFEST  # its files are not needed
-        if sae_members:
-            parts["saes.tar.gz"] = sae_members
-        manifest: dict[str, Any] = {
-            "format": 1, "profile": profile, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "git_commit": store.git_commit(), "harvest": hcfg.to_dict(), "harvest_batch": harvest_batch(),
-            "windows": int(len(starts)), "reference_rows": reference_rows, "lm": lm_art.content_hash,
-            "tokens": {"name": CORPUS_NAME, "content_hash": tok_art.content_hash, "train_tokens": len(train),
-                       "val_tokens": len(val), "val_sha256": sha256_file(val.path)},
-            "saes": sae_hashes, "parts": {},
-        }
-        for part, members in parts.items():
-            _tar(out / part, members)
-            size = (out / part).stat().st_size
-            if size > PART_LIMIT:
-                raise GPURunError(f"{part} is {size / 2**20:.1f} MiB, over the {PART_LIMIT / 2**20:.0f} MiB a part "
-                                  "may be; pack fewer SAEs (--saes)")
-            manifest["parts"][part] = {"sha256": sha256_file(out / part), "bytes": size}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    total = sum(p["bytes"] for p in manifest["parts"].values())
-    log(f"packed {len(parts)} parts, {total / 2**20:.1f} MiB, into {out} in {time.perf_counter() - start:.0f} s")
-    if total > 60 * 2**20:
-        log(f"warning: {total / 2**20:.1f} MiB leaves little of the device's 64 MiB for the code tree")
-    return manifest
-
-
-def unpack(pack_dir: Path, cache: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Check the parts of ``pack_dir`` against its manifest and rebuild a cache at ``cache``: the LM, the token
-    split's manifest and index, ``val.bin``, a sparse ``train.bin`` of the full length holding the harvest's
-    windows, the seed-0 SAEs. Checks that this machine's torch draws the same windows. Does nothing when
-    ``cache`` already holds this pack."""
-    pack_dir, cache = Path(pack_dir), Path(cache)
-    manifest_file = pack_dir / "manifest.json"
-    if not manifest_file.is_file():
-        raise GPURunError(f"{manifest_file} is missing; make the pack with scripts/pack-gpu-inputs and carry "
-                          f"{PACK_DIR}")
-    manifest = json.loads(manifest_file.read_text())
-    digest = hashlib.sha256(manifest_file.read_bytes()).hexdigest()
-    marker = cache / "work" / "gpu-inputs" / "unpacked.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("manifest_sha256") == digest:
-        log(f"{cache} already holds this pack")
-        return manifest
-    for part, entry in manifest["parts"].items():
-        path = pack_dir / part
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise GPURunError(f"{path} is missing or does not match the pack's manifest (sha256); pack again")
-    cache.mkdir(parents=True, exist_ok=True)
-    for part in manifest["parts"]:
-        with tarfile.open(pack_dir / part) as tar:
-            tar.extractall(cache, filter="data")
-    profile, tok = manifest["profile"], manifest["tokens"]
-    tok_dir = cache / "work" / "tokens" / f"{profile}-{tok['name']}"
-    if sha256_file(tok_dir / "val.bin") != tok["val_sha256"]:
-        raise GPURunError("the unpacked val.bin does not match its sha256")
-    inputs = np.load(cache / "work" / "gpu-inputs" / "windows.npz")
-    starts, ids = inputs["starts"], inputs["ids"]
-    train = tok_dir / "train.bin"
-    with open(train, "wb") as f:
-        f.truncate(tok["train_tokens"] * 2)  # sparse: only the windows below take disk space
-    tokens = np.memmap(train, dtype=np.uint16, mode="r+", shape=(tok["train_tokens"],))
-    tokens[(starts[:, None] + np.arange(ids.shape[1])[None, :]).ravel()] = ids.ravel()
-    tokens.flush()
-    del tokens
-    h = manifest["harvest"]
-    tokens = np.memmap(train, dtype=np.uint16, mode="r", shape=(tok["train_tokens"],))
-    again_starts, again_ids = harvest_windows(tokens, h["seq_len"], h["seed"], h["train_activations"])
-    if not (np.array_equal(again_starts, starts) and np.array_equal(again_ids, ids)):
-        raise GPURunError(f"torch {torch.__version__} here draws other harvest windows than the packing machine did; "
-                          "the harvest would read tokens that were not packed")
-    marker.write_text(json.dumps({"manifest_sha256": digest}))
-    log(f"unpacked {len(manifest['parts'])} parts into {cache}; {len(starts):,} harvest windows in a sparse "
-        f"train.bin of {tok['train_tokens']:,} tokens, drawn identically here")
-    return manifest
-
-
-# --- what runs, and how ---------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class PlanConfig(StageConfig):
-    """The GPU session's chapter 3 runs beyond ``train-sae``'s, and the rules that stop them."""
-
-    STAGE: ClassVar[str] = "sae"
-
-    literal_steps: int = 100_000
-    """Steps of the literal runs: the anchor's 100,000 x 896 = 89.6M activations."""
-    literal_dtype: str = ""
-    """Compute dtype of the literal runs ('' keeps the profile's, ``auto``; ``float32`` is the anchor's own)."""
-    input_scale: float = 0.0
-    """Factor on the inputs of ``anchor-scaled``; 0: ``sqrt(d_in / E|x|^2)`` from the harvest (:func:`input_scale`)."""
-    seeds: tuple[int, ...] = (1, 2)
-    """Seeds of ``topk-seed<N>`` and ``anchor-fixed-seed<N>`` (seed 0 is the committed run)."""
-    controls: bool = True
-    """Also retrain seed 0 of both on this device (metrics only)."""
-    width_min_activations: int = 2_000_000
-    """A width run is not judged converged before this many activations."""
-    width_max_activations: int = 30_000_000
-    """Cap of a width run (5 passes over the cpu profile's 6M)."""
-    converge_tol: float = 0.01
-    """Converged: held-out FVU changed by less than this fraction ..."""
-    converge_window: float = 0.1
-    """... over the last this fraction of the steps so far."""
-    converge_checks: int = 100
-    """Held-out FVU checks over the cap (every ``cap / converge_checks`` steps)."""
-    converge_rows: int = 16_384
-    """Val activations the held-out FVU of the convergence checks is measured on."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One SAE to train on the GPU machine."""
-
-    name: str
-    kind: str  # "main" (the literal runs), "seed", "width", "control"
-    recipe: str  # the SAEStageConfig recipe it derives from: "anchor", "anchor-fixed" or "topk"
-    cfg: SAEConfig
-    scale: float = 1.0  # factor on the inputs in training, folded into the saved weights
-    converge: bool = False  # stop when the held-out FVU settles
-    artifact: bool = True  # written as sae/<profile>-<name> with weights
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "cfg": self.cfg.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Job:
-        return cls(**{**d, "cfg": SAEConfig(**d["cfg"])})
-
-
-def plan_jobs(stage, plan: PlanConfig, scale: float) -> list[Job]:
-    """Every job, highest priority first (see the module's docstring)."""
-    from .sae_train import plan as stage_plan
-
-    literal = stage.anchor.replace(n_steps=plan.literal_steps, **({"dtype": plan.literal_dtype}
-                                                                   if plan.literal_dtype else {}))
-    jobs = [Job("anchor", "main", "anchor", literal), Job("anchor-scaled", "main", "anchor", literal, scale=scale)]
-    for seed in plan.seeds:
-        for recipe in SEED_RECIPES:
-            jobs.append(Job(f"{recipe}-seed{seed}", "seed", recipe, stage.recipe(recipe).replace(seed=seed)))
-    for run in stage_plan(stage):
-        if run.family == "width":
-            jobs.append(Job(run.name, "width", "topk", run.cfg.with_activations(plan.width_max_activations),
-                            converge=True, artifact=False))
-    if plan.controls:
-        for recipe in SEED_RECIPES:
-            jobs.append(Job(f"{recipe}-seed0-gpu", "control", recipe, stage.recipe(recipe), artifact=False))
-    return jobs
-
-
-def input_scale(rows: torch.Tensor, chunk: int = 1 << 18) -> dict[str, float]:
-    """The factor that brings our activations to the scale input-normalised SAEs assume, E|x|^2 = d_in.
-
-    The anchor's logs give its end state (MSE 0.094 per coordinate, L1 term 0.05) but neither its inputs'
-    norm nor its FVU, and MSE = FVU x E|x - mean|^2 / d_in has both unknown, so its scale cannot be solved
-    from them. We take the convention the L1 grid of profiles.py already uses (E|x|^2 = 5.7 here against
-    d_in = 512): ``scale = sqrt(d_in / E|x|^2)``, measured on the harvest, and report the FVU that the anchor's
-    MSE would mean at that scale (``anchor_implied_fvu``); the rescaled run's end-of-training MSE and L1 term
-    (in its own units) are recorded beside the anchor's logged 0.094 and 0.05."""
-    from .anchors import WARD
-
-    n, d = rows.shape
-    sq, total = 0.0, torch.zeros(d, dtype=torch.float64, device=rows.device)
-    for start in range(0, n, chunk):
-        x = rows[start:start + chunk].double()
-        sq += float(x.pow(2).sum())
-        total += x.sum(0)
-    mean_sq = sq / n  # E|x|^2
-    centred = mean_sq - float((total / n).pow(2).sum())  # E|x - mean|^2
-    scale = (d / mean_sq) ** 0.5
-    return {"input_scale": scale, "mean_sq_norm": mean_sq, "mean_sq_centred_norm": centred,
-            "anchor_implied_fvu": float(WARD["sae_mse"]) * d / (scale**2 * centred)}
-
-
-def converged(points: list[tuple[int, float]], window: float, tol: float) -> tuple[bool, float]:
-    """Whether the last of ``points`` ((step, fvu) in step order) is within ``tol`` (relative) of the FVU at
-    ``(1 - window)`` of its step (the last point at or before it), and that relative change (nan when no
-    point is that early)."""
-    if not points:
-        return False, float("nan")
-    step, fvu = points[-1]
-    earlier = [f for s, f in points if s <= (1 - window) * step]
-    if not earlier or step <= 0:
-        return False, float("nan")
-    change = abs(earlier[-1] - fvu) / max(abs(fvu), 1e-12)
-    return change < tol, change
-
-
-def curve_change(history: list[dict[str, float]], window: float) -> float:
-    """Relative change of the training curve's FVU over the last ``window`` of its steps (nan if too short)."""
-    points = [(int(r["step"]), float(r["fvu"])) for r in history if "fvu" in r]
-    return converged(points, window, 1.0)[1]
-
-
-class DeviceArraySource(ArraySource):
-    """:class:`~monosemantic.harvest.ArraySource` over rows held on the device: batch ``step`` holds the same
-    rows in the same order (the epoch permutations are drawn the same way, on the CPU, once per epoch), gathered
-    on the device instead of read from a memmap, times ``scale``. ``watch(step) -> bool`` may end the stream
-    (training then stops where the curve says), ``report(step)`` is called for every batch."""
-
-    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int = 0, scale: float = 1.0,
-                 watch: Callable[[int], bool] | None = None, report: Callable[[int], None] | None = None):
-        super().__init__(rows, batch_size, seed)
-        self.scale, self.watch, self.report = float(scale), watch, report
-        self._dev_epoch, self._dev_perm = -1, None
-        self.max_step = -1
-
-    def _device_permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._dev_epoch:
-            self._dev_perm = torch.from_numpy(self._permutation(epoch)).to(self.rows.device)
-            self._dev_epoch = epoch
-        return self._dev_perm
-
-    def batch(self, step: int) -> torch.Tensor | None:
-        if self.watch is not None and self.watch(step):
-            return None
-        start, parts, have = step * self.batch_size, [], 0
-        while have < self.batch_size:  # ArraySource.batch's walk through the epochs
-            epoch, offset = divmod(start, self.n)
-            take = min(self.batch_size - have, self.n - offset)
-            parts.append(self._device_permutation(epoch)[offset:offset + take])
-            start, have = start + take, have + take
-        index = torch.sort(torch.cat(parts)).values
-        x = self.rows.index_select(0, index).float()
-        self.max_step = max(self.max_step, step)
-        if self.report is not None:
-            self.report(step)
-        return x * self.scale if self.scale != 1.0 else x
-
-
-class ConvergenceWatch:
-    """Ends a run (``watch`` of :class:`DeviceArraySource`) when the SAE's FVU on fixed held-out rows settles
-    (:func:`converged`), or when ``deadline`` (epoch seconds) passes. ``points`` keeps (step, fvu)."""
-
-    def __init__(self, sae: SAE, rows: torch.Tensor, scale: float, plan: PlanConfig, n_steps: int,
-                 min_steps: int, deadline: float):
-        x = rows.float() * scale
-        self.sae, self.x = sae, x
-        self.centred = float((x - x.mean(0)).pow(2).sum())
-        self.every = max(1, n_steps // plan.converge_checks)
-        self.min_steps, self.plan, self.deadline = min_steps, plan, deadline
-        self.points: list[tuple[int, float]] = []
-        self.stopped = "cap"
-        self.change = float("nan")
-
-    @torch.no_grad()
-    def fvu(self) -> float:
-        resid = sum(float((self.sae(part).recon.float() - part).pow(2).sum()) for part in self.x.split(4096))
-        return resid / max(self.centred, 1e-12)
-
-    def __call__(self, step: int) -> bool:
-        if time.time() > self.deadline:
-            self.stopped = "budget"
-            return True
-        if step == 0 or step % self.every:
-            return False
-        self.points.append((step, self.fvu()))
-        done, self.change = converged(self.points, self.plan.converge_window, self.plan.converge_tol)
-        if done and step >= self.min_steps:
-            self.stopped = "converged"
-            return True
-        return False
-
-
-class Progress:
-    """Per-batch callback: a status file for the orchestrator every few seconds, a log line every ``every`` s."""
-
-    def __init__(self, job: Job, status: Path, log: Callable[[str], None], every: float = 30.0):
-        self.job, self.status, self.log, self.every = job, status, log, every
-        self.t0 = self.last_status = self.last_log = time.time()
-        self.first = None
-        self.window: tuple[float, int] | None = None  # (time, step) at the start of the rate window
-        self.rate = 0.0
-
-    def __call__(self, step: int) -> None:
-        now = time.time()
-        if self.first is None:
-            self.first, self.window = step, (now, step)
-            return
-        if now - self.last_status < 5:
-            return
-        t_w, s_w = self.window
-        self.rate = (step - s_w) / max(now - t_w, 1e-9)  # batches/s over the last window
-        self.window = (now, step)
-        self.last_status = now
-        n = self.job.cfg.n_steps
-        self.status.write_text(json.dumps({"name": self.job.name, "kind": self.job.kind, "pid": os.getpid(),
-                                           "step": step, "n_steps": n, "batch_size": self.job.cfg.batch_size,
-                                           "rate": self.rate, "time": now, "started": self.t0}))
-        if now - self.last_log >= self.every:
-            self.last_log = now
-            act = self.rate * self.job.cfg.batch_size
-            self.log(f"{self.job.name}: batch {step:,}/{n:,} ({step * self.job.cfg.batch_size / 1e6:.1f}M act), "
-                     f"{act:,.0f} act/s, ~{(n - step) / max(self.rate, 1e-9):.0f} s to go")
-
-
-def fold_scale(sae: SAE, scale: float) -> None:
-    """Make an SAE trained on ``scale * x`` read ``x`` and reconstruct ``x``: the same latents, the
-    reconstruction divided by ``scale`` (W_enc x scale, W_dec / scale, b_dec / scale)."""
-    if scale == 1.0:
-        return
-    with torch.no_grad():
-        sae.W_enc.mul_(scale)
-        sae.W_dec.div_(scale)
-        sae.b_dec.div_(scale)
-
-
-class Context:
-    """What every job of a worker reads: the model, the harvested rows and the val windows, on ``device``."""
-
-    def __init__(self, profile: str, stage, device: str, harvest_name: str, log: Callable[[str], None]):
-        from . import store
-        from .data import TokenDataset
-        from .lm import load_pretrained
-
-        self.profile, self.device = profile, device
-        self.stage = stage
-        h = self.stage.harvest
-        self.lm_art = store.load("lm", profile, "model")
-        self.act_art = store.load("activations", profile, harvest_name, config=h, verify=False)
-        self.model = load_pretrained(profile).to(device).eval()
-        d_in = self.act_art.metrics["d_in"]
-        t = time.perf_counter()
-        self.train = _to_device(open_rows(self.act_art.work_path / "train.f16", d_in, h.train_activations), device)
-        self.val = _to_device(open_rows(self.act_art.work_path / "val.f16", d_in, h.val_activations), device)
-        log(f"{self.train.shape[0]:,} + {self.val.shape[0]:,} activations on {device} in "
-            f"{time.perf_counter() - t:.0f} s")
-        val_tokens = TokenDataset.open(profile, "val").tokens
-        self.windows = sequential_windows(val_tokens, h.seq_len, self.stage.eval_windows, batch=32)
-        self.upstream = self.lm_art.content_hash + self.act_art.content_hash
-
-
-def _to_device(rows: np.ndarray, device: str, chunk: int = 1 << 20) -> torch.Tensor:
-    out = torch.empty(rows.shape, dtype=torch.float16, device=device)
-    for start in range(0, rows.shape[0], chunk):
-        out[start:start + chunk] = torch.from_numpy(np.array(rows[start:start + chunk])).to(device)
-    return out
-
-
-def staging(profile: str, name: str) -> Path:
-    return work_dir() / "sae" / profile / "gpu-runs" / name
-
-
-def job_stamp(job: Job, ctx_upstream: str, plan: PlanConfig, eval_windows: int) -> dict[str, Any]:
-    stamp = {"job": job.to_dict(), "config_hash": job.cfg.config_hash(), "upstream": ctx_upstream,
-             "eval_windows": eval_windows}
-    if job.converge:
-        stamp["plan"] = plan.to_dict()
-    return stamp
-
-
-def staged_result(profile: str, job: Job, stamp: dict[str, Any]) -> dict[str, Any] | None:
-    """The staged result of ``job`` when it was finished with this stamp, else None."""
-    result = staging(profile, job.name) / "result.json"
-    if result.is_file():
-        saved = json.loads(result.read_text())
-        if saved.get("stamp") == stamp:
-            return saved
-    return None
-
-
-def train_job(job: Job, ctx: Context, plan: PlanConfig, *, deadline: float, status_dir: Path,
-              log: Callable[[str], None]) -> dict[str, Any]:
-    """Train, evaluate and stage one job (``sae_train.train_run`` for rows on the device, with the input scale
-    folded in and the convergence stop); a finished one is returned from its staging folder. SIGTERM stops
-    training with a checkpoint (KeyboardInterrupt); the next call resumes it."""
-    from . import hardware, metrics
-    from . import sae as sae_mod
-
-    stamp = job_stamp(job, ctx.upstream, plan, ctx.stage.eval_windows)
-    saved = staged_result(ctx.profile, job, stamp)
-    if saved is not None:
-        return saved
-    folder = staging(ctx.profile, job.name)
-    result_file, checkpoint = folder / "result.json", folder / "checkpoint.pt"
-    if result_file.is_file():
-        shutil.rmtree(folder)  # made by another job definition or from other activations
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp_file = folder / "stamp.json"
-    if checkpoint.is_file() and (not stamp_file.is_file() or json.loads(stamp_file.read_text()) != stamp):
-        checkpoint.unlink()
-    stamp_file.write_text(json.dumps(stamp))
-    cfg = job.cfg
-    sae = SAE(cfg)
-    watch = None
-    if job.converge:
-        min_steps = max(1, plan.width_min_activations // cfg.batch_size)
-        watch = ConvergenceWatch(sae, ctx.val[:plan.converge_rows], job.scale, plan, cfg.n_steps, min_steps,
-                                 deadline)
-    progress = Progress(job, status_dir / f"{job.name}.json", log)
-    source = DeviceArraySource(ctx.train, cfg.batch_size, seed=cfg.seed, scale=job.scale, watch=watch,
-                               report=progress)
-    t0 = time.perf_counter()
-    trained = sae_mod.train(cfg, source, device=ctx.device, progress=False, sae=sae, desc=job.name,
-                            checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY, log=log)
-    history = trained.history
-    seconds = history[-1]["seconds"] if history else time.perf_counter() - t0
-    steps = int(history[-1]["step"]) if history else 0
-    last = history[-1] if history else {}
-    sae = trained.sae
-    fold_scale(sae, job.scale)
-    t_eval = time.perf_counter()
-    result = metrics.run_evaluation(ctx.model, sae, ctx.windows)  # model and SAE on the device, float32
-    density = metrics.feature_density(sae, ctx.val)  # rows held on the SAE's device
-    out: dict[str, Any] = dict(result.metrics)
-    out["dead_fraction"] = float((density == 0).double().mean())
-    out["ultralow_fraction"] = float((density < metrics.ULTRALOW_DENSITY).double().mean())
-    out["density_tokens"] = int(ctx.val.shape[0])
-    out["train_activations"] = steps * cfg.batch_size
-    out["drawn_activations"] = (source.max_step + 1) * cfg.batch_size  # + the anchor rule's dead-check windows
-    out["train_seconds"] = round(seconds, 1)
-    out["resampled_total"] = int(sum(row.get("resampled", 0) for row in history))
-    out["activations_per_s"] = round(out["train_activations"] / max(seconds, 1e-9), 1)
-    out["input_scale"] = job.scale
-    out["train_mse_end"] = float(last.get("mse", float("nan")))  # in training units (x input_scale)
-    out["train_l1_term_end"] = float(cfg.l1_coeff * last.get("l1", float("nan"))) if cfg.architecture == "relu" \
-        else float("nan")
-    if watch is not None:
-        out["converged"] = watch.stopped == "converged"
-        out["fvu_change_last_10pct"] = watch.change
-        out["heldout_checks"] = len(watch.points)
-        stopped = watch.stopped
-    else:
-        out["fvu_change_last_10pct"] = curve_change(history, plan.converge_window)
-        out["converged"] = bool(out["fvu_change_last_10pct"] < plan.converge_tol)
-        stopped = "steps"
-    out["eval_seconds"] = round(time.perf_counter() - t_eval, 1)
-    raw = out
-    out = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}  # JSON-safe
-    compute = str(cfg.compute_dtype(ctx.device)).removeprefix("torch.")
-    sae_mod.save(sae, folder / "sae", dtype=torch.float16, metadata={
-        "hook_name": ctx.stage.harvest.hook, "model_name": f"monosemantic-lm-{ctx.profile}",
-        "input_scale": job.scale, **({"input_scale_folded": "trained on input_scale * x; saved as W_enc * s, "
-                                      "W_dec / s, b_dec / s, so it reads and reconstructs x"}
-                                     if job.scale != 1.0 else {})})
-    np.save(folder / "density.npy", density.numpy())
-    saved = {"stamp": stamp, "metrics": out, "history": history, "stopped": stopped, "compute_dtype": compute,
-             "device": hardware.cuda_device() or "cpu", "heldout_fvu": watch.points if watch is not None else []}
-    result_file.write_text(json.dumps(saved))
-    log(f"{job.name} done: {steps * cfg.batch_size / 1e6:.1f}M act in {seconds:.0f} s "
-        f"({raw['activations_per_s']:,.0f} act/s, {compute}), FVU {raw['fvu']:.4f}, L0 {raw['l0']:.1f}, "
-        f"CE recovered {raw['ce_loss_recovered']:.4f}, dead {raw['dead_fraction']:.3f}, "
-        f"resampled {raw['resampled_total']}, {stopped}")
-    return saved
-
+from .config import UserError, cache_dir, work_dir
+from .gpujobs import (
+    Context,
+    Job,
+    PlanConfig,
+    act_art_upstream,
+    input_scale,
+    job_stamp,
+    plan_jobs,
+    staged_result,
+    staging,
+    to_device,
+    train_job,
+)
+from .gpupack import (
+    COMMAND,
+    HARVEST_NAME,
+    PACK_DIR,
+    SEED_RECIPES,
+    GPURunError,
+    pack,
+    return_artifacts,
+    store_returned,
+    timed_log,
+    unpack,
+)
+from .harvest import harvest_to_disk, open_rows
 
 # --- the worker processes -------------------------------------------------------------------------------
 
@@ -626,7 +107,7 @@ def worker(args: argparse.Namespace, stage) -> int:
     """Claim jobs in priority order (a folder per claim) and run them until none is left or time is up.
     ``stage``: the ``SAEStageConfig`` of the jobs' profile."""
     torch.set_num_threads(args.threads)
-    log = _log(f"[w{args.id}] ")
+    log = timed_log(f"[w{args.id}] ")
     spec = json.loads(Path(args.jobs).read_text())
     jobs = [Job.from_dict(d) for d in spec["jobs"]]
     plan = PlanConfig(**{**spec["plan"], "seeds": tuple(spec["plan"]["seeds"])})
@@ -899,37 +380,6 @@ def evaluation_path(profile: str) -> Path:
     return store.artifact_path("sae", profile, "heldout")
 
 
-def return_artifacts(keys: list[str], out: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """Tar the committed files of the artifacts ``keys`` (``stage/profile-name``) into ``out`` as parts of at
-    most ``RETURN_PART`` bytes, with ``ch3-returned.json``: their content hashes and the parts' sha256s."""
-    from . import store
-
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("ch3-artifacts.tgz.*"):
-        old.unlink()
-    arts = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tarball = Path(tmp) / "a.tgz"
-        with tarfile.open(tarball, "w:gz", compresslevel=6) as tar:
-            for key in keys:
-                stage, rest = key.split("/", 1)
-                profile, name = rest.split("-", 1)
-                art = store.load(stage, profile, name, verify=False, check_inputs=False)
-                for member, path in _artifact_members(art, key).items():
-                    tar.add(path, arcname=member, recursive=False)
-                arts[key] = art.content_hash
-        parts = {}
-        with open(tarball, "rb") as f:
-            i = 0
-            while block := f.read(RETURN_PART):
-                part = out / f"ch3-artifacts.tgz.{i:02d}"
-                part.write_bytes(block)
-                parts[part.name] = {"sha256": hashlib.sha256(block).hexdigest(), "bytes": len(block)}
-                i += 1
-    returned = {"format": 1, "artifacts": arts, "parts": parts, **extra}
-    (out / RETURNED).write_text(json.dumps(returned, indent=1) + "\n")
-    return returned
-
 
 def run(args: argparse.Namespace, stage) -> int:
     """The whole GPU session: harvest, jobs in worker processes, artifacts, held-out evaluation, tarball.
@@ -937,7 +387,7 @@ def run(args: argparse.Namespace, stage) -> int:
     from . import evaluation, store
 
     t_start = time.time()
-    log = _log()
+    log = timed_log()
     profile = args.profile
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.allow_cpu:
@@ -960,7 +410,7 @@ def run(args: argparse.Namespace, stage) -> int:
     inputs = [lm_art, act_art]
     d_in = act_art.metrics["d_in"]
     train_rows = open_rows(act_art.work_path / "train.f16", d_in, stage.harvest.train_activations)
-    scale_info = input_scale(_to_device(train_rows, device))
+    scale_info = input_scale(to_device(train_rows, device))
     if plan.input_scale > 0:
         scale_info = {**scale_info, "input_scale": plan.input_scale, "derived_scale": scale_info["input_scale"]}
     scale = float(scale_info["input_scale"])
@@ -1083,106 +533,6 @@ def run(args: argparse.Namespace, stage) -> int:
         f"+{time.time() - t_start:.0f} s")
     return 0
 
-
-def act_art_upstream(lm_art, act_art) -> str:
-    """The upstream stamp a job's staging folder carries (as :class:`Context` makes it)."""
-    return lm_art.content_hash + act_art.content_hash
-
-
-# --- storing (here) -------------------------------------------------------------------------------------
-
-def store_returned(folder: Path, *, force: bool = False, log: Callable[[str], None] = print) -> list[str]:
-    """Check what scripts/gpu-chapter3 returned in ``folder`` (parts against ``ch3-returned.json``, every file
-    against its artifact's manifest, every input against this cache or the returned set) and copy the artifacts
-    into the cache. A damaged part or file stops everything; an artifact made from another version of an input
-    than this cache holds is skipped, with the reason; one that is here already with other content is replaced
-    only with ``force`` (otherwise nothing is copied). Returns the keys stored."""
-    from . import store
-
-    folder = Path(folder)
-    spec_file = folder / RETURNED
-    if not spec_file.is_file():
-        raise GPURunError(f"{spec_file} is missing: pass the folder the GPU run's files were fetched to")
-    spec = json.loads(spec_file.read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        tarball = tmp / "a.tgz"
-        with open(tarball, "wb") as out:
-            for part, entry in sorted(spec["parts"].items()):
-                data = (folder / part).read_bytes() if (folder / part).is_file() else b""
-                if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                    raise GPURunError(f"{folder / part} is missing or does not match {RETURNED} (sha256)")
-                out.write(data)
-        root = tmp / "cache"
-        with tarfile.open(tarball) as tar:
-            tar.extractall(root, filter="data")
-        keys = list(spec["artifacts"])  # upstream ones first, as the run lists them
-        arts, replace, skipped = {}, [], set()
-        for key in keys:
-            stage, rest = key.split("/", 1)
-            profile, name = rest.split("-", 1)
-            manifest = json.loads((root / key / store.MANIFEST).read_text())
-            art = store.Artifact(stage, profile, name, root / key, manifest)
-            problems = art.problems(check_work=False)
-            if problems:
-                raise GPURunError(f"returned {key}: {problems[0]}")
-            if art.content_hash != spec["artifacts"][key]:
-                raise GPURunError(f"returned {key} is not the artifact {RETURNED} names")
-            stale = None
-            for up, content_hash in manifest.get("inputs", {}).items():
-                if up in spec["artifacts"]:
-                    ok = spec["artifacts"][up] == content_hash and up not in skipped
-                else:
-                    up_stage, up_rest = up.split("/", 1)
-                    try:
-                        here = store.load(up_stage, *up_rest.split("-", 1), verify=False, check_inputs=False)
-                    except store.CacheError:
-                        log(f"note: {key} was made from {up}, which is not in this cache")
-                        continue
-                    ok = here.content_hash == content_hash
-                if not ok:
-                    stale = up
-                    break
-            if stale is not None:  # e.g. the held-out table of a seed-0 SAE that was retrained here since
-                log(f"skipped {key}: it was made from another {stale} than this cache holds (it would load as "
-                    "stale); remake it here" + (" with `monosemantic evaluate`" if name == "heldout" else ""))
-                skipped.add(key)
-                continue
-            dest = store.artifact_path(stage, profile, name)
-            if dest.is_dir():
-                try:
-                    same = store.load(stage, profile, name, verify=False, check_inputs=False).content_hash == \
-                        art.content_hash
-                except store.CacheError:
-                    same = False
-                if not same:
-                    replace.append(key)
-            arts[key] = art
-        if replace and not force:
-            raise GPURunError(f"{', '.join(replace)} already in the cache with other content; pass --force to "
-                              "replace them")
-        for art in arts.values():
-            dest = store.artifact_path(art.stage, art.profile, art.name)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp_dest = dest.parent / f".tmp-{dest.name}-gpu"
-            if tmp_dest.exists():
-                shutil.rmtree(tmp_dest)
-            shutil.copytree(art.path, tmp_dest)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp_dest, dest)
-    keys = [k for k in keys if k not in skipped]
-    for key in keys:
-        stage, rest = key.split("/", 1)
-        art = store.load(stage, *rest.split("-", 1))
-        m = art.metrics
-        brief = ", ".join(f"{k} {m[k]:.4g}" for k in ("train_activations", "resampled_total", "fvu", "l0",
-                                                     "ce_loss_recovered", "input_scale")
-                          if isinstance(m.get(k), (int, float)))
-        log(f"stored {key}" + (f": {brief}" if brief else ""))
-    if spec.get("unfinished"):
-        log(f"unfinished on the GPU: {', '.join(spec['unfinished'])}")
-    return keys
 
 
 # --- command line ----------------------------------------------------------------------------------------

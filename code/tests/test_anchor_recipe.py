@@ -151,11 +151,11 @@ def test_one_anchor_resampling_matches_the_notebooks_block():
 
 def test_the_anchor_rule_resamples_after_its_steps_for_the_whole_run():
     literal = profiles.get("gpu").sae.anchor
-    steps = [s for s in range(1, literal.n_steps + 1) if S._resample_due(literal, s)]
+    steps = [s for s in range(1, literal.n_steps + 1) if S.fit._resample_due(literal, s)]
     assert steps[:2] == [1001, 2001] and steps[-1] == 99_001 and len(steps) == 99
     assert literal.dead_window // literal.batch_size * literal.batch_size == 9_856  # 11 batches of 896
     fixed = profiles.get("gpu").sae.anchor_fixed
-    steps = [s for s in range(1, fixed.n_steps + 1) if S._resample_due(fixed, s)]
+    steps = [s for s in range(1, fixed.n_steps + 1) if S.fit._resample_due(fixed, s)]
     assert steps[0] == 1000 and steps[-1] == 50_000  # Anthropic's rule over the first half, as before
 
 

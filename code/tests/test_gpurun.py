@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from monosemantic import cli, corpus, gpurun, profiles, store
+from monosemantic import cli, corpus, gpujobs, gpupack, gpurun, profiles, store
 from monosemantic import sae as sae_mod
 from monosemantic.harvest import ArraySource
 from monosemantic.sae import SAE, SAEConfig
@@ -25,7 +25,7 @@ from monosemantic.sae import SAE, SAEConfig
 def test_device_source_serves_array_source_batches_across_epochs():
     rows = np.random.default_rng(0).standard_normal((1000, 8)).astype(np.float16)
     ref = ArraySource(rows, 96, seed=3)
-    dev = gpurun.DeviceArraySource(torch.from_numpy(rows), 96, seed=3, scale=2.5)
+    dev = gpujobs.DeviceArraySource(torch.from_numpy(rows), 96, seed=3, scale=2.5)
     for step in (0, 1, 9, 10, 11, 20, 31, 10, 0):  # epochs of 1000 rows end inside batches 10, 20 and 31
         want = ref.batch(step)
         assert torch.equal(dev.batch(step), want * 2.5)
@@ -36,7 +36,7 @@ def test_source_watch_ends_the_stream_and_training_stops_there():
     rows = torch.randn(512, 8, dtype=torch.float16)
     cfg = SAEConfig(d_in=8, n_features=16, architecture="topk", k=2, batch_size=32, n_steps=50, log_every=10,
                     resample_every=0)
-    src = gpurun.DeviceArraySource(rows, 32, seed=0, watch=lambda step: step >= 23)
+    src = gpujobs.DeviceArraySource(rows, 32, seed=0, watch=lambda step: step >= 23)
     out = sae_mod.train(cfg, src, device="cpu", progress=False)
     assert out.history[-1]["step"] == 23 and out.history[-1]["n_activations"] == 23 * 32
 
@@ -51,7 +51,7 @@ def test_folding_the_input_scale_keeps_latents_and_reconstructs_raw_inputs(archi
         sae.b_enc.normal_(std=0.1)
     x, s = torch.randn(32, 16).abs(), 9.5
     scaled = sae(x * s)  # what training saw
-    gpurun.fold_scale(sae, s)
+    gpujobs.fold_scale(sae, s)
     raw = sae(x)
     assert torch.allclose(raw.latents, scaled.latents, rtol=1e-5, atol=1e-5)
     assert torch.allclose(raw.recon * s, scaled.recon, rtol=1e-5, atol=1e-4)
@@ -59,13 +59,13 @@ def test_folding_the_input_scale_keeps_latents_and_reconstructs_raw_inputs(archi
 
 def test_converged_compares_the_fvu_at_nine_tenths_of_the_steps():
     flat = [(s, 0.2 + 0.0001 * (s < 50)) for s in range(10, 101, 10)]
-    assert gpurun.converged(flat, 0.1, 0.01)[0]
+    assert gpujobs.converged(flat, 0.1, 0.01)[0]
     falling = [(s, 1.0 / s) for s in range(10, 101, 10)]
-    done, change = gpurun.converged(falling, 0.1, 0.01)
+    done, change = gpujobs.converged(falling, 0.1, 0.01)
     assert not done and change == pytest.approx((1 / 90 - 1 / 100) / (1 / 100))
-    assert not gpurun.converged([(100, 0.2)], 0.1, 0.01)[0]  # nothing as early as step 90
+    assert not gpujobs.converged([(100, 0.2)], 0.1, 0.01)[0]  # nothing as early as step 90
     history = [{"step": s, "fvu": f} for s, f in falling]
-    assert gpurun.curve_change(history, 0.1) == pytest.approx(change)
+    assert gpujobs.curve_change(history, 0.1) == pytest.approx(change)
 
 
 def test_balance_pauses_low_priority_work_only_while_a_literal_run_is_late():
@@ -87,7 +87,7 @@ def test_balance_pauses_low_priority_work_only_while_a_literal_run_is_late():
 
 def test_the_cpu_plan_is_the_anchors_length_first_then_seeds_widths_controls():
     stage = profiles.get("cpu").sae
-    jobs = gpurun.plan_jobs(stage, gpurun.PlanConfig(), scale=9.4)
+    jobs = gpujobs.plan_jobs(stage, gpujobs.PlanConfig(), scale=9.4)
     names = [j.name for j in jobs]
     assert names[:6] == ["anchor", "anchor-scaled", "topk-seed1", "anchor-fixed-seed1", "topk-seed2",
                          "anchor-fixed-seed2"]
@@ -100,7 +100,7 @@ def test_the_cpu_plan_is_the_anchors_length_first_then_seeds_widths_controls():
     assert jobs[2].cfg == stage.topk.replace(seed=1) and jobs[3].cfg == stage.anchor_fixed.replace(seed=1)
     assert all(j.converge and j.cfg.n_activations <= 30_000_000 + j.cfg.batch_size for j in jobs if j.kind == "width")
     assert [j.name for j in jobs if j.artifact] == names[:6]
-    assert gpurun.Job.from_dict(json.loads(json.dumps(jobs[1].to_dict()))) == jobs[1]
+    assert gpujobs.Job.from_dict(json.loads(json.dumps(jobs[1].to_dict()))) == jobs[1]
 
 
 @pytest.fixture(scope="module")
@@ -146,15 +146,15 @@ def test_pack_run_store_round_trip_on_the_tiny_profile(here, tmp_path, monkeypat
             "--threads", "1", "--literal-steps", "40", "--seeds", "1", "--no-controls", "--width-max", "4096",
             "--width-min", "1024", "--budget", "900", "--reserve", "60", "--heldout-windows", "16"]
     assert gpurun.main(argv) == 0
-    returned = json.loads((out / gpurun.RETURNED).read_text())
+    returned = json.loads((out / gpupack.RETURNED).read_text())
     assert not returned["unfinished"], returned["states"]
     assert set(returned["artifacts"]) == {
         "activations/tiny-mlp-gpu", "sae/tiny-anchor", "sae/tiny-anchor-scaled", "sae/tiny-topk-seed1",
         "sae/tiny-anchor-fixed-seed1", "sae/tiny-widths", "sae/tiny-gpu-runs", "sae/tiny-heldout"}
-    assert all(p.stat().st_size <= gpurun.RETURN_PART for p in out.glob("ch3-artifacts.tgz.*"))
+    assert all(p.stat().st_size <= gpupack.RETURN_PART for p in out.glob("ch3-artifacts.tgz.*"))
     # a second call (as after a time-out) finds everything staged, trains nothing and returns the same SAEs
     assert gpurun.main(argv) == 0
-    again = json.loads((out / gpurun.RETURNED).read_text())
+    again = json.loads((out / gpupack.RETURNED).read_text())
     assert {k: v for k, v in again["artifacts"].items() if "heldout" not in k and "gpu-runs" not in k} == \
         {k: v for k, v in returned["artifacts"].items() if "heldout" not in k and "gpu-runs" not in k}
 
@@ -211,13 +211,13 @@ def test_an_interrupted_job_resumes_to_the_same_sae(here, tmp_path, monkeypatch)
     monkeypatch.setenv("MONOSEMANTIC_DTYPE_CACHE", str(tmp_path / "dtype.json"))
     monkeypatch.setenv("MONOSEMANTIC_CACHE", str(here))
     log = lambda msg: None  # noqa: E731
-    ctx = gpurun.Context("tiny", profiles.get("tiny").sae, "cpu", "mlp", log)
-    plan = gpurun.PlanConfig()
+    ctx = gpujobs.Context("tiny", profiles.get("tiny").sae, "cpu", "mlp", log)
+    plan = gpujobs.PlanConfig()
     cfg = profiles.get("tiny").sae.anchor.replace(n_steps=45)  # the literal rule: resampling after 21 and 41
-    jobs = [gpurun.Job(name, "main", "anchor", cfg, scale=3.0) for name in ("whole", "stopped")]
-    done = gpurun.train_job(jobs[0], ctx, plan, deadline=float("inf"), status_dir=tmp_path, log=log)
+    jobs = [gpujobs.Job(name, "main", "anchor", cfg, scale=3.0) for name in ("whole", "stopped")]
+    done = gpujobs.train_job(jobs[0], ctx, plan, deadline=float("inf"), status_dir=tmp_path, log=log)
 
-    real_call = gpurun.Progress.__call__
+    real_call = gpujobs.Progress.__call__
 
     def stop_at_30(self, step):
         if step == 30 and not getattr(self, "stopped_once", False):
@@ -225,13 +225,13 @@ def test_an_interrupted_job_resumes_to_the_same_sae(here, tmp_path, monkeypatch)
             raise KeyboardInterrupt("stopped for the test")
         real_call(self, step)
 
-    monkeypatch.setattr(gpurun.Progress, "__call__", stop_at_30)
+    monkeypatch.setattr(gpujobs.Progress, "__call__", stop_at_30)
     with pytest.raises(KeyboardInterrupt):
-        gpurun.train_job(jobs[1], ctx, plan, deadline=float("inf"), status_dir=tmp_path, log=log)
-    assert (gpurun.staging("tiny", "stopped") / "checkpoint.pt").is_file()
-    monkeypatch.setattr(gpurun.Progress, "__call__", real_call)
-    again = gpurun.train_job(jobs[1], ctx, plan, deadline=float("inf"), status_dir=tmp_path, log=log)
-    weights = [(gpurun.staging("tiny", n) / "sae" / sae_mod.SAE_WEIGHTS_FILENAME).read_bytes()
+        gpujobs.train_job(jobs[1], ctx, plan, deadline=float("inf"), status_dir=tmp_path, log=log)
+    assert (gpujobs.staging("tiny", "stopped") / "checkpoint.pt").is_file()
+    monkeypatch.setattr(gpujobs.Progress, "__call__", real_call)
+    again = gpujobs.train_job(jobs[1], ctx, plan, deadline=float("inf"), status_dir=tmp_path, log=log)
+    weights = [(gpujobs.staging("tiny", n) / "sae" / sae_mod.SAE_WEIGHTS_FILENAME).read_bytes()
                for n in ("whole", "stopped")]
     assert weights[0] == weights[1]
     assert again["metrics"]["resampled_total"] == done["metrics"]["resampled_total"]
