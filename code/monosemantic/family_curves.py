@@ -140,7 +140,7 @@ def _ratio_interval(sums: dict[str, np.ndarray], num: str, den: str, n_boot: int
 def measure(batches: Iterable[tuple[int, Tensor]], encoders: Sequence[Callable[[Tensor], Tensor]],
             counts: Sequence[CurveCounts], labels: np.ndarray, T: int, skip: int) -> None:
     """Stream held-out activations into ``counts``: ``batches`` yields (first window, (B*T, d) MLP activations)
-    as :func:`monosemantic.analysis._mlp_batches` does; ``encoders[i]`` maps them to set i's non-negative
+    as :func:`monosemantic.analysis.mlp_batches` does; ``encoders[i]`` maps them to set i's non-negative
     (oriented) unit activations; ``labels`` (W, T, F) the family labels of the windows; the first ``skip``
     positions of each window do not count."""
     for b, h in batches:

@@ -394,7 +394,7 @@ def test_sparse_pool_merge_keeps_the_largest_per_column_like_a_dense_topk():
         a = torch.rand(40, 7, generator=g) * (torch.rand(40, 7, generator=g) < 0.3)
         seen.append(a)
         rows, cols = torch.nonzero((a > 0) & (a > keys[-1]), as_tuple=True)
-        A._pool_merge(keys, index, a[rows, cols], rows + 40 * step, cols)
+        A.passes._pool_merge(keys, index, a[rows, cols], rows + 40 * step, cols)
     allv = torch.cat(seen)
     want_v, want_i = torch.topk(torch.where(allv > 0, allv, -1.0), 5, dim=0)
     torch.testing.assert_close(keys, want_v)

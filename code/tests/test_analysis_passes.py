@@ -116,7 +116,7 @@ def test_pool_merge_keeps_the_rank_order_of_a_full_stable_sort_ties_included():
             asked.append(len(pos))
             return new_extra[pos]
 
-        A._pool_merge(mine[0], mine[1], new_keys, new_index, slots, extras=[(mine[2], extra_of)])
+        A.passes._pool_merge(mine[0], mine[1], new_keys, new_index, slots, extras=[(mine[2], extra_of)])
         _pool_merge_by_full_sort(*plain, new_keys, new_index, new_extra, slots)
         for x, y in zip(mine, plain, strict=True):
             assert torch.equal(x, y), step
@@ -150,7 +150,7 @@ def test_held_out_sums_and_contexts_equal_a_direct_dense_computation():
         maxima.append(torch.rand(s.n_units) + 0.5)
     skip = cfg.skip_first_positions
     with torch.no_grad():
-        held, pools = A._held_out_pass(model, sets, windows, labels, tables, maxima, cfg, progress=False)
+        held, pools = A.passes._held_out_pass(model, sets, windows, labels, tables, maxima, cfg, progress=False)
     lab = torch.as_tensor(labels.reshape(-1, labels.shape[-1]), dtype=torch.float64)
     ids = windows.reshape(-1)
     for s, st, table, pool, mx in zip(sets, held, tables, pools, maxima, strict=True):
@@ -179,9 +179,9 @@ def test_first_pass_statistics_equal_a_direct_dense_computation():
     labels = np.random.default_rng(5).random((*windows.shape, len(A.FAMILY_NAMES))) < 0.2
     sets = _sets()
     with torch.no_grad():
-        stats = A._first_pass(model, sets, windows, labels, cfg, progress=False)
+        stats = A.passes._first_pass(model, sets, windows, labels, cfg, progress=False)
     lab = torch.as_tensor(labels.reshape(-1, labels.shape[-1]), dtype=torch.float64)
-    edges = torch.as_tensor(A._HIST_EDGES[1:-1], dtype=torch.float32)
+    edges = torch.as_tensor(A.passes._HIST_EDGES[1:-1], dtype=torch.float32)
     ids = torch.as_tensor(windows.reshape(-1))
     for s, st in zip(sets, stats, strict=True):
         raw, _, measured = _dense_reference(model, s, windows, cfg.skip_first_positions)
@@ -241,7 +241,7 @@ def test_interval_samples_are_the_ones_a_dense_pass_draws_and_come_with_their_co
     top = [[(int(u), int(g)) for u, g in zip(rng.integers(0, s.n_units, 30), rng.integers(0, windows.size, 30),
                                              strict=True)] for s in sets]
     with torch.no_grad():
-        got = A._interval_pass(model, sets, windows, maxima, top, cfg, progress=False)
+        got = A.passes._interval_pass(model, sets, windows, maxima, top, cfg, progress=False)
         batches = [(b, _activations(model, windows[b:b + 4])) for b in range(0, len(windows), 4)]
         want = _interval_samples_dense(sets, batches, maxima, cfg)
     for s, sm, (keys, idx, val), exs in zip(sets, got, want, top, strict=True):
@@ -255,7 +255,7 @@ def test_interval_samples_are_the_ones_a_dense_pass_draws_and_come_with_their_co
         for u, g, span in samples + [(u, g, span) for (u, g), span in zip(exs, sm.top_contexts, strict=True)]:
             t = g % T
             lo, hi = max(0, t - cfg.before), min(T, t + cfg.after + 1)
-            assert np.array_equal(A._context_acts(span, t, T, cfg), a[g - t + lo:g - t + hi, u].numpy())
+            assert np.array_equal(A.passes._context_acts(span, t, T, cfg), a[g - t + lo:g - t + hi, u].numpy())
 
 
 @pytest.fixture(scope="module")

@@ -332,7 +332,8 @@ def test_analyze_cli_flag_replaces_the_explainer(monkeypatch):
     seen = {}
     from monosemantic import profiles
 
-    monkeypatch.setattr(A, "run_stage", lambda profile, cfg, stage, progress: seen.setdefault("cfg", cfg) and "path")
+    monkeypatch.setattr(A.stage, "run_stage",
+                        lambda profile, cfg, stage, progress: seen.setdefault("cfg", cfg) and "path")
     args = SimpleNamespace(profile="tiny", threads=None, no_progress=True, explainer="openai:m@http://localhost:1/v1",
                            profile_config=profiles.get("tiny"))
     assert A.run(args) == 0 and seen["cfg"].explainer == "openai:m@http://localhost:1/v1"
@@ -349,12 +350,12 @@ def test_the_random_model_control_is_optional_and_read_from_its_artifact(tmp_pat
     cfg = LMConfig(context_length=16, d_model=32, n_heads=4, d_mlp=64, vocab_size=500, dtype="float32", compile=False)
     lm_art = SimpleNamespace(config=cfg.to_dict())
     said = []
-    assert A._random_model_set("tiny", lm_art, said.append) is None
+    assert A.stage._random_model_set("tiny", lm_art, said.append) is None
     assert len(said) == 1 and "tiny-random-model" in said[0] and "left out" in said[0]
     sae = sae_mod.SAE(sae_mod.SAEConfig(d_in=64, n_features=128, architecture="topk", k=4))
     with store.write("sae", "tiny", A.RANDOM_MODEL, config={"model_seed": 3}) as w:
         sae_mod.save(sae, w.dir)
-    model, units, art = A._random_model_set("tiny", lm_art, said.append)
+    model, units, art = A.stage._random_model_set("tiny", lm_art, said.append)
     assert units.name == A.RANDOM_MODEL and units.n_units == 128 and art.name == A.RANDOM_MODEL
     assert torch.equal(model.blocks[0].mlp.fc_out.weight, A.random_lm(cfg, 3).blocks[0].mlp.fc_out.weight)
 
@@ -367,7 +368,7 @@ def test_two_analyses_merge_into_one_set_of_tables():
         out["families"] = pd.DataFrame({"family": ["digits"]})
         return out
 
-    merged = A._merge(tables("topk", [1, 2]), tables(A.RANDOM_MODEL, [2, 3]))
+    merged = A.stage._merge(tables("topk", [1, 2]), tables(A.RANDOM_MODEL, [2, 3]))
     assert merged["units"]["set"].tolist() == ["topk", A.RANDOM_MODEL]
     assert merged["vocab"]["token"].tolist() == [1, 2, 3] and len(merged["families"]) == 1
 
