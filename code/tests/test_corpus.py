@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from monosemantic import corpus, profiles, store
+from monosemantic.config import ConfigError
 from monosemantic.corpus import CorpusConfig
 from monosemantic.data import TokenDataset
+from monosemantic.store import sha256_file
 from monosemantic.tokenizer import EOT_ID
 
 
@@ -140,7 +142,7 @@ def test_licence_header_and_boilerplate_removed():
     assert corpus.strip_licence_header(py) == "#!/usr/bin/env python\nimport os\n"
     keep = "/* a helper that adds numbers */\nint add(int a, int b);\n"
     assert corpus.strip_licence_header(keep) == keep
-    dedup = corpus._Dedup(min_chars=40)
+    dedup = corpus.assemble._Dedup(min_chars=40)
     notice = "This program is distributed in the hope that it will be useful, but WITHOUT ANY WARRANTY."
     first, removed = dedup(f"Document one.\n\n{notice}")
     assert removed == 0 and notice in first
@@ -181,7 +183,7 @@ def test_drifted_package_is_reported(tmp_cache):
 
 
 def test_config_validation():
-    with pytest.raises(corpus.ConfigError, match="unknown source"):
+    with pytest.raises(ConfigError, match="unknown source"):
         CorpusConfig(sources=(("no-such-source", 0),))
     assert profiles.get("cpu").corpus.target_tokens >= 80_000_000
     for name in ("tiny", "cpu", "gpu"):
@@ -219,7 +221,7 @@ def test_debian_package_with_nested_tarball(tmp_cache, monkeypatch):
     folder.mkdir(parents=True)
     path = folder / pkg.file
     path.write_bytes(_deb({"debian-binary": b"2.0\n", "control.tar.xz": _tar_xz({}), "data.tar.xz": data}))
-    pkg = corpus.Package("debian", "fake-src", "1.0-1", corpus.sha256_file(path))
+    pkg = corpus.Package("debian", "fake-src", "1.0-1", sha256_file(path))
     monkeypatch.setitem(corpus.PINS, "fake-src", pkg)
     src = corpus.Source("fake", "code", ("fake-src",), ("*.c",), "code", "GPL", 0.001, inner="*/src-1.0.tar.xz")
     used = {"fake-src": corpus.fetch(pkg, log=lambda m: None)}

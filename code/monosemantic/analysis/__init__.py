@@ -88,6 +88,7 @@ from .measure import (  # noqa: F401
 from .passes import (  # noqa: F401
     AnalysisConfig,
     first_position_share,
+    mlp_batches,
     pearson,
     score_context,
 )
