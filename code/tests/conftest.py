@@ -22,6 +22,50 @@ def tmp_cache(tmp_path, monkeypatch):
     return path
 
 
+# --- the tiny pipeline, built once per test run ----------------------------------------------------------
+
+TINY_LEVELS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "corpus": (),  # corpus.build
+    "lm": (("train-lm", "--threads", "1", "--no-progress"),),
+    "harvest": (("harvest", "--no-progress"),),
+    "sae": (("train-sae", "--no-progress"),),  # every SAE of the tiny profile
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """``make(level, dest) -> dest``: a cache of its own at ``dest`` holding the tiny profile's pipeline up to
+    ``level`` (a key of :data:`TINY_LEVELS`, each including the ones before it), artifacts and work files. The
+    stages run once per test session, on first demand, and are snapshotted after each level; each caller gets
+    a copy, so no test sees another's writes."""
+    import shutil
+
+    from monosemantic import cli, corpus, profiles
+
+    root = tmp_path_factory.mktemp("tiny-pipeline")
+    live = root / "live"
+    snapshots: dict[str, object] = {}
+
+    def make(level: str, dest):
+        order = list(TINY_LEVELS)
+        for name in order[:order.index(level) + 1]:
+            if name in snapshots:
+                continue
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("MONOSEMANTIC_CACHE", str(live))
+                if name == "corpus":
+                    live.mkdir()
+                    corpus.build(profiles.get("tiny").corpus, "tiny", workers=1, threads=1, command="test")
+                for argv in TINY_LEVELS[name]:
+                    assert cli.main([*argv, "--profile", "tiny"]) == 0, argv
+            snapshots[name] = root / f"after-{name}"
+            shutil.copytree(live, snapshots[name])
+        shutil.copytree(snapshots[level], dest)
+        return dest
+
+    return make
+
+
 # --- the fault table ------------------------------------------------------------------------------------
 # Tests of bad input and faults record what they tried and what the program said (the ``fault`` fixture, which
 # marks them ``faults``); `monosemantic faults` runs them alone and writes the rows into the artifact

@@ -217,24 +217,17 @@ MEMORY_CAP_GB = 2
 
 
 @pytest.mark.slow
-def test_the_tiny_pipeline_runs_under_a_memory_cap(tmp_path, fault):
+def test_the_tiny_pipeline_runs_under_a_memory_cap(tmp_path, fault, tiny_pipeline):
     """Every stage of the tiny pipeline, each a real process whose address space is capped, as a laptop
     with little free memory would cap it: harvesting and training stream, so none needs more."""
     import os
     import subprocess
     import sys
 
-    from monosemantic import profiles
-
-    cache = tmp_path / "cache"
+    cache = tiny_pipeline("corpus", tmp_path / "cache")
     # pyarrow's default pool (mimalloc) reserves a 1 GiB arena of address space on first use, which is no
     # memory at all but counts against RLIMIT_AS: with the system allocator the cap measures what we use
     env = {**os.environ, "MONOSEMANTIC_CACHE": str(cache), "ARROW_DEFAULT_MEMORY_POOL": "system"}
-    os.environ["MONOSEMANTIC_CACHE"] = str(cache)
-    try:
-        corpus.build(profiles.get("tiny").corpus, "tiny", workers=1, threads=1, command="test")
-    finally:
-        del os.environ["MONOSEMANTIC_CACHE"]
     cap = int(MEMORY_CAP_GB * (1 << 30))
     for stage in ("train-lm", "harvest", "train-sae", "analyze", "diff"):
         code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}));"

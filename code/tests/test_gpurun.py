@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from monosemantic import cli, corpus, gpujobs, gpupack, gpurun, profiles, store
+from monosemantic import cli, gpujobs, gpupack, gpurun, profiles, store
 from monosemantic import sae as sae_mod
 from monosemantic.harvest import ArraySource
 from monosemantic.sae import SAE, SAEConfig
@@ -104,15 +104,12 @@ def test_the_cpu_plan_is_the_anchors_length_first_then_seeds_widths_controls():
 
 
 @pytest.fixture(scope="module")
-def here(tmp_path_factory):
+def here(tmp_path_factory, tiny_pipeline):
     """The tiny profile's cache as this machine has it: corpus, LM, harvest, the seed-0 TopK and L1 SAEs."""
-    cache = tmp_path_factory.mktemp("gpurun") / "here"
-    cache.mkdir()
+    cache = tiny_pipeline("harvest", tmp_path_factory.mktemp("gpurun") / "here")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MONOSEMANTIC_CACHE", str(cache))
-        corpus.build(profiles.get("tiny").corpus, "tiny", workers=1, threads=1, command="test")
-        for argv in (["train-lm", "--threads", "1"], ["harvest", "--threads", "1"],
-                     ["train-sae", "--recipe", "topk", "--threads", "1"],
+        for argv in (["train-sae", "--recipe", "topk", "--threads", "1"],
                      ["train-sae", "--recipe", "anchor-fixed", "--threads", "1"]):
             assert cli.main([*argv, "--profile", "tiny", "--no-progress"]) == 0
     return cache

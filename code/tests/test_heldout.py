@@ -149,16 +149,9 @@ def test_config_checks():
 
 
 @pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    """The tiny corpus, LM and harvest (about 15 s)."""
-    cache = tmp_path_factory.mktemp("heldout") / "cache"
-    cache.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MONOSEMANTIC_CACHE", str(cache))
-        corpus.build(profiles.get("tiny").corpus, "tiny", workers=1, threads=1, command="test")
-        for argv in (["train-lm", "--threads", "1", "--no-progress"], ["harvest", "--no-progress"]):
-            assert cli.main([*argv, "--profile", "tiny"]) == 0
-    return cache
+def tiny_cache(tmp_path_factory, tiny_pipeline):
+    """The tiny corpus, LM and harvest."""
+    return tiny_pipeline("harvest", tmp_path_factory.mktemp("heldout") / "cache")
 
 
 def _one_line(e) -> str:

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 
 import monosemantic
-from monosemantic import corpus, profiles, store
+from monosemantic import store
 
 PACKAGE_ROOT = Path(monosemantic.__file__).resolve().parents[1]  # the folder `python -m monosemantic` runs from
 COMMAND = [sys.executable, "-m", "monosemantic", "train-lm", "--profile", "tiny", "--threads", "1", "--no-progress"]
@@ -70,13 +70,9 @@ def _clear_lm(cache: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, tiny_pipeline):
     """The tiny corpus in a fresh cache, and the weights and metrics of one uninterrupted run on it."""
-    cache = tmp_path_factory.mktemp("resume") / "cache"
-    cache.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MONOSEMANTIC_CACHE", str(cache))
-        corpus.build(profiles.get("tiny").corpus, "tiny", workers=1, threads=1, command="test")
+    cache = tiny_pipeline("corpus", tmp_path_factory.mktemp("resume") / "cache")
     shards = _shards(cache)
     assert set(shards) == {"tiny-minipile/train.bin", "tiny-minipile/val.bin"}
     out = _train(cache)

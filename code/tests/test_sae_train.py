@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from monosemantic import cli, corpus, harvest, metrics, profiles, sae_train, store
+from monosemantic import cli, harvest, metrics, profiles, sae_train, store
 from monosemantic import sae as sae_mod
 from monosemantic.data import TokenDataset
 from monosemantic.harvest import HOOK, ArraySource, HarvestError, harvest_to_disk, open_rows
@@ -17,17 +17,9 @@ from monosemantic.lm import LMConfig, Transformer, load_pretrained
 
 
 @pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    """A cache with the tiny corpus, LM, harvest and every SAE of the tiny profile (about 20 s)."""
-    cache = tmp_path_factory.mktemp("sae_train") / "cache"
-    cache.mkdir()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MONOSEMANTIC_CACHE", str(cache))
-        corpus.build(profiles.get("tiny").corpus, "tiny", workers=1, threads=1, command="test")
-        for argv in (["train-lm", "--threads", "1", "--no-progress"], ["harvest", "--no-progress"],
-                     ["train-sae", "--no-progress"]):
-            assert cli.main([*argv, "--profile", "tiny"]) == 0
-    return cache
+def tiny_cache(tmp_path_factory, tiny_pipeline):
+    """A cache with the tiny corpus, LM, harvest and every SAE of the tiny profile."""
+    return tiny_pipeline("sae", tmp_path_factory.mktemp("sae_train") / "cache")
 
 
 @pytest.fixture
