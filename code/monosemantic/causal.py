@@ -451,7 +451,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         for ids in prompts:
             with model.hooks({HOOK: edit} if edit else {}):
                 out = model.generate(ids, cfg.new_tokens, temperature=0)
-            texts.append(tok.decode(out[0, ids.shape[1]:].tolist()))
+            texts.append(tok.display(out[0, ids.shape[1]:].tolist()))  # cut characters as <0xNN>
         return texts
 
     def family_share(edit, fam: Tensor, seed: int, starts: list[Tensor], n_new: int) -> tuple[float, int]:
