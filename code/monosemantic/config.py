@@ -36,7 +36,9 @@ class ConfigError(UserError, ValueError):
 
 def _to_jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        omit = getattr(type(value), "OMIT_AT_DEFAULT", ())
+        return {f.name: _to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.name in omit and getattr(value, f.name) == f.default)}
     if isinstance(value, dict):
         return {str(k): _to_jsonable(v) for k, v in sorted(value.items())}
     if isinstance(value, (list, tuple)):
@@ -59,11 +61,14 @@ def stable_hash(obj: Any, length: int = 12) -> str:
 class StageConfig:
     """Base of every stage's config: a frozen dataclass with a stable hash.
 
-    Subclasses set ``STAGE`` (the cache folder, e.g. ``"lm"``) and may bump ``VERSION``.
+    Subclasses set ``STAGE`` (the cache folder, e.g. ``"lm"``) and may bump ``VERSION``. A field added after
+    artifacts were made goes in ``OMIT_AT_DEFAULT``: at its default it is left out of the config's dict and
+    hash, so those artifacts keep their hash and a config that sets it gets another.
     """
 
     STAGE: ClassVar[str] = ""
     VERSION: ClassVar[int] = 1
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_jsonable(self)

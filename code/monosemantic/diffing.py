@@ -41,7 +41,10 @@ MIX = "mix"
 
 
 def artifact_name(cfg: DiffConfig) -> str:
-    return f"finetune-{cfg.source}"
+    """``finetune-<source>``; ``-s<n>`` added for another seed of the whole run (fine-tune and crosscoder),
+    ``-cc<n>`` for another crosscoder seed on the same fine-tuned pair."""
+    return (f"finetune-{cfg.source}" + (f"-s{cfg.seed}" if cfg.seed else "")
+            + (f"-cc{cfg.crosscoder_seed}" if cfg.crosscoder_seed >= 0 else ""))
 
 
 class DiffError(UserError):
@@ -51,6 +54,7 @@ class DiffError(UserError):
 @dataclasses.dataclass(frozen=True)
 class DiffConfig(StageConfig):
     STAGE: ClassVar[str] = "diff"
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("crosscoder_seed",)
 
     source: str = "shakespeare"
     """The corpus source to fine-tune on (its documents as extracted by ``monosemantic corpus``), or
@@ -71,8 +75,15 @@ class DiffConfig(StageConfig):
     epochs: int = 2
     top_tokens: int = 6
     seed: int = 0
+    crosscoder_seed: int = -1
+    """-1: the crosscoder takes ``seed``, as the fine-tune does. Another value trains a second crosscoder on the
+    same fine-tuned pair and the same rows, with only its initialisation and batch order drawn from this seed:
+    the two crosscoders' difference is the noise floor of any statistic read off one."""
 
     def __post_init__(self) -> None:
+        if self.crosscoder_seed == self.seed or self.crosscoder_seed < -1:
+            raise ConfigError(f"diff.crosscoder_seed must be -1 (the fine-tune's seed, {self.seed}) or another "
+                              f"seed >= 0, got {self.crosscoder_seed}")
         if not 0 < self.holdout < 0.5:
             raise ConfigError(f"diff.holdout must be in (0, 0.5), got {self.holdout}")
         check_positive(self, "steps", "batch_size", "eval_windows", "harvest_tokens", "n_features", "k", "epochs")
@@ -215,7 +226,8 @@ def train_crosscoder(rows: torch.Tensor, cfg: DiffConfig, progress: bool = True)
     from . import sae as S
 
     scfg = S.SAEConfig(d_in=rows.shape[1], n_features=cfg.n_features, architecture="topk", k=cfg.k,
-                       lr=cfg.sae_lr, batch_size=1024, resample_every=0, dtype="auto", seed=cfg.seed,
+                       lr=cfg.sae_lr, batch_size=1024, resample_every=0, dtype="auto",
+                       seed=cfg.seed if cfg.crosscoder_seed < 0 else cfg.crosscoder_seed,
                        dead_window=min(250_000, len(rows)))
     scfg = scfg.replace(n_steps=max(1, cfg.epochs * len(rows) // scfg.batch_size))
     return S.train(scfg, rows, progress=progress, desc="crosscoder", device="cpu")
@@ -270,7 +282,7 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
     texts = {"mix": TokenDataset.open(profile, "val").tokens, "source": ft_tokens["val"]}
     print(f"diff ({profile}): fine-tuning on {cfg.source}: {len(ft_tokens['train']):,} train tokens, "
           f"{len(ft_tokens['val']):,} held out; {cfg.steps} steps x {cfg.batch_size} x {seq}")
-    folder = work_dir() / "diff" / f"{profile}-{cfg.source}"
+    folder = work_dir() / "diff" / (f"{profile}-{cfg.source}" + (f"-s{cfg.seed}" if cfg.seed else ""))
     result = finetune(base, ft_tokens, cfg, folder / "checkpoint.pt", progress=progress)
     tuned = result.model.eval()
     folder.mkdir(parents=True, exist_ok=True)
@@ -334,13 +346,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--source", help="corpus source to fine-tune on (default: the profile's), or `mix` for the "
                                     "control: more steps on the base model's own training mix")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="another seed of the whole run (fine-tune and crosscoder); written as "
+                        "diff/<profile>-finetune-<source>-sN")
+    p.add_argument("--crosscoder-seed", type=int, default=None, metavar="N",
+                   help="a second crosscoder on the same fine-tuned pair, from seed N (the noise floor); written "
+                        "as diff/<profile>-finetune-<source>-ccN")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = args.profile_config.diff
-    run_stage(args.profile, cfg.replace(source=args.source) if args.source else cfg, progress=not args.no_progress)
+    if args.source:
+        cfg = cfg.replace(source=args.source)
+    if getattr(args, "seed", None) is not None:
+        cfg = cfg.replace(seed=args.seed)
+    if getattr(args, "crosscoder_seed", None) is not None:
+        cfg = cfg.replace(crosscoder_seed=args.crosscoder_seed)
+    run_stage(args.profile, cfg, progress=not args.no_progress)
     return 0
 
 

@@ -9,6 +9,7 @@ import torch
 
 from monosemantic import cli, diffing, profiles, store
 from monosemantic import sae as sae_mod
+from monosemantic.config import ConfigError
 
 
 def test_relative_norm_and_cosine_of_known_decoders():
@@ -104,3 +105,44 @@ def test_the_control_fine_tunes_on_the_base_mix(tiny_diff, monkeypatch):
     assert cli.main(["diff", "--profile", "tiny", "--no-progress", "--source", "mix"]) == 0
     art = store.load("diff", "tiny", "finetune-mix")
     assert art.config["source"] == "mix" and art.metrics["crosscoder_live"] > 0
+
+
+def test_a_second_crosscoder_seed_shares_the_pair_and_rows_and_nothing_else(tiny_diff, monkeypatch):
+    """The noise floor: --crosscoder-seed trains another crosscoder on the same fine-tuned pair and rows, so the
+    losses and the SAE transfer are those of the first run to the bit, and only the crosscoder differs."""
+    import pandas as pd
+
+    cache, first = tiny_diff
+    monkeypatch.setenv("MONOSEMANTIC_CACHE", str(cache))
+    assert cli.main(["diff", "--profile", "tiny", "--no-progress", "--crosscoder-seed", "1"]) == 0
+    second = store.load("diff", "tiny", "finetune-numpy-docs-cc1")
+    assert second.config["crosscoder_seed"] == 1 and "crosscoder_seed" not in first.config
+    for name in ("losses", "transfer"):
+        pd.testing.assert_frame_equal(pd.read_parquet(first.file(f"{name}.parquet")),
+                                      pd.read_parquet(second.file(f"{name}.parquet")))
+    assert second.metrics["crosscoder_rows"] == first.metrics["crosscoder_rows"]
+    a, b = (pd.read_parquet(x.file("latents.parquet")) for x in (first, second))
+    assert not np.allclose(a["cos"], b["cos"])
+
+
+def test_a_field_added_later_keeps_old_hashes_at_its_default():
+    from monosemantic.config import stable_hash
+    from monosemantic.diffing import DiffConfig
+
+    default = DiffConfig()
+    fields = default.to_dict()
+    assert "crosscoder_seed" not in fields  # left out at its default ...
+    assert default.config_hash() == stable_hash({"stage": "diff", "class": "DiffConfig", "version": 1,
+                                                 "fields": fields})
+    assert DiffConfig(crosscoder_seed=3).config_hash() != default.config_hash()  # ... and kept when set
+    assert DiffConfig(**DiffConfig(crosscoder_seed=3).to_dict()) == DiffConfig(crosscoder_seed=3)
+    with pytest.raises(ConfigError, match="crosscoder_seed"):
+        DiffConfig(seed=2, crosscoder_seed=2)
+
+
+def test_artifact_names_say_which_seeds():
+    from monosemantic.diffing import DiffConfig, artifact_name
+
+    assert artifact_name(DiffConfig(source="mix")) == "finetune-mix"
+    assert artifact_name(DiffConfig(source="mix", seed=1)) == "finetune-mix-s1"
+    assert artifact_name(DiffConfig(source="mix", crosscoder_seed=2)) == "finetune-mix-cc2"
