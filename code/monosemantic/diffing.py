@@ -374,3 +374,24 @@ def summary(art) -> dict[str, Any]:
 
     return {name: pd.read_parquet(art.file(f"{name}.parquet"))
             for name in ("losses", "transfer", "latents", "crosscoder_curve")}
+
+
+REGISTER_RATIO = 10.0
+"""A latent "of the register" fires over this many times as often on the source's held-out text as on the mix's."""
+
+
+def run_stats(tables: dict[str, Any]) -> dict[str, float]:
+    """The pilot's statistics of one run (``summary``'s tables): live latents, model-specific ones (r < 0.1,
+    r > 0.9), the median cosine of the live latents' decoder halves, the same for the register's latents
+    (density ratio source / mix above :data:`REGISTER_RATIO`, both densities floored at 1e-4) and for the
+    others, and the fine-tune's loss change on each text."""
+    live = live_latents(tables["latents"])
+    ratio = (live.density_source + 1e-4) / (live.density_mix + 1e-4)
+    reg, rest = live[ratio > REGISTER_RATIO], live[ratio <= REGISTER_RATIO]
+    loss = tables["losses"].set_index(["model", "text"])["loss"]
+    return {"live": len(live), "base_only": int((live.kind == "base-only").sum()),
+            "finetune_only": int((live.kind == "fine-tune-only").sum()), "median_cos": float(live.cos.median()),
+            "register": len(reg), "register_cos": float(reg.cos.median()) if len(reg) else float("nan"),
+            "rest_cos": float(rest.cos.median()) if len(rest) else float("nan"),
+            "loss_shift_mix": float(loss["finetuned", "mix"] - loss["base", "mix"]),
+            "loss_shift_source": float(loss["finetuned", "source"] - loss["base", "source"])}

@@ -146,3 +146,19 @@ def test_artifact_names_say_which_seeds():
     assert artifact_name(DiffConfig(source="mix")) == "finetune-mix"
     assert artifact_name(DiffConfig(source="mix", seed=1)) == "finetune-mix-s1"
     assert artifact_name(DiffConfig(source="mix", crosscoder_seed=2)) == "finetune-mix-cc2"
+
+
+def test_run_stats_on_a_known_table():
+    latents = pd.DataFrame({"latent": range(5), "rel_norm": [0.05, 0.5, 0.5, 0.95, 0.5],
+                            "cos": [0.1, 0.9, 0.7, 0.3, 0.5], "kind": ["base-only", "shared", "shared",
+                                                                     "fine-tune-only", "shared"],
+                            "density_mix": [0.01, 0.0, 0.01, 0.01, 0.0], "density_source": [0.01, 0.01, 0.01,
+                                                                                           0.01, 0.0]})
+    losses = pd.DataFrame({"model": ["base", "base", "finetuned", "finetuned"],
+                           "text": ["mix", "source"] * 2, "loss": [4.0, 5.0, 4.5, 3.0]})
+    s = diffing.run_stats({"latents": latents, "losses": losses})
+    # latent 4 never fires: not live; latent 1 fires only on the source (ratio (0.01+1e-4)/1e-4 = 101)
+    assert (s["live"], s["base_only"], s["finetune_only"], s["register"]) == (4, 1, 1, 1)
+    assert s["median_cos"] == pytest.approx(0.5) and s["register_cos"] == pytest.approx(0.9)
+    assert s["rest_cos"] == pytest.approx(0.3)  # median of 0.1, 0.7, 0.3
+    assert (s["loss_shift_mix"], s["loss_shift_source"]) == (pytest.approx(0.5), pytest.approx(-2.0))
