@@ -130,7 +130,7 @@ class CausalConfig(StageConfig):
     """Which features, how hard they are pushed, against what, on how much held-out text."""
 
     STAGE: ClassVar[str] = "analysis"
-    VERSION: ClassVar[int] = 9  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
+    VERSION: ClassVar[int] = 10  # 2: paired feature-minus-random rows; 3: output-matched control, base mass;
     # 4: 20 random directions, each one's result kept, the feature's rank among them; 5: ties of family share
     # broken by held-out firings, 8 features, the mass on the tokens each feature promotes; 6: each control
     # direction also measured on the tokens it promotes itself, other features' decoder directions, a dose
@@ -141,7 +141,9 @@ class CausalConfig(StageConfig):
     # positions, ablation only with enough firings (and with the LayerNorm scale frozen), the anchor's pinned
     # reconstruction, generations at several strengths, every held-out window scanned; 9: each direction's own base
     # mass, the fitted controls also rescaled to the feature's KL in the main clamp (direction "<kind>_kl"), four
-    # times the sampled text, the pinned protocol also at the clamp value with push-matched controls
+    # times the sampled text, the pinned protocol also at the clamp value with push-matched controls; 10: a
+    # family's vocabulary also holds the tokens that begin one of its characters (byte_aware_families),
+    # greedy continuations kept with cut characters as <0xNN>
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
@@ -153,6 +155,10 @@ class CausalConfig(StageConfig):
     """A feature qualifies only if it fires at least this often on the held-out text."""
     min_family_tokens: int = 20
     """A family is only used if at least this many vocabulary tokens belong to it when read alone."""
+    byte_aware_families: bool = True
+    """A token that begins a character without finishing it belongs to that character's script where its bytes
+    fix the script (:func:`vocab_family_masks`): byte-level BPE splits Arabic, CJK and Greek into such pieces,
+    which the family's features predict and a character-level reading misses."""
     clamp_multiple: float = 5.0
     """Clamp value = this x the feature's largest activation on the explanation text (a high value, as
     feature steering uses: the largest natural value barely moves the output of a rare feature)."""
@@ -212,11 +218,21 @@ class CausalConfig(StageConfig):
                 raise ConfigError(f"causal.{name} ({getattr(self, name)}) must be at most n_random ({self.n_random})")
 
 
-def vocab_family_masks(token_bytes: list[bytes]) -> np.ndarray:
-    """(V, n_families) bool: the families each vocabulary token belongs to when read alone."""
-    from .analysis import token_families
+def vocab_family_masks(token_bytes: list[bytes], byte_aware: bool = True) -> np.ndarray:
+    """(V, n_families) bool: the families each vocabulary token belongs to when read alone; ``byte_aware``:
+    also the script of a character the token begins but does not finish, where its bytes fix the script
+    (:func:`monosemantic.analysis.partial_character_families`: a lone Arabic lead byte is Arabic)."""
+    from .analysis import FAMILY_NAMES, partial_character_families, token_families
 
-    return np.concatenate([token_families([b]) for b in token_bytes]) if token_bytes else np.zeros((0, 0), bool)
+    if not token_bytes:
+        return np.zeros((0, 0), bool)
+    out = np.concatenate([token_families([b]) for b in token_bytes])
+    if byte_aware:
+        col = {name: j for j, name in enumerate(FAMILY_NAMES)}
+        for t, b in enumerate(token_bytes):
+            for name in partial_character_families(b):
+                out[t, col[name]] = True
+    return out
 
 
 # --- choosing the features and what they predict ---------------------------------------------------------------
@@ -398,7 +414,8 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                         f"{profile}`")
     heldout_tokens = int(an.metrics.get("held_out_tokens", 0))
     tok = tokenizer.load()
-    masks = torch.as_tensor(vocab_family_masks(tok.token_bytes(list(range(N_VOCAB)))))  # (V, F)
+    masks = torch.as_tensor(vocab_family_masks(tok.token_bytes(list(range(N_VOCAB))),
+                                               byte_aware=cfg.byte_aware_families))  # (V, F)
     sizes = {f: int(masks[:, j].sum()) for j, f in enumerate(FAMILY_NAMES)}
     picks = pick(units, list(FAMILY_NAMES), sizes, cfg, heldout_tokens, float(an.config["specificity_threshold"]),
                  float(an.config["lift_threshold"]))

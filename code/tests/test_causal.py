@@ -329,3 +329,20 @@ def test_the_best_neuron_is_the_most_specific_scored_one_of_the_family():
                             "family_share": [0.4, 0.6, 0.9, 0.99], "density_val": [0.1, 0.01, 0.1, 0.1]})
     assert int(best_neuron(neurons, "digits")["unit"]) == 1  # unit 2 is not scored, unit 3 is another family
     assert best_neuron(neurons, "cjk") is None
+
+
+def test_a_token_that_begins_a_character_belongs_to_its_script_where_its_bytes_fix_it():
+    from monosemantic.analysis import partial_character_families
+
+    arabic, cjk, greek = "\u0627".encode(), "\u3042".encode(), "\u03b1".encode()  # ا, あ, α
+    assert partial_character_families(arabic[:1]) == ["arabic"]  # 0xD8: U+0600..U+063F, all Arabic
+    assert partial_character_families(b"x" + cjk[:2]) == ["cjk"]  # 0xE3 0x81: U+3040..U+307F
+    assert partial_character_families(greek[:1]) == ["greek"]  # 0xCE: U+0380..U+03BF
+    assert partial_character_families("\u4e00".encode()[:1]) == []  # 0xE4: U+4000..U+4FFF straddles CJK blocks
+    assert partial_character_families(arabic) == []  # a whole character: token_families' business
+    assert partial_character_families(arabic[1:]) == []  # a continuation byte alone says nothing
+    assert partial_character_families(b"ab") == []
+    masks = vocab_family_masks([arabic[:1], b" the", arabic])
+    plain = vocab_family_masks([arabic[:1], b" the", arabic], byte_aware=False)
+    j = FAMILY_NAMES.index("arabic")
+    assert masks[:, j].tolist() == [True, False, True] and plain[:, j].tolist() == [False, False, True]

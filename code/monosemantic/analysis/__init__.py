@@ -77,6 +77,7 @@ from ..tokenizer import EOT_ID, N_VOCAB  # noqa: F401  (GPT-2's)
 from .families import (  # noqa: F401
     FAMILIES,
     FAMILY_NAMES,
+    partial_character_families,
     token_families,
     window_families,
 )

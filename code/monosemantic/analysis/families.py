@@ -127,6 +127,37 @@ def token_families(pieces: Sequence[bytes], eot: Sequence[bool] | None = None) -
     return out
 
 
+def partial_character_families(piece: bytes) -> list[str]:
+    """The script families of the character a token's bytes begin but do not finish. A UTF-8 lead byte at the
+    token's end, with the continuation bytes after it, fixes a range of code points (a lead byte 0xD8 alone:
+    U+0600 to U+063F); a script family is named when its blocks hold that whole range, and none when the range
+    straddles blocks (0xE4 alone may be CJK or not). Continuation bytes at a token's start end a character
+    begun in an earlier token and say nothing alone."""
+    lead = next((i for i in range(len(piece) - 1, -1, -1) if piece[i] >= 0xC0), None)
+    if lead is None:
+        return []
+    b = piece[lead]
+    size = 2 if b < 0xE0 else 3 if b < 0xF0 else 4 if b < 0xF8 else 0
+    tail = piece[lead + 1:]
+    if not size or len(tail) >= size - 1 or any(not 0x80 <= c < 0xC0 for c in tail):
+        return []  # not a lead byte, a whole character, or not UTF-8
+    prefix = b & (0x7F >> size)
+    for c in tail:
+        prefix = (prefix << 6) | (c & 0x3F)
+    missing = 6 * (size - 1 - len(tail))
+    lo, hi = prefix << missing, ((prefix + 1) << missing) - 1
+    out = []
+    for name, ranges in _SCRIPTS.items():
+        covered, point = True, lo
+        while point <= hi and covered:  # walk the range through the family's blocks
+            block = next(((r_lo, r_hi) for r_lo, r_hi in ranges if r_lo <= point <= r_hi), None)
+            covered = block is not None
+            point = block[1] + 1 if block else point
+        if covered:
+            out.append(name)
+    return out
+
+
 def window_families(tokenizer, windows: np.ndarray) -> np.ndarray:
     """(W, T, F) bool family labels of token windows (W, T), each window read as one text. ``tokenizer``:
     GPT-2's (:mod:`monosemantic.tokenizer`) or any with ``token_bytes``, ``eot_id`` and ``n_vocab``."""
