@@ -61,11 +61,14 @@ def md(text: str) -> None:
     display(Markdown(text))
 
 
-def pct(v: float, digits: int | None = None) -> str:
+def pct(v: float, digits: int | None = None, significant: int | None = None) -> str:
     """``v`` as a percentage. With ``digits`` None: no decimals, except for a small non-zero share, which
-    keeps one or two significant digits rather than printing as 0% (0.0039 -> 0.4%)."""
+    keeps one or two significant digits rather than printing as 0% (0.0039 -> 0.4%); ``significant``: that
+    many significant digits whatever the size (3.2e-6 -> 0.00032%)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
+    if significant is not None:
+        return f"{100 * v:.{significant}g}%"
     if digits is None:
         p = abs(100 * v)
         digits = 0 if p == 0 or p >= 1 else 1 if p >= 0.1 else 2

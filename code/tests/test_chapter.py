@@ -215,3 +215,9 @@ def test_counts_are_written_as_prose():
     assert chapter.count_words(0, "feature") == "no features"
     assert chapter.count_words(2, "cell") == "two cells"
     assert chapter.count_words(1234, "token") == "1,234 tokens"
+
+
+def test_pct_keeps_small_shares_visible():
+    assert chapter.pct(0.25) == "25%" and chapter.pct(0.0039) == "0.4%" and chapter.pct(0.00039) == "0.04%"
+    assert chapter.pct(0.1234, 1) == "12.3%" and chapter.pct(float("nan")) == "—"
+    assert chapter.pct(3.2e-6, significant=2) == "0.00032%" and chapter.pct(0.059, significant=2) == "5.9%"
