@@ -143,7 +143,8 @@ class CausalConfig(StageConfig):
     # mass, the fitted controls also rescaled to the feature's KL in the main clamp (direction "<kind>_kl"), four
     # times the sampled text, the pinned protocol also at the clamp value with push-matched controls; 10: a
     # family's vocabulary also holds the tokens that begin one of its characters (byte_aware_families),
-    # greedy continuations kept with cut characters as <0xNN>
+    # greedy continuations kept with cut characters as <0xNN>, prompts after <|endoftext|> with the clamps off
+    # at that first position
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
@@ -458,7 +459,8 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         return torch.as_tensor(predicted(found.next_counts[row], found.all_counts, cfg.predicted_tokens))
 
     family_of = dict(zip(units["unit"].astype(int), units["family"].fillna("").astype(str), strict=True))
-    prompts = [torch.tensor([tok.encode(p)]) for p in PROMPTS]
+    # each prompt after <|endoftext|>, as every training document starts; the clamps leave that position alone
+    prompts = [torch.tensor([[tokenizer.EOT_ID, *tok.encode(p)]]) for p in PROMPTS]
     eot_prompt = torch.tensor([[tokenizer.EOT_ID]])
     fam_rows, singles, dose, gens, sampled, preds = [], [], [], [], [], []
     skipped_firing = 0
@@ -624,21 +626,21 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                                      **{k: float(v[i]) for k, v in sm.items()}})
         # in text: greedy continuations at several strengths, the anchor's pinned reconstruction, and a random
         # direction; the family's share of sampled continuations, for the feature against random directions
-        clamped = edit_hook(sae, feature, "clamp", None, value)
+        clamped = edit_hook(sae, feature, "clamp", None, value, skip_first=True)
         scaled = [randoms[i] * float(push_f.norm() / writes(model, randoms[i:i + 1]).norm())
                   for i in range(cfg.sample_random)]
         texts = {"as_is": base_text, "clamped": greedy(clamped),
-                 "random_direction": greedy(edit_hook(sae, feature, "clamp", scaled[0], value)),
+                 "random_direction": greedy(edit_hook(sae, feature, "clamp", scaled[0], value, skip_first=True)),
                  "pinned": greedy(edit_hook(sae, feature, "pin", value=value)),
                  "pinned_anchor": greedy(edit_hook(sae, feature, "pin", value=cfg.pin_value))}
         for m in cfg.generation_multiples:
             if m != cfg.clamp_multiple:
-                texts[f"clamped_{m:g}x"] = greedy(edit_hook(sae, feature, "clamp", None, m * top))
+                texts[f"clamped_{m:g}x"] = greedy(edit_hook(sae, feature, "clamp", None, m * top, skip_first=True))
         for i, p_ in enumerate(PROMPTS):
             gens.append({"feature": feature, "family": family, "prompt": p_, **{k: v[i] for k, v in texts.items()}})
         seed_s = int(zlib.crc32(f"{cfg.seed}:{feature}".encode()))
         runs = [("clamp", "none", -1, None), ("clamp", "feature", -1, clamped),
-                *(("clamp", "random", i, edit_hook(sae, feature, "clamp", scaled[i], value))
+                *(("clamp", "random", i, edit_hook(sae, feature, "clamp", scaled[i], value, skip_first=True))
                   for i in range(cfg.sample_random)),
                 # the anchor's protocol: sampled after <|endoftext|> with the feature pinned in the reconstruction,
                 # against the reconstruction alone and other features pinned the same way

@@ -22,13 +22,15 @@ RESID = "blocks.0.hook_resid_post"  # the residual stream after the (one) MLP: w
 
 # --- the interventions ------------------------------------------------------------------------------------
 
-def edit_hook(sae, feature: int, mode: str, direction: Tensor | None = None, value: float = 0.0
-              ) -> Callable[[Tensor, str], Tensor]:
+def edit_hook(sae, feature: int, mode: str, direction: Tensor | None = None, value: float = 0.0,
+              skip_first: bool = False) -> Callable[[Tensor, str], Tensor]:
     """A hook ``fn(h, name) -> h'`` on the SAE's hook point: ``mode`` "clamp" sets feature ``feature`` to
     ``value`` (h + (value - f) d), "ablate" removes it (h - f d). ``direction`` (d_in,) replaces the
-    feature's decoder direction d (a control); the coefficients are the feature's own. ``mode`` "pin" is the
-    anchor's ``generate_with_pinned_features``: h replaced by the SAE's reconstruction with the feature's
-    activation set to ``value`` (the error term dropped; ``feature`` None: the plain reconstruction)."""
+    feature's decoder direction d (a control); the coefficients are the feature's own. ``skip_first``: the
+    first position of each sequence (B, T, d_in) is left as it is (where a prompt's document separator sits,
+    and where the analysis measures nothing). ``mode`` "pin" is the anchor's
+    ``generate_with_pinned_features``: h replaced by the SAE's reconstruction with the feature's activation set
+    to ``value`` (the error term dropped; ``feature`` None: the plain reconstruction), at every position."""
     if mode not in ("clamp", "ablate", "pin"):
         raise UserError(f"mode must be 'clamp', 'ablate' or 'pin', got {mode!r}")
     if mode == "pin":
@@ -46,7 +48,10 @@ def edit_hook(sae, feature: int, mode: str, direction: Tensor | None = None, val
         flat = h.reshape(-1, h.shape[-1]).float()  # (N, d_in)
         with torch.no_grad():
             f = sae.encode(flat)[:, feature]  # (N,)
-        return (flat + coefficients(f, mode, value)[:, None] * d.to(flat.device)).to(h.dtype).reshape(h.shape)
+        out = (flat + coefficients(f, mode, value)[:, None] * d.to(flat.device)).to(h.dtype).reshape(h.shape)
+        if skip_first and h.dim() == 3:
+            out[:, 0] = h[:, 0]
+        return out
     return fn
 
 

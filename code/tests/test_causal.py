@@ -57,6 +57,8 @@ def test_clamp_moves_h_along_the_feature_direction_by_the_missing_amount():
     expected = h.reshape(-1, D) + (4.0 - f)[:, None] * sae.W_dec[5]
     assert torch.allclose(out.reshape(-1, D), expected, atol=1e-6)
     assert out.shape == h.shape
+    skipped = edit_hook(sae, 5, "clamp", value=4.0, skip_first=True)(h, HOOK)  # a prompt's separator left alone
+    assert torch.equal(skipped[:, 0], h[:, 0]) and torch.allclose(skipped[:, 1:], out[:, 1:])
 
 
 def test_ablation_touches_only_positions_where_the_feature_fires():
