@@ -547,6 +547,19 @@ def causal_rank_tests(table, config: dict, control: str = "random", cells=None, 
             for (k, n, mean, p, chance, first, last, p_ends), a, ae in zip(raw, adjusted, adjusted_ends, strict=True)}
 
 
+def holm_jointly(*families: dict) -> list[dict]:
+    """``families`` of :class:`RankTest` (as :func:`causal_rank_tests` returns them, each adjusted on its own)
+    with ``p_holm`` and ``p_ends_holm`` adjusted over all of them together: one family of tests for a table that
+    shows them together."""
+    keys = [(i, k) for i, fam in enumerate(families) for k in fam]
+    tests = [families[i][k] for i, k in keys]
+    adjusted, ends = holm([t.p for t in tests]), holm([t.p_ends for t in tests])
+    out: list[dict] = [{} for _ in families]
+    for (i, k), t, a, e in zip(keys, tests, adjusted, ends, strict=True):
+        out[i][k] = t._replace(p_holm=float(a), p_ends_holm=float(e))
+    return out
+
+
 class FittedTest(NamedTuple):
     control: str
     features: int  # features with a value for both the feature and the control in the cell

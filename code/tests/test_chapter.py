@@ -221,3 +221,12 @@ def test_pct_keeps_small_shares_visible():
     assert chapter.pct(0.25) == "25%" and chapter.pct(0.0039) == "0.4%" and chapter.pct(0.00039) == "0.04%"
     assert chapter.pct(0.1234, 1) == "12.3%" and chapter.pct(float("nan")) == "—"
     assert chapter.pct(3.2e-6, significant=2) == "0.00032%" and chapter.pct(0.059, significant=2) == "5.9%"
+
+
+def test_holm_over_two_tables_of_rank_tests_is_one_adjustment():
+    t = chapter.RankTest(10, 3.0, 6.0, 0.01, 0.01, 2, 0, 0.02, 0.02)
+    a, b = {"x": t, "y": t._replace(p=0.04, p_ends=0.5)}, {"z": t._replace(p=0.03, p_ends=0.01)}
+    ja, jb = chapter.holm_jointly(a, b)
+    assert ja["x"].p_holm == pytest.approx(0.03) and jb["z"].p_holm == pytest.approx(0.06)  # 3 x 0.01, 2 x 0.03
+    assert ja["y"].p_holm == pytest.approx(0.06) and jb["z"].p_ends_holm == pytest.approx(0.03)
+    assert ja["x"].mean == 3.0 and set(ja) == {"x", "y"} and set(jb) == {"z"}
