@@ -96,6 +96,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .analysis.families import vocab_family_masks  # noqa: F401 (the chapters read it here)
 from .causal_edits import (  # noqa: F401 (RESID, Cached, cache_positions, kl_matched_scale: read here too)
     RESID,
     Cached,
@@ -144,7 +145,7 @@ class CausalConfig(StageConfig):
     # times the sampled text, the pinned protocol also at the clamp value with push-matched controls; 10: a
     # family's vocabulary also holds the tokens that begin one of its characters (byte_aware_families),
     # greedy continuations kept with cut characters as <0xNN>, prompts after <|endoftext|> with the clamps off
-    # at that first position
+    # at that first position, decoder controls drawn from other families than the tested feature's
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
@@ -217,23 +218,6 @@ class CausalConfig(StageConfig):
         for name in ("dose_random", "sample_random", "cell_random"):
             if getattr(self, name) > self.n_random:
                 raise ConfigError(f"causal.{name} ({getattr(self, name)}) must be at most n_random ({self.n_random})")
-
-
-def vocab_family_masks(token_bytes: list[bytes], byte_aware: bool = True) -> np.ndarray:
-    """(V, n_families) bool: the families each vocabulary token belongs to when read alone; ``byte_aware``:
-    also the script of a character the token begins but does not finish, where its bytes fix the script
-    (:func:`monosemantic.analysis.partial_character_families`: a lone Arabic lead byte is Arabic)."""
-    from .analysis import FAMILY_NAMES, partial_character_families, token_families
-
-    if not token_bytes:
-        return np.zeros((0, 0), bool)
-    out = np.concatenate([token_families([b]) for b in token_bytes])
-    if byte_aware:
-        col = {name: j for j, name in enumerate(FAMILY_NAMES)}
-        for t, b in enumerate(token_bytes):
-            for name in partial_character_families(b):
-                out[t, col[name]] = True
-    return out
 
 
 # --- choosing the features and what they predict ---------------------------------------------------------------
@@ -437,9 +421,16 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     rows = spread_rows(len(inputs_all), cfg.scan_windows)
     # the other features whose decoder directions are controls, drawn per tested feature before the scan, which
     # counts what their firings predict too (each is measured on its own predicted tokens)
-    pool = np.sort(units[units["scored"] & ~units["unit"].isin(features)]["unit"].to_numpy().astype(np.int64))
-    dec_ids_of = {f: np.sort(np.random.default_rng([cfg.seed, f, 1]).choice(pool, min(cfg.n_decoder, len(pool)),
-                                                                             replace=False)) for f in features}
+    # (from another family than the tested feature's: a sibling would write the family too)
+    others = units[units["scored"] & ~units["unit"].isin(features)]
+    pool = np.sort(others["unit"].to_numpy().astype(np.int64))
+    pool_family = others.set_index("unit")["family"].fillna("").astype(str).reindex(pool).to_numpy()
+    fam_of_unit = dict(zip(units["unit"].astype(int), units["family"].fillna("").astype(str), strict=True))
+    dec_ids_of = {}
+    for f in features:
+        cand = pool[pool_family != fam_of_unit[f]]
+        dec_ids_of[f] = np.sort(np.random.default_rng([cfg.seed, f, 1]).choice(cand, min(cfg.n_decoder, len(cand)),
+                                                                                replace=False))
     extra = sorted({int(d) for ids in dec_ids_of.values() for d in ids})
     log(f"causal: {len(features)} features from {len({str(u['family']) for u in picks})} families; scanning "
         f"{len(rows):,} held-out windows ({int(explore[rows].sum()):,} in the explore half), counting next tokens "

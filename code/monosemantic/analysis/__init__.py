@@ -79,6 +79,7 @@ from .families import (  # noqa: F401
     FAMILY_NAMES,
     partial_character_families,
     token_families,
+    vocab_family_masks,
     window_families,
 )
 from .measure import (  # noqa: F401

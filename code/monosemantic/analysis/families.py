@@ -171,3 +171,18 @@ def window_families(tokenizer, windows: np.ndarray) -> np.ndarray:
         cache.update(zip(real, tokenizer.token_bytes(real), strict=True))
         out[w] = token_families([cache[i] for i in ids.tolist()], ids == eot)
     return out
+
+
+def vocab_family_masks(token_bytes: list[bytes], byte_aware: bool = True) -> np.ndarray:
+    """(V, n_families) bool: the families each vocabulary token belongs to when read alone; ``byte_aware``:
+    also the script of a character the token begins but does not finish, where its bytes fix the script
+    (:func:`partial_character_families`: a lone Arabic lead byte is Arabic)."""
+    if not token_bytes:
+        return np.zeros((0, 0), bool)
+    out = np.concatenate([token_families([b]) for b in token_bytes])
+    if byte_aware:
+        col = {name: j for j, name in enumerate(FAMILY_NAMES)}
+        for t, b in enumerate(token_bytes):
+            for name in partial_character_families(b):
+                out[t, col[name]] = True
+    return out
