@@ -422,13 +422,12 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     # the other features whose decoder directions are controls, drawn per tested feature before the scan, which
     # counts what their firings predict too (each is measured on its own predicted tokens)
     # (from another family than the tested feature's: a sibling would write the family too)
-    others = units[units["scored"] & ~units["unit"].isin(features)]
-    pool = np.sort(others["unit"].to_numpy().astype(np.int64))
-    pool_family = others.set_index("unit")["family"].fillna("").astype(str).reindex(pool).to_numpy()
-    fam_of_unit = dict(zip(units["unit"].astype(int), units["family"].fillna("").astype(str), strict=True))
+    family_of = dict(zip(units["unit"].astype(int), units["family"].fillna("").astype(str), strict=True))
+    pool = np.sort(units[units["scored"] & ~units["unit"].isin(features)]["unit"].to_numpy().astype(np.int64))
+    pool_family = np.array([family_of[int(u)] for u in pool])
     dec_ids_of = {}
     for f in features:
-        cand = pool[pool_family != fam_of_unit[f]]
+        cand = pool[pool_family != family_of[f]]
         dec_ids_of[f] = np.sort(np.random.default_rng([cfg.seed, f, 1]).choice(cand, min(cfg.n_decoder, len(cand)),
                                                                                 replace=False))
     extra = sorted({int(d) for ids in dec_ids_of.values() for d in ids})
@@ -449,7 +448,6 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     def predicted_of(row: int) -> Tensor:
         return torch.as_tensor(predicted(found.next_counts[row], found.all_counts, cfg.predicted_tokens))
 
-    family_of = dict(zip(units["unit"].astype(int), units["family"].fillna("").astype(str), strict=True))
     # each prompt after <|endoftext|>, as every training document starts; the clamps leave that position alone
     prompts = [torch.tensor([[tokenizer.EOT_ID, *tok.encode(p)]]) for p in PROMPTS]
     eot_prompt = torch.tensor([[tokenizer.EOT_ID]])

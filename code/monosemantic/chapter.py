@@ -560,6 +560,18 @@ def holm_jointly(*families: dict) -> list[dict]:
     return out
 
 
+def causal_rank_table(table, config: dict) -> tuple[dict, dict]:
+    """The rank tests chapter 3's table shows, adjusted together (:func:`holm_jointly`): every cell and token
+    set among the random directions, and the main clamp and the ablation where it fires among other features'
+    decoder directions, with their own predicted tokens ("self") as a fourth set."""
+    x = float(config.get("clamp_multiple", 5.0))
+    decoder = causal_rank_tests(table, config, control="decoder",
+                                cells=[("clamp", x, "all", False), ("ablate", 0.0, "firing", False)],
+                                measures=(*LEADER_MEASURES, "self"))
+    random, decoder = holm_jointly(causal_rank_tests(table, config), decoder)
+    return random, decoder
+
+
 class FittedTest(NamedTuple):
     control: str
     features: int  # features with a value for both the feature and the control in the cell

@@ -40,11 +40,15 @@ DEFAULT_PROFILE = "cpu"
 MIX = "mix"
 
 
+def pair_name(cfg: DiffConfig) -> str:
+    """The fine-tuned pair: ``<source>``, with ``-s<n>`` for another seed of the fine-tune (the name of its work
+    folder and of its artifacts)."""
+    return cfg.source + (f"-s{cfg.seed}" if cfg.seed else "")
+
+
 def artifact_name(cfg: DiffConfig) -> str:
-    """``finetune-<source>``; ``-s<n>`` added for another seed of the whole run (fine-tune and crosscoder),
-    ``-cc<n>`` for another crosscoder seed on the same fine-tuned pair."""
-    return (f"finetune-{cfg.source}" + (f"-s{cfg.seed}" if cfg.seed else "")
-            + (f"-cc{cfg.crosscoder_seed}" if cfg.crosscoder_seed >= 0 else ""))
+    """``finetune-<pair>`` (:func:`pair_name`), with ``-cc<n>`` for another crosscoder seed on the same pair."""
+    return f"finetune-{pair_name(cfg)}" + (f"-cc{cfg.crosscoder_seed}" if cfg.crosscoder_seed >= 0 else "")
 
 
 class DiffError(UserError):
@@ -282,7 +286,7 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
     texts = {"mix": TokenDataset.open(profile, "val").tokens, "source": ft_tokens["val"]}
     print(f"diff ({profile}): fine-tuning on {cfg.source}: {len(ft_tokens['train']):,} train tokens, "
           f"{len(ft_tokens['val']):,} held out; {cfg.steps} steps x {cfg.batch_size} x {seq}")
-    folder = work_dir() / "diff" / (f"{profile}-{cfg.source}" + (f"-s{cfg.seed}" if cfg.seed else ""))
+    folder = work_dir() / "diff" / f"{profile}-{pair_name(cfg)}"
     result = finetune(base, ft_tokens, cfg, folder / "checkpoint.pt", progress=progress)
     tuned = result.model.eval()
     folder.mkdir(parents=True, exist_ok=True)

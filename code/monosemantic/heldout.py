@@ -325,14 +325,14 @@ def run_stage(profile: str, cfg: HeldoutConfig, prof, log=print):
         inputs.append(store.load("activations", profile, "mlp", verify=False))
     except store.CacheError:
         pass  # its config is also recorded in the SAE artifacts and the profile (read below)
-    doc_sources = corpus.load_document_sources(profile, CORPUS_NAME)
+    doc_sources = corpus.load_document_sources(profile)
     names, S = doc_sources.names, len(doc_sources.names)
     table = pd.read_parquet(corpus_art.file("sources.parquet")).set_index("source")
     if list(table.index) != names:
         raise HeldoutError(f"{corpus_art.key} lists other sources than the document-source index; recompute "
                            f"it with `monosemantic corpus --profile {profile} --document-sources`")
-    train = TokenDataset.open(profile, "train", name=CORPUS_NAME)
-    val = TokenDataset.open(profile, "val", name=CORPUS_NAME)
+    train = TokenDataset.open(profile, "train")
+    val = TokenDataset.open(profile, "val")
     tokens, val_tokens = np.asarray(train.tokens), np.asarray(val.tokens)
     n = len(tokens)
     lengths = corpus.document_lengths(tokens, train.eot_id)

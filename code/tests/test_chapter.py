@@ -158,6 +158,11 @@ def test_the_rank_tests_cover_each_cell_and_measure_and_leave_undefined_ranks_ou
     d = chapter.causal_rank_tests(dec, cfg, control="decoder", cells=[main], measures=("predicted", "self"))
     assert set(d) == {(main, "predicted"), (main, "self")} and d[(main, "self")].chance == 11
     assert d[(main, "predicted")].first == 10
+    # the table the chapter shows: both, adjusted as one family (26 tests: 18 among random, 8 among decoders)
+    r_all, d_all = chapter.causal_rank_table(dec, cfg)
+    assert len(r_all) == 18 and set(d_all) == {(k, m) for k in (main, ablate) for m in ("family", "predicted",
+                                                                                          "own", "self")}
+    assert all(r_all[k].p_holm >= tests[k].p_holm for k in r_all)  # more tests in the family: never smaller
 
 
 def _cell_rows(rows):
