@@ -141,12 +141,13 @@ def finetune_config(base, cfg: DiffConfig):
                         checkpoint_interval=max(1, min(100, cfg.steps // 3)), seed=cfg.seed)
 
 
-def finetune(base_model, tokens: dict[str, np.ndarray], cfg: DiffConfig, checkpoint: Path | None,
+def finetune(base_model, base_cfg, tokens: dict[str, np.ndarray], cfg: DiffConfig, checkpoint: Path | None,
              progress: bool = True):
-    """The base model trained ``cfg.steps`` more steps on the source's train tokens (resumable)."""
+    """The base model (trained as :class:`~monosemantic.lm.LMConfig` ``base_cfg`` says) trained ``cfg.steps``
+    more steps on the source's train tokens (resumable)."""
     from .lm_train import TokenSplit, train
 
-    lm_cfg = finetune_config(base_model.config, cfg)
+    lm_cfg = finetune_config(base_cfg, cfg)
     init = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     return train(lm_cfg, TokenSplit(tokens["train"], "train"), TokenSplit(tokens["val"], "val"),
                  checkpoint=checkpoint, progress=progress, init=init)
@@ -272,7 +273,7 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
     from . import metrics, store, tokenizer
     from . import sae as sae_mod
     from .data import TokenDataset
-    from .lm import load_weights, save_weights
+    from .lm import LMConfig, load_weights, save_weights
 
     tok = tokenizer.load()
     try:
@@ -280,14 +281,15 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
         sae_art = store.load("sae", profile, "topk")
     except store.CacheError as e:
         raise DiffError(f"{e} (the diff stage needs the trained LM and its TopK SAE)") from None
-    base = load_weights(lm_art.file("model.safetensors"))
+    base_cfg = LMConfig(**lm_art.config)  # how the base was trained: the fine-tune continues it
+    base = load_weights(lm_art.file("model.safetensors"), base_cfg)
     seq = base.config.context_length
     ft_tokens = source_tokens(cfg.source, cfg.holdout, tok, profile)
     texts = {"mix": TokenDataset.open(profile, "val").tokens, "source": ft_tokens["val"]}
     print(f"diff ({profile}): fine-tuning on {cfg.source}: {len(ft_tokens['train']):,} train tokens, "
           f"{len(ft_tokens['val']):,} held out; {cfg.steps} steps x {cfg.batch_size} x {seq}")
     folder = work_dir() / "diff" / f"{profile}-{pair_name(cfg)}"
-    result = finetune(base, ft_tokens, cfg, folder / "checkpoint.pt", progress=progress)
+    result = finetune(base, base_cfg, ft_tokens, cfg, folder / "checkpoint.pt", progress=progress)
     tuned = result.model.eval()
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(tuned, folder / "finetuned.safetensors")
@@ -336,7 +338,7 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
             "latents_finetune_only": int(counts.get("fine-tune-only", 0)),
             **{f"crosscoder_fvu_{t}_{h}": round(v, 4) for t, hv in fvu.items() for h, v in hv.items()},
         })
-        w.info.update({"source": cfg.source, "lm_config": dataclasses.asdict(finetune_config(base.config, cfg)),
+        w.info.update({"source": cfg.source, "lm_config": dataclasses.asdict(finetune_config(base_cfg, cfg)),
                        "source_tokens": {k: len(v) for k, v in ft_tokens.items()},
                        "eval_tokens": {k: int(sum(x.numel() for x, _ in v)) for k, v in windows.items()},
                        "scale": [float(scale[0]), float(scale[-1])]})

@@ -34,6 +34,10 @@ PART_LIMIT = 55 * 2**20
 RETURN_PART = 15 * 2**20
 """Largest returned part (the device returns files of at most 16 MiB, 8 files, 64 MiB in all)."""
 RETURNED = "ch3-returned.json"
+COMMITTED_WEIGHTS = ("anchor",)
+"""The returned SAEs whose weights are committed: the literal run, which chapter 3 reads (DESIGN.md commits the
+weights of the anchor-recipe SAE); every other returned SAE keeps them in ``cache/work/`` when stored (the
+manifest records where, and their hashes: the artifact's content hash does not change)."""
 COMMAND = "scripts/pack-gpu-inputs, then scripts/gpu-chapter3 OUT on a GPU machine, then scripts/store-gpu-chapter3 OUT"
 
 
@@ -235,6 +239,7 @@ def store_returned(folder: Path, *, force: bool = False, log: Callable[[str], No
     than this cache holds is skipped, with the reason; one that is here already with other content is replaced
     only with ``force`` (otherwise nothing is copied). Returns the keys stored."""
     from . import store
+    from .sae import SAE_WEIGHTS_FILENAME
 
     folder = Path(folder)
     spec_file = folder / RETURNED
@@ -308,6 +313,9 @@ def store_returned(folder: Path, *, force: bool = False, log: Callable[[str], No
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp_dest, dest)
+            if art.stage == "sae" and art.name not in COMMITTED_WEIGHTS and SAE_WEIGHTS_FILENAME in art.files:
+                store.move_to_work(store.load(art.stage, art.profile, art.name, verify=False, check_inputs=False),
+                                   [SAE_WEIGHTS_FILENAME])
     keys = [k for k in keys if k not in skipped]
     for key in keys:
         stage, rest = key.split("/", 1)

@@ -62,32 +62,33 @@ def resolve_dtype(dtype: ForwardDtype, device: torch.device | str = "cpu",
     """The autocast dtype name of a forward pass: ``auto`` is whichever of bfloat16 and float32 runs the
     model's products faster here (:func:`monosemantic.hardware.auto_dtype`, measured once per machine on the
     shapes of ``model``'s config, or of the one-layer model's when it has none); ``model`` (None) keeps
-    the model's own ``config.dtype``."""
+    the model's own ``arithmetic.dtype``."""
     if dtype == "model":
         return None
     if dtype not in ("auto", "bfloat16", "float32"):
         raise HarvestError(f"dtype must be 'auto', 'bfloat16', 'float32' or 'model', got {dtype!r}")
     if dtype != "auto":
         return dtype
-    shapes = getattr(getattr(model, "config", None), "forward_shapes", None)
-    shapes = shapes(rows=1024) if callable(shapes) else [(1024, 128, 512), (1024, 512, 128)]
+    arithmetic = getattr(model, "arithmetic", None)
+    shapes = (arithmetic.forward_shapes(model.config, rows=1024) if arithmetic is not None else
+              [(1024, 128, 512), (1024, 512, 128)])
     return str(hardware.resolve_dtype("auto", "forward", shapes, device)).removeprefix("torch.")
 
 
 @contextlib.contextmanager
 def forward_dtype(model: torch.nn.Module, dtype: str | None) -> Iterator[None]:
     """Run ``model``'s forward passes in autocast ``dtype`` for the ``with`` block. The LM autocasts itself
-    to ``model.config.dtype`` (an outer autocast would be overridden), so its config is swapped for one with
-    the dtype changed, and restored even on error. ``None``: leave the model as it is."""
-    config = getattr(model, "config", None)
-    if dtype is None or config is None or getattr(config, "dtype", dtype) == dtype:
+    to ``model.arithmetic.dtype`` (an outer autocast would be overridden), so its arithmetic is swapped for one
+    with the dtype changed, and restored even on error. ``None``: leave the model as it is."""
+    arithmetic = getattr(model, "arithmetic", None)
+    if dtype is None or arithmetic is None or arithmetic.dtype == dtype:
         yield
         return
-    model.config = config.replace(dtype=dtype)
+    model.arithmetic = arithmetic.replace(dtype=dtype)
     try:
         yield
     finally:
-        model.config = config
+        model.arithmetic = arithmetic
 
 
 def random_windows(tokens: np.ndarray, seq_len: int, seed: int = 0, batch: int = 32) -> Iterator[tuple[Tensor, Tensor]]:

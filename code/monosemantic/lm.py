@@ -1,8 +1,9 @@
 """The one-layer transformer language model whose MLP neurons the book studies.
 
-Read bottom-up, nanoGPT style: hook points, attention, MLP, block, the fused unembedding + cross-entropy,
-the config, then the model, which is also an :class:`~monosemantic.activations.ActivationSource` (with
-GPT-2's tokenizer), so ``get_activations(model, "The cat sat on the mat", token=" mat")`` works.
+Read bottom-up, nanoGPT style: hook points, attention, MLP, block, the config, then the model (the fused
+unembedding + cross-entropy it trains with is :mod:`monosemantic.lm_loss`), which is also an
+:class:`~monosemantic.activations.ActivationSource` (with GPT-2's tokenizer), so
+``get_activations(model, "The cat sat on the mat", token=" mat")`` works.
 
 The architecture is the anchor's ("Monosemanticity at Home", jnward/monosemanticity-repro,
 ``transformer.py``; itself a one-layer version of Anthropic's "Towards Monosemanticity" model):
@@ -13,7 +14,7 @@ The architecture is the anchor's ("Monosemanticity at Home", jnward/monosemantic
            -> final LayerNorm -> Linear 128->50304 (with bias, not tied)    logits (B, T, 50304)
 
 Our default is the standard form of attention (an output projection W_O, scores scaled by
-1/sqrt(d_head)); ``LMConfig.anchor_quirks=True`` reproduces the anchor's two departures from it: heads
+1/sqrt(d_head)); ``LMArchitecture.anchor_quirks=True`` reproduces the anchor's two departures from it: heads
 concatenated with no W_O, and scores scaled by 1/sqrt(d_model).
 
 Every intermediate tensor passes through a :class:`HookPoint` named after what it holds, TransformerLens
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError, StageConfig, check_positive
+from .lm_loss import FP32_CPU_CHUNK_BYTES, LinearCrossEntropy, loss_chunk_tokens  # noqa: F401 (re-exported)
 from .tokenizer import N_VOCAB  # GPT-2's tokens; ids from here up to vocab_size are padding
 
 HookFn = Callable[[torch.Tensor, str], torch.Tensor | None]
@@ -135,191 +136,18 @@ class Block(nn.Module):
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.ln2(x))))  # (B, T, C)
 
 
-# --- unembedding + cross-entropy, fused -------------------------------------------------------------
-
-def _exp_and_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For logits (C, V) and targets (C,): the summed cross-entropy (fp32 scalar), e = exp(logits - max)
-    in the logits' dtype (C, V) and its row sums s (C, 1) fp32. softmax = e / s; the caller folds 1/s into
-    the small (C, D) side of the matmuls, so the (C, V) tensor is touched by one pass and one exp."""
-    lf = logits.float()
-    m = lf.amax(dim=-1, keepdim=True)  # (C, 1)
-    e = torch.exp(lf - m)  # (C, V)
-    s = e.sum(dim=-1, keepdim=True)  # (C, 1)
-    loss = (m + torch.log(s) - lf.gather(1, targets[:, None])).sum()
-    return loss, e.to(logits.dtype), s
-
-
-def _xent(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of one chunk, no gradient (evaluation)."""
-    lf = logits.float()
-    return (torch.logsumexp(lf, dim=-1) - lf.gather(1, targets[:, None])[:, 0]).sum()
-
-
-@functools.cache
-def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=False)
-
-
-# fp32 on a CPU: the fused loss works through chunks of about this many bytes of logits (1,024 tokens at
-# vocab 50,304). The three (c, 128) x (128, 50,304)-shaped products ran at 40-70% of their c = 1,024 rate
-# at c = 128 (2-core AVX2 EPYC); whole steps were fastest at c = 1,024 and 2,048, no faster at 4,096,
-# whose buffer is 4x the memory.
-FP32_CPU_CHUNK_BYTES = 256 * 2**20
-
-# a target whose probability is under this (a loss over ~69 nats) gets its loss recomputed from its logits:
-# -log(p) of a subnormal or zero p is inexact (the gradient p - onehot is exact either way)
-_TINY_PROB = 1e-30
-
-_workspace: dict[tuple, torch.Tensor] = {}
-
-
-def _logits_buffer(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
-    """A (rows, vocab) fp32 buffer kept from one step to the next. On a CPU a fresh tensor this large is
-    mapped from the OS and zero-filled page by page on first touch every time (PyTorch's CPU allocator
-    caches nothing): that alone made the logits product run at 55-60% of its rate into a reused buffer
-    and exp() 3.5x slower. One buffer is kept (a new shape replaces it; 206 MB at 1,024 x 50,304), used by
-    one call at a time."""
-    key = (rows, vocab, str(device))
-    buf = _workspace.get(key)
-    if buf is None:
-        _workspace.clear()
-        buf = _workspace[key] = torch.empty(rows, vocab, dtype=torch.float32, device=device)
-    return buf
-
-
-def loss_chunk_tokens(loss_chunk: int, n_tokens: int, vocab: int, dtype: torch.dtype,
-                      device: torch.device | str) -> int:
-    """Tokens per chunk of :class:`LinearCrossEntropy` for ``n_tokens`` tokens: ``loss_chunk`` (the config's,
-    tuned for bf16 and GPUs) except in fp32 on a CPU, where it is at least the power of two whose (chunk,
-    vocab) logits fill :data:`FP32_CPU_CHUNK_BYTES`, at most ``n_tokens`` (results differ only by the order
-    of fp32 sums)."""
-    if loss_chunk <= 0 or dtype != torch.float32 or torch.device(device).type != "cpu":
-        return loss_chunk
-    by_bytes = 2 ** max(0, int(math.log2(max(1, FP32_CPU_CHUNK_BYTES // (4 * vocab)))))
-    return max(1, min(n_tokens, max(loss_chunk, by_bytes)))
-
-
-def _fp32_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
-                               chunk: int, want_grad: bool):
-    """The fp32 form of :class:`LinearCrossEntropy`: summed loss and, if ``want_grad``, the summed loss's
-    gradients (dx (N, D), dW (V, D), db (V,)), all fp32.
-
-    Per chunk of c tokens the logits are written into one reused (c, V) buffer and turned into softmax
-    probabilities p in place (PyTorch's softmax kernel: max, exp, sum and scale on each row while it sits
-    in cache, so one read and one write of the buffer from memory); the loss of a token is -log p[y]; then
-    G = p - onehot(y) is used without being formed: dx = p W - W[y], dW += p^T x - onehot(y)^T x,
-    db += colsum(p) - counts(y). Two products read the buffer, nothing else allocates (c, V)."""
-    N, V = x.shape[0], weight.shape[0]
-    buf = _logits_buffer(min(chunk, N), V, x.device)
-    loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    dx = dw = db = None
-    if want_grad:
-        dx = torch.empty_like(x)  # (N, D)
-        dw = torch.zeros_like(weight)  # (V, D)
-        db = torch.zeros_like(bias)  # (V,)
-    for start in range(0, N, chunk):
-        end = min(start + chunk, N)
-        xc, y, p = x[start:end], targets[start:end], buf[:end - start]  # (c, D), (c,), (c, V)
-        torch.addmm(bias, xc, weight.t(), out=p)  # (c, V) logits
-        torch.softmax(p, dim=1, out=p)  # in place: p = softmax(logits)
-        p_y = p.gather(1, y[:, None])[:, 0]  # (c,)
-        nll = -torch.log(p_y)  # (c,) each token's loss
-        tiny = p_y < _TINY_PROB
-        if bool(tiny.any()):  # -log of an underflowed p: recompute those few tokens' losses from their logits
-            rows = tiny.nonzero()[:, 0]
-            logits = torch.addmm(bias, xc[rows], weight.t())  # (r, V)
-            nll[rows] = torch.logsumexp(logits, 1) - logits.gather(1, y[rows, None])[:, 0]
-        loss += nll.sum()
-        if not want_grad:
-            continue
-        torch.mm(p, weight, out=dx[start:end]).sub_(weight[y])  # (c, D)
-        dw.addmm_(p.t(), xc).index_add_(0, y, xc, alpha=-1)  # (V, D)
-        db.add_(p.sum(0)).index_add_(0, y, torch.ones_like(y, dtype=torch.float32), alpha=-1)  # (V,)
-    return loss, (dx, dw, db)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """mean_i CE(x_i W^T + b, y_i) for x (N, D), W (V, D), b (V,), y (N,), in chunks of tokens.
-
-    Forward computes the loss and, when gradients are wanted, the gradients of x, W and b as it goes.
-    Peak memory is one chunk's logits instead of (N, V), and the (N, V) logits are never written to or
-    read back from main memory as a whole: that traffic, not the arithmetic, is what the plain form
-    (logits, then F.cross_entropy and its backward) spends much of its time on. Backward only scales the
-    stored gradients by the incoming one.
-
-    In fp32 (:func:`_fp32_linear_cross_entropy`) each chunk's logits become softmax probabilities in place in
-    a buffer reused across steps. In a lower ``dtype`` (bf16 with fp32 accumulation inside the matmuls), per
-    chunk of ``chunk`` tokens: logits (c, V) in ``dtype``; e = exp(logits - max) and its row sums s in one
-    fused pass (compiled when ``compile``); then, with G = e/s - onehot(y) the gradient of the summed loss
-    with respect to the logits,
-
-        dx = G W    = (e W) / s - W[y]              (c, D)
-        dW += G^T x = e^T (x / s) - onehot(y)^T x   (V, D)
-        db += 1^T G = (1/s)^T e - counts(y)         (V,)
-
-    so G itself is never formed; dW accumulates in ``dtype`` over ``flush`` tokens, then in fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, targets, chunk: int, dtype: torch.dtype, compile: bool, want_grad: bool):
-        # want_grad: torch.is_grad_enabled() at the call (inside forward grad mode is always off, and
-        # ctx.needs_input_grad says True even under torch.no_grad)
-        N = x.shape[0]
-        if dtype == torch.float32:
-            loss, (dx, dw, db) = _fp32_linear_cross_entropy(x.float(), weight.float(), bias.float(), targets,
-                                                             chunk, want_grad)
-            if want_grad:
-                ctx.save_for_backward(dx.div_(N), dw.div_(N), db.div_(N))
-            return loss / N
-        V = weight.shape[0]
-        xl, wl, bl = x.to(dtype), weight.to(dtype), bias.to(dtype)  # (N, D), (V, D), (V,)
-        kernel = _compiled(_exp_and_loss) if compile else _exp_and_loss
-        xent = _compiled(_xent) if compile else _xent
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        if want_grad:
-            dx = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # (N, D)
-            dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)  # (V, D)
-            dw_part = torch.zeros(weight.shape, dtype=dtype, device=x.device)  # (V, D)
-            db = torch.zeros(V, dtype=torch.float32, device=x.device)  # (V,)
-            flush = max(chunk, 2048)
-        for start in range(0, N, chunk):
-            end = min(start + chunk, N)
-            y = targets[start:end]  # (c,)
-            logits = torch.addmm(bl, xl[start:end], wl.t())  # (c, V)
-            if not want_grad:
-                loss += xent(logits, y)
-                continue
-            chunk_loss, ex, sums = kernel(logits, y)  # (), (c, V), (c, 1)
-            loss += chunk_loss
-            inv = 1 / sums  # (c, 1)
-            dx[start:end] = (ex @ wl).float() * inv - weight[y]  # (c, D)
-            dw_part.addmm_(ex.t(), (xl[start:end].float() * inv).to(dtype))  # (V, D)
-            dw.index_add_(0, y, x[start:end], alpha=-1)  # (V, D)
-            db += (inv.t().to(dtype) @ ex)[0].float()  # (V,)
-            db.index_add_(0, y, torch.ones_like(y, dtype=torch.float32), alpha=-1)
-            if end % flush < chunk or end == N:
-                dw += dw_part
-                dw_part.zero_()
-        if want_grad:
-            ctx.save_for_backward(dx / N, dw / N, db / N)
-        return loss / N
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dx, dw, db = ctx.saved_tensors
-        return dx * grad_loss, dw * grad_loss, db * grad_loss, None, None, None, None, None
-
-
 # --- config -----------------------------------------------------------------------------------------
+#
+# Split as the field splits it (SAELens, sparsify): what the model *is* (:class:`LMArchitecture`, saved with its
+# weights), how its forward pass *computes* (:class:`LMArithmetic`, the same results to bf16 rounding), and how it
+# was *trained* (:class:`LMConfig`, the stage's config, recorded in the artifact's manifest; it holds the other
+# two's fields flat, so the hashes of artifacts made before the split stand).
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig(StageConfig):
-    """The one-layer language model and how it is trained (one profile's numbers; see profiles.py)."""
+class LMArchitecture:
+    """What the one-layer model is: shapes and attention form (the anchor's, jnward/monosemanticity-repro
+    transformer.py). Saved with the weights (safetensors metadata ``architecture``)."""
 
-    STAGE = "lm"
-    VERSION = 1
-
-    # model (the anchor's, jnward/monosemanticity-repro transformer.py)
     vocab_size: int = 50304
     """GPT-2's 50,257 tokens padded to a multiple of 64, so the unembedding tiles well (nanoGPT, anchor)."""
     context_length: int = 128
@@ -330,6 +158,80 @@ class LMConfig(StageConfig):
     anchor_quirks: bool = False
     """True: attention as the anchor wrote it (no output projection W_O, scores scaled by 1/sqrt(d_model)).
     False: the standard form (W_O, 1/sqrt(d_head))."""
+
+    def __post_init__(self) -> None:
+        check_positive(self, "vocab_size", "context_length", "d_model", "n_heads", "d_mlp", integer=True)
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"lm.d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LMArchitecture:
+        """From an architecture's dict, or from a whole :class:`LMConfig`'s (its other fields ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class LMArithmetic:
+    """How the model's forward pass computes: the autocast dtype and the fused loss (results agree to bf16
+    rounding). Not saved with the weights: a model loads with the defaults, and a run sets its own."""
+
+    dtype: str = "auto"
+    """Autocast dtype of the forward pass, "bfloat16", "float32" or "auto" (whichever of the two runs this
+    model's products faster on this machine, measured once: :func:`monosemantic.hardware.auto_dtype`; bf16 is
+    emulated and ~28x slower on AVX2-only CPUs). Weights and Adam state stay fp32."""
+    loss_chunk: int = 128
+    """Tokens per chunk of the fused unembedding + cross-entropy (0: plain logits + F.cross_entropy). In fp32
+    on a CPU a chunk is at least ~256 MB of logits (:func:`loss_chunk_tokens`: 1,024 tokens at vocab 50,304),
+    where the products run near their peak; the value here is for bf16 and GPUs."""
+    compile: bool = True
+    """torch.compile the fused softmax kernel of the bf16 path (and nothing else: the rest gains little on a
+    CPU; the fp32 path uses PyTorch's own softmax kernel, in place, and compiles nothing)."""
+    rows: int = 32 * 128
+    """Tokens of the products that ``auto`` is measured on (a training batch)."""
+
+    def __post_init__(self) -> None:
+        check_positive(self, "rows", integer=True)
+        if self.loss_chunk < 0:
+            raise ConfigError("lm.loss_chunk must be >= 0")
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ConfigError(f"lm.dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
+
+    def replace(self, **changes: Any) -> LMArithmetic:
+        return dataclasses.replace(self, **changes)
+
+    def forward_shapes(self, arch: LMArchitecture, rows: int | None = None) -> list[tuple[int, int, int]]:
+        """The (m, k, n) of the model's largest products for ``rows`` tokens (default: ``self.rows``):
+        attention's q/k/v, the MLP's two, and the unembedding over one loss chunk."""
+        m = rows or self.rows
+        d, f = arch.d_model, arch.d_mlp
+        return [(m, d, 3 * d), (m, d, f), (m, f, d), (min(m, self.loss_chunk or m), d, arch.vocab_size)]
+
+    def compute_dtype(self, arch: LMArchitecture, device: torch.device | str = "cpu") -> torch.dtype:
+        """``dtype`` as a torch dtype on ``device`` (``auto`` decided once per machine)."""
+        from . import hardware
+
+        return hardware.resolve_dtype(self.dtype, "lm", self.forward_shapes(arch), device)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig(StageConfig):
+    """The ``lm`` stage: the one-layer model (:class:`LMArchitecture`'s fields), how it computes
+    (:class:`LMArithmetic`'s) and how it is trained; one profile's numbers (see profiles.py)."""
+
+    STAGE = "lm"
+    VERSION = 1
+
+    # the model: LMArchitecture's fields (documented there)
+    vocab_size: int = 50304
+    context_length: int = 128
+    d_model: int = 128
+    n_heads: int = 8
+    d_mlp: int = 512
+    anchor_quirks: bool = False
 
     # training (the anchor: 200,000 steps x 32 x 128 tokens, Adam(W) lr 5e-4, dropped to 5e-5 at step 50k)
     steps: int = 200_000
@@ -354,32 +256,33 @@ class LMConfig(StageConfig):
     checkpoint_interval: int = 500
     """Steps between checkpoints in cache/work/lm/ (a run resumes from the last one)."""
 
-    # how the arithmetic is done (results agree to bf16 rounding; the hash still tracks them)
+    # how the forward pass computes: LMArithmetic's fields (documented there; the hash still tracks them)
     dtype: str = "auto"
-    """Autocast dtype of the forward pass, "bfloat16", "float32" or "auto" (whichever of the two runs this
-    model's products faster on this machine, measured once: :func:`monosemantic.hardware.auto_dtype`; bf16 is
-    emulated and ~28x slower on AVX2-only CPUs). Weights and Adam state stay fp32."""
     loss_chunk: int = 128
-    """Tokens per chunk of the fused unembedding + cross-entropy (0: plain logits + F.cross_entropy). In fp32
-    on a CPU a chunk is at least ~256 MB of logits (:func:`loss_chunk_tokens`: 1,024 tokens at vocab 50,304),
-    where the products run near their peak; the value here is for bf16 and GPUs."""
     compile: bool = True
-    """torch.compile the fused softmax kernel of the bf16 path (and nothing else: the rest gains little on a
-    CPU; the fp32 path uses PyTorch's own softmax kernel, in place, and compiles nothing)."""
 
     def __post_init__(self) -> None:
-        check_positive(self, "vocab_size", "context_length", "d_model", "n_heads", "d_mlp", "steps", "batch_size",
-                       "eval_interval", "eval_batches", "checkpoint_interval", integer=True)
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"lm.d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        check_positive(self, "steps", "batch_size", "eval_interval", "eval_batches", "checkpoint_interval",
+                       integer=True)
+        self.architecture  # noqa: B018 (its checks)
         if not 0 < self.lr_final <= self.lr:
             raise ConfigError(f"lm.lr_final ({self.lr_final}) must be in (0, lr = {self.lr}]")
         if not 0 <= self.lr_drop_at <= 1:
             raise ConfigError(f"lm.lr_drop_at must be a fraction in [0, 1], got {self.lr_drop_at}")
         if self.warmup_steps < 0 or self.loss_chunk < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("lm.warmup_steps, loss_chunk, grad_clip and weight_decay must be >= 0")
-        if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise ConfigError(f"lm.dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
+        self.arithmetic  # noqa: B018 (its checks)
+
+    @property
+    def architecture(self) -> LMArchitecture:
+        """What the model is (saved with its weights)."""
+        return LMArchitecture.from_dict(self.to_dict())
+
+    @property
+    def arithmetic(self) -> LMArithmetic:
+        """How its forward pass computes, measured for a training batch."""
+        return LMArithmetic(dtype=self.dtype, loss_chunk=self.loss_chunk, compile=self.compile,
+                            rows=self.tokens_per_step)
 
     @property
     def tokens_per_step(self) -> int:
@@ -390,17 +293,12 @@ class LMConfig(StageConfig):
         return self.steps * self.tokens_per_step
 
     def forward_shapes(self, rows: int | None = None) -> list[tuple[int, int, int]]:
-        """The (m, k, n) of the model's largest products for ``rows`` tokens (default: a training batch):
-        attention's q/k/v, the MLP's two, and the unembedding over one loss chunk."""
-        m = rows or self.tokens_per_step
-        d, f = self.d_model, self.d_mlp
-        return [(m, d, 3 * d), (m, d, f), (m, f, d), (min(m, self.loss_chunk or m), d, self.vocab_size)]
+        """:meth:`LMArithmetic.forward_shapes` of this model (default rows: a training batch)."""
+        return self.arithmetic.forward_shapes(self.architecture, rows)
 
     def compute_dtype(self, device: torch.device | str = "cpu") -> torch.dtype:
         """``dtype`` as a torch dtype on ``device`` (``auto`` decided once per machine)."""
-        from . import hardware
-
-        return hardware.resolve_dtype(self.dtype, "lm", self.forward_shapes(), device)
+        return self.arithmetic.compute_dtype(self.architecture, device)
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step ``step`` (0-based): linear warmup, then lr, then lr_final after the drop."""
@@ -420,9 +318,16 @@ class LMOutput(NamedTuple):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: LMConfig):
+    """The one-layer transformer of :class:`LMArchitecture` ``config`` (``model.config``), computing as
+    ``arithmetic`` says (``model.arithmetic``; default :class:`LMArithmetic`'s). An :class:`LMConfig` gives
+    both (its architecture, and its arithmetic measured for its training batch)."""
+
+    def __init__(self, config: LMArchitecture | LMConfig, arithmetic: LMArithmetic | None = None):
         super().__init__()
+        if isinstance(config, LMConfig):
+            config, arithmetic = config.architecture, arithmetic or config.arithmetic
         self.config = c = config
+        self.arithmetic = arithmetic or LMArithmetic()
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.pos_embed = nn.Embedding(c.context_length, c.d_model)
         self.blocks = nn.ModuleList([Block(c.d_model, c.n_heads, c.d_mlp, c.anchor_quirks)])
@@ -461,23 +366,23 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
         """idx (B, T) token ids, targets (B, T) the next tokens (optional)."""
-        c = self.config
+        c, a = self.config, self.arithmetic
         B, T = idx.shape
         if T > c.context_length:
             raise ValueError(f"sequence of {T} tokens is longer than the context of {c.context_length}")
         pos = torch.arange(T, device=idx.device)  # (T,)
-        dtype = c.compute_dtype(idx.device)
+        dtype = a.compute_dtype(c, idx.device)
         with torch.autocast(idx.device.type, dtype=dtype, enabled=dtype != torch.float32):
             x = self.hook_embed(self.embed(idx)) + self.hook_pos_embed(self.pos_embed(pos))  # (B, T, C)
             for block in self.blocks:
                 x = block(x)  # (B, T, C)
             x = self.hook_final(self.ln_final(x))  # (B, T, C)
-            if targets is None or c.loss_chunk == 0:
+            if targets is None or a.loss_chunk == 0:
                 logits = self.unembed(x).float()  # (B, T, V)
-        if targets is not None and c.loss_chunk > 0:
-            chunk = loss_chunk_tokens(c.loss_chunk, B * T, c.vocab_size, dtype, idx.device)
+        if targets is not None and a.loss_chunk > 0:
+            chunk = loss_chunk_tokens(a.loss_chunk, B * T, c.vocab_size, dtype, idx.device)
             loss = LinearCrossEntropy.apply(x.reshape(B * T, -1).float(), self.unembed.weight, self.unembed.bias,
-                                            targets.reshape(B * T), chunk, dtype, c.compile, torch.is_grad_enabled())
+                                            targets.reshape(B * T), chunk, dtype, a.compile, torch.is_grad_enabled())
             return LMOutput(None, loss)
         loss = None
         if targets is not None:
@@ -601,11 +506,12 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def save_weights(model: Transformer, path: Path, dtype: torch.dtype = torch.float16) -> None:
-    """Weights as safetensors (fp16 by default: half the bytes, loss unchanged to 3 decimals)."""
+    """Weights as safetensors (fp16 by default: half the bytes, loss unchanged to 3 decimals), with the model's
+    :class:`LMArchitecture` in the metadata (``architecture``), so the file loads on its own."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"config": json_dumps(model.config.to_dict())})
+    save_file(tensors, str(path), metadata={"architecture": json_dumps(model.config.to_dict())})
 
 
 def json_dumps(obj: Any) -> str:
@@ -614,8 +520,10 @@ def json_dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
-def load_weights(path: Path, config: LMConfig | None = None) -> Transformer:
-    """A model (fp32, eval mode) from a safetensors file written by :func:`save_weights`."""
+def load_weights(path: Path, config: LMArchitecture | LMConfig | None = None) -> Transformer:
+    """A model (fp32, eval mode) from a safetensors file written by :func:`save_weights`; ``config`` (None: the
+    architecture the file records; files written before the split record the whole :class:`LMConfig` as
+    ``config``, read the same way)."""
     import json
 
     from safetensors import safe_open
@@ -623,7 +531,10 @@ def load_weights(path: Path, config: LMConfig | None = None) -> Transformer:
 
     if config is None:
         with safe_open(str(path), framework="pt") as f:
-            config = LMConfig(**json.loads(f.metadata()["config"]))
+            meta = f.metadata() or {}
+        if "architecture" not in meta and "config" not in meta:
+            raise ConfigError(f"{path} records no model architecture: pass the config it was trained with")
+        config = LMArchitecture.from_dict(json.loads(meta.get("architecture") or meta["config"]))
     model = Transformer(config)
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return model.eval()

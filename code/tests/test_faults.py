@@ -74,7 +74,7 @@ def test_nan_activations_and_width_mismatch_in_evaluation(model, fault):
     sae = sae_mod.SAE(sae_mod.SAEConfig(d_in=32, n_features=64))
     x = torch.randint(0, 100, (2, 16))
     windows = [(x, x)]
-    broken = Transformer(model.config)
+    broken = Transformer(model.config, model.arithmetic)
     broken.load_state_dict(model.state_dict())
     with torch.no_grad():
         next(p for n, p in broken.named_parameters() if "mlp" in n).fill_(float("nan"))

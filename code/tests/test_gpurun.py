@@ -182,6 +182,12 @@ def test_pack_run_store_round_trip_on_the_tiny_profile(here, tmp_path, monkeypat
         assert art.config["anchor"]["resample_rule"] == "anchor"
         assert art.manifest["inputs"]["activations/tiny-mlp-gpu"] == returned["artifacts"]["activations/tiny-mlp-gpu"]
     assert literal.config["input_scale"] == 1 and scaled.config["input_scale"] == scaled.metrics["input_scale"] > 1
+    # only the literal run's weights are committed; the others' stay in cache/work/, their hashes unchanged
+    weights = sae_mod.SAE_WEIGHTS_FILENAME
+    assert literal.manifest["files"][weights]["location"] == "cache"
+    for art in (scaled, store.load("sae", "tiny", "topk-seed1")):
+        assert art.manifest["files"][weights]["location"] == "work" and not (art.path / weights).exists()
+        assert art.content_hash == returned["artifacts"][art.key] and art.problems() == []
     assert json.loads(scaled.file("cfg.json").read_text())["metadata"]["input_scale"] == scaled.metrics["input_scale"]
     assert store.load("sae", "tiny", "topk-seed1").config["topk"]["seed"] == 1
     assert store.load("sae", "tiny", "anchor-fixed-seed1").config["anchor_fixed"]["seed"] == 1

@@ -110,13 +110,13 @@ def test_bf16_forward_is_close_and_the_models_dtype_is_restored_even_on_error():
     model, toks = tiny_model(), tokens()
     exact = next(iter(buffer(model, toks, seed=5)))
     approx = next(iter(buffer(model, toks, seed=5, dtype="bfloat16")))
-    assert model.config.dtype == "float32"
+    assert model.arithmetic.dtype == "float32"
     assert not torch.equal(exact, approx)
     torch.testing.assert_close(approx, exact, rtol=0.05, atol=0.02)
     with pytest.raises(RuntimeError), harvest.forward_dtype(model, "bfloat16"):
-        assert model.config.dtype == "bfloat16"
+        assert model.arithmetic.dtype == "bfloat16"
         raise RuntimeError
-    assert model.config.dtype == "float32"
+    assert model.arithmetic.dtype == "float32"
 
 
 def test_split_windows_spread_rows_and_window_batches():

@@ -11,7 +11,16 @@ import torch.nn.functional as F
 
 from monosemantic import store
 from monosemantic.config import ConfigError
-from monosemantic.lm import LinearCrossEntropy, LMConfig, Transformer, load_pretrained, load_weights, save_weights
+from monosemantic.lm import (
+    LinearCrossEntropy,
+    LMArchitecture,
+    LMArithmetic,
+    LMConfig,
+    Transformer,
+    load_pretrained,
+    load_weights,
+    save_weights,
+)
 from monosemantic.lm_train import TokenSplit, get_batch, train, write_artifact
 
 SMALL = dict(vocab_size=97, context_length=16, d_model=32, n_heads=4, d_mlp=64, compile=False)
@@ -219,9 +228,33 @@ def test_weights_round_trip_through_fp16_safetensors(tmp_path):
     model = model_of(small())
     save_weights(model, tmp_path / "m.safetensors")
     again = load_weights(tmp_path / "m.safetensors")
-    assert again.config == model.config
+    assert again.config == model.config and isinstance(again.config, LMArchitecture)
     idx = torch.randint(0, 97, (1, 16))
     torch.testing.assert_close(again(idx).logits, model(idx).logits, atol=5e-3, rtol=5e-3)
+
+
+def test_the_config_splits_into_what_the_model_is_and_how_it_computes_and_trains(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = small(anchor_quirks=True, dtype="float32", loss_chunk=0)
+    model = Transformer(cfg)
+    assert model.config == LMArchitecture(vocab_size=97, context_length=16, d_model=32, n_heads=4, d_mlp=64,
+                                          anchor_quirks=True)
+    assert model.arithmetic == LMArithmetic(dtype="float32", loss_chunk=0, compile=False, rows=cfg.tokens_per_step)
+    assert cfg.forward_shapes() == model.arithmetic.forward_shapes(model.config)
+    # only the architecture is saved with the weights; files from before the split (the whole LMConfig under
+    # "config", as the committed model) load the same way
+    save_weights(model, tmp_path / "new.safetensors")
+    legacy = {k: v.half() for k, v in model.state_dict().items()}
+    save_file(legacy, str(tmp_path / "old.safetensors"), metadata={"config": json.dumps(cfg.to_dict())})
+    for name in ("new", "old"):
+        assert load_weights(tmp_path / f"{name}.safetensors").config == model.config
+    save_file(legacy, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ConfigError, match="records no model architecture"):
+        load_weights(tmp_path / "bare.safetensors")
+    assert load_weights(tmp_path / "bare.safetensors", cfg).arithmetic == model.arithmetic
+    with pytest.raises(ConfigError, match="multiple of n_heads"):
+        LMArchitecture(d_model=10, n_heads=4)
 
 
 def test_the_artifact_holds_weights_curves_samples_and_metrics(tmp_cache):
@@ -239,7 +272,7 @@ def test_the_artifact_holds_weights_curves_samples_and_metrics(tmp_cache):
     samples = json.loads(art.file("samples.json").read_text())
     assert samples[0]["prompt"] == "The" and isinstance(samples[0]["greedy"], str)
     model = load_pretrained("tiny")
-    assert model.config == cfg and model.profile == "tiny"
+    assert model.config == cfg.architecture and model.arithmetic == cfg.arithmetic and model.profile == "tiny"
 
 
 def test_neuron_statistics_find_the_top_contexts():

@@ -63,8 +63,9 @@ def _random_model_set(profile: str, lm_art, log: Callable[[str], None]):
         return None
     art = store.load("sae", profile, RANDOM_MODEL)  # present but stale or corrupt: an error that says so
     weights = art.path / WEIGHTS_FILE
-    model = (load_weights(weights) if weights.is_file()
-             else random_lm(LMConfig(**lm_art.config), int(art.config.get("model_seed", 0))))
+    lm_cfg = LMConfig(**lm_art.config)
+    model = (load_weights(weights, lm_cfg) if weights.is_file()
+             else random_lm(lm_cfg, int(art.config.get("model_seed", 0))))
     return model, UnitSet.from_sae(RANDOM_MODEL, sae_mod.load(art.path)), art
 
 
