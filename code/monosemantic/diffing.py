@@ -25,6 +25,7 @@ mix`` is the control: as many steps on the base model's own mix.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gzip
 import json
@@ -41,9 +42,9 @@ MIX = "mix"
 
 
 def pair_name(cfg: DiffConfig) -> str:
-    """The fine-tuned pair: ``<source>``, with ``-s<n>`` for another seed of the fine-tune (the name of its work
-    folder and of its artifacts)."""
-    return cfg.source + (f"-s{cfg.seed}" if cfg.seed else "")
+    """The fine-tuned pair: ``<source>``, with ``-0step`` for the self-pair (the base against itself) and ``-s<n>``
+    for another seed of the fine-tune (the name of its work folder and of its artifacts)."""
+    return cfg.source + ("-0step" if cfg.steps == 0 else "") + (f"-s{cfg.seed}" if cfg.seed else "")
 
 
 def artifact_name(cfg: DiffConfig) -> str:
@@ -90,7 +91,8 @@ class DiffConfig(StageConfig):
                               f"seed >= 0, got {self.crosscoder_seed}")
         if not 0 < self.holdout < 0.5:
             raise ConfigError(f"diff.holdout must be in (0, 0.5), got {self.holdout}")
-        check_positive(self, "steps", "batch_size", "eval_windows", "harvest_tokens", "n_features", "k", "epochs")
+        check_positive(self, "steps", zero=True, integer=True)  # 0: the base against itself (the self-pair)
+        check_positive(self, "batch_size", "eval_windows", "harvest_tokens", "n_features", "k", "epochs")
         if self.k > self.n_features:
             raise ConfigError(f"diff.k ({self.k}) must not exceed diff.n_features ({self.n_features})")
 
@@ -289,8 +291,11 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
     print(f"diff ({profile}): fine-tuning on {cfg.source}: {len(ft_tokens['train']):,} train tokens, "
           f"{len(ft_tokens['val']):,} held out; {cfg.steps} steps x {cfg.batch_size} x {seq}")
     folder = work_dir() / "diff" / f"{profile}-{pair_name(cfg)}"
-    result = finetune(base, base_cfg, ft_tokens, cfg, folder / "checkpoint.pt", progress=progress)
-    tuned = result.model.eval()
+    if cfg.steps:
+        result = finetune(base, base_cfg, ft_tokens, cfg, folder / "checkpoint.pt", progress=progress)
+        tuned, finetune_seconds = result.model.eval(), result.train_seconds
+    else:  # the self-pair: the crosscoder's floor when nothing changed, on the same rows and text
+        tuned, finetune_seconds = copy.deepcopy(base).eval(), 0.0
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(tuned, folder / "finetuned.safetensors")
     models = {"base": base, "finetuned": tuned}
@@ -330,7 +335,7 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
         counts = live["kind"].value_counts()
         w.metrics.update({
             "finetune_tokens": cfg.steps * cfg.batch_size * seq,
-            "finetune_seconds": round(result.train_seconds, 1),
+            "finetune_seconds": round(finetune_seconds, 1),
             "crosscoder_rows": len(rows),
             "crosscoder_live": len(live),
             "latents_shared": int(counts.get("shared", 0)),
@@ -338,7 +343,8 @@ def run_stage(profile: str, cfg: DiffConfig, progress: bool = True) -> Path:
             "latents_finetune_only": int(counts.get("fine-tune-only", 0)),
             **{f"crosscoder_fvu_{t}_{h}": round(v, 4) for t, hv in fvu.items() for h, v in hv.items()},
         })
-        w.info.update({"source": cfg.source, "lm_config": dataclasses.asdict(finetune_config(base_cfg, cfg)),
+        w.info.update({"source": cfg.source,
+                       **({"lm_config": dataclasses.asdict(finetune_config(base_cfg, cfg))} if cfg.steps else {}),
                        "source_tokens": {k: len(v) for k, v in ft_tokens.items()},
                        "eval_tokens": {k: int(sum(x.numel() for x, _ in v)) for k, v in windows.items()},
                        "scale": [float(scale[0]), float(scale[-1])]})
@@ -355,6 +361,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="N",
                    help="another seed of the whole run (fine-tune and crosscoder); written as "
                         "diff/<profile>-finetune-<source>-sN")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="fine-tune steps (default: the profile's); 0 diffs the base model against itself, the "
+                        "crosscoder's floor (diff/<profile>-finetune-<source>-0step)")
     p.add_argument("--crosscoder-seed", type=int, default=None, metavar="N",
                    help="a second crosscoder on the same fine-tuned pair, from seed N (the noise floor); written "
                         "as diff/<profile>-finetune-<source>-ccN")
@@ -368,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.replace(source=args.source)
     if getattr(args, "seed", None) is not None:
         cfg = cfg.replace(seed=args.seed)
+    if getattr(args, "steps", None) is not None:
+        cfg = cfg.replace(steps=args.steps)
     if getattr(args, "crosscoder_seed", None) is not None:
         cfg = cfg.replace(crosscoder_seed=args.crosscoder_seed)
     run_stage(args.profile, cfg, progress=not args.no_progress)

@@ -125,6 +125,24 @@ def test_a_second_crosscoder_seed_shares_the_pair_and_rows_and_nothing_else(tiny
     assert not np.allclose(a["cos"], b["cos"])
 
 
+def test_the_self_pair_diffs_the_base_against_itself(tiny_diff, monkeypatch):
+    """--steps 0: no fine-tune; the two halves of every row are the same model's, so both models' losses and
+    the SAE transfer agree to the bit, and the crosscoder's latents are the floor of 'shared'."""
+    cache, first = tiny_diff
+    monkeypatch.setenv("MONOSEMANTIC_CACHE", str(cache))
+    assert cli.main(["diff", "--profile", "tiny", "--no-progress", "--steps", "0"]) == 0
+    art = store.load("diff", "tiny", "finetune-numpy-docs-0step")
+    assert art.config["steps"] == 0 and art.metrics["finetune_seconds"] == 0 and "lm_config" not in art.manifest["info"]
+    losses = pd.read_parquet(art.file("losses.parquet")).pivot(index="text", columns="model", values="loss")
+    assert (losses["base"] == losses["finetuned"]).all()
+    base_half = pd.read_parquet(first.file("losses.parquet")).query("model == 'base'").set_index("text").loss
+    assert (losses["base"] == base_half).all()  # the same base and text as the real pair
+    latents = pd.read_parquet(art.file("latents.parquet"))
+    assert (latents.kind == "shared").mean() > 0.9
+    with pytest.raises(ConfigError, match="steps must be an integer >= 0"):
+        diffing.DiffConfig(steps=-1)
+
+
 def test_a_field_added_later_keeps_old_hashes_at_its_default():
     from monosemantic.config import stable_hash
     from monosemantic.diffing import DiffConfig
