@@ -83,7 +83,7 @@ def plan_jobs(stage, plan: PlanConfig, scale: float) -> list[Job]:
 
     literal = stage.anchor.replace(n_steps=plan.literal_steps, **({"dtype": plan.literal_dtype}
                                                                    if plan.literal_dtype else {}))
-    jobs = [Job("anchor", "main", "anchor", literal), Job("anchor-scaled", "main", "anchor", literal, scale=scale)]
+    jobs = [Job("anchor-full", "main", "anchor", literal), Job("anchor-scaled", "main", "anchor", literal, scale=scale)]
     for seed in plan.seeds:
         for recipe in SEED_RECIPES:
             jobs.append(Job(f"{recipe}-seed{seed}", "seed", recipe, stage.recipe(recipe).replace(seed=seed)))

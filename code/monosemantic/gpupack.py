@@ -34,10 +34,6 @@ PART_LIMIT = 55 * 2**20
 RETURN_PART = 15 * 2**20
 """Largest returned part (the device returns files of at most 16 MiB, 8 files, 64 MiB in all)."""
 RETURNED = "ch3-returned.json"
-COMMITTED_WEIGHTS = ("anchor",)
-"""The returned SAEs whose weights are committed: the literal run, which chapter 3 reads (DESIGN.md commits the
-weights of the anchor-recipe SAE); every other returned SAE keeps them in ``cache/work/`` when stored (the
-manifest records where, and their hashes: the artifact's content hash does not change)."""
 COMMAND = "scripts/pack-gpu-inputs, then scripts/gpu-chapter3 OUT on a GPU machine, then scripts/store-gpu-chapter3 OUT"
 
 
@@ -313,7 +309,9 @@ def store_returned(folder: Path, *, force: bool = False, log: Callable[[str], No
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp_dest, dest)
-            if art.stage == "sae" and art.name not in COMMITTED_WEIGHTS and SAE_WEIGHTS_FILENAME in art.files:
+            # a returned SAE keeps its weights in cache/work/ (chapter 3 reads their curves and metrics; the
+            # committed SAE weights are those the analysis reads); the manifest records where, and the hashes
+            if art.stage == "sae" and SAE_WEIGHTS_FILENAME in art.files:
                 store.move_to_work(store.load(art.stage, art.profile, art.name, verify=False, check_inputs=False),
                                    [SAE_WEIGHTS_FILENAME])
     keys = [k for k in keys if k not in skipped]

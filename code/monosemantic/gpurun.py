@@ -26,7 +26,7 @@ worker processes that share the GPU (each is bound by Python's kernel launches, 
 rows held on the GPU in the order ``harvest.ArraySource`` gives (:class:`~monosemantic.gpujobs.DeviceArraySource`:
 the same batches, gathered there):
 
-1. ``anchor``: the anchor's recipe literally for its 100,000 steps x 896 = 89.6M activations (15 passes over the 6M
+1. ``anchor-full``: the anchor's recipe literally for its 100,000 steps x 896 = 89.6M activations (15 passes over the 6M
    harvested), and ``anchor-scaled``: the same on inputs multiplied by ``input_scale`` (see
    :func:`~monosemantic.gpujobs.input_scale`), folded into the saved weights so the SAE reads the model's raw
    activations;

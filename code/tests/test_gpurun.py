@@ -69,19 +69,19 @@ def test_converged_compares_the_fvu_at_nine_tenths_of_the_steps():
 
 
 def test_balance_pauses_low_priority_work_only_while_a_literal_run_is_late():
-    order = {"anchor": 0, "topk-seed1": 1, "width-512": 2}
+    order = {"anchor-full": 0, "topk-seed1": 1, "width-512": 2}
     row = lambda name, kind, pid, step, rate, started=0.0: {  # noqa: E731
         "name": name, "kind": kind, "pid": pid, "step": step, "n_steps": 1000, "rate": rate, "time": 100.0,
         "started": started}
     others = [row("topk-seed1", "seed", 2, 10, 50.0), row("width-512", "width", 3, 10, 50.0)]
-    late = [row("anchor", "main", 1, 100, 1.0), *others]  # 900 s to go
+    late = [row("anchor-full", "main", 1, 100, 1.0), *others]  # 900 s to go
     assert gpurun.balance(late, 0.0, 300.0, set(), order) == (3, None)  # the lowest priority first
     assert gpurun.balance(late, 0.0, 300.0, {3}, order) == (2, None)
-    early = [row("anchor", "main", 1, 900, 10.0), *others]  # 10 s to go
+    early = [row("anchor-full", "main", 1, 900, 10.0), *others]  # 10 s to go
     assert gpurun.balance(early, 0.0, 300.0, {3}, order) == (None, 3)
     assert gpurun.balance(early, 0.0, 300.0, set(), order) == (None, None)
     assert gpurun.balance(others, 0.0, 300.0, {2}, order) == (None, 2)  # no literal run left: resume
-    young = [row("anchor", "main", 1, 100, 1.0, started=90.0), *others]
+    young = [row("anchor-full", "main", 1, 100, 1.0, started=90.0), *others]
     assert gpurun.balance(young, 0.0, 300.0, set(), order) == (None, None)  # too early to judge its rate
 
 
@@ -89,7 +89,7 @@ def test_the_cpu_plan_is_the_anchors_length_first_then_seeds_widths_controls():
     stage = profiles.get("cpu").sae
     jobs = gpujobs.plan_jobs(stage, gpujobs.PlanConfig(), scale=9.4)
     names = [j.name for j in jobs]
-    assert names[:6] == ["anchor", "anchor-scaled", "topk-seed1", "anchor-fixed-seed1", "topk-seed2",
+    assert names[:6] == ["anchor-full", "anchor-scaled", "topk-seed1", "anchor-fixed-seed1", "topk-seed2",
                          "anchor-fixed-seed2"]
     assert names[6:-2] == [f"width-{n}" for n in stage.widths]
     assert names[-2:] == ["topk-seed0-gpu", "anchor-fixed-seed0-gpu"]
@@ -146,7 +146,7 @@ def test_pack_run_store_round_trip_on_the_tiny_profile(here, tmp_path, monkeypat
     returned = json.loads((out / gpupack.RETURNED).read_text())
     assert not returned["unfinished"], returned["states"]
     assert set(returned["artifacts"]) == {
-        "activations/tiny-mlp-gpu", "sae/tiny-anchor", "sae/tiny-anchor-scaled", "sae/tiny-topk-seed1",
+        "activations/tiny-mlp-gpu", "sae/tiny-anchor-full", "sae/tiny-anchor-scaled", "sae/tiny-topk-seed1",
         "sae/tiny-anchor-fixed-seed1", "sae/tiny-widths", "sae/tiny-gpu-runs", "sae/tiny-heldout"}
     assert all(p.stat().st_size <= gpupack.RETURN_PART for p in out.glob("ch3-artifacts.tgz.*"))
     # a second call (as after a time-out) finds everything staged, trains nothing and returns the same SAEs
@@ -162,19 +162,19 @@ def test_pack_run_store_round_trip_on_the_tiny_profile(here, tmp_path, monkeypat
     part = next(bad.glob("ch3-artifacts.tgz.*"))
     part.write_bytes(part.read_bytes()[:-10])
     assert gpurun.main(["store", str(bad)]) == 2
-    assert not (here / "sae" / "tiny-anchor").exists()
+    assert not (here / "sae" / "tiny-anchor-full").exists()
     # a seed-0 SAE that changed here since the pack: the held-out table that read it is skipped, the rest stored
     shutil.copytree(here / "sae" / "tiny-topk", tmp_path / "topk-as-packed")
     with store.write("sae", "tiny", "topk", config={"retrained": 1}) as w:
         (w.dir / "x.json").write_text("{}")
     assert gpurun.main(["store", str(out)]) == 0
     assert "skipped sae/tiny-heldout" in capsys.readouterr().out
-    assert (here / "sae" / "tiny-anchor").is_dir() and not (here / "sae" / "tiny-heldout").exists()
+    assert (here / "sae" / "tiny-anchor-full").is_dir() and not (here / "sae" / "tiny-heldout").exists()
     shutil.rmtree(here / "sae" / "tiny-topk")
     shutil.copytree(tmp_path / "topk-as-packed", here / "sae" / "tiny-topk")
     assert gpurun.main(["store", str(out)]) == 0  # the rest is here already, byte for byte
     stage = profiles.get("tiny").sae
-    literal = store.load("sae", "tiny", "anchor")
+    literal = store.load("sae", "tiny", "anchor-full")
     scaled = store.load("sae", "tiny", "anchor-scaled")
     for art in (literal, scaled):
         assert art.metrics["train_activations"] == 40 * stage.anchor.batch_size
@@ -182,10 +182,9 @@ def test_pack_run_store_round_trip_on_the_tiny_profile(here, tmp_path, monkeypat
         assert art.config["anchor"]["resample_rule"] == "anchor"
         assert art.manifest["inputs"]["activations/tiny-mlp-gpu"] == returned["artifacts"]["activations/tiny-mlp-gpu"]
     assert literal.config["input_scale"] == 1 and scaled.config["input_scale"] == scaled.metrics["input_scale"] > 1
-    # only the literal run's weights are committed; the others' stay in cache/work/, their hashes unchanged
+    # the returned SAEs keep their weights in cache/work/, their hashes unchanged
     weights = sae_mod.SAE_WEIGHTS_FILENAME
-    assert literal.manifest["files"][weights]["location"] == "cache"
-    for art in (scaled, store.load("sae", "tiny", "topk-seed1")):
+    for art in (literal, scaled, store.load("sae", "tiny", "topk-seed1")):
         assert art.manifest["files"][weights]["location"] == "work" and not (art.path / weights).exists()
         assert art.content_hash == returned["artifacts"][art.key] and art.problems() == []
     assert json.loads(scaled.file("cfg.json").read_text())["metadata"]["input_scale"] == scaled.metrics["input_scale"]
@@ -195,9 +194,10 @@ def test_pack_run_store_round_trip_on_the_tiny_profile(here, tmp_path, monkeypat
     assert list(widths["run"]) == [f"width-{n}" for n in stage.widths]
     assert widths["converged"].dtype == bool and (widths["train_activations"] <= 4096).all()
     runs = pd.read_parquet(store.load("sae", "tiny", "gpu-runs").file("runs.parquet"))
-    assert (runs["state"] == "done").all() and runs["run"].iloc[0] == "anchor"
+    assert (runs["state"] == "done").all() and runs["run"].iloc[0] == "anchor-full"
     held = pd.read_parquet(store.load("sae", "tiny", "heldout").file("heldout.parquet"))
-    assert {"topk", "anchor-fixed", "anchor", "anchor-scaled", "topk-seed1", "anchor-fixed-seed1"} <= set(held["sae"])
+    assert {"topk", "anchor-fixed", "anchor-full", "anchor-scaled", "topk-seed1", "anchor-fixed-seed1"} <= \
+        set(held["sae"])
     # storing again changes nothing; an artifact that differs here is replaced only on request
     assert gpurun.main(["store", str(out)]) == 0
     with store.write("sae", "tiny", "topk-seed1", config={"other": 1}) as w:
