@@ -145,7 +145,8 @@ class CausalConfig(StageConfig):
     # times the sampled text, the pinned protocol also at the clamp value with push-matched controls; 10: a
     # family's vocabulary also holds the tokens that begin one of its characters (byte_aware_families),
     # greedy continuations kept with cut characters as <0xNN>, prompts after <|endoftext|> with the clamps off
-    # at that first position, decoder controls drawn from other families than the tested feature's
+    # at that first position, decoder controls drawn from other families than the tested feature's, the best
+    # neuron also measured on its own predicted tokens ("self"), no predicted tokens below min_predicted_tokens
 
     sae: str = "topk"
     """The SAE artifact (``sae/<profile>-<sae>``) whose features are tested."""
@@ -177,6 +178,9 @@ class CausalConfig(StageConfig):
     """Each direction's own tokens: this many of its largest direct logit effects."""
     predicted_tokens: int = 10
     """The tokens that follow the feature's firings on the explore half more often than they follow any token."""
+    min_predicted_tokens: int = 3
+    """A direction with fewer predicted tokens than this has none: a measure on one or two tokens is too noisy to
+    rank (its predicted-token results are left undefined, and counted)."""
     scan_windows: int = 0
     """Held-out windows scanned (spread over the set; 0: all) for each feature's firings and next tokens."""
     positions: int = 512
@@ -208,13 +212,17 @@ class CausalConfig(StageConfig):
     def __post_init__(self) -> None:
         check_positive(self, "per_family", "n_features", "min_heldout_firings", "min_family_tokens", "n_random",
                        "positions", "batch_windows", "new_tokens", "n_boot", "promoted_tokens",
-                       "predicted_tokens", "n_decoder", "dose_random", "samples", "sample_random",
+                       "predicted_tokens", "min_predicted_tokens", "n_decoder", "dose_random", "samples",
+                       "sample_random",
                        "min_firing_positions", "min_firing_documents", "cell_random", "pin_tokens", integer=True)
         check_positive(self, "scan_windows", integer=True, zero=True)
         check_positive(self, "clamp_multiple", "pin_value")
         for name in ("dose_multiples", "generation_multiples"):
             if not all(isinstance(m, (int, float)) and m > 0 for m in getattr(self, name)):
                 raise ConfigError(f"causal.{name} must be positive numbers, got {getattr(self, name)!r}")
+        if self.min_predicted_tokens > self.predicted_tokens:
+            raise ConfigError(f"causal.min_predicted_tokens ({self.min_predicted_tokens}) must be at most "
+                              f"predicted_tokens ({self.predicted_tokens})")
         for name in ("dose_random", "sample_random", "cell_random"):
             if getattr(self, name) > self.n_random:
                 raise ConfigError(f"causal.{name} ({getattr(self, name)}) must be at most n_random ({self.n_random})")
@@ -253,7 +261,7 @@ def pick(units, families: list[str], family_sizes: dict[str, int], cfg: CausalCo
 class Scan(NamedTuple):
     """What a pass over held-out windows found for each tested feature (and the next tokens of ``extra`` ones)."""
 
-    next_counts: np.ndarray  # (F + E, V) next tokens after each feature's firings, explore half
+    next_counts: np.ndarray  # (F + E + N, V) next tokens after each feature's and neuron's firings, explore half
     all_counts: np.ndarray  # (V,) next tokens after every position, explore half
     firings: list[np.ndarray]  # per tested feature, (n, 2) (window row, position) of its firings in the test half
     positions: np.ndarray  # (n, 2) every scanned test-half (row, position), the first position left out
@@ -263,16 +271,18 @@ class Scan(NamedTuple):
 
 @torch.no_grad()
 def scan(model, sae, hook: str, inputs: Tensor, targets: Tensor, rows: np.ndarray, explore: np.ndarray,
-         features: list[int], batch: int, vocab: int, extra: list[int] | tuple[int, ...] = ()) -> Scan:
+         features: list[int], batch: int, vocab: int, extra: list[int] | tuple[int, ...] = (),
+         neurons: list[int] | tuple[int, ...] = ()) -> Scan:
     """One pass over the windows ``rows`` of ``inputs`` (targets: the next tokens), the first position of each
     left out as the analysis leaves it out: on the ``explore`` rows (bool per window of ``inputs``), the next
-    tokens after each feature (``features``, then ``extra``) fires and after every position, and the mean
-    hidden activation where each of ``features`` fires and over all positions; on the others, where each of
-    ``features`` fires."""
+    tokens after each feature (``features``, then ``extra``) and each MLP neuron (``neurons``, after them: a
+    neuron fires where its activation is above 0) fires and after every position, and the mean hidden activation
+    where each of ``features`` fires and over all positions; on the others, where each of ``features`` fires."""
     every = [*features, *extra]
     idx = torch.as_tensor(every, dtype=torch.long)
+    n_idx = torch.as_tensor(list(neurons), dtype=torch.long)
     n_f = len(features)
-    counts = torch.zeros(len(every) * vocab, dtype=torch.int64)
+    counts = torch.zeros((len(every) + len(n_idx)) * vocab, dtype=torch.int64)
     all_counts = np.zeros(vocab, dtype=np.int64)
     firings: list[list[np.ndarray]] = [[] for _ in features]
     positions = []
@@ -283,11 +293,13 @@ def scan(model, sae, hook: str, inputs: Tensor, targets: Tensor, rows: np.ndarra
         r = rows[i:i + batch]
         h = model.run_with_cache(inputs[r], [hook])[hook][:, 1:].float()  # (B, T-1, d_in): first position left out
         B, T = h.shape[:2]
-        fires = sae.encode(h.reshape(-1, h.shape[-1]))[:, idx] > 0  # (B (T-1), F + E)
+        flat = h.reshape(-1, h.shape[-1])
+        fires = sae.encode(flat)[:, idx] > 0  # (B (T-1), F + E)
         nxt = targets[r][:, 1:].reshape(-1).long()  # (B (T-1),)
         ex = torch.as_tensor(np.repeat(explore[r], T))
         all_counts += np.bincount(nxt[ex].numpy(), minlength=vocab)[:vocab]
-        p_, f_ = torch.nonzero(fires & ex[:, None], as_tuple=True)
+        counted = torch.cat([fires, flat[:, n_idx] > 0], dim=1)  # (B (T-1), F + E + N)
+        p_, f_ = torch.nonzero(counted & ex[:, None], as_tuple=True)
         counts.index_add_(0, f_ * vocab + nxt[p_], torch.ones(len(p_), dtype=torch.int64))
         hx, fx = h.reshape(-1, h.shape[-1])[ex].double(), fires[ex][:, :n_f].double()
         h_fire += fx.t() @ hx
@@ -304,8 +316,8 @@ def scan(model, sae, hook: str, inputs: Tensor, targets: Tensor, rows: np.ndarra
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)  # noqa: E731
     h_firing = (h_fire / n_fire.clamp_min(1)[:, None]).float().numpy()
     h_firing[n_fire.numpy() == 0] = np.nan
-    return Scan(counts.view(len(every), vocab).numpy(), all_counts, [cat(f) for f in firings], cat(positions),
-                h_firing, (h_sum / max(n_all, 1)).float().numpy())
+    return Scan(counts.view(len(every) + len(n_idx), vocab).numpy(), all_counts, [cat(f) for f in firings],
+                cat(positions), h_firing, (h_sum / max(n_all, 1)).float().numpy())
 
 
 def predicted(next_counts: np.ndarray, all_counts: np.ndarray, n: int) -> np.ndarray:
@@ -431,22 +443,28 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         dec_ids_of[f] = np.sort(np.random.default_rng([cfg.seed, f, 1]).choice(cand, min(cfg.n_decoder, len(cand)),
                                                                                 replace=False))
     extra = sorted({int(d) for ids in dec_ids_of.values() for d in ids})
+    # each family's best neuron is a fitted control; the scan counts what its firings predict too, so that it can
+    # also be measured on its own predicted tokens, as each feature is
+    neurons = units_all[units_all["set"] == "neurons"]
+    best = {fam: best_neuron(neurons, fam) for fam in {str(u["family"]) for u in picks}}
+    best_ids = sorted({int(b["unit"]) for b in best.values() if b is not None})
     log(f"causal: {len(features)} features from {len({str(u['family']) for u in picks})} families; scanning "
         f"{len(rows):,} held-out windows ({int(explore[rows].sum()):,} in the explore half), counting next tokens "
         f"for {len(extra)} control features too")
     found = scan(model, sae, HOOK, inputs_all, targets_all, rows, explore, features, cfg.batch_windows, N_VOCAB,
-                 extra=extra)
+                 extra=extra, neurons=best_ids)
     extra_row = {f: len(features) + i for i, f in enumerate(extra)}
+    neuron_row = {u: len(features) + len(extra) + i for i, u in enumerate(best_ids)}
     clamp_at = cache_positions(model, HOOK, inputs_all, sample_positions(found.positions, cfg.positions, cfg.seed),
                                docs_all, cfg.batch_windows)
     clamp_ro = readout(model, clamp_at.resid, N_VOCAB)
-    neurons = units_all[units_all["set"] == "neurons"]
 
     def own_tokens(directions: Tensor) -> Tensor:  # (n, P) the tokens each direction's direct effect raises most
         return logit_effects(model, directions.float())[:, :N_VOCAB].topk(cfg.promoted_tokens, dim=1).indices
 
-    def predicted_of(row: int) -> Tensor:
-        return torch.as_tensor(predicted(found.next_counts[row], found.all_counts, cfg.predicted_tokens))
+    def predicted_of(row: int) -> Tensor:  # none when fewer than min_predicted_tokens qualify
+        p_ = predicted(found.next_counts[row], found.all_counts, cfg.predicted_tokens)
+        return torch.as_tensor(p_ if len(p_) >= cfg.min_predicted_tokens else p_[:0])
 
     # each prompt after <|endoftext|>, as every training document starts; the clamps leave that position alone
     prompts = [torch.tensor([[tokenizer.EOT_ID, *tok.encode(p)]]) for p in PROMPTS]
@@ -501,7 +519,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         md = found.h_firing[n] - found.h_all
         if np.isfinite(md).all() and np.linalg.norm(md) > 0:
             specials.append(("mean_difference", torch.as_tensor(md, dtype=torch.float32), -1))
-        bn = best_neuron(neurons, family)
+        bn = best[family]
         if bn is not None:
             e = torch.zeros(sae.cfg.d_in)
             e[int(bn["unit"])] = 1.0
@@ -519,7 +537,8 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
         own = [own_tokens(d_f[None])[0], *own_tokens(controls)]  # a direction's own tokens: its scale is irrelevant
         empty = torch.zeros(0, dtype=torch.long)
         selfs = [pred, *([empty] * len(randoms)), *(predicted_of(extra_row[int(d)]) for d in dec_ids),
-                 *(pred if kind.startswith("mean_difference") else empty for kind, _, _ in specials)]
+                 *(pred if kind.startswith("mean_difference") else predicted_of(neuron_row[src])
+                   for kind, _, src in specials)]
         main_coeff = coefficients(sae.encode(clamp_at.h)[:, feature], "clamp", value)
         for i, k in enumerate(kinds):
             if k.endswith(KL_MATCHED):

@@ -99,7 +99,8 @@ def test_vocabulary_tokens_get_the_families_their_detectors_give_them():
 
 @pytest.mark.parametrize("bad", [{"n_random": 0}, {"clamp_multiple": 0.0}, {"positions": True},
                                  {"dose_multiples": (1.0, -2.0)}, {"n_random": 3, "dose_random": 4},
-                                 {"scan_windows": -1}, {"n_random": 2, "sample_random": 3}])
+                                 {"scan_windows": -1}, {"n_random": 2, "sample_random": 3},
+                                 {"predicted_tokens": 2, "min_predicted_tokens": 3}])
 def test_bad_config_is_one_line(bad):
     with pytest.raises(ConfigError):
         CausalConfig(**bad)
@@ -243,6 +244,15 @@ def test_the_scan_counts_next_tokens_on_one_half_and_firings_on_the_other():
     # extra features: their next tokens counted after the tested ones', nothing else about them kept
     more = scan(model, sae, HOOK, x, y, np.arange(4), explore, [3], batch=2, vocab=64, extra=[9, 3])
     assert np.array_equal(more.next_counts, found.next_counts[[0, 1, 0]]) and len(more.firings) == 1
+    # neurons: their next tokens counted last, where the MLP activation is above 0
+    with_neurons = scan(model, sae, HOOK, x, y, np.arange(4), explore, [3], batch=2, vocab=64, extra=[9],
+                        neurons=[0, 5])
+    hx = model.run_with_cache(x, [HOOK])[HOOK][:, 1:]
+    for j, u in enumerate((0, 5)):
+        on = (hx[..., u] > 0).numpy()
+        want = np.bincount(y[:, 1:].numpy()[explore][on[explore]], minlength=64)
+        assert np.array_equal(with_neurons.next_counts[2 + j], want)
+    assert np.array_equal(with_neurons.next_counts[:2], found.next_counts[:2])
 
 
 def test_the_fast_read_out_gives_what_the_logits_give():
