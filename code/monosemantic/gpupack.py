@@ -34,7 +34,8 @@ PART_LIMIT = 55 * 2**20
 RETURN_PART = 15 * 2**20
 """Largest returned part (the device returns files of at most 16 MiB, 8 files, 64 MiB in all)."""
 RETURNED = "ch3-returned.json"
-COMMAND = "scripts/pack-gpu-inputs, then scripts/gpu-chapter3 OUT on a GPU machine, then scripts/store-gpu-chapter3 OUT"
+COMMAND = ("python -m monosemantic.gpurun run --out OUT (on a GPU machine: scripts/pack-gpu-inputs here, then "
+           "scripts/gpu-chapter3 OUT there), then python -m monosemantic.gpurun store OUT")
 
 
 class GPURunError(UserError):
