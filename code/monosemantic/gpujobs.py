@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .config import StageConfig, work_dir
+from .config import ConfigError, StageConfig, work_dir
 from .gpupack import SEED_RECIPES
 from .harvest import ArraySource, open_rows, sequential_windows
 from .sae import SAE, SAEConfig
@@ -32,6 +32,7 @@ class PlanConfig(StageConfig):
     """The GPU session's chapter 3 runs beyond ``train-sae``'s, and the rules that stop them."""
 
     STAGE: ClassVar[str] = "sae"
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("extra_scales",)
 
     literal_steps: int = 100_000
     """Steps of the literal runs: the anchor's 100,000 x 896 = 89.6M activations."""
@@ -39,6 +40,9 @@ class PlanConfig(StageConfig):
     """Compute dtype of the literal runs ('' keeps the profile's, ``auto``; ``float32`` is the anchor's own)."""
     input_scale: float = 0.0
     """Factor on the inputs of ``anchor-scaled``; 0: ``sqrt(d_in / E|x|^2)`` from the harvest (:func:`input_scale`)."""
+    extra_scales: tuple[float, ...] = ()
+    """More input factors for the literal recipe at full length, each a job ``anchor-scaled-<factor>`` after
+    ``anchor-scaled`` (e.g. the middle of the range the anchor's logs allow, to test a prediction)."""
     seeds: tuple[int, ...] = (1, 2)
     """Seeds of ``topk-seed<N>`` and ``anchor-fixed-seed<N>`` (seed 0 is the committed run)."""
     controls: bool = True
@@ -55,6 +59,10 @@ class PlanConfig(StageConfig):
     """Held-out FVU checks over the cap (every ``cap / converge_checks`` steps)."""
     converge_rows: int = 16_384
     """Val activations the held-out FVU of the convergence checks is measured on."""
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(s, (int, float)) and s > 0 for s in self.extra_scales):
+            raise ConfigError(f"extra input scales must be positive numbers, got {list(self.extra_scales)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +91,8 @@ def plan_jobs(stage, plan: PlanConfig, scale: float) -> list[Job]:
 
     literal = stage.anchor.replace(n_steps=plan.literal_steps, **({"dtype": plan.literal_dtype}
                                                                    if plan.literal_dtype else {}))
-    jobs = [Job("anchor-full", "main", "anchor", literal), Job("anchor-scaled", "main", "anchor", literal, scale=scale)]
+    jobs = [Job("anchor-full", "main", "anchor", literal), Job("anchor-scaled", "main", "anchor", literal, scale=scale),
+            *(Job(f"anchor-scaled-{s:g}", "main", "anchor", literal, scale=float(s)) for s in plan.extra_scales)]
     for seed in plan.seeds:
         for recipe in SEED_RECIPES:
             jobs.append(Job(f"{recipe}-seed{seed}", "seed", recipe, stage.recipe(recipe).replace(seed=seed)))

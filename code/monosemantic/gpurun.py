@@ -394,7 +394,8 @@ def run(args: argparse.Namespace, stage) -> int:
         raise GPURunError("no CUDA device here; this is the GPU session's script (--allow-cpu for a test)")
     torch.set_num_threads(args.threads)
     plan = PlanConfig(literal_steps=args.literal_steps, literal_dtype=args.literal_dtype,
-                      input_scale=args.input_scale, seeds=tuple(args.seeds),
+                      input_scale=args.input_scale, extra_scales=tuple(args.extra_scale or ()),
+                      seeds=tuple(args.seeds),
                       controls=not args.no_controls, width_max_activations=args.width_max,
                       width_min_activations=args.width_min)
     deadline = t_start + args.budget
@@ -562,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--literal-dtype", choices=("", "auto", "float32", "bfloat16"), default="",
                    help="compute dtype of the literal runs (default: the profile's, auto)")
     r.add_argument("--input-scale", type=float, default=0.0, help="anchor-scaled's input factor (0: from the data)")
+    r.add_argument("--extra-scale", type=float, action="append", metavar="S",
+                   help="also the literal recipe at full length on inputs x S (job anchor-scaled-S; repeatable)")
     r.add_argument("--seeds", type=int, nargs="*", default=list(PlanConfig.seeds))
     r.add_argument("--no-controls", action="store_true", help="skip the seed-0 retrains on this device")
     r.add_argument("--width-max", type=int, default=PlanConfig.width_max_activations)

@@ -101,6 +101,11 @@ def test_the_cpu_plan_is_the_anchors_length_first_then_seeds_widths_controls():
     assert all(j.converge and j.cfg.n_activations <= 30_000_000 + j.cfg.batch_size for j in jobs if j.kind == "width")
     assert [j.name for j in jobs if j.artifact] == names[:6]
     assert gpujobs.Job.from_dict(json.loads(json.dumps(jobs[1].to_dict()))) == jobs[1]
+    # another input factor: one more literal job after anchor-scaled; the plan's hash unchanged without it
+    more = gpujobs.plan_jobs(stage, gpujobs.PlanConfig(extra_scales=(6.9,)), scale=9.4)
+    assert [j.name for j in more[:4]] == ["anchor-full", "anchor-scaled", "anchor-scaled-6.9", "topk-seed1"]
+    assert more[2].scale == 6.9 and more[2].cfg == jobs[1].cfg and more[2].kind == "main"
+    assert "extra_scales" not in gpujobs.PlanConfig().to_dict()
 
 
 @pytest.fixture(scope="module")
