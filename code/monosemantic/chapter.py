@@ -268,6 +268,21 @@ def decoder_norms(art) -> Any:
     return np.linalg.norm(w_dec, axis=1)
 
 
+def resampling_checks(art, curve=None):
+    """(steps, shares) of a literal-recipe SAE artifact: each resampling check (after step 1,000 i + 1, as the
+    anchor counts) and the share of features it found dead and resampled, from the logged interval holding it
+    (``curve``: its training curve, read from the artifact when None)."""
+    import numpy as np
+    import pandas as pd
+
+    curve = pd.read_parquet(art.file("training_curve.parquet")) if curve is None else curve
+    c = art.config["anchor"]
+    steps = np.arange(c["resample_every"], c["n_steps"], c["resample_every"]) + 1
+    ends = curve.step.to_numpy()
+    shares = [int(curve.resampled.iloc[int(np.argmax(ends >= s))]) / c["n_features"] for s in steps]
+    return steps, np.array(shares)
+
+
 def sae_compute_dtype(art, c: dict | None = None) -> str:
     """The dtype an SAE artifact's matmuls ran in: the recorded choice, else what ``dtype: auto`` picks on the
     machine its manifest records (bfloat16 on a GPU or a CPU with bf16 units, float32 otherwise)."""

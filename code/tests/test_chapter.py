@@ -235,3 +235,18 @@ def test_holm_over_two_tables_of_rank_tests_is_one_adjustment():
     assert ja["x"].p_holm == pytest.approx(0.03) and jb["z"].p_holm == pytest.approx(0.06)  # 3 x 0.01, 2 x 0.03
     assert ja["y"].p_holm == pytest.approx(0.06) and jb["z"].p_ends_holm == pytest.approx(0.03)
     assert ja["x"].mean == 3.0 and set(ja) == {"x", "y"} and set(jb) == {"z"}
+
+
+def test_resampling_checks_read_each_check_from_the_logged_interval_holding_it():
+    import pandas as pd
+
+    from monosemantic import chapter
+
+    class Art:  # a literal-recipe artifact: 3,500 steps, a check after steps 1,001, 2,001 and 3,001
+        config = {"anchor": {"resample_every": 1000, "n_steps": 3500, "n_features": 100}}
+
+    curve = pd.DataFrame({"step": range(100, 3600, 100), "resampled": 0})
+    curve.loc[curve.step == 1100, "resampled"] = 10  # the interval (1000, 1100] holds the check after step 1,001
+    curve.loc[curve.step == 3100, "resampled"] = 40
+    steps, shares = chapter.resampling_checks(Art(), curve)
+    assert steps.tolist() == [1001, 2001, 3001] and shares.tolist() == [0.1, 0.0, 0.4]
