@@ -375,12 +375,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = args.profile_config.diff
     if args.source:
         cfg = cfg.replace(source=args.source)
-    if getattr(args, "seed", None) is not None:
-        cfg = cfg.replace(seed=args.seed)
-    if getattr(args, "steps", None) is not None:
-        cfg = cfg.replace(steps=args.steps)
-    if getattr(args, "crosscoder_seed", None) is not None:
-        cfg = cfg.replace(crosscoder_seed=args.crosscoder_seed)
+    given = {k: getattr(args, k, None) for k in ("seed", "steps", "crosscoder_seed")}
+    cfg = cfg.replace(**{k: v for k, v in given.items() if v is not None})
     run_stage(args.profile, cfg, progress=not args.no_progress)
     return 0
 
