@@ -83,14 +83,17 @@ class NeuronTopK(torch.nn.Module):
 
 
 def committed_saes(profile: str) -> list[str]:
-    """Names of the SAE artifacts of ``profile`` that hold weights (``sae/<profile>-<name>`` with a cfg.json) and
-    read this LM (not ``random-model``), in a stable order: the recipes first, then the rest alphabetically."""
+    """Names of the SAE artifacts of ``profile`` whose weights are committed (``sae/<profile>-<name>`` with its
+    cfg.json and weights; not those that keep their weights in ``cache/work/``, such as the literal runs at full
+    length) and that read this LM (not ``random-model``), in a stable order: the recipes first, then the rest
+    alphabetically."""
     from . import store
+    from .sae import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
     from .sae_train import RANDOM_MODEL
 
     root = store.artifact_path("sae", profile, "x").parent
     names = sorted(p.name.removeprefix(f"{profile}-") for p in root.glob(f"{profile}-*")
-                   if (p / "cfg.json").is_file())
+                   if (p / SAE_CFG_FILENAME).is_file() and (p / SAE_WEIGHTS_FILENAME).is_file())
     names = [n for n in names if n != RANDOM_MODEL]  # it reads another model's activations
     order = {"anchor": 0, "anchor-fixed": 1, "topk": 2}
     return sorted(names, key=lambda n: (order.get(n, 9), n))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -124,7 +125,6 @@ def test_evaluate_on_the_heldout_windows_of_every_source(in_tiny_cache):
 
 
 def test_rerun_reuses_staged_runs_and_a_fresh_run_is_bit_identical(tiny_cache, tmp_path, monkeypatch):
-    import shutil
 
     # a copy: the fresh run rewrites sae/tiny-topk (new timings, so a new content hash), which would
     # make every artifact made from it stale for the tests that run after this one
@@ -340,7 +340,6 @@ def _chromium(url: str, *extra: str) -> tuple[str, str]:
                     "(.ci/run installs it)")
 def test_feature_browser_loads_finds_a_feature_by_token_and_highlights_its_contexts(in_tiny_cache, tmp_path):
     import re
-    import shutil
 
     from monosemantic import browser
     from monosemantic.config import project_root
@@ -385,6 +384,12 @@ def test_evaluate_gives_every_committed_sae_intervals_over_heldout_documents(in_
     from monosemantic import evaluation
 
     assert evaluation.committed_saes("tiny")[:3] == ["anchor", "anchor-fixed", "topk"]
+    # an artifact whose weights live in cache/work/ (a literal run at full length) is not one of them
+    moved = store.artifact_path("sae", "tiny", "anchor-moved")
+    shutil.copytree(store.artifact_path("sae", "tiny", "anchor"), moved)
+    (moved / "sae_weights.safetensors").unlink()
+    assert "anchor-moved" not in evaluation.committed_saes("tiny")
+    shutil.rmtree(moved)
     assert cli.main(["evaluate", "--profile", "tiny", "--sae", "topk", "--no-progress"]) == 0
     art = store.load("sae", "tiny", "heldout")
     table = pd.read_parquet(art.file("heldout.parquet"))
