@@ -47,9 +47,10 @@ class EvalConfig(StageConfig):
     max_windows: int = 0
     """At most this many windows, spread evenly over the split so that every part of it is represented
     (0: every window the split holds)."""
-    neuron_ks: tuple[int, ...] = (8, 24, 32)
+    neuron_ks: tuple[int, ...] = (1, 2, 8, 24, 32)
     """Baselines: the layer's own neurons with all but each token's k largest set to zero (the neuron basis
-    as a k-sparse dictionary of width d_in), evaluated like the SAEs."""
+    as a k-sparse dictionary of width d_in), evaluated like the SAEs: k = 1 and 2 at the ReLU + L1 runs' L0,
+    24 and 32 on either side of the TopK SAE's."""
     batch_windows: int = 16
     """Windows per forward pass (the logits of a batch are batch x seq_len x 50,304 floats)."""
     n_boot: int = 1000

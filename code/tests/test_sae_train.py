@@ -393,9 +393,9 @@ def test_evaluate_gives_every_committed_sae_intervals_over_heldout_documents(in_
     assert cli.main(["evaluate", "--profile", "tiny", "--sae", "topk", "--no-progress"]) == 0
     art = store.load("sae", "tiny", "heldout")
     table = pd.read_parquet(art.file("heldout.parquet"))
-    assert set(table["sae"]) == {"topk", "neurons-top8", "neurons-top24", "neurons-top32"}
+    assert set(table["sae"]) == {"topk", *(f"neurons-top{k}" for k in evaluation.EvalConfig().neuron_ks)}
     l0 = table[table["metric"] == "l0"].set_index("sae")["value"]
-    assert l0["neurons-top8"] <= 8 and l0["neurons-top24"] <= 24  # at most k (fewer where fewer neurons fire)
+    assert l0["neurons-top1"] <= 1 and l0["neurons-top8"] <= 8 and l0["neurons-top24"] <= 24  # at most k
     assert set(evaluation.HEADLINE) <= set(table["metric"])
     has = table["low"].notna()  # dead and ultra-low fractions: a value, no interval
     assert set(table.loc[~has, "metric"]) == {"dead_fraction", "ultralow_fraction"}
