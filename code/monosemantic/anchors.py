@@ -22,7 +22,7 @@ WARD: dict[str, object] = {
     "sae_steps": 100_000,
     "sae_dead_check_inputs": 10_240,  # `neuron_resampling_samples`: drawn afresh, 10,240 // 896 = 11 batches
     "sae_mse": 0.094,  # logged end state, "about"
-    "sae_l1": 0.05,  # logged L1 term at the end, "about"
+    "sae_l1": 0.052,  # logged L1 term at the end (the last progress line, step 95,000; ANCHORS.md: "about 0.05")
     "sae_dead_fraction": (0.30, 0.40),  # "30-40% dead through most of training"
     "sae_hours": 11,  # on an Apple M3 laptop, ~2.5 steps/s
     "features": ("`{` in code", "LaTeX `$`", "Scandinavian-language text", "citation markers such as `[@b`",

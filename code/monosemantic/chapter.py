@@ -283,6 +283,78 @@ def resampling_checks(art, curve=None):
     return steps, np.array(shares)
 
 
+def and_join(items) -> str:
+    """``["2", "5", "6"]`` -> ``"2, 5 and 6"``; two items joined by "and", one as it is."""
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1] if items else ""
+
+
+LATE_CHECK = 10
+"""A literal run's "late" checks are those after step 1,000 * LATE_CHECK: past the anchor's early peak of dead
+features (73% at step 8,000; "30-40% dead through most of training" after it)."""
+
+
+def late_dead_share(art, curve=None) -> float:
+    """The median share of features found dead and resampled at a literal run's checks after
+    :data:`LATE_CHECK`."""
+    import numpy as np
+
+    return float(np.median(resampling_checks(art, curve)[1][LATE_CHECK:]))
+
+
+def training_variance(art, curve=None) -> float:
+    """The per-coordinate variance of a literal run's training batches in the units of our activations as they
+    are: the median over its logged intervals of MSE / FVU, over the square of its input factor."""
+    import pandas as pd
+
+    curve = pd.read_parquet(art.file("training_curve.parquet")) if curve is None else curve
+    return float((curve.mse / curve.fvu).median()) / art.metrics.get("input_scale", 1.0) ** 2
+
+
+def loglog_crossing(x0: float, y0: float, x1: float, y1: float, target: float) -> float | None:
+    """Where the straight line through (x0, y0) and (x1, y1) in log-log coordinates reaches ``target``; None
+    unless ``target`` lies between y0 and y1 (an interpolation, never an extrapolation)."""
+    import math
+
+    if not min(y0, y1) <= target <= max(y0, y1) or y0 == y1:
+        return None
+    t = math.log(target / y0) / math.log(y1 / y0)
+    return math.exp(math.log(x0) + t * (math.log(x1) - math.log(x0)))
+
+
+class ScaleEstimate(NamedTuple):
+    """What the anchor's logged end state says about its input scale c relative to our activations, supposing its
+    run were the literal algorithm on our activations multiplied by c (see :func:`anchor_scale`)."""
+
+    lower: float  # from FVU < 1 alone: c >= sqrt(MSE_anchor / variance)
+    upper: float  # the c at which the rescaled run's end FVU would give the anchor's MSE
+    crossings: dict[str, float | None]  # metric -> the c where the log-log line through our two runs meets it
+
+
+def anchor_scale(unscaled, scaled, anchor: dict) -> ScaleEstimate:
+    """:class:`ScaleEstimate` from two full-length literal runs (artifacts; ``scaled`` with metric
+    ``input_scale``) and the anchor's logged numbers (``anchors.WARD``), all in training units: the MSE and the
+    L1 term at the end of training (per coordinate; x c^2 and x c for a run at scale c), L0 and the median share
+    dead at the late checks. ``upper`` is an upper bound, not a central estimate: a run trained at a smaller
+    scale than ``scaled`` ends with a higher FVU than its, so it reaches the anchor's MSE below that c. The
+    crossings assume each metric is a straight line in log-log coordinates between the two runs (two points:
+    crude)."""
+    import numpy as np
+
+    var = training_variance(scaled)
+    c1 = scaled.metrics["input_scale"]
+    fvu_end = scaled.metrics["train_mse_end"] / (var * c1 ** 2)
+    values = {"MSE": ("train_mse_end", anchor["sae_mse"]), "L1 term": ("train_l1_term_end", anchor["sae_l1"]),
+              "L0": ("l0", anchor["sae_l0_mean"])}
+    crossings = {k: loglog_crossing(unscaled.metrics.get("input_scale", 1.0), unscaled.metrics[m], c1,
+                                    scaled.metrics[m], target) for k, (m, target) in values.items()}
+    crossings["late dead share"] = loglog_crossing(
+        unscaled.metrics.get("input_scale", 1.0), late_dead_share(unscaled), c1, late_dead_share(scaled),
+        float(np.median(anchor["sae_dead_per_check"][LATE_CHECK:])))
+    return ScaleEstimate(lower=float(np.sqrt(anchor["sae_mse"] / var)),
+                         upper=float(np.sqrt(anchor["sae_mse"] / (var * fvu_end))), crossings=crossings)
+
+
 def sae_compute_dtype(art, c: dict | None = None) -> str:
     """The dtype an SAE artifact's matmuls ran in: the recorded choice, else what ``dtype: auto`` picks on the
     machine its manifest records (bfloat16 on a GPU or a CPU with bf16 units, float32 otherwise)."""

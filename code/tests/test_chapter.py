@@ -1,5 +1,7 @@
 """The book's chapter helpers that read evaluations and seed runs (monosemantic.chapter)."""
 
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -250,3 +252,48 @@ def test_resampling_checks_read_each_check_from_the_logged_interval_holding_it()
     curve.loc[curve.step == 3100, "resampled"] = 40
     steps, shares = chapter.resampling_checks(Art(), curve)
     assert steps.tolist() == [1001, 2001, 3001] and shares.tolist() == [0.1, 0.0, 0.4]
+
+
+def test_and_join_and_loglog_crossing():
+    assert chapter.and_join(["2"]) == "2" and chapter.and_join(["2", "5"]) == "2 and 5"
+    assert chapter.and_join(["2", "5", "6"]) == "2, 5 and 6" and chapter.and_join([]) == ""
+    # y = x^2 through (1, 1) and (10, 100): 25 is reached at 5; outside the two points, no answer
+    assert chapter.loglog_crossing(1, 1, 10, 100, 25) == pytest.approx(5.0)
+    assert chapter.loglog_crossing(1, 100, 10, 1, 4) == pytest.approx(5.0)  # decreasing: y = 100 / x^2
+    assert chapter.loglog_crossing(1, 1, 10, 100, 400) is None
+
+
+def test_anchor_scale_on_runs_that_are_one_power_law():
+    """Two literal runs whose MSE grows as c^2 x 0.5 FVU x variance and whose L0 and L1 term follow powers of the
+    input factor c: the crossings land where the anchor's numbers put them, and the bounds follow the formulas."""
+    import numpy as np
+    import pandas as pd
+
+    var = 0.01  # per coordinate, in our units
+
+    class Run:
+        def __init__(self, c, fvu, l0, l1, dead):
+            self.metrics = {"input_scale": c, "train_mse_end": c ** 2 * var * fvu, "train_l1_term_end": l1,
+                            "l0": l0}
+            steps = np.arange(100, 100_100, 100)
+            self.curve = pd.DataFrame({"step": steps, "mse": c ** 2 * var * fvu, "fvu": fvu, "resampled": 0})
+            # every check (after steps 1,001, 2,001, ...) sits in the interval ending at 1,100, 2,100, ...
+            self.curve.loc[self.curve.step % 1000 == 100, "resampled"] = int(dead * 100)
+            self.config = {"anchor": {"resample_every": 1000, "n_steps": 100_000, "n_features": 100}}
+
+        def file(self, name):
+            path = Path(tempfile.mkdtemp()) / name
+            self.curve.to_parquet(path)
+            return path
+
+    u, s = Run(1.0, 0.8, 2.0, 0.001, 0.6), Run(8.0, 0.2, 32.0, 0.1, 0.1)
+    anchor = {"sae_mse": 16 * var * 0.4, "sae_l1": 0.01, "sae_l0_mean": 8.0, "sae_dead_per_check": [0.3] * 94}
+    est = chapter.anchor_scale(u, s, anchor)
+    assert est.lower == pytest.approx(np.sqrt(16 * 0.4))  # FVU < 1: c >= sqrt(MSE / var)
+    assert est.upper == pytest.approx(np.sqrt(16 * 0.4 / 0.2))  # the rescaled run's FVU giving the anchor's MSE
+    assert est.crossings["L0"] == pytest.approx(4 ** 0.75)  # L0 = 2 c^(4/3): 8 at c = 4^(3/4)
+    # the L1 term: 0.001 c^(log 100 / log 8), 0.01 at c = 8^(1/2)
+    assert est.crossings["L1 term"] == pytest.approx(np.sqrt(8.0))
+    # the late dead share: 0.6 c^(-log 6 / log 8), half of 0.6 at c = 8^(log 2 / log 6)
+    assert est.crossings["late dead share"] == pytest.approx(8 ** (np.log(2) / np.log(6)))
+    assert est.crossings["MSE"] is not None and est.upper > est.crossings["MSE"]
