@@ -75,6 +75,24 @@ def pct(v: float, digits: int | None = None, significant: int | None = None) -> 
     return f"{100 * v:.{digits}f}%"
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def sci(v: float, digits: int = 2) -> str:
+    """A number in scientific notation as prose prints it, never as Python does (``9.5e-04``): ``digits``
+    significant digits times a power of ten in superscript, ``9.5 × 10⁻⁴``; between 0.01 and 10,000 the plain
+    number (``0.031``); 0 as ``0``; None or nan as ``—``."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if v == 0:
+        return "0"
+    if 0.01 <= abs(v) < 10_000:
+        return f"{v:.{digits}g}"
+    mantissa, exponent = f"{v:.{digits - 1}e}".split("e")
+    mantissa = mantissa.replace("-", "−")
+    return f"{mantissa} × 10{str(int(exponent)).translate(_SUPERSCRIPT)}"
+
+
 def span(formatted: list[str]) -> str:
     """The range of already formatted numbers as prose: "0.49 to 0.50", or "0.49" when they print alike
     (smallest and largest by numeric value of the digits, so "12%" sorts as 12)."""

@@ -297,3 +297,9 @@ def test_anchor_scale_on_runs_that_are_one_power_law():
     # the late dead share: 0.6 c^(-log 6 / log 8), half of 0.6 at c = 8^(log 2 / log 6)
     assert est.crossings["late dead share"] == pytest.approx(8 ** (np.log(2) / np.log(6)))
     assert est.crossings["MSE"] is not None and est.upper > est.crossings["MSE"]
+
+
+def test_sci_prints_powers_of_ten_as_prose():
+    assert chapter.sci(9.5e-4) == "9.5 × 10⁻⁴" and chapter.sci(1.2e-14) == "1.2 × 10⁻¹⁴"
+    assert chapter.sci(-8.351e-06, 3) == "−8.35 × 10⁻⁶" and chapter.sci(2.5e7) == "2.5 × 10⁷"
+    assert chapter.sci(0.031) == "0.031" and chapter.sci(0.0) == "0" and chapter.sci(float("nan")) == "—"
