@@ -238,7 +238,9 @@ def table(frame, *, index: bool = True, digits: int = 3, literal: Iterable[str] 
 
     def cell(value, plain: bool = False) -> str:
         if isinstance(value, float):
-            text = f"{value:.{digits}g}"
+            from .chapter import sci
+
+            text = sci(value, digits) if 0 < abs(value) < 1e-3 else f"{value:.{digits}g}"  # never 1e-05
         else:
             text = str(value)
         if plain:
