@@ -86,8 +86,10 @@ def sci(v: float, digits: int = 2) -> str:
         return "—"
     if v == 0:
         return "0"
-    if 0.01 <= abs(v) < 10_000:
+    if 0.01 <= abs(v) < 1:
         return f"{v:.{digits}g}"
+    if 1 <= abs(v) < 10_000:  # whole digits are kept: 1234 -> 1,234, never 1.23e+03
+        return f"{v:,.{max(digits - len(str(int(abs(v)))), 0)}f}".replace("-", "−")
     mantissa, exponent = f"{v:.{digits - 1}e}".split("e")
     mantissa = mantissa.replace("-", "−")
     return f"{mantissa} × 10{str(int(exponent)).translate(_SUPERSCRIPT)}"

@@ -303,3 +303,4 @@ def test_sci_prints_powers_of_ten_as_prose():
     assert chapter.sci(9.5e-4) == "9.5 × 10⁻⁴" and chapter.sci(1.2e-14) == "1.2 × 10⁻¹⁴"
     assert chapter.sci(-8.351e-06, 3) == "−8.35 × 10⁻⁶" and chapter.sci(2.5e7) == "2.5 × 10⁷"
     assert chapter.sci(0.031) == "0.031" and chapter.sci(0.0) == "0" and chapter.sci(float("nan")) == "—"
+    assert chapter.sci(1234.5, 3) == "1,234" and chapter.sci(2.5) == "2.5" and chapter.sci(-12.0, 3) == "−12.0"
