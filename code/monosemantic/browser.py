@@ -398,21 +398,21 @@ def _figure_css() -> str:
 def figure(art, folder: Path, png: Path, *, width: int = 1000, height: int = 660, scale: float = 1.5) -> dict[str, Any]:
     """The PDF's picture of the browser whose files :func:`write` put in ``folder``: the page opened on
     :func:`figure_unit`'s feature, ``width`` x ``height`` CSS pixels from its top (search box, then the
-    unit), written to ``png`` beside ``png.with_suffix('.json')``, which says what it shows (the unit, its
-    top token, its scores) and what it was made from (:func:`cache_key`). Made again only when that key
-    changed and Chromium is installed; otherwise the description of the picture already there is returned
-    (an empty dict when there is none)."""
+    unit; each column ends at its last whole row), written to ``png`` beside ``png.with_suffix('.json')``,
+    which says what it shows (the unit, its top token, its scores) and what it was made from
+    (:func:`cache_key`). Made again only when that key changed and Chromium is installed; otherwise the
+    description of the picture already there is returned (an empty dict when there is none)."""
     import hashlib
 
     import pandas as pd
 
-    from .book.chromium import Chromium, executable
+    from .book.chromium import WHOLE_ROWS, Chromium, executable
 
     meta_file = png.with_suffix(".json")
     old = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.is_file() else {}
-    # the picture depends on the data (cache_key), the page's code and the size it is taken at
-    assets = hashlib.sha256("".join(resources.files("monosemantic.book").joinpath("assets", a).read_text(
-        encoding="utf-8") for a in ASSETS).encode()).hexdigest()[:12]
+    # the picture depends on the data (cache_key), the page's code, where the picture is cut and its size
+    assets = hashlib.sha256(("".join(resources.files("monosemantic.book").joinpath("assets", a).read_text(
+        encoding="utf-8") for a in ASSETS) + WHOLE_ROWS).encode()).hexdigest()[:12]
     key = f"{cache_key(art)}-{assets}-{width}x{height}@{scale}"
     if (old.get("key") == key and png.is_file()) or executable() is None:
         return old if png.is_file() else {}

@@ -366,6 +366,48 @@ def test_obsolete_typst_symbols_from_pandoc_are_renamed():
     assert modernise_symbols("$(dot.circle)$") == "$(dot.o)$"
 
 
+def test_apostrophes_after_a_digit_or_a_full_stop_print_as_apostrophes_and_code_keeps_its_quote(tmp_path):
+    """typst's smart quotes print a prime after a digit (GPT-2′s) and an opening quote after a full stop
+    (al.‘s); the builder gives typst the apostrophe itself, in text only."""
+    import shutil
+    import subprocess
+
+    from monosemantic.book import pandoc, pdf, typography
+
+    text = ("GPT-2's vocabulary, Bricken et al.'s rubric, [Table 4.1](https://example.org)'s row and "
+            "`nn.Linear`'s default; the code `print(GPT-2's)` and the features' norms.\n")
+    doc = pandoc.read(text, pandoc.READER, "apostrophes")
+    typst_source = pandoc.write(pandoc.document(typography.typst_apostrophes(doc["blocks"])), "typst", "t")
+    assert "GPT-2’s vocabulary" in typst_source and "et al.’s rubric" in typst_source
+    assert "]’s row" in typst_source and "`nn.Linear`’s default" in typst_source
+    assert "`print(GPT-2's)`" in typst_source  # the code span as written
+    html = pandoc.write(pandoc.document(typography.apostrophes(doc["blocks"])), "html5", "h")
+    assert "<code>nn.Linear</code>’s default" in html and "‘" not in html
+    assert typography.apostrophes(typography.apostrophes(doc["blocks"])) == typography.apostrophes(doc["blocks"])
+    cell = [{"t": "Plain", "c": [{"t": "Str", "c": "GPT-2's"}]}]  # a straight quote, as an HTML table cell has it
+    assert typography.apostrophes(cell) == cell  # the HTML shows it as it is
+    assert "GPT-2’s" in pandoc.write(pandoc.document(typography.typst_apostrophes(cell)), "typst", "c")
+    if not shutil.which("pdftotext"):
+        pytest.skip("poppler-utils (pdftotext) is not installed")
+    out = pdf.write_pdf(doc["blocks"], {"title": pandoc.meta_string("Quotes")}, out_dir=tmp_path,
+                        name="quotes.pdf", bibliography=[], api=doc["pandoc-api-version"])
+    printed = " ".join(subprocess.run(["pdftotext", str(out), "-"], capture_output=True, text=True,
+                                      check=True).stdout.split())
+    assert "GPT-2’s vocabulary" in printed and "al.’s rubric" in printed and "nn.Linear’s default" in printed
+    assert "print(GPT-2's)" in printed and "′" not in printed and "‘" not in printed
+    if shutil.which("pdfinfo"):  # the compiler's version, which the setup appendix lists, is the one the PDF names
+        info = subprocess.run(["pdfinfo", str(out)], capture_output=True, text=True).stdout
+        assert f"Typst {pdf.typst_version()}" in info, info
+
+
+def test_text_in_angle_brackets_that_would_vanish_as_an_html_tag_is_found():
+    from monosemantic.book import pandoc, typography
+
+    doc = pandoc.read("stored as gpucheck/tiny-<gpu>, a <span>span</span>, `code <gpu>` and \\<tmp>\n",
+                      pandoc.READER, "tags")
+    assert typography.stray_tags(doc["blocks"]) == ["<gpu>"]
+
+
 def test_the_build_reports_what_each_chapter_reads_and_refuses_an_artifact_that_rotted(book_env):
     """A chapter that loaded an artifact is listed with it; when that artifact's file is later damaged
     without its manifest changing (so the execution cache would hit), the build stops, naming both."""

@@ -175,7 +175,9 @@ def _merge_index_header(table: Node) -> Node:
     return table
 
 
-_NUMBER = re.compile(r"^[-+\u2212]?[\d.,]+(e[-+]?\d+)?%?$|^(nan|inf|-inf|\u2014|-)?$", re.IGNORECASE)
+# a number as a cell prints it: 1,234 / 0.5 / 1e-05 / 12% / 9.5 × 10⁻⁴ (chapter.sci) / a dash for none
+_NUMBER = re.compile(r"^[-+\u2212]?[\d.,]+(e[-+]?\d+| ?\u00d7 ?10[\u207b\u00b9\u00b2\u00b3\u2070\u2074-\u2079]+)?%?$"
+                     r"|^(nan|inf|-inf|\u2014|-)?$", re.IGNORECASE)
 
 
 def align_columns(blocks: list[Node]) -> list[Node]:

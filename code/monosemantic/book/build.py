@@ -23,7 +23,7 @@ import nbformat
 
 from ..config import project_root
 from . import ast as A
-from . import crossref, execute, html, linkcheck, pandoc, pdf, project, qmd, quarto_options, webfonts
+from . import crossref, execute, html, linkcheck, pandoc, pdf, project, qmd, quarto_options, typography, webfonts
 from .assemble import align_columns, chapter_markdown, embed_tables, natural_widths
 from .crossref import CrossrefError
 
@@ -214,6 +214,10 @@ def _execute_chapter(proj: project.Project, file: project.ChapterFile, doc: qmd.
     parsed = _read_chapter(file, doc, ran.outputs, ran.values, _execution_defaults(proj, doc), proj.output_dir)
     blocks = natural_widths(align_columns(crossref.normalise(_relocate_images(parsed["blocks"], file,
                                                                                proj.output_dir))))
+    blocks = typography.apostrophes(blocks)
+    if stray := typography.stray_tags(blocks):
+        raise project.ProjectError(f"{file.source}: {', '.join(stray[:3])} would vanish from the book: pandoc "
+                                   f"reads text in angle brackets as an HTML tag; put it in backticks or write \\<")
     title = doc.front_matter.get("title")
     if title and not any(b["t"] == "Header" and b["c"][0] == 1 for b in blocks):
         # a chapter titled in its front matter (Quarto allows either); its heading is made from it

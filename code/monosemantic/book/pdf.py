@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import UserError
 from . import ast as A
-from . import pandoc
+from . import pandoc, typography
 
 # Symbol names pandoc 3.9's typst writer still emits but the typst compiler bundled with the `typst` package
 # has removed (typst 0.13 renamed them); the right-hand names are accepted by both.
@@ -119,6 +119,20 @@ def font_paths() -> list[str]:
     return [str(resources.files(p)) for p in FONT_PACKAGES]
 
 
+def typst_version() -> str:
+    """The version of the typst compiler that typesets the PDF (the one the PDF names as its creator), which
+    is not the version of the ``typst`` Python package that bundles it (0.15.2 bundles typst 0.15.1)."""
+    import json
+    import tempfile
+
+    import typst
+
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "version.typ"
+        empty.write_text("", encoding="utf-8")
+        return json.loads(typst.eval(str(empty), "str(sys.version)"))
+
+
 def compile_typst(typ: Path, pdf: Path, root: Path) -> Path:
     """Compile ``typ`` to ``pdf`` with the book's fonts only (see the module's docstring)."""
     import typst
@@ -141,7 +155,8 @@ def write_pdf(blocks: list[A.Node], meta: dict[str, Any], *, out_dir: Path, name
     if bibliography:
         args += ["--citeproc", *[f"--bibliography={b}" for b in bibliography],
                  "-M", "reference-section-title=References", "-M", "link-citations=true"]
-    source = pandoc.write(pandoc.document(fit_tables(blocks), meta, api), "typst", "the book (typst)", args)
+    blocks = fit_tables(typography.typst_apostrophes(blocks))
+    source = pandoc.write(pandoc.document(blocks, meta, api), "typst", "the book (typst)", args)
     source = escape_cell_headings(modernise_symbols(source))
     typ = out_dir / (Path(name).stem + ".typ")
     typ.write_text(source, encoding="utf-8")
