@@ -226,6 +226,14 @@ RANK_MASS = 0.01  # see rank_hits
 HITS = 30  # search hits kept per token and set
 
 
+def _specific(units, spec_min: float, lift_min: float):
+    """Per unit, whether its best family holds at least ``spec_min`` of its activation at a lift of at least
+    ``lift_min`` (every unit, for tables written before the shares were recorded)."""
+    if not {"family_share", "family_lift"} <= set(units.columns):
+        return [True] * len(units)
+    return ((units["family_share"].fillna(0) >= spec_min) & (units["family_lift"].fillna(0) >= lift_min)).tolist()
+
+
 def _write_data(art, out: Path, sets: tuple[tuple[str, str], ...]) -> dict[str, int]:
     import pandas as pd
 
@@ -243,6 +251,8 @@ def _write_data(art, out: Path, sets: tuple[tuple[str, str], ...]) -> dict[str, 
                                                               tables["families"].description, strict=True)),
                              "shard": SHARD, "units": {}, "tokens": {}, "profile": art.profile}
     search: dict[str, dict[tuple[int, int], list]] = {}  # key -> (set, unit) -> [set, unit, share, mass, count]
+    spec_min = float(art.config.get("specificity_threshold", 0.5))
+    lift_min = float(art.config.get("lift_threshold", 5.0))
     n_shards = 0
     for set_name, label in sets:
         units = tables["units"][tables["units"]["set"] == set_name].set_index("unit").sort_index()
@@ -264,7 +274,10 @@ def _write_data(art, out: Path, sets: tuple[tuple[str, str], ...]) -> dict[str, 
         index["sets"].append({"name": set_name, "label": label, "n": n})
         index["units"][set_name] = {
             "density": [_round(v) for v in units["density"]], "corr": [_round(v, 2) for v in units["explain_corr"]],
-            "family": units["family"].fillna("").tolist(), "label": labels,
+            # a family named in the list only where the unit is specific to it (the analysis's own thresholds)
+            "family": [f if specific else "" for f, specific in
+                       zip(units["family"].fillna(""), _specific(units, spec_min, lift_min), strict=True)],
+            "label": labels,
             "polarity": [int(p) for p in units["polarity"]],
             **({"sim": [_round(v, 2) for v in units["sim_corr"]], "det": [_round(v, 2) for v in units["detection"]]}
                if scores else {})}

@@ -14,7 +14,7 @@ import shlex
 import sys
 import time
 
-from .config import COMMAND_ENV, COMMAND_START_ENV, PROFILES, UserError
+from .config import COMMAND_ENV, COMMAND_START_ENV, PROFILES, UserError, human_bytes
 
 # (subcommand, module that implements it, one-line help). A stage adds its row here.
 COMMANDS: list[tuple[str, str, str]] = [
@@ -61,14 +61,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     v.add_argument("--skip-work", action="store_true", help="do not hash the large files in cache/work/")
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
 def _age(created: str | None) -> str:
     import datetime as dt
 
@@ -101,14 +93,14 @@ def run(args: argparse.Namespace) -> int:
         rows = [("stage", "profile", "name", "size", "work", "age", "metrics")]
         for a in arts:
             work = a.size_bytes("work")
-            rows.append((a.stage, a.profile, a.name, _human_bytes(a.size_bytes("cache")),
-                         _human_bytes(work) if work else "-", _age(a.manifest.get("created")),
+            rows.append((a.stage, a.profile, a.name, human_bytes(a.size_bytes("cache")),
+                         human_bytes(work) if work else "-", _age(a.manifest.get("created")),
                          _short_metrics(a.metrics)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
         total = sum(a.size_bytes("cache") for a in arts)
-        print(f"{len(arts)} artifacts, {_human_bytes(total)} committed")
+        print(f"{len(arts)} artifacts, {human_bytes(total)} committed")
         return 0
     bad = 0
     results = store.verify_all(check_work=not args.skip_work)

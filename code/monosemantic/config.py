@@ -136,6 +136,15 @@ class DiskSpaceError(UserError, OSError):
     """Not enough free disk for a long write."""
 
 
+def human_bytes(n: float) -> str:
+    """A size as people read it: ``512 B``, ``4.9 kB``, ``1.2 GB`` (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
 def check_free_space(path: Path, need_bytes: int, what: str) -> None:
     """Raise :class:`DiskSpaceError` (one line: how much is needed, how much is free, where) unless the
     file system holding ``path`` has ``need_bytes`` free plus a 5% margin. Called before long writes, so
@@ -147,5 +156,5 @@ def check_free_space(path: Path, need_bytes: int, what: str) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need_bytes * 1.05 > free:
-        raise DiskSpaceError(f"{what} needs {need_bytes / 1e9:.2f} GB free at {probe}, only {free / 1e9:.2f} GB "
+        raise DiskSpaceError(f"{what} needs {human_bytes(need_bytes)} free at {probe}, only {human_bytes(free)} "
                              "is; free some space (or point MONOSEMANTIC_CACHE at a larger disk) and run again")
