@@ -265,6 +265,14 @@ def effects(ro: Readout, pushes: Tensor, coeff: Tensor, sets: list[list[Tensor]]
     return [fast_shift(ro, push, coeff, s_, frozen) for push, s_ in zip(pushes, sets, strict=True)]
 
 
+def self_logodds(summary: dict, who: str, special_at: dict[str, int]) -> float:
+    """The change in log-odds of a direction's own predicted tokens in one cell's ``summary`` (from
+    :func:`_summaries`): the feature's (position 0), or a fitted control's at its position ``special_at[who]``;
+    nan for the random directions' mean and the difference, which have no predicted tokens of their own."""
+    at = 0 if who == "feature" else special_at.get(who)
+    return float(summary["self_logodds"][at]) if at is not None else float("nan")
+
+
 def _summaries(shifts: list[Shift], sets: list[list[Tensor]] | None = None) -> dict[str, np.ndarray]:
     """Each edit's mean over positions: ``kl`` and, per token set (:data:`MEASURES`), the change of its log-odds
     (``family_logodds``, ...), of its mass in probability (``dmass_family``, ...) and its mass before the edit
@@ -537,7 +545,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
                     row.update({k: ci.value, f"{k}_low": ci.low, f"{k}_high": ci.high})
                 if len(pred) == 0:  # nothing predicted: the measure is undefined, not zero
                     row.update({k: np.nan for k in row if k.startswith(("predicted_logodds", "dmass_predicted"))})
-                row["self_logodds"] = float(summary["self_logodds"][0]) if who == "feature" else np.nan
+                row["self_logodds"] = self_logodds(summary, who, {kinds[i]: pos_of[i] for i in spec_i})
                 row.update(ranks if who == "feature" else dict.fromkeys(ranks, 0))
                 fam_rows.append(row)
             if mode == "clamp" and where == "all" and mult == cfg.clamp_multiple:

@@ -358,3 +358,14 @@ def test_a_token_that_begins_a_character_belongs_to_its_script_where_its_bytes_f
     plain = vocab_family_masks([arabic[:1], b" the", arabic], byte_aware=False)
     j = FAMILY_NAMES.index("arabic")
     assert masks[:, j].tolist() == [True, False, True] and plain[:, j].tolist() == [False, False, True]
+
+
+def test_self_logodds_reads_the_feature_and_each_fitted_control_at_its_own_position():
+    from monosemantic.causal import self_logodds
+
+    summary = {"self_logodds": np.array([0.5, np.nan, 2.0, -1.0])}
+    special_at = {"best_neuron": 2, "mean_difference": 3}
+    assert self_logodds(summary, "feature", special_at) == 0.5
+    assert self_logodds(summary, "best_neuron", special_at) == 2.0  # the neuron on its own predicted tokens
+    assert self_logodds(summary, "mean_difference", special_at) == -1.0
+    assert np.isnan(self_logodds(summary, "random", special_at))
