@@ -323,7 +323,9 @@ def resampling_checks(art, curve=None):
 def and_join(items) -> str:
     """``["2", "5", "6"]`` -> ``"2, 5 and 6"``; two items joined by "and", one as it is."""
     items = list(items)
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1] if items else ""
+    if len(items) < 2:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
 
 
 LATE_CHECK = 10
@@ -351,8 +353,6 @@ def training_variance(art, curve=None) -> float:
 def loglog_crossing(x0: float, y0: float, x1: float, y1: float, target: float) -> float | None:
     """Where the straight line through (x0, y0) and (x1, y1) in log-log coordinates reaches ``target``; None
     unless ``target`` lies between y0 and y1 (an interpolation, never an extrapolation)."""
-    import math
-
     if not min(y0, y1) <= target <= max(y0, y1) or y0 == y1:
         return None
     t = math.log(target / y0) / math.log(y1 / y0)
@@ -363,14 +363,17 @@ class ScaleEstimate(NamedTuple):
     """What the anchor's logged end state says about its input scale c relative to our activations, supposing its
     run were the literal algorithm on our activations multiplied by c (see :func:`anchor_scale`)."""
 
+    variance: float  # per coordinate, of the training batches, in the units of our activations as they are
+    fvu_end: float  # the rescaled run's FVU on its last training batches
     lower: float  # from FVU < 1 alone: c >= sqrt(MSE_anchor / variance)
     upper: float  # the c at which the rescaled run's end FVU would give the anchor's MSE
     crossings: dict[str, float | None]  # metric -> the c where the log-log line through our two runs meets it
+    # ({} without a run on our activations as they are)
 
 
 def anchor_scale(unscaled, scaled, anchor: dict) -> ScaleEstimate:
     """:class:`ScaleEstimate` from two full-length literal runs (artifacts; ``scaled`` with metric
-    ``input_scale``) and the anchor's logged numbers (``anchors.WARD``), all in training units: the MSE and the
+    ``input_scale``; ``unscaled`` None for the bounds alone) and the anchor's logged numbers (``anchors.WARD``), all in training units: the MSE and the
     L1 term at the end of training (per coordinate; x c^2 and x c for a run at scale c), L0 and the median share
     dead at the late checks. ``upper`` is an upper bound, not a central estimate: a run trained at a smaller
     scale than ``scaled`` ends with a higher FVU than its, so it reaches the anchor's MSE below that c. The
@@ -381,14 +384,16 @@ def anchor_scale(unscaled, scaled, anchor: dict) -> ScaleEstimate:
     var = training_variance(scaled)
     c1 = scaled.metrics["input_scale"]
     fvu_end = scaled.metrics["train_mse_end"] / (var * c1 ** 2)
-    values = {"MSE": ("train_mse_end", anchor["sae_mse"]), "L1 term": ("train_l1_term_end", anchor["sae_l1"]),
-              "L0": ("l0", anchor["sae_l0_mean"])}
-    crossings = {k: loglog_crossing(unscaled.metrics.get("input_scale", 1.0), unscaled.metrics[m], c1,
-                                    scaled.metrics[m], target) for k, (m, target) in values.items()}
-    crossings["late dead share"] = loglog_crossing(
-        unscaled.metrics.get("input_scale", 1.0), late_dead_share(unscaled), c1, late_dead_share(scaled),
-        float(np.median(anchor["sae_dead_per_check"][LATE_CHECK:])))
-    return ScaleEstimate(lower=float(np.sqrt(anchor["sae_mse"] / var)),
+    crossings: dict[str, float | None] = {}
+    if unscaled is not None:
+        c0 = unscaled.metrics.get("input_scale", 1.0)
+        values = {"MSE": ("train_mse_end", anchor["sae_mse"]), "L1 term": ("train_l1_term_end", anchor["sae_l1"]),
+                  "L0": ("l0", anchor["sae_l0_mean"])}
+        crossings = {k: loglog_crossing(c0, unscaled.metrics[m], c1, scaled.metrics[m], target)
+                     for k, (m, target) in values.items()}
+        crossings["late dead share"] = loglog_crossing(c0, late_dead_share(unscaled), c1, late_dead_share(scaled),
+                                                       float(np.median(anchor["sae_dead_per_check"][LATE_CHECK:])))
+    return ScaleEstimate(variance=var, fvu_end=fvu_end, lower=float(np.sqrt(anchor["sae_mse"] / var)),
                          upper=float(np.sqrt(anchor["sae_mse"] / (var * fvu_end))), crossings=crossings)
 
 
