@@ -372,12 +372,12 @@ class ScaleEstimate(NamedTuple):
 
 
 def anchor_scale(unscaled, scaled, anchor: dict) -> ScaleEstimate:
-    """:class:`ScaleEstimate` from two full-length literal runs (artifacts; ``scaled`` with metric
-    ``input_scale``; ``unscaled`` None for the bounds alone) and the anchor's logged numbers
-    (``anchors.WARD``), all in training units: the MSE and the L1 term at the end of training (per
-    coordinate; x c^2 and x c for a run at scale c), L0 and the median share dead at the late checks. ``upper`` is an upper bound, not a central estimate: a run trained at a smaller
-    scale than ``scaled`` ends with a higher FVU than its, so it reaches the anchor's MSE below that c. The
-    crossings assume each metric is a straight line in log-log coordinates between the two runs (two points:
+    """:class:`ScaleEstimate` from two full-length literal runs (artifacts; ``scaled`` with metric ``input_scale``;
+    ``unscaled`` None for the bounds alone) and the anchor's logged numbers (``anchors.WARD``), all in training
+    units: the MSE and the L1 term at the end of training (per coordinate; x c^2 and x c for a run at scale c), L0
+    and the median share dead at the late checks. ``upper`` is an upper bound, not a central estimate: a run trained
+    at a smaller scale than ``scaled`` ends with a higher FVU than its, so it reaches the anchor's MSE below that c.
+    The crossings assume each metric is a straight line in log-log coordinates between the two runs (two points:
     crude)."""
     import numpy as np
 
