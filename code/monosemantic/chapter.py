@@ -591,6 +591,10 @@ class SeedMatches(NamedTuple):
     null: Any  # DataFrame: the matches to or from the SAE of the randomly initialised model (a shape-only null)
     width: int  # the dictionaries' width (every run matched has the same)
 
+    def of(self, recipe: str) -> Any:
+        """The matches between seeds of ``recipe`` alone (runs ``<recipe>`` and ``<recipe>-seed<n>``)."""
+        return self.seeds[self.seeds.run.str.split("-seed").str[0] == recipe]
+
 
 def seed_matches(art) -> SeedMatches:
     """The seed-to-seed and null matches of a universality artifact (:class:`SeedMatches`)."""

@@ -78,7 +78,33 @@ def _smollm2(a: store.Artifact) -> str:
                if "simulation_fraction_random_dictionary" in m else "") + ".")
 
 
+def _heldout(a: store.Artifact):
+    """(rows, tokens, seed runs, neuron rows) of SAE artifact ``a`` on its profile's held-out evaluation
+    (``sae/<profile>-heldout``): rows ``{run: {metric: (value, low, high)}}`` of ``a`` and its seeds (``a``'s
+    name first) and of the neuron baselines; None where that evaluation is absent, did not measure ``a`` or
+    measured other weights than the cache's."""
+    import pandas as pd
+
+    from . import chapter
+
+    try:
+        held = store.load("sae", a.profile, "heldout", check_inputs=False)  # its inputs are checked one by one
+    except store.CacheError:
+        return None
+    if a.key in chapter.changed_inputs(held) or a.key not in held.manifest.get("inputs", {}):
+        return None
+    stale_seeds = f"sae/{a.profile}-seeds" in chapter.changed_inputs(held)
+    table = pd.read_parquet(held.file("heldout.parquet"))
+    names = chapter.seed_runs(table.sae.unique(), a.name) if not stale_seeds else [a.name]
+    def rows_of(n: str) -> dict:
+        return {r.metric: (r.value, r.low, r.high) for r in table[table.sae == n].itertuples()}
+
+    neurons = {n: rows_of(n) for n in table.sae.unique() if n.startswith("neurons-top")}
+    return {n: rows_of(n) for n in names}, int(held.metrics["eval_tokens"]), names, neurons
+
+
 def _sae(a: store.Artifact) -> str:
+    from . import chapter
     from .anchors import WARD
 
     m = a.metrics
@@ -87,11 +113,33 @@ def _sae(a: store.Artifact) -> str:
                         f"{share:.1%} of its length",
               "anchor-fixed": "the anchor's loss and optimiser (ReLU + L1) with our init and decoder "
                               "normalisation (anchor-fixed)"}.get(a.name, "our TopK recipe")
-    return (f"SAE with {recipe} (`{a.key}`): {m['n_features']:,} features on the 512 MLP neurons, "
-            f"{m['train_activations'] / 1e6:.0f}M training activations; on the first {m['eval_tokens']:,} "
-            f"held-out tokens L0 {m['l0']:.1f}, "
-            f"FVU {m['fvu']:.3f}, {m['ce_loss_recovered']:.1%} of the CE loss recovered (zero-ablation; "
-            f"{m['ce_loss_recovered_mean_ablation']:.1%} against mean-ablation), {m['dead_fraction']:.1%} dead.")
+    head = (f"SAE with {recipe} (`{a.key}`): {m['n_features']:,} features on the 512 MLP neurons, "
+            f"{m['train_activations'] / 1e6:.0f}M training activations; ")
+    held = _heldout(a)
+    if held is None:
+        return head + (f"on the first {m['eval_tokens']:,} tokens of the val split L0 {m['l0']:.1f}, "
+                       f"FVU {m['fvu']:.3f}, {m['ce_loss_recovered']:.1%} of the CE loss recovered (zero-ablation; "
+                       f"{m['ce_loss_recovered_mean_ablation']:.1%} against mean-ablation), "
+                       f"{m['dead_fraction']:.1%} dead.")
+    rows, tokens, names, _ = held
+    r = rows[a.name]
+    seeds = ""
+    if len(names) > 1:
+        ce = [rows[n]["ce_loss_recovered"][0] for n in names]
+        fvu = [rows[n]["fvu"][0] for n in names]
+        seeds = (f"; over its {len(names)} seeds (seed 0 is this one) {chapter.seed_spread_pct(ce, 2)} of the loss "
+                 f"and FVU {chapter.seed_spread(fvu, '{:.3f}')}, as mean (range)")
+    ce, ce_mean = (chapter.interval_pct(*r[k], digits=2)
+                   for k in ("ce_loss_recovered", "ce_loss_recovered_mean_ablation"))
+    # the baseline with no training: the layer's neurons kept to each token's top k, at the L0 nearest this SAE's
+    neurons = min(((n, v) for n, v in held[3].items()), key=lambda nv: abs(nv[1]["l0"][0] - r["l0"][0]), default=None)
+    baseline = (f"; the neurons kept to each token's top {neurons[0].removeprefix('neurons-top')} (no training, L0 "
+                f"{neurons[1]['l0'][0]:.1f}) recover "
+                f"{chapter.interval_pct(*neurons[1]['ce_loss_recovered'], digits=2)} at FVU "
+                f"{chapter.interval(*neurons[1]['fvu'])}" if neurons else "")
+    return head + (f"on {tokens / 1e6:.2f}M held-out tokens L0 {r['l0'][0]:.1f}, FVU {chapter.interval(*r['fvu'])}, "
+                   f"{ce} of the CE loss recovered (zero-ablation; {ce_mean} against mean-ablation; 95% intervals "
+                   f"over documents){seeds}{baseline}; {m['dead_fraction']:.1%} dead on its density sample.")
 
 
 def _analysis(a: store.Artifact) -> str:
@@ -102,13 +150,38 @@ def _analysis(a: store.Artifact) -> str:
                 f"gap ({m['interpretable_fraction_features']:.0%} of TopK features against "
                 f"{m['interpretable_fraction_neurons']:.0%} of neurons pass the held-out explain-then-predict "
                 f"score) measures sparsity as much as meaning; `monosemantic analyze` rebuilds it with them.")
-    return (f"Monosemanticity, measured without a human (`{a.key}`): {m['interpretable_fraction_features']:.0%} of "
-            f"the TopK SAE's features against {m['interpretable_fraction_neurons']:.0%} of the neurons reach a "
-            f"held-out explain-then-predict correlation of {m['interpretable_threshold']:g} (anchor-recipe "
-            f"SAE: {m['interpretable_fraction_anchor_features']:.0%}); by concept specificity "
-            f"{m['specific_fraction_features']:.0%} of features against {m['specific_fraction_neurons']:.0%} of "
-            f"neurons put at least {m['specificity_threshold']:.0%} of their held-out activation in one "
-            f"detector family.")
+    import pandas as pd
+
+    from . import chapter, comparisons
+
+    # the density-matched differences as chapter 3 computes them (its rule for small bins)
+    units = pd.read_parquet(a.file("units.parquet"))
+    matched = comparisons.matched_differences(units, chapter.score_config(a), min_units=chapter.MIN_BIN_UNITS)
+    topk = matched[matched.set == "topk"].set_index("score")
+    density = units[units.scored.astype(bool)].groupby("set").density_val.median()  # of the units compared
+    scores = ("specificity", "sim_corr", "detection")
+    rnd = matched[(matched.set == "random") & matched.score.isin(scores)]
+    random_words = ("; a random dictionary of the same width is below the neurons on all three, matched for density"
+                    if len(rnd) == len(scores) and (rnd.matched_high < 0).all() else "")
+
+    def points(score: str, kind: str) -> str:
+        r = topk.loc[score]
+        sign = ("above zero" if r[f"{kind}_low"] > 0 else "below zero" if r[f"{kind}_high"] < 0
+                else "not distinguishable from zero")
+        values = [100 * r[kind], 100 * r[f"{kind}_low"], 100 * r[f"{kind}_high"]]
+        fmt = "{:+.1f}" if any(round(v) == 0 for v in values[1:]) else "{:+.0f}"  # a bound at 0 shows its sign
+        v, low, high = (chapter.signed(v, fmt) for v in values)
+        return f"{v} [{low}, {high}] points ({sign})"
+
+    return (f"Monosemanticity, measured without a human, against controls (`{a.key}`, chapter 3): "
+            f"{m['specific_fraction_features']:.0%} of the TopK SAE's scored features against "
+            f"{m['specific_fraction_neurons']:.0%} of the neurons put at least {m['specificity_threshold']:.0%} "
+            f"of their held-out activation in one detector family, a raw difference of "
+            f"{points('specificity', 'raw')}; but the median scored feature fires on {density['topk']:.2%} of "
+            f"held-out tokens and the median neuron on {density['neurons']:.1%}, and compared within bins of "
+            f"held-out density the difference is {points('specificity', 'matched')} by specificity, "
+            f"{points('sim_corr', 'matched')} by explain-then-simulate and {points('detection', 'matched')} by "
+            f"detection, with 95% intervals over units{random_words}.")
 
 
 # the rows of a bench artifact the README quotes (by name prefix; the rest are in its results.json)

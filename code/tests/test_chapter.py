@@ -70,11 +70,16 @@ def test_seed_matches_split_seed_pairs_from_the_null_and_drop_features_that_neve
 
     rows = [{"run": a, "other": b, "feature": f, "cosine": 0.5, "density": 0.0 if f == 0 else 0.01}
             for a, b in (("topk", "topk-seed1"), ("topk-seed1", "topk"), ("topk", "random-model"),
-                         ("random-model", "topk")) for f in range(4)]
+                         ("random-model", "topk"), ("anchor-fixed", "anchor-fixed-seed1")) for f in range(4)]
     pd.DataFrame(rows).to_parquet(tmp_path / "universality.parquet")
     sm = chapter.seed_matches(SimpleNamespace(file=lambda rel: tmp_path / rel))
-    assert sm.width == 4 and len(sm.all) == 12 and (sm.all.feature > 0).all()
-    assert set(zip(sm.seeds.run, sm.seeds.other, strict=True)) == {("topk", "topk-seed1"), ("topk-seed1", "topk")}
+    assert sm.width == 4 and len(sm.all) == 15 and (sm.all.feature > 0).all()
+    assert set(zip(sm.seeds.run, sm.seeds.other, strict=True)) == {("topk", "topk-seed1"), ("topk-seed1", "topk"),
+                                                                   ("anchor-fixed", "anchor-fixed-seed1")}
+    # one recipe's seeds alone: a statistic "over the TopK recipe's seeds" must not mix in another recipe's
+    assert set(zip(sm.of("topk").run, sm.of("topk").other, strict=True)) == {("topk", "topk-seed1"),
+                                                                             ("topk-seed1", "topk")}
+    assert len(sm.of("anchor-fixed")) == 3 and sm.of("anchor").empty
     assert len(sm.null) == 6 and ((sm.null.run == "random-model") | (sm.null.other == "random-model")).all()
 
 

@@ -1,6 +1,7 @@
 """The real book's HTML site, built from the committed cache into a scratch copy of the project: every page
-loads in headless Chromium with no console error, and every local link and image resolves. About a minute
-(the chapters execute); skipped without Chromium (.ci/run installs it) or without the cache's artifacts."""
+loads in headless Chromium with no console error and does not scroll sideways in an 820 px window, and every
+local link and image resolves. About a minute (the chapters execute); skipped without Chromium (.ci/run
+installs it) or without the cache's artifacts."""
 
 from __future__ import annotations
 
@@ -46,4 +47,17 @@ def test_every_page_of_the_real_site_loads_cleanly(tmp_path, monkeypatch):
         errors = [line for line in res.stderr.splitlines()
                   if re.search(r"CONSOLE.*(Uncaught|Error|error)|ERR_FILE_NOT_FOUND|Failed to load", line)]
         assert not errors, f"{page.name}: {errors[:3]}"
+    # in a narrow desktop window (820 px, just above the one-column layout) no page scrolls sideways: a long
+    # URL, an equation or a table too wide for the column wraps or scrolls inside its own box (a reference's
+    # URL once pushed three pages 9 px wide, the browser's search box two)
+    chrome = chromium.Chromium(820, 1200)
+    try:
+        for page in sorted(site.glob("*.html")):
+            chrome.send("Page.navigate", session=True, url=page.as_uri())
+            chrome.wait("document.readyState === 'complete' && "
+                        "!document.documentElement.classList.contains('fonts-loading')")
+            widths = chrome.js("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+            assert widths[0] <= widths[1], f"{page.name} is {widths[0] - widths[1]} px wider than an 820 px window"
+    finally:
+        chrome.close()
     assert report.site is not None
