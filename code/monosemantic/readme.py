@@ -236,9 +236,19 @@ def _diff(a: store.Artifact) -> str:
         c_art = store.load(a.stage, a.profile, "finetune-mix")
         c = c_art.metrics
         line += (f" (control, fine-tuned as long on the base mix: {c['latents_finetune_only']}, "
-                 f"{c['latents_base_only']} and {median_cos(c_art):.2f})")
-        if m["latents_finetune_only"] + m["latents_base_only"] == 0 and cos < median_cos(c_art) - 0.1:
-            line += ": the fine-tune rotated features rather than adding or removing them"
+                 f"{c['latents_base_only']} and {median_cos(c_art):.2f}")
+        try:  # the floor: the base model against itself, the pilot's texts and crosscoder recipe
+            floor = median_cos(store.load(a.stage, a.profile, f"{a.name}-0step"))
+            line += f"; the base model against itself: {floor:.2f})"
+        except store.CacheError:
+            floor = None
+            line += ")"
+        if cos < median_cos(c_art) - 0.1 and (floor is None or cos < floor - 0.1):
+            line += (": the fine-tune rotated the directions both models share"
+                     + (", beyond the crosscoder's own floor" if floor is not None else ""))
+        if m["latents_finetune_only"] + m["latents_base_only"] == 0:
+            line += ("; whether it added or removed features this crosscoder cannot show (a TopK objective with no "
+                     "penalty on each half's norm does not push a half that a latent does not need to zero)")
     except store.CacheError:
         pass
     return line + "."
