@@ -102,27 +102,44 @@ def dead_by_check(density: np.ndarray, n_inputs: int) -> float:
 
 
 def seed_matches(decoders: dict[str, Tensor], densities: dict[str, np.ndarray],
-                 pairs: list[tuple[str, str]]) -> Any:
+                 pairs: list[tuple[str, str]], inits: dict[str, Tensor] | None = None) -> Any:
     """Universality across training runs: for each ordered pair ``(a, b)`` of dictionaries and each feature
     of ``a``, its nearest feature of ``b`` by decoder cosine. Rows (``run``, ``other``, ``feature``,
-    ``match``, ``cosine``, ``density``: the feature's density in ``a``, for leaving dead features out).
+    ``match``, ``cosine``, ``density``: the feature's density in ``a``, for leaving dead features out;
+    ``neuron_cosine``: the cosine of its direction to the nearest neuron's, max_j |u_j| of the unit direction;
+    ``init_cosine``: to its own direction before training, from ``inits`` (NaN without); ``same_start``: the
+    two dictionaries began from the same directions (median same-index cosine of ``inits`` above 0.5), and
+    then each feature's own index is left out of its matches, which would find the shared start, not a
+    shared feature).
 
     Two seeds of one recipe that learn the same features give cosines near 1; two unrelated dictionaries give
     the random floor of :func:`max_cosine_quantile` (or more: see the module's note on shared shape)."""
     import pandas as pd
 
+    inits = inits or {}
     frames = []
     for a, b in pairs:
         da = F.normalize(decoders[a].float(), dim=1)
         db = F.normalize(decoders[b].float(), dim=1)
         if da.shape[1] != db.shape[1]:
             raise ValueError(f"seed_matches: {a} has {da.shape[1]} input dimensions, {b} has {db.shape[1]}")
-        best, match = [], []
+        ia, ib = (F.normalize(inits[k].float(), dim=1) if k in inits else None for k in (a, b))
+        same = (ia is not None and ib is not None and ia.shape == ib.shape
+                and float((ia * ib).sum(1).median()) > 0.5)
+        best, match, start = [], [], 0
         for chunk in da.split(4096):
-            v, i = (chunk @ db.t()).max(dim=1)
+            sims = chunk @ db.t()
+            if same:  # a feature's own index holds its shared start: left out
+                rows = torch.arange(len(chunk))
+                sims[rows, rows + start] = -float("inf")
+            v, i = sims.max(dim=1)
             best.append(v)
             match.append(i)
+            start += len(chunk)
+        init_cos = (da * ia).sum(1).numpy() if ia is not None else np.full(len(da), np.nan)
         frames.append(pd.DataFrame({"run": a, "other": b, "feature": np.arange(len(da)),
                                     "match": torch.cat(match).numpy(), "cosine": torch.cat(best).numpy(),
-                                    "density": np.asarray(densities[a], dtype=np.float64)}))
+                                    "density": np.asarray(densities[a], dtype=np.float64),
+                                    "neuron_cosine": da.abs().max(dim=1).values.numpy(),
+                                    "init_cosine": init_cos, "same_start": same}))
     return pd.concat(frames, ignore_index=True)

@@ -422,7 +422,8 @@ def seed_precision(seeds_art, seed0_art) -> dict:
     """How the extra seeds of ``sae/<profile>-seeds`` differ from seed 0 beyond the seed, from the manifests:
     the activations artifact each read (``harvest``, ``harvest0``), the LM's precision in those harvests
     (``lm_dtype``, ``lm_dtype0``) and the SAE's compute precision (``sae_dtype``, ``sae_dtype0``);
-    ``differs`` is True when any of them does."""
+    ``differs`` is True when any of them does; ``cpu``/``cpu0`` and ``commit``/``commit0`` (the code's version)
+    of each run, ``setup_differs`` when either does."""
     from . import store
 
     def harvest_of(art):
@@ -443,15 +444,26 @@ def seed_precision(seeds_art, seed0_art) -> dict:
     s_dtype = sae_compute_dtype(seeds_art, seeds_art.config.get("topk"))
     s_dtype0 = sae_compute_dtype(seed0_art, seed0_art.config.get("topk"))
     lm_d, lm_d0 = lm_dtype_of(h), lm_dtype_of(h0)
+    cpu, cpu0 = (a.manifest.get("hardware", {}).get("cpu") for a in (seeds_art, seed0_art))
+    commit, commit0 = (str(a.manifest.get("git_commit") or "").removesuffix("+dirty")[:7] or None
+                       for a in (seeds_art, seed0_art))
     return {"harvest": h, "harvest0": h0, "lm_dtype": lm_d, "lm_dtype0": lm_d0, "sae_dtype": s_dtype,
-            "sae_dtype0": s_dtype0, "differs": h != h0 or s_dtype != s_dtype0 or lm_d != lm_d0}
+            "sae_dtype0": s_dtype0, "differs": h != h0 or s_dtype != s_dtype0 or lm_d != lm_d0,
+            "cpu": cpu, "cpu0": cpu0, "commit": commit, "commit0": commit0,
+            "setup_differs": cpu != cpu0 or commit != commit0}
 
 
 def seed_precision_words(sp: dict, n_seeds: int) -> str:
     """A clause for :func:`seed_precision`: what besides the seed separates seeds 1.. from seed 0."""
-    if not sp["differs"]:
-        return "the other seeds differ from seed 0 in the seed alone"
     last = f"seeds 1–{n_seeds - 1}" if n_seeds > 2 else "seed 1"
+    setup = ([f"on another CPU ({sp['cpu']} against {sp['cpu0']})"] if sp.get("cpu") != sp.get("cpu0") else []) + (
+        [f"with a later version of the code (commit {sp['commit']} against {sp['commit0']})"]
+        if sp.get("commit") != sp.get("commit0") else [])
+    if not sp["differs"]:
+        if not setup:
+            return "the other seeds differ from seed 0 in the seed alone"
+        return (f"{last} share seed 0's activations and precision but were trained {' and '.join(setup)}, so "
+                "their spread bounds seed, kernel and code-version variation together, not the seed's alone")
     return (f"{last} also differ from seed 0 in precision: they were trained on `{sp['harvest']}`, a re-harvest "
             f"of the same windows with the LM in {sp['lm_dtype'] or 'another precision'}, with the SAE's matmuls "
             f"in {sp['sae_dtype']}, where seed 0 read `{sp['harvest0']}` (the LM in "
@@ -578,9 +590,18 @@ def signed(v: float, fmt: str = "{:+.0f}") -> str:
     return text.lstrip("+-") if float(text) == 0 else text.replace("-", "−")
 
 
+def signed_interval(value: float, low: float, high: float, scale: float = 100) -> str:
+    """A signed difference and its interval, scaled (to percentage points by default): ``+6 [+2, +10]``; with
+    one decimal where a bound would round to 0, so that its side of zero shows: ``+4.4 [+0.1, +8.9]``."""
+    values = [scale * value, scale * low, scale * high]
+    fmt = "{:+.1f}" if any(round(v) == 0 for v in values[1:]) else "{:+.0f}"
+    v, lo, hi = (signed(x, fmt) for x in values)
+    return f"{v} [{lo}, {hi}]"
+
+
 def points(m) -> str:
-    """A matched difference in percentage points with its interval: ``+6 [+2, +10]``."""
-    return f"{signed(100 * m.matched)} [{signed(100 * m.matched_low)}, {signed(100 * m.matched_high)}]"
+    """A matched difference in percentage points with its interval: ``+6 [+2, +10]`` (:func:`signed_interval`)."""
+    return signed_interval(m.matched, m.matched_low, m.matched_high)
 
 
 class SeedMatches(NamedTuple):

@@ -128,7 +128,7 @@ def _sae(a: store.Artifact) -> str:
         ce = [rows[n]["ce_loss_recovered"][0] for n in names]
         fvu = [rows[n]["fvu"][0] for n in names]
         seeds = (f"; over its {len(names)} seeds (seed 0 is this one) {chapter.seed_spread_pct(ce, 2)} of the loss "
-                 f"and FVU {chapter.seed_spread(fvu, '{:.3f}')}, as mean (range)")
+                 f"and FVU {chapter.seed_spread(fvu, '{:.3g}')}, as mean (range)")
     ce, ce_mean = (chapter.interval_pct(*r[k], digits=2)
                    for k in ("ce_loss_recovered", "ce_loss_recovered_mean_ablation"))
     # the baseline with no training: the layer's neurons kept to each token's top k, at the L0 nearest this SAE's
@@ -139,7 +139,24 @@ def _sae(a: store.Artifact) -> str:
                 f"{chapter.interval(*neurons[1]['fvu'])}" if neurons else "")
     return head + (f"on {tokens / 1e6:.2f}M held-out tokens L0 {r['l0'][0]:.1f}, FVU {chapter.interval(*r['fvu'])}, "
                    f"{ce} of the CE loss recovered (zero-ablation; {ce_mean} against mean-ablation; 95% intervals "
-                   f"over documents){seeds}{baseline}; {m['dead_fraction']:.1%} dead on its density sample.")
+                   f"over documents){seeds}{baseline}; {m['dead_fraction']:.1%} dead on its density sample"
+                   f"{_seed_dead(a)}.")
+
+
+def _seed_dead(a: store.Artifact) -> str:
+    """The dead share over a recipe's seeds on their density samples (``sae/<profile>-seeds``), or ""."""
+    import pandas as pd
+
+    try:
+        table = pd.read_parquet(store.load("sae", a.profile, "seeds", check_inputs=False).file("seeds.parquet"))
+    except store.CacheError:
+        return ""
+    dead = table[table.recipe == a.name].dead_fraction
+    if len(dead) < 2:
+        return ""
+    low, high = f"{dead.min():.1%}", f"{dead.max():.1%}"
+    return (f" ({low} to {high} over its {len(dead)} seeds)" if low != high
+            else f" (the same over its {len(dead)} seeds)")
 
 
 def _analysis(a: store.Artifact) -> str:
@@ -161,6 +178,12 @@ def _analysis(a: store.Artifact) -> str:
     density = units[units.scored.astype(bool)].groupby("set").density_val.median()  # of the units compared
     scores = ("specificity", "sim_corr", "detection")
     rnd = matched[(matched.set == "random") & matched.score.isin(scores)]
+    low_lift = 2.0  # a laxer lift threshold: does the specificity gap survive it?
+    lax = comparisons.matched_differences(units, chapter.score_config(a, lift_threshold=low_lift),
+                                          scores=("specificity",), min_units=chapter.MIN_BIN_UNITS)
+    lax = lax[lax.set == "topk"].iloc[0]
+    lift_words = (f"; with a lift of {low_lift:g} instead of {m['lift_threshold']:g} the specificity difference, "
+                  f"matched, is {chapter.signed_interval(lax.matched, lax.matched_low, lax.matched_high)} points")
     random_words = ("; a random dictionary of the same width is below the neurons on all three, matched for density"
                     if len(rnd) == len(scores) and (rnd.matched_high < 0).all() else "")
 
@@ -168,10 +191,7 @@ def _analysis(a: store.Artifact) -> str:
         r = topk.loc[score]
         sign = ("above zero" if r[f"{kind}_low"] > 0 else "below zero" if r[f"{kind}_high"] < 0
                 else "not distinguishable from zero")
-        values = [100 * r[kind], 100 * r[f"{kind}_low"], 100 * r[f"{kind}_high"]]
-        fmt = "{:+.1f}" if any(round(v) == 0 for v in values[1:]) else "{:+.0f}"  # a bound at 0 shows its sign
-        v, low, high = (chapter.signed(v, fmt) for v in values)
-        return f"{v} [{low}, {high}] points ({sign})"
+        return f"{chapter.signed_interval(r[kind], r[f'{kind}_low'], r[f'{kind}_high'])} points ({sign})"
 
     return (f"Monosemanticity, measured without a human, against controls (`{a.key}`, chapter 3): "
             f"{m['specific_fraction_features']:.0%} of the TopK SAE's scored features against "
@@ -181,7 +201,8 @@ def _analysis(a: store.Artifact) -> str:
             f"held-out tokens and the median neuron on {density['neurons']:.1%}, and compared within bins of "
             f"held-out density the difference is {points('specificity', 'matched')} by specificity, "
             f"{points('sim_corr', 'matched')} by explain-then-simulate and {points('detection', 'matched')} by "
-            f"detection, with 95% intervals over units{random_words}.")
+            f"detection, with 95% intervals over units{random_words}{lift_words}. One SAE seed (TopK seed 0) "
+            f"is scored.")
 
 
 # the rows of a bench artifact the README quotes (by name prefix; the rest are in its results.json)
@@ -220,37 +241,58 @@ def _diff(a: store.Artifact) -> str:
     from . import diffing
 
     m = a.metrics
-    losses = pd.read_parquet(a.file("losses.parquet")).set_index(["model", "text"])["loss"]
+
+    def losses(art: store.Artifact):
+        return pd.read_parquet(art.file("losses.parquet")).set_index(["model", "text"])["loss"]
 
     def median_cos(art: store.Artifact) -> float:
         return float(diffing.live_latents(pd.read_parquet(art.file("latents.parquet"))).cos.median())
-    cos = median_cos(a)
+
+    def runs(name: str) -> list[store.Artifact]:  # a pair's run, its second crosscoder and its second seed
+        out = []
+        for suffix in ("", "-cc1", "-s1"):
+            try:
+                out.append(store.load(a.stage, a.profile, f"{name}{suffix}"))
+            except store.CacheError:
+                continue
+        return out
+
+    def cosines(arts: list[store.Artifact]) -> str:
+        c = sorted(median_cos(r) for r in arts)
+        digits = 2 if len(c) == 1 or f"{c[0]:.2f}" != f"{c[-1]:.2f}" else 3
+        return f"{c[0]:.2f}" if len(c) == 1 else f"{c[0]:.{digits}f} to {c[-1]:.{digits}f} over {len(c)} runs"
+
+    pilot, loss = runs(a.name), losses(a)
+    cos = max(median_cos(r) for r in pilot)
     line = (f"Model-diffing pilot (`{a.key}`): fine-tuning the LM on {m['finetune_tokens'] / 1e6:.1f}M tokens of "
-            f"{a.config['source']} moves its held-out loss there from {losses['base', 'source']:.2f} to "
-            f"{losses['finetuned', 'source']:.2f} nats (mix text: {losses['base', 'mix']:.2f} to "
-            f"{losses['finetuned', 'mix']:.2f}); a TopK crosscoder on both models' MLP activations has "
+            f"{a.config['source']} moves its held-out loss there from {loss['base', 'source']:.2f} to "
+            f"{loss['finetuned', 'source']:.2f} nats (mix text: {loss['base', 'mix']:.2f} to "
+            f"{loss['finetuned', 'mix']:.2f}); a TopK crosscoder on both models' MLP activations has "
             f"{m['crosscoder_live']:,} live latents, {m['latents_finetune_only']} specific to the fine-tune and "
             f"{m['latents_base_only']} to the base model, the median cosine of a latent's two decoder halves is "
-            f"{cos:.2f}")
-    try:
-        c_art = store.load(a.stage, a.profile, "finetune-mix")
-        c = c_art.metrics
+            f"{cosines(pilot)}")
+    control = runs("finetune-mix")
+    if control:
+        c = control[0].metrics
         line += (f" (control, fine-tuned as long on the base mix: {c['latents_finetune_only']}, "
-                 f"{c['latents_base_only']} and {median_cos(c_art):.2f}")
+                 f"{c['latents_base_only']} and {cosines(control)}")
         try:  # the floor: the base model against itself, the pilot's texts and crosscoder recipe
             floor = median_cos(store.load(a.stage, a.profile, f"{a.name}-0step"))
-            line += f"; the base model against itself: {floor:.2f})"
+            line += f"; the base model against itself: {floor:.2f}, one run)"
         except store.CacheError:
             floor = None
             line += ")"
-        if cos < median_cos(c_art) - 0.1 and (floor is None or cos < floor - 0.1):
+        if cos < min(median_cos(r) for r in control) - 0.1 and (floor is None or cos < floor - 0.1):
+            c_loss = losses(control[0])
+            shift, c_shift = (x["finetuned", "mix"] - x["base", "mix"] for x in (loss, c_loss))
             line += (": the fine-tune rotated the directions both models share"
-                     + (", beyond the crosscoder's own floor" if floor is not None else ""))
+                     + (", beyond the crosscoder's own floor" if floor is not None else "")
+                     + f", though it also changed the model far more than the control did (loss on the mix "
+                     f"{shift:+.2f} nats against {c_shift:+.2f}), so the register and the size of the change are "
+                     "not separated")
         if m["latents_finetune_only"] + m["latents_base_only"] == 0:
             line += ("; whether it added or removed features this crosscoder cannot show (a TopK objective with no "
                      "penalty on each half's norm does not push a half that a latent does not need to zero)")
-    except store.CacheError:
-        pass
     return line + "."
 
 

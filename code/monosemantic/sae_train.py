@@ -496,16 +496,21 @@ def run_universality(profile: str, log=print) -> Path:
     from . import baselines, store
 
     seeds = store.load("sae", profile, SEEDS)
-    inputs, decoders, densities, groups = [seeds], {}, {}, []
+    inputs, decoders, inits, densities, groups = [seeds], {}, {}, {}, []
+
+    def read(name: str, folder: Path) -> None:  # its trained decoder, and the one its config starts from
+        sae = sae_mod.load(folder)
+        decoders[name], inits[name] = sae.W_dec.detach(), sae_mod.SAE(sae.cfg).W_dec.detach()
+
     for recipe in seeds.config.get("recipes", []):
         own = store.load("sae", profile, recipe, check_inputs=False)
         inputs.append(own)
-        decoders[recipe] = sae_mod.load(own.path).W_dec.detach()
+        read(recipe, own.path)
         densities[recipe] = _density_table(own)
         names = [recipe]
         for seed in seeds.config.get("seeds", []):
             name = f"{recipe}-seed{seed}"
-            decoders[name] = sae_mod.load(seeds.file(f"{name}/{sae_mod.SAE_WEIGHTS_FILENAME}").parent).W_dec.detach()
+            read(name, seeds.file(f"{name}/{sae_mod.SAE_WEIGHTS_FILENAME}").parent)
             density = _staging(profile, name) / "density.npy"
             if not density.is_file():
                 raise UserError(f"{density} is not on this machine: retrain the seeds with `monosemantic "
@@ -520,10 +525,10 @@ def run_universality(profile: str, log=print) -> Path:
     if "topk" in decoders and (store.artifact_path("sae", profile, RANDOM_MODEL) / store.MANIFEST).is_file():
         rnd = store.load("sae", profile, RANDOM_MODEL, check_inputs=False)
         inputs.append(rnd)
-        decoders[RANDOM_MODEL] = sae_mod.load(rnd.path).W_dec.detach()
+        read(RANDOM_MODEL, rnd.path)
         densities[RANDOM_MODEL] = _density_table(rnd)
         pairs += [("topk", RANDOM_MODEL), (RANDOM_MODEL, "topk")]
-    table = baselines.seed_matches(decoders, densities, pairs)
+    table = baselines.seed_matches(decoders, densities, pairs, inits)
     with store.write("sae", profile, UNIVERSALITY, config={"pairs": [list(p) for p in pairs]}, inputs=inputs) as w:
         table.to_parquet(w.dir / "universality.parquet", index=False)
         alive = table[table.density > 0]

@@ -135,6 +135,27 @@ def test_seed_matches_finds_a_permuted_copy_and_random_stays_at_the_floor():
     assert (ac < 0.9).all()
 
 
+def test_seed_matches_leave_out_a_shared_start_and_measure_neurons_and_init():
+    gen = torch.Generator().manual_seed(4)
+    start = baselines.random_unit_vectors(200, 32, gen)
+    other_start = baselines.random_unit_vectors(200, 32, gen)
+    a = start.clone()
+    a[:10] = torch.eye(32)[:10] * 3.0  # ten features moved onto neurons 0..9, the rest left at their start
+    b = start + 0.01 * baselines.random_unit_vectors(200, 32, gen)  # another run from the same start
+    c = baselines.random_unit_vectors(200, 32, gen)  # a run from another start
+    dens = {k: np.full(200, 0.01) for k in "abc"}
+    t = baselines.seed_matches({"a": a, "b": b, "c": c}, dens, [("a", "b"), ("a", "c")],
+                               inits={"a": start, "b": start, "c": other_start})
+    ab, ac = (t[t.other == k].sort_values("feature") for k in "bc")
+    assert ab.same_start.all() and not ac.same_start.any()
+    assert (ab.match.to_numpy() != np.arange(200)).all()  # the shared start is never a feature's match
+    assert (ab.cosine < 0.9).all()  # with it left out, nothing near a copy remains
+    assert np.allclose(ab.neuron_cosine.iloc[:10], 1.0) and (ab.neuron_cosine.iloc[10:] < 0.9).all()
+    assert np.allclose(ab.init_cosine.iloc[10:], 1.0, atol=1e-5) and (ab.init_cosine.iloc[:10] < 0.9).all()
+    assert t.init_cosine.notna().all()
+    assert baselines.seed_matches({"a": a, "c": c}, dens, [("a", "c")]).init_cosine.isna().all()
+
+
 def test_the_anchors_dead_shares_agree_with_its_peak():
     w = anchors.WARD
     checks = w["sae_dead_per_check"]

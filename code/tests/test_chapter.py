@@ -86,6 +86,10 @@ def test_seed_matches_split_seed_pairs_from_the_null_and_drop_features_that_neve
 def test_signed_numbers_use_a_true_minus_and_no_sign_on_zero():
     assert [chapter.signed(v) for v in (6.2, -3.4, -0.3, 0.2)] == ["+6", "−3", "0", "0"]
     assert chapter.signed(-0.052, "{:+.2f}") == "−0.05"
+    # a bound that would print as 0 gets one decimal, so the interval shows which side of zero it is on
+    assert chapter.signed_interval(0.044, 0.001, 0.089) == "+4.4 [+0.1, +8.9]"
+    assert chapter.signed_interval(-0.04, -0.10, 0.02) == "−4 [−10, +2]"
+    assert chapter.signed_interval(0.5046, 0.4699, 0.5374) == "+50 [+47, +54]"
 
 
 def test_a_score_counts_for_the_features_only_when_every_control_agrees(tmp_path):
