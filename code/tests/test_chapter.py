@@ -313,3 +313,12 @@ def test_sci_prints_powers_of_ten_as_prose():
     assert chapter.sci(-8.351e-06, 3) == "−8.35 × 10⁻⁶" and chapter.sci(2.5e7) == "2.5 × 10⁷"
     assert chapter.sci(0.031) == "0.031" and chapter.sci(0.0) == "0" and chapter.sci(float("nan")) == "—"
     assert chapter.sci(1234.5, 3) == "1,234" and chapter.sci(2.5) == "2.5" and chapter.sci(-12.0, 3) == "−12.0"
+
+
+def test_seed_words_name_every_difference_besides_the_seed():
+    same = {"differs": False, "cpu": "AMD EPYC", "cpu0": "AMD EPYC", "commit": "abc1234", "commit0": "abc1234"}
+    assert chapter.seed_precision_words(same, 3) == "the other seeds differ from seed 0 in the seed alone"
+    moved = {**same, "cpu": "Intel Xeon", "commit": "def5678"}
+    words = chapter.seed_precision_words(moved, 3)
+    assert "seeds 1–2" in words and "Intel Xeon against AMD EPYC" in words and "def5678 against abc1234" in words
+    assert "not the seed's alone" in words
