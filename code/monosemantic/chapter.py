@@ -223,6 +223,19 @@ def bracket(frame, sae: str | float) -> tuple[Any, Any]:
     return (below[-1] if below else None), (above[0] if above else None)
 
 
+def beaten_at_equal_sparsity(frame, sae: str) -> Any:
+    """The neuron baseline that beats ``sae`` at the same sparsity, or None: the one just above its L0, if
+    within 2% of it (a comparison at equal mean L0 in all but name), that recovers more of the loss and leaves
+    less of the variance, both with intervals that do not overlap (:func:`versus`)."""
+    above = bracket(frame, sae)[1]
+    if above is None or above[2] > 1.02 * heldout_value(frame, sae, "l0")[0]:
+        return None
+    wins = (versus(heldout_value(frame, sae, "ce_loss_recovered"),
+                   heldout_value(frame, above[0], "ce_loss_recovered")) == "lower"
+            and versus(heldout_value(frame, sae, "fvu"), heldout_value(frame, above[0], "fvu")) == "higher")
+    return above if wins else None
+
+
 def versus(a: tuple[float, float, float], b: tuple[float, float, float]) -> str:
     """'lower' or 'higher' when interval ``a`` (value, low, high) lies wholly below or above ``b``, else
     'indistinguishable'."""

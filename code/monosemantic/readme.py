@@ -79,28 +79,23 @@ def _smollm2(a: store.Artifact) -> str:
 
 
 def _heldout(a: store.Artifact):
-    """(rows, tokens, seed runs, neuron rows) of SAE artifact ``a`` on its profile's held-out evaluation
-    (``sae/<profile>-heldout``): rows ``{run: {metric: (value, low, high)}}`` of ``a`` and its seeds (``a``'s
-    name first) and of the neuron baselines; None where that evaluation is absent, did not measure ``a`` or
-    measured other weights than the cache's."""
-    import pandas as pd
-
+    """(frame, seed runs, tokens) of SAE artifact ``a`` on its profile's held-out evaluation (``sae/<profile>-
+    heldout``, as :func:`chapter.heldout_frame`): ``a``'s name and its seeds' (where the evaluation measured
+    the seeds in the cache); None where that evaluation is absent, did not measure ``a`` or measured other
+    weights than the cache's."""
     from . import chapter
 
     try:
         held = store.load("sae", a.profile, "heldout", check_inputs=False)  # its inputs are checked one by one
     except store.CacheError:
         return None
-    if a.key in chapter.changed_inputs(held) or a.key not in held.manifest.get("inputs", {}):
+    changed = chapter.changed_inputs(held)
+    if a.key in changed or a.key not in held.manifest.get("inputs", {}):
         return None
-    stale_seeds = f"sae/{a.profile}-seeds" in chapter.changed_inputs(held)
-    table = pd.read_parquet(held.file("heldout.parquet"))
-    names = chapter.seed_runs(table.sae.unique(), a.name) if not stale_seeds else [a.name]
-    def rows_of(n: str) -> dict:
-        return {r.metric: (r.value, r.low, r.high) for r in table[table.sae == n].itertuples()}
-
-    neurons = {n: rows_of(n) for n in table.sae.unique() if n.startswith("neurons-top")}
-    return {n: rows_of(n) for n in names}, int(held.metrics["eval_tokens"]), names, neurons
+    frame = chapter.heldout_frame(held)
+    names = ([a.name] if f"sae/{a.profile}-seeds" in changed
+             else chapter.seed_runs(frame.index.get_level_values(0).unique(), a.name))
+    return frame, names, int(held.metrics["eval_tokens"])
 
 
 def _sae(a: store.Artifact) -> str:
@@ -121,23 +116,26 @@ def _sae(a: store.Artifact) -> str:
                        f"FVU {m['fvu']:.3f}, {m['ce_loss_recovered']:.1%} of the CE loss recovered (zero-ablation; "
                        f"{m['ce_loss_recovered_mean_ablation']:.1%} against mean-ablation), "
                        f"{m['dead_fraction']:.1%} dead.")
-    rows, tokens, names, _ = held
-    r = rows[a.name]
+    frame, names, tokens = held
+
+    def hv(sae: str, metric: str) -> tuple[float, float, float]:
+        return chapter.heldout_value(frame, sae, metric)
+
     seeds = ""
     if len(names) > 1:
-        ce = [rows[n]["ce_loss_recovered"][0] for n in names]
-        fvu = [rows[n]["fvu"][0] for n in names]
+        ce = [hv(n, "ce_loss_recovered")[0] for n in names]
+        fvu = [hv(n, "fvu")[0] for n in names]
         seeds = (f"; over its {len(names)} seeds (seed 0 is this one) {chapter.seed_spread_pct(ce, 2)} of the loss "
                  f"and FVU {chapter.seed_spread(fvu, '{:.3g}')}, as mean (range)")
-    ce, ce_mean = (chapter.interval_pct(*r[k], digits=2)
+    ce, ce_mean = (chapter.interval_pct(*hv(a.name, k), digits=2)
                    for k in ("ce_loss_recovered", "ce_loss_recovered_mean_ablation"))
     # the baseline with no training: the layer's neurons kept to each token's top k, at the L0 nearest this SAE's
-    neurons = min(((n, v) for n, v in held[3].items()), key=lambda nv: abs(nv[1]["l0"][0] - r["l0"][0]), default=None)
-    baseline = (f"; the neurons kept to each token's top {neurons[0].removeprefix('neurons-top')} (no training, L0 "
-                f"{neurons[1]['l0'][0]:.1f}) recover "
-                f"{chapter.interval_pct(*neurons[1]['ce_loss_recovered'], digits=2)} at FVU "
-                f"{chapter.interval(*neurons[1]['fvu'])}" if neurons else "")
-    return head + (f"on {tokens / 1e6:.2f}M held-out tokens L0 {r['l0'][0]:.1f}, FVU {chapter.interval(*r['fvu'])}, "
+    l0 = hv(a.name, "l0")[0]
+    nearest = min(chapter.neuron_baselines(frame), key=lambda b: abs(b[2] - l0), default=None)
+    baseline = (f"; the neurons kept to each token's top {nearest[1]} (no training, L0 {nearest[2]:.1f}) recover "
+                f"{chapter.interval_pct(*hv(nearest[0], 'ce_loss_recovered'), digits=2)} at FVU "
+                f"{chapter.interval(*hv(nearest[0], 'fvu'))}" if nearest else "")
+    return head + (f"on {tokens / 1e6:.2f}M held-out tokens L0 {l0:.1f}, FVU {chapter.interval(*hv(a.name, 'fvu'))}, "
                    f"{ce} of the CE loss recovered (zero-ablation; {ce_mean} against mean-ablation; 95% intervals "
                    f"over documents){seeds}{baseline}; {m['dead_fraction']:.1%} dead on its density sample"
                    f"{_seed_dead(a)}.")
@@ -257,32 +255,33 @@ def _diff(a: store.Artifact) -> str:
                 continue
         return out
 
-    def cosines(arts: list[store.Artifact]) -> str:
-        c = sorted(median_cos(r) for r in arts)
+    def cosines(c: list[float]) -> str:  # the runs' median cosines, as prose
+        c = sorted(c)
         digits = 2 if len(c) == 1 or f"{c[0]:.2f}" != f"{c[-1]:.2f}" else 3
         return f"{c[0]:.2f}" if len(c) == 1 else f"{c[0]:.{digits}f} to {c[-1]:.{digits}f} over {len(c)} runs"
 
     pilot, loss = runs(a.name), losses(a)
-    cos = max(median_cos(r) for r in pilot)
+    pilot_cos = [median_cos(r) for r in pilot]
     line = (f"Model-diffing pilot (`{a.key}`): fine-tuning the LM on {m['finetune_tokens'] / 1e6:.1f}M tokens of "
             f"{a.config['source']} moves its held-out loss there from {loss['base', 'source']:.2f} to "
             f"{loss['finetuned', 'source']:.2f} nats (mix text: {loss['base', 'mix']:.2f} to "
             f"{loss['finetuned', 'mix']:.2f}); a TopK crosscoder on both models' MLP activations has "
             f"{m['crosscoder_live']:,} live latents, {m['latents_finetune_only']} specific to the fine-tune and "
             f"{m['latents_base_only']} to the base model, the median cosine of a latent's two decoder halves is "
-            f"{cosines(pilot)}")
+            f"{cosines(pilot_cos)}")
     control = runs("finetune-mix")
     if control:
-        c = control[0].metrics
+        c, control_cos = control[0].metrics, [median_cos(r) for r in control]
         line += (f" (control, fine-tuned as long on the base mix: {c['latents_finetune_only']}, "
-                 f"{c['latents_base_only']} and {cosines(control)}")
+                 f"{c['latents_base_only']} and {cosines(control_cos)}")
         try:  # the floor: the base model against itself, the pilot's texts and crosscoder recipe
             floor = median_cos(store.load(a.stage, a.profile, f"{a.name}-0step"))
             line += f"; the base model against itself: {floor:.2f}, one run)"
         except store.CacheError:
             floor = None
             line += ")"
-        if cos < min(median_cos(r) for r in control) - 0.1 and (floor is None or cos < floor - 0.1):
+        cos = max(pilot_cos)
+        if cos < min(control_cos) - 0.1 and (floor is None or cos < floor - 0.1):
             c_loss = losses(control[0])
             shift, c_shift = (x["finetuned", "mix"] - x["base", "mix"] for x in (loss, c_loss))
             line += (": the fine-tune rotated the directions both models share"

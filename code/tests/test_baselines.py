@@ -116,6 +116,25 @@ def test_neuron_baselines_bracket_an_sae_by_measured_l0():
     assert chapter.versus((1.0, 0.9, 1.1), (1.05, 1.0, 1.2)) == "indistinguishable"
 
 
+def test_a_neuron_code_beats_an_sae_at_equal_sparsity_only_when_level_and_ahead_on_both():
+    import pandas as pd
+
+    from monosemantic import chapter
+
+    def frame(l0_32, ce_32, fvu_32):
+        rows = [("topk", "l0", 24.0), ("topk", "ce_loss_recovered", 0.993), ("topk", "fvu", 0.028),
+                ("neurons-top24", "l0", 20.5), ("neurons-top24", "ce_loss_recovered", 0.990),
+                ("neurons-top24", "fvu", 0.046), ("neurons-top32", "l0", l0_32),
+                ("neurons-top32", "ce_loss_recovered", ce_32), ("neurons-top32", "fvu", fvu_32)]
+        return pd.DataFrame([{"sae": s, "metric": m, "value": v, "low": v - 0.0002, "high": v + 0.0002}
+                             for s, m, v in rows]).set_index(["sae", "metric"]).sort_index()
+
+    assert chapter.beaten_at_equal_sparsity(frame(24.1, 0.996, 0.020), "topk")[1] == 32
+    assert chapter.beaten_at_equal_sparsity(frame(25.3, 0.996, 0.020), "topk") is None  # 5% denser: not level
+    assert chapter.beaten_at_equal_sparsity(frame(24.1, 0.996, 0.030), "topk") is None  # more variance left
+    assert chapter.beaten_at_equal_sparsity(frame(24.1, 0.9931, 0.020), "topk") is None  # loss within intervals
+
+
 def test_seed_matches_finds_a_permuted_copy_and_random_stays_at_the_floor():
     gen = torch.Generator().manual_seed(3)
     a = baselines.random_unit_vectors(300, 64, gen)
