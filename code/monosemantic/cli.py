@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import profiles
 
         args.profile_config = profiles.get(args.profile)  # resolved here, once; the stages read it from args
+    from . import hardware
+
+    hardware.keep_freed_memory()  # every stage allocates and frees the same large tensors step after step
     start = time.perf_counter()
     outer = {name: os.environ.get(name) for name in (COMMAND_START_ENV, COMMAND_ENV)}
     os.environ[COMMAND_START_ENV] = str(time.time())  # what the store records as each artifact's wall time

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as checkpoint_io
+from . import hardware
 from .config import UserError, work_dir
 from .lm import WEIGHTS_FILE, LMConfig, Transformer, save_weights
 from .tokenizer import EOT_ID
@@ -105,6 +106,7 @@ def train(cfg: LMConfig, train_split: TokenSplit, val_split: TokenSplit, *, chec
     would; the tests use it to check that resuming changes nothing. A loss that stops being finite ends the
     run with a one-line error, leaving the last checkpoint (made before it) as it was."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hardware.keep_freed_memory()
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg)
     if init is not None:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import checkpoint as checkpoint_io
+from .. import hardware
 from ..config import ConfigError
 from .model import SAE, SAEConfig, TrainOutput, geometric_median, never_fired, resample_dead
 
@@ -183,6 +184,7 @@ def train(cfg: SAEConfig, source: Tensor | Iterable[Tensor] | IndexedSource, *,
     from tqdm.auto import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    hardware.keep_freed_memory()
     ranks = _ranks(parallel)
     parallel = parallel if ranks.world > 1 else None
     if parallel is not None:
