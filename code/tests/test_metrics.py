@@ -14,6 +14,7 @@ from monosemantic.metrics import (
     MetricsError,
     density_histogram,
     evaluate,
+    feature_fires,
     metric_intervals,
     run_evaluation,
 )
@@ -257,3 +258,18 @@ def test_the_neuron_basis_as_a_k_sparse_dictionary():
     x = torch.tensor([[0.0, 3.0, 1.0, 2.0, 0.5]])
     out = NeuronTopK(5, 2)(x)
     assert out.recon.tolist() == [[0.0, 3.0, 0.0, 2.0, 0.0]] and torch.equal(out.latents, out.recon)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_feature_fires_counts_what_encode_says_in_any_blocking(arch):
+    # counted block by block (the last block shorter), from a tensor or a numpy array: on how many rows each
+    # latent is > 0, exactly what the dense encoder output says
+    sae = SAE(SAEConfig(d_in=16, n_features=64, architecture=arch, k=5, seed=3))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.5)
+    rows = torch.randn(37, 16, generator=torch.Generator().manual_seed(4))
+    want = (sae.encode(rows) > 0).sum(0)
+    assert int(want.max()) > 0 and int(want.min()) < 37  # not a trivial answer
+    for block in (None, 16, 37, 1):
+        assert torch.equal(feature_fires(sae, rows, block), want), block
+    assert torch.equal(feature_fires(sae, rows.numpy(), 16), want)
