@@ -184,9 +184,9 @@ class LMArithmetic:
     model's products faster on this machine, measured once: :func:`monosemantic.hardware.auto_dtype`; bf16 is
     emulated and ~28x slower on AVX2-only CPUs). Weights and Adam state stay fp32."""
     loss_chunk: int = 128
-    """Tokens per chunk of the fused unembedding + cross-entropy (0: plain logits + F.cross_entropy). In fp32
-    on a CPU a chunk is at least ~256 MB of logits (:func:`loss_chunk_tokens`: 1,024 tokens at vocab 50,304),
-    where the products run near their peak; the value here is for bf16 and GPUs."""
+    """Tokens per chunk of the fused unembedding + cross-entropy (0: plain logits + F.cross_entropy). On a CPU
+    a chunk is at least ~256 MB of logits in fp32 and ~32 MB in bf16 (:func:`loss_chunk_tokens`: 1,024 and
+    256 tokens at vocab 50,304), where the steps ran fastest; the value here is for GPUs."""
     compile: bool = True
     """torch.compile the fused softmax kernel of the bf16 path (and nothing else: the rest gains little on a
     CPU; the fp32 path uses PyTorch's own softmax kernel, in place, and compiles nothing)."""
