@@ -228,7 +228,9 @@ def _bench(a: store.Artifact) -> str:
             and not any(s in r["name"] for s in BENCH_SKIP)]
     parts = [f"{r['name']}: {r['ratio']:.2f}x ({r['ours']:,.0f} vs {r['anchor']:,.0f} {r['unit']}"
              + (f"; MFU {r['ours_mfu']:.0%} vs {r['anchor_mfu']:.0%}" if r.get("ours_mfu") is not None
-                and r.get("anchor_mfu") is not None else "") + ")" for r in rows]
+                and r.get("anchor_mfu") is not None else "")
+             + (f"; {r['vs_dense']:.2f}x our dense step" if r.get("vs_dense") is not None else "") + ")"
+             for r in rows]
     return (f"Speed against the anchor's code on {machine}, same machine, same run (`{a.key}`): "
             + "; ".join(parts) + ".")
 

@@ -55,15 +55,22 @@ def test_the_sae_group_runs_at_a_tiny_size():
                              peaks={"bfloat16": 1e6, "float32": 1e6})
     rows = list(bench.bench_sae(ctx, d_in=16, n_features=64, batch=32, topk_batch=48, lm_in_loop=False,
                                 density_features=128, density_rows=100))
-    assert len(rows) == 5 and ("sae", bench.bench_sae) in bench.BENCHES
-    for row in rows:
+    assert len(rows) == 6 and ("sae", bench.bench_sae) in bench.BENCHES
+    steps, floor, density = rows[:4], rows[4], rows[5]
+    for row in steps + [density]:
         assert row["ours"] > 0 and row["anchor"] > 0
         assert abs(row["ratio"] - row["ours"] / row["anchor"]) < 0.02  # of the rounded figures
         assert 0 < row["ours_mfu"] and 0 < row["anchor_mfu"]
+    for row in rows:
         assert row["name"].endswith("[float32, 1 thread]")  # the dtype ours computed in and the threads used
-    assert all(r["unit"] == "activations/s" and "10 d_in n_features" in r["note"] for r in rows[:4])
-    assert "10% dead" in rows[1]["name"] and "35% dead" in rows[2]["name"] and "AuxK idle" in rows[3]["name"]
-    assert rows[4]["unit"] == "rows/s" and "128 features" in rows[4]["name"]
+    assert all(r["unit"] == "activations/s" and "10 d_in n_features" in r["note"] for r in steps)
+    assert "AuxK idle" in steps[1]["name"] and "5% dead" in steps[2]["name"] and "35% dead" in steps[3]["name"]
+    # each TopK step against our dense step, and the floor no TopK step can beat (it does a subset of the work)
+    dense = steps[0]["ours"]
+    for row in steps[1:] + [floor]:
+        assert abs(row["vs_dense"] - row["ours"] / dense) < 0.02 * row["vs_dense"] + 0.01
+    assert "floor" in floor["name"] and floor["anchor"] is None and floor["ours"] > 0
+    assert density["unit"] == "rows/s" and "128 features" in density["name"]
 
 
 def test_bench_prints_each_row_as_it_is_measured_and_records_wall_times(tmp_cache, capsys, monkeypatch):

@@ -307,10 +307,20 @@ def _rows_of(indices: Tensor, weights: Tensor, src: Tensor, n_rows: int, dtype: 
                                       weights.reshape(-1).float(), (n_rows, n_batch), check_invariants=False)
         out = torch.sparse.mm(coo, src.float())
         return out.t().contiguous() if transposed else out
-    crow = torch.arange(0, n_batch * m + 1, m, device=src.device)
-    onehot = torch.sparse_csr_tensor(crow, indices.reshape(-1), weights.reshape(-1).float(), (n_batch, n_rows),
-                                     check_invariants=False)  # (B, n_rows)
-    return torch.mm(src.float().t(), onehot) if transposed else torch.mm(onehot.t(), src.float())
+    if transposed:  # src^T @ onehot, onehot (B, n_rows): row b holds its m entries, no sorting needed
+        crow = torch.arange(0, n_batch * m + 1, m, device=src.device)
+        onehot = torch.sparse_csr_tensor(crow, indices.reshape(-1), weights.reshape(-1).float(),
+                                         (n_batch, n_rows), check_invariants=False)
+        return torch.mm(src.float().t(), onehot)  # (D, n_rows)
+    # onehot^T (n_rows, B) built directly, its entries sorted by row (PyTorch's transpose of the CSR above
+    # converts through a sort of its own and writes the product column-major, then copies it: 2x the time)
+    flat = indices.reshape(-1)
+    order = flat.argsort()
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=src.device)
+    torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=crow[1:])
+    onehot_t = torch.sparse_csr_tensor(crow, order // m, weights.reshape(-1).float()[order], (n_rows, n_batch),
+                                       check_invariants=False)
+    return torch.mm(onehot_t, src.float())  # (n_rows, D)
 
 
 def _row_dots(weight: Tensor, indices: Tensor, vectors: Tensor) -> Tensor:
