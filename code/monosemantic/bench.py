@@ -285,8 +285,10 @@ def bench_sae(ctx: BenchContext, d_in: int = 512, n_features: int = 4096, batch:
     """SAE training steps, ours (:func:`monosemantic.sae.train_step`: fused Adam, the dtype ``auto`` picks,
     the ReLU step's hand-written backward, the TopK step's sparse one) against the anchor's faithful fp32
     step (:func:`monosemantic.anchor_reference.anchor_sae_step`) at its setting, 512 -> 4096, batch 896; our
-    TopK at the cpu profile's setting (k = 24, batch 1,024) with AuxK at 10% and 35% dead latents and idle;
-    then feature density over a wide dictionary (``density_features``). The sizes are parameters so that
+    TopK at the cpu profile's setting (k = 24, batch 1,024) with AuxK idle, at 5% dead latents (what a
+    trained TopK SAE has) and at 35% (the anchor's literal runs), each also against our dense step
+    (``vs_dense``), and that step's floor (:func:`_topk_floor`); then feature density over a wide dictionary
+    (``density_features``). The sizes are parameters so that
     the tests can run the group at a tiny size."""
     from . import sae as S
     from .anchor_reference import anchor_sae_step, make_anchor_sae
@@ -295,7 +297,7 @@ def bench_sae(ctx: BenchContext, d_in: int = 512, n_features: int = 4096, batch:
     dtype_name = str(relu.compute_dtype(ctx.device)).removeprefix("torch.")
     peak, anchor_peak = ctx.peak(dtype_name), ctx.peak("float32")
     tag = ctx.tag(dtype_name)
-    repeat, warmup = (4, 1) if ctx.quick else (9, 2)
+    repeat, warmup = (4, 1) if ctx.quick else (25, 3)  # a step is ~0.1 s: many pairs steady the medians
     # model FLOPs per activation of a dense step: forward 4 d_in n (encoder, decoder), backward 6 d_in n (both
     # weight gradients and the latents' gradient; the input is data and needs none): both sides alike
     flops = 10 * d_in * n_features
