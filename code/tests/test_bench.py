@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from monosemantic import bench, hardware, store
+from monosemantic import bench, gpucheck, hardware, store
 from monosemantic.anchor_reference import AnchorTransformer, anchor_train_step
 from monosemantic.config import UserError
 
@@ -132,7 +132,7 @@ def test_numerics_rows_show_cpu_training_repeats_exactly():
 
 def _pipeline_caches(root, drop=None):
     for side, shift in (("gpu", 0.01), ("cpu", 0.0)):
-        for key, names in bench.PIPELINE_CHECK.items():
+        for key, names in gpucheck.PIPELINE_CHECK.items():
             if side == "gpu" and key == drop:
                 continue
             folder = root / side / key
@@ -144,12 +144,12 @@ def _pipeline_caches(root, drop=None):
 
 def test_the_gpu_pipeline_check_compares_every_stage_and_refuses_a_missing_one(tmp_cache, tmp_path):
     _pipeline_caches(tmp_path / "ok")
-    rows, hw = bench.pipeline_check_rows(tmp_path / "ok" / "gpu", tmp_path / "ok" / "cpu")
-    assert len(rows) == sum(len(v) for v in bench.PIPELINE_CHECK.values()) and hw["gpu"] == "Test GPU"
+    rows, hw = gpucheck.pipeline_check_rows(tmp_path / "ok" / "gpu", tmp_path / "ok" / "cpu")
+    assert len(rows) == sum(len(v) for v in gpucheck.PIPELINE_CHECK.values()) and hw["gpu"] == "Test GPU"
     assert all(abs(r["difference"] - 0.01) < 1e-9 for r in rows)
-    path = bench.store_pipeline_check(tmp_path / "ok" / "gpu", tmp_path / "ok" / "cpu")
+    path = gpucheck.store_pipeline_check(tmp_path / "ok" / "gpu", tmp_path / "ok" / "cpu")
     art = store.load("gpucheck", "tiny", "test-gpu")
     assert path.endswith("gpucheck/tiny-test-gpu") and abs(art.metrics["largest_relative_difference"] - 0.01) < 1e-9
     _pipeline_caches(tmp_path / "bad", drop="sae/tiny-topk")
     with pytest.raises(UserError, match="sae/tiny-topk is missing from the gpu cache"):
-        bench.pipeline_check_rows(tmp_path / "bad" / "gpu", tmp_path / "bad" / "cpu")
+        gpucheck.pipeline_check_rows(tmp_path / "bad" / "gpu", tmp_path / "bad" / "cpu")

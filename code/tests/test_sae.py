@@ -196,8 +196,10 @@ def test_training_forward_matches_forward(arch, aux, dense_gather, monkeypatch):
     # matmuls when the gathered entries are many; AuxK on the dead latents' block: their top aux_k of 22, or
     # all of them; or AuxK's picks gathered one by one) computes the same loss and the same gradients as the
     # plain forward that evaluation uses
-    monkeypatch.setattr(S, "DENSE_GATHER_FRACTION", 0.0 if dense_gather else 2.0)
-    monkeypatch.setattr(S, "AUX_DENSE_FRACTION", 2.0 if aux == "gathered" else 1 / 8)
+    from monosemantic.sae import steps  # where the step reads them (the package only re-exports them)
+
+    monkeypatch.setattr(steps, "DENSE_GATHER_FRACTION", 0.0 if dense_gather else 2.0)
+    monkeypatch.setattr(steps, "AUX_DENSE_FRACTION", 2.0 if aux == "gathered" else 1 / 8)
     cfg = _cfg(architecture=arch, k=4, n_features=64, aux_k=32 if aux == "all dead" else 16)
     plain = S.SAE(cfg)
     with torch.no_grad():
@@ -227,7 +229,7 @@ def test_training_forward_matches_forward(arch, aux, dense_gather, monkeypatch):
 def test_column_sums_of_bf16_count_exactly_past_bf16s_integers():
     # bfloat16 holds integers exactly only up to 256: the training step's per-latent fire counts over a
     # 600-row batch are summed in blocks of 256 rows, each exact, then added in float32
-    from monosemantic.sae.model import _column_sums
+    from monosemantic.sae.steps import _column_sums
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 40, generator=g)
@@ -243,7 +245,7 @@ def test_column_sums_of_bf16_count_exactly_past_bf16s_integers():
 def test_sparse_gradient_products_add_up_repeated_and_unsorted_entries(transposed):
     # the TopK backward's onehot^T @ src as a CSR product, each row's entries in any order and an index
     # repeated (a latent among the k and AuxK's picks): the dense scatter-and-multiply answer
-    from monosemantic.sae.model import _rows_of
+    from monosemantic.sae.steps import _rows_of
 
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 50, (30, 5), generator=g)
