@@ -15,8 +15,10 @@ is always its fp32 code.
 
 Timing: ours and the anchor's step alternate (ours, anchor, ours, anchor, ...) after a warm-up pair, until
 ``repeat`` pairs are done or the row's time budget is spent (at least one pair), and each side's median is
-reported, so a machine that gets busier during the run slows both. ``--quick`` uses smaller sizes and budgets
-and takes under a minute on 2 CPU cores; the default groups take under ten minutes there.
+reported, so a machine that gets busier during the run slows both. Both sides run in the one process, under
+the heap setting every command runs with (:func:`monosemantic.hardware.keep_freed_memory`). ``--quick``
+uses smaller sizes and budgets and takes under a minute on 2 CPU cores; the default groups take under ten
+minutes there.
 
 FLOPs: a training token costs 6 N + 12 L d T model FLOPs (PaLM appendix B / nanoGPT), a forward token a
 third of that; N = parameters in matrix multiplies (the attention, MLP and unembedding weights, no
