@@ -133,3 +133,16 @@ def test_returning_free_memory_is_real_on_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's")
     assert hardware.return_free_memory() is True
+
+
+def test_the_heap_keeps_freed_memory_where_there_is_glibc():
+    # both mallopt settings accepted (glibc answers 0 to a value out of its range, e.g. a map threshold over
+    # its 32 MB maximum), and asking again changes nothing
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        pytest.skip("no glibc here")
+    assert hardware.keep_freed_memory() is True
+    assert hardware.keep_freed_memory() is True
