@@ -45,9 +45,9 @@ FP32_CPU_CHUNK_BYTES = 256 * 2**20
 
 # bf16 on a CPU: chunks of up to this many bytes of logits (256 tokens at vocab 50,304). The chunk's (c, V)
 # logits and exponentials are read five times, the (V, D) weight and gradient once each per chunk: larger
-# chunks read the weight less often per token, but over glibc's largest heap block (32 MB) each chunk's
-# tensors are fresh maps of memory, faulted in page by page. Steps alternated in one process on a 2-core
-# Zen 4: 922 ms at 128 tokens, 818 ms at 256, 915 ms at 512.
+# chunks read the weight less often per token, but over the heap's block limit (32 MB,
+# hardware.HEAP_MMAP_THRESHOLD) each chunk's tensors are fresh maps of memory, faulted in page by page.
+# Steps alternated in one process on a 2-core Zen 4: 922 ms at 128 tokens, 818 ms at 256, 915 ms at 512.
 BF16_CPU_CHUNK_BYTES = 32 * 2**20
 
 # a target whose probability is under this (a loss over ~69 nats) gets its loss recomputed from its logits:
