@@ -120,9 +120,11 @@ def _rows_of(indices: Tensor, weights: Tensor, src: Tensor, n_rows: int, dtype: 
 
     indices, weights: (B, m); src: (B, D). That is onehot(indices, weights)^T @ src, the gradient of a
     weight matrix some of whose rows were gathered. A sparse-dense product, O(B m D), with the onehot as a
-    CSR matrix (row b holds its m entries: no sorting, repeated indices add up; on a 2-core CPU 2-3x faster
-    than the COO product, whose output is then transposed by a strided copy), unless m is at least
-    ``DENSE_GATHER_FRACTION`` of ``n_rows``, where a dense matmul in ``dtype`` is cheaper."""
+    CSR matrix, repeated indices adding up: for the (D, n_rows) layout the (B, n_rows) onehot as it comes
+    (row b holds its m entries, no sorting), for (n_rows, D) its transpose built with the entries sorted by
+    row (on a 2-core CPU 2-3x faster than the COO product, whose output had to be transposed by a strided
+    copy); unless m is at least ``DENSE_GATHER_FRACTION`` of ``n_rows``, where a dense matmul in ``dtype``
+    is cheaper."""
     n_batch, m = indices.shape
     if m >= DENSE_GATHER_FRACTION * n_rows:
         dense = torch.zeros(n_batch, n_rows, dtype=dtype, device=src.device)
