@@ -323,7 +323,7 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     from .intervals import bootstrap, group_sums
     from .lm import load_pretrained
 
-    model = load_pretrained(profile).eval()
+    model = load_pretrained(profile, dtype="float32").eval()  # measured alike on every machine
     lm_art = store.load("lm", profile, "model")
     sae_art = store.load("sae", profile, cfg.sae)
     sae = sae_mod.load(sae_art.path).eval()

@@ -22,6 +22,7 @@ claimed about only when the held-out text has at least ``min_family_tokens`` of 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -138,16 +139,17 @@ def _ratio_interval(sums: dict[str, np.ndarray], num: str, den: str, n_boot: int
 
 
 def measure(batches: Iterable[tuple[int, Tensor]], encoders: Sequence[Callable[[Tensor], Tensor]],
-            counts: Sequence[CurveCounts], labels: np.ndarray, T: int, skip: int) -> None:
+            counts: Sequence[CurveCounts], labels: np.ndarray, T: int, skip: int,
+            timers: Sequence[Callable[[], contextlib.AbstractContextManager[Any]]] | None = None) -> None:
     """Stream held-out activations into ``counts``: ``batches`` yields (first window, (B*T, d) MLP activations)
     as :func:`monosemantic.analysis.mlp_batches` does; ``encoders[i]`` maps them to set i's non-negative
     (oriented) unit activations; ``labels`` (W, T, F) the family labels of the windows; the first ``skip``
-    positions of each window do not count."""
+    positions of each window do not count; ``timers[i]()`` (optional) times set i's work."""
     for b, h in batches:
         B = h.shape[0] // T
         lab = torch.as_tensor(labels[b:b + B].reshape(B * T, -1), dtype=torch.float32)
         measured = torch.arange(B * T) % T >= skip
-        for encode, c in zip(encoders, counts, strict=True):
+        for i, (encode, c) in enumerate(zip(encoders, counts, strict=True)):
             if c.pairs:
-                with torch.no_grad():
+                with torch.no_grad(), (timers[i]() if timers else contextlib.nullcontext()):
                     c.add(encode(h), lab, b, T, measured)

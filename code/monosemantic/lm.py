@@ -540,12 +540,16 @@ def load_weights(path: Path, config: LMArchitecture | LMConfig | None = None) ->
     return model.eval()
 
 
-def load_pretrained(profile: str | None = None) -> Transformer:
-    """The trained model from the cache: of ``profile``, or the largest profile present."""
+def load_pretrained(profile: str | None = None, dtype: str | None = None) -> Transformer:
+    """The trained model from the cache: of ``profile``, or the largest profile present. ``dtype``: its forward
+    pass's (None: the training config's, ``auto``); the stages that measure the model pass ``float32``, so that
+    their numbers do not change with the machine's bf16 units."""
     from . import store
 
     art = store.load("lm", profile, "model") if profile else store.find("lm", "model")
     model = load_weights(art.file(WEIGHTS_FILE), LMConfig(**art.config))
+    if dtype is not None:
+        model.arithmetic = model.arithmetic.replace(dtype=dtype)
     model.profile = art.profile  # which run this is, for the book to say
     return model
 

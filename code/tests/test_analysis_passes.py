@@ -289,3 +289,20 @@ def test_held_out_text_given_as_windows_is_read_as_those_windows(tok):
 
     with pytest.raises(UserError, match="windows of 16 tokens"):
         A.held_out_windows(val.reshape(-1, 8), T)
+
+
+def test_the_stopwatch_sums_each_part_and_keeps_a_prefixed_table_in_the_same_place(monkeypatch):
+    from monosemantic.analysis import passes
+
+    ticks = iter([0.0, 1.5, 10.0, 10.25, 20.0, 24.0])  # start, stop of three blocks
+    monkeypatch.setattr(passes.time, "perf_counter", lambda: next(ticks))
+    clock = passes.Stopwatch()
+    with clock("a"):
+        pass
+    with clock.part("random model")("a"):
+        pass
+    with pytest.raises(RuntimeError), clock("a"):  # an error still stops the clock
+        raise RuntimeError
+    assert clock.seconds == {"a": 5.5, "random model: a": 0.25}
+    assert A.stage_seconds(clock.seconds, whole=7.0) == {"a": 5.5, "random model: a": 0.2, "other": 1.2,
+                                                          "whole": 7.0}

@@ -216,12 +216,25 @@ def test_array_source_batches_are_a_function_of_the_step_and_each_epoch_is_a_per
         ArraySource(rows[:4], batch_size=8)
 
 
-def test_analyze_measures_neurons_and_both_saes_alike_and_tracks_splitting(in_tiny_cache):
+def test_analyze_measures_neurons_and_both_saes_alike_and_tracks_splitting(in_tiny_cache, monkeypatch):
     import pandas as pd
 
+    from monosemantic import hardware, lm
+
+    # a machine where auto picks bf16: the analysis still runs the LM in float32, as on any other machine
+    monkeypatch.setattr(hardware, "auto_dtype", lambda *a, **k: torch.bfloat16)
+    seen, forward = [], lm.Transformer.forward
+    monkeypatch.setattr(lm.Transformer, "forward", lambda self, *a, **k: (
+        seen.append(self.arithmetic.compute_dtype(self.config)), forward(self, *a, **k))[1])
     assert cli.main(["analyze", "--profile", "tiny", "--no-progress"]) == 0
+    assert seen and set(seen) == {torch.float32}
     art = store.load("analysis", "tiny", "features", config=profiles.get("tiny").analysis)
     m = art.metrics
+    seconds = art.manifest["info"]["seconds"]  # where the time went: the forward passes and each set's own work
+    assert {"lm forward", "neurons", "topk", "anchor", "random", "random-model: lm forward", "other"} <= set(seconds)
+    assert sum(v for k, v in seconds.items() if k != "whole") == pytest.approx(seconds["whole"], abs=0.5)
+    assert m["seconds_main_sae"] == pytest.approx(seconds["lm forward"] + seconds["topk"], abs=0.2)
+    assert art.manifest["info"]["lm_forward_dtype"].startswith("float32")
     for label in ("features", "neurons", "anchor_features"):
         assert 0 <= m[f"interpretable_fraction_{label}"] <= 1 and m[f"scored_{label}"] > 0
     assert m["interpretable_score"] == "explain_corr" and 0 < m["interpretable_threshold"] < 1

@@ -88,7 +88,9 @@ from .measure import (  # noqa: F401
     token_profiles,
 )
 from .passes import (  # noqa: F401
+    LM_FORWARD,
     AnalysisConfig,
+    Stopwatch,
     first_position_share,
     mlp_batches,
     pearson,
@@ -109,6 +111,7 @@ from .stage import (  # noqa: F401
     drop_control_contexts,
     run,
     run_stage,
+    stage_seconds,
     summary_metrics,
 )
 from .units import (  # noqa: F401

@@ -20,6 +20,7 @@ from .families import FAMILIES, FAMILY_NAMES, window_families
 from .passes import (
     _HIST_EDGES,
     AnalysisConfig,
+    Stopwatch,
     _context_acts,
     _first_pass,
     _held_out_pass,
@@ -33,7 +34,8 @@ from .units import UnitSet, logit_extremes
 # --- the whole analysis -----------------------------------------------------------------------------
 
 def analyze(model, tokenizer: TokenTable, sets: list[UnitSet], explain_tokens: np.ndarray, val_tokens: np.ndarray,
-            cfg: AnalysisConfig, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+            cfg: AnalysisConfig, progress: bool = True, log: Callable[[str], None] = print,
+            clock: Stopwatch | None = None) -> dict[str, Any]:
     """Run every pass; returns pandas tables: ``units`` (one row per unit of every set), ``contexts``,
     ``top_tokens``, ``logits``, ``histograms``, ``families`` and a ``vocab`` of the token strings used.
     Every unit that fires on at least ``min_heldout_firings`` held-out tokens is explained and scored by the
@@ -47,9 +49,11 @@ def analyze(model, tokenizer: TokenTable, sets: list[UnitSet], explain_tokens: n
     ``explain_tokens``: a 1-D token array, read in ``cfg.explain_tokens`` tokens of windows of the model's
     context T spread evenly over it (:func:`spread_windows`). ``val_tokens``, the held-out text: a 1-D token
     array, read whole in windows spread evenly over it, or (W, T) windows read as they are (windows taken
-    from many places, each a text of its own)."""
+    from many places, each a text of its own). ``clock``: a :class:`Stopwatch` that gets the seconds of the
+    model's forward passes and of each set's own work."""
     import pandas as pd
 
+    clock = clock or Stopwatch()
     T = model.config.context_length
     windows, starts = spread_windows(explain_tokens, T, cfg.explain_tokens)
     val_windows = held_out_windows(val_tokens, T)
@@ -57,7 +61,7 @@ def analyze(model, tokenizer: TokenTable, sets: list[UnitSet], explain_tokens: n
         + ", ".join(f"{s.n_units:,} {s.name}" for s in sets))
     labels = window_families(tokenizer, windows)
     val_labels = window_families(tokenizer, val_windows)
-    stats = _first_pass(model, sets, windows, labels, cfg, progress)
+    stats = _first_pass(model, sets, windows, labels, cfg, progress, clock)
     # from here on every set is read through its units' polarities: oriented activations max(p a, 0)
     sets = [dataclasses.replace(s, polarity=st.polarity) for s, st in zip(sets, stats, strict=True)]
     maxima = [st.max for st in stats]
@@ -87,7 +91,7 @@ def analyze(model, tokenizer: TokenTable, sets: list[UnitSet], explain_tokens: n
                                  "activation": float(bv[r, u]), "document": int(docs[r, u])})
         examples.append(exs)
         example_meta.append(meta)
-    intervals = _interval_pass(model, sets, windows, maxima, examples, cfg, progress)
+    intervals = _interval_pass(model, sets, windows, maxima, examples, cfg, progress, clock)
     context_acts = [[_context_acts(span, g % T, T, cfg) for (_, g), span in zip(exs, sm.top_contexts, strict=True)]
                     for exs, sm in zip(examples, intervals, strict=True)]
     for s, exs, meta, acts, sm in zip(sets, examples, example_meta, context_acts, intervals, strict=True):
@@ -116,7 +120,7 @@ def analyze(model, tokenizer: TokenTable, sets: list[UnitSet], explain_tokens: n
                                  "acts": a.astype(np.float16)})
         tables.append(fit_token_tables(s.n_units, shown, model.config.vocab_size))
         shown_by_set.append(shown)
-    held, pools = _held_out_pass(model, sets, val_windows, val_labels, tables, maxima, cfg, progress)
+    held, pools = _held_out_pass(model, sets, val_windows, val_labels, tables, maxima, cfg, progress, clock)
 
     measured_explain = labels[:, skip:].reshape(-1, labels.shape[-1])
     base_explain = torch.as_tensor(measured_explain.mean(0), dtype=torch.float64)
@@ -128,61 +132,65 @@ def analyze(model, tokenizer: TokenTable, sets: list[UnitSet], explain_tokens: n
     log(f"analyze: explaining and scoring {sum(int(x.sum()) for x in scored_by_set):,} units with {explainer.name}"
         f" ({sum(int((h['fired'] < cfg.min_heldout_firings).sum()) for h in held):,} fire on fewer than "
         f"{cfg.min_heldout_firings} held-out tokens: too rare to score)")
-    scores = [explain.explain_and_score(explainer, shown, pool, scored, val_windows, skip, progress, s.name)
-              for s, shown, pool, scored in zip(sets, shown_by_set, pools, scored_by_set, strict=True)]
+    scores = []
+    for s, shown, pool, scored in zip(sets, shown_by_set, pools, scored_by_set, strict=True):
+        with clock(s.name):
+            scores.append(explain.explain_and_score(explainer, shown, pool, scored, val_windows, skip, progress,
+                                                    s.name))
     if hasattr(explainer.simulate, "failures") and explainer.simulate.failures:
         log(f"analyze: {explainer.simulate.failures:,} simulations could not be read (predicted as zeros)")
 
     unit_rows, token_rows, logit_rows, hist_rows = [], [], [], []
     for s, st, h, mx, iv, scored_s, sc in zip(sets, stats, held, maxima, intervals, scored_by_set, scores,
                                              strict=True):
-        corr = pearson(h).numpy()
-        maxima_s = mx.numpy()
-        first_share = first_position_share(st.best_v, st.best_i, iv.first, cfg.top_contexts, T, skip)
-        heldout_fired = h["fired"].numpy().astype(np.int64)
-        # best family: the largest share of the unit's mass on the explanation text, among families with a
-        # lift of at least 2 there (a unit is not "about" whitespace because whitespace is everywhere)
-        share_e = (st.family_mass / st.total.clamp_min(1e-12)[:, None]).numpy()
-        lift_e = share_e / np.maximum(base_explain.numpy(), 1e-12)
-        choice = np.where(lift_e >= 2, share_e, -1.0)
-        best = choice.argmax(1)
-        has_family = choice.max(1) > 0
-        # a share of a non-negative mass: in [0, 1] but for float32 rounding of the family sums
-        share_v = np.clip((h["family_mass"] / h["a"].clamp_min(1e-12)[:, None]).numpy(), 0.0, 1.0)
-        base_v = (h["family_tokens"] / h["n"]).numpy()
-        hist = st.hist.numpy()
-        q = _quantiles(hist, (0.5, 0.9, 0.99))
-        up_v, up_i, down_v, down_i = logit_extremes(model, s.directions, st.polarity, cfg.logit_tokens)
-        polarity, other = st.polarity.numpy(), st.other.numpy()
-        absolute = st.total.numpy() + other  # the unit's |a| mass on the explanation text
-        fired_e = st.fired.numpy()
-        for u in range(s.n_units):
-            fam = FAMILY_NAMES[best[u]] if has_family[u] else ""
-            scored = bool(scored_s[u])
-            sv = float(share_v[u, best[u]]) if has_family[u] else float("nan")
-            bv_ = float(base_v[best[u]]) if has_family[u] else float("nan")
-            unit_rows.append({
-                "set": s.name, "unit": u, "density": fired_e[u] / n_explain,
-                "density_val": float(h["fired"][u] / h["n"]), "mean": float(st.total[u] / n_explain),
-                "max": float(maxima_s[u]),
-                "q50": q[u, 0], "q90": q[u, 1], "q99": q[u, 2], "scored": bool(scored),
-                "explain_corr": float(corr[u]) if scored else float("nan"),
-                "family": fam, "family_share": sv if scored else float("nan"),
-                "family_base": bv_, "family_lift": sv / bv_ if scored and bv_ > 0 else float("nan"),
-                "polarity": int(polarity[u]),
-                "other_sign_share": float(other[u] / absolute[u]) if absolute[u] > 0 else 0.0,
-                "heldout_firings": int(heldout_fired[u]),
-                "too_rare": bool(heldout_fired[u] < cfg.min_heldout_firings),
-                **sc.get(u, explain.UNSCORED), "first_pos_top_share": float(first_share[u])})
-            for j, (v, i) in enumerate(zip(up_v[u].tolist(), up_i[u].tolist(), strict=True)):
-                logit_rows.append({"set": s.name, "unit": u, "sign": 1, "rank": j, "token": i, "effect": v})
-            for j, (v, i) in enumerate(zip(down_v[u].tolist(), down_i[u].tolist(), strict=True)):
-                logit_rows.append({"set": s.name, "unit": u, "sign": -1, "rank": j, "token": i, "effect": -v})
-        hist_rows.append(pd.DataFrame({"set": s.name, "unit": np.arange(s.n_units),
-                                       "counts": list(hist.astype(np.int32))}))
-        frame = _top_tokens_frame(s.name, st, cfg.top_tokens)
-        if len(frame):
-            token_rows.append(frame)
+        with clock(s.name):
+            corr = pearson(h).numpy()
+            maxima_s = mx.numpy()
+            first_share = first_position_share(st.best_v, st.best_i, iv.first, cfg.top_contexts, T, skip)
+            heldout_fired = h["fired"].numpy().astype(np.int64)
+            # best family: the largest share of the unit's mass on the explanation text, among families with a
+            # lift of at least 2 there (a unit is not "about" whitespace because whitespace is everywhere)
+            share_e = (st.family_mass / st.total.clamp_min(1e-12)[:, None]).numpy()
+            lift_e = share_e / np.maximum(base_explain.numpy(), 1e-12)
+            choice = np.where(lift_e >= 2, share_e, -1.0)
+            best = choice.argmax(1)
+            has_family = choice.max(1) > 0
+            # a share of a non-negative mass: in [0, 1] but for float32 rounding of the family sums
+            share_v = np.clip((h["family_mass"] / h["a"].clamp_min(1e-12)[:, None]).numpy(), 0.0, 1.0)
+            base_v = (h["family_tokens"] / h["n"]).numpy()
+            hist = st.hist.numpy()
+            q = _quantiles(hist, (0.5, 0.9, 0.99))
+            up_v, up_i, down_v, down_i = logit_extremes(model, s.directions, st.polarity, cfg.logit_tokens)
+            polarity, other = st.polarity.numpy(), st.other.numpy()
+            absolute = st.total.numpy() + other  # the unit's |a| mass on the explanation text
+            fired_e = st.fired.numpy()
+            for u in range(s.n_units):
+                fam = FAMILY_NAMES[best[u]] if has_family[u] else ""
+                scored = bool(scored_s[u])
+                sv = float(share_v[u, best[u]]) if has_family[u] else float("nan")
+                bv_ = float(base_v[best[u]]) if has_family[u] else float("nan")
+                unit_rows.append({
+                    "set": s.name, "unit": u, "density": fired_e[u] / n_explain,
+                    "density_val": float(h["fired"][u] / h["n"]), "mean": float(st.total[u] / n_explain),
+                    "max": float(maxima_s[u]),
+                    "q50": q[u, 0], "q90": q[u, 1], "q99": q[u, 2], "scored": bool(scored),
+                    "explain_corr": float(corr[u]) if scored else float("nan"),
+                    "family": fam, "family_share": sv if scored else float("nan"),
+                    "family_base": bv_, "family_lift": sv / bv_ if scored and bv_ > 0 else float("nan"),
+                    "polarity": int(polarity[u]),
+                    "other_sign_share": float(other[u] / absolute[u]) if absolute[u] > 0 else 0.0,
+                    "heldout_firings": int(heldout_fired[u]),
+                    "too_rare": bool(heldout_fired[u] < cfg.min_heldout_firings),
+                    **sc.get(u, explain.UNSCORED), "first_pos_top_share": float(first_share[u])})
+                for j, (v, i) in enumerate(zip(up_v[u].tolist(), up_i[u].tolist(), strict=True)):
+                    logit_rows.append({"set": s.name, "unit": u, "sign": 1, "rank": j, "token": i, "effect": v})
+                for j, (v, i) in enumerate(zip(down_v[u].tolist(), down_i[u].tolist(), strict=True)):
+                    logit_rows.append({"set": s.name, "unit": u, "sign": -1, "rank": j, "token": i, "effect": -v})
+            hist_rows.append(pd.DataFrame({"set": s.name, "unit": np.arange(s.n_units),
+                                           "counts": list(hist.astype(np.int32))}))
+            frame = _top_tokens_frame(s.name, st, cfg.top_tokens)
+            if len(frame):
+                token_rows.append(frame)
     neighbour_rows = []
     for s in sets:
         if s.name == "neurons":

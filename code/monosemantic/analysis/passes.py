@@ -4,7 +4,9 @@ scores, each reading a unit set's non-zeros block by block (the package's docstr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -20,6 +22,30 @@ from .families import FAMILY_NAMES
 from .units import UnitSet
 
 # --- the streaming pass -----------------------------------------------------------------------------
+
+class Stopwatch:
+    """Wall seconds per part of a run, summed over its ``with clock(part):`` blocks; ``clock.part(prefix)``
+    times into the same table under ``prefix: part``. What the analysis manifest reports as ``seconds``."""
+
+    def __init__(self, seconds: dict[str, float] | None = None, prefix: str = "") -> None:
+        self.seconds = {} if seconds is None else seconds
+        self.prefix = prefix
+
+    @contextlib.contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = self.prefix + part
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+
+    def part(self, prefix: str) -> Stopwatch:
+        return Stopwatch(self.seconds, f"{self.prefix}{prefix}: ")
+
+
+LM_FORWARD = "lm forward"  # the Stopwatch part of the model's forward passes (shared by every unit set)
+
 
 _HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 61)[1:]])  # bins of log10 width 0.1, clipped ends
 
@@ -190,11 +216,16 @@ class _Stats:
         self.pairs = self.pairs.where(neg.pairs, flip.numpy())
 
 
-def mlp_batches(model, windows: np.ndarray, batch: int) -> Iterator[tuple[int, Tensor]]:
-    """(first window, (B*T, d_mlp) MLP activations) for consecutive batches of windows (W, T)."""
+def mlp_batches(model, windows: np.ndarray, batch: int, clock: Stopwatch | None = None
+                ) -> Iterator[tuple[int, Tensor]]:
+    """(first window, (B*T, d_mlp) MLP activations) for consecutive batches of windows (W, T); the forward
+    passes timed as ``clock``'s :data:`LM_FORWARD`."""
+    clock = clock or Stopwatch()
     for b in range(0, len(windows), batch):
         x = torch.as_tensor(windows[b:b + batch].astype(np.int64))
-        yield b, model.run_with_cache(x, [HOOK])[HOOK].reshape(-1, model.config.d_mlp)
+        with clock(LM_FORWARD):
+            h = model.run_with_cache(x, [HOOK])[HOOK].reshape(-1, model.config.d_mlp)
+        yield b, h
 
 
 def _family_mass(a: SparseActivations, lab: np.ndarray) -> Tensor:
@@ -297,7 +328,7 @@ class AnalysisConfig(StageConfig):
 
 
 def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndarray, cfg: AnalysisConfig,
-                progress: bool) -> list[_Stats]:
+                progress: bool, clock: Stopwatch | None = None) -> list[_Stats]:
     """Each set's statistics on the explanation text, of each unit's stronger half (module docstring):
     both halves are accumulated for a set once it has shown a negative activation, and each unit keeps
     the half with more mass (``polarity``)."""
@@ -308,21 +339,23 @@ def _first_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndar
     stats = [_Stats(s.n_units, pool) for s in sets]
     negative: list[_Stats | None] = [None] * len(sets)  # the negative halves, made when first needed
     edges = torch.as_tensor(_HIST_EDGES[1:-1], dtype=torch.float32)
-    for b, h in tqdm(mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
+    clock = clock or Stopwatch()
+    for b, h in tqdm(mlp_batches(model, windows, cfg.batch_windows, clock), total=-(-W // cfg.batch_windows),
                      desc="analyze: explanation text", disable=not progress):
         ids = windows[b:b + cfg.batch_windows].reshape(-1)  # (N,)
         lab = labels[b:b + cfg.batch_windows].reshape(-1, labels.shape[-1]).astype(np.float64)  # (N, F)
         for k, (s, st) in enumerate(zip(sets, stats, strict=True)):
-            with torch.no_grad():
-                a = _measured_nonzeros(s.nonzeros(h), T, cfg.skip_first_positions)  # of (N, n)
-            negative_values = a.values < 0
-            if bool(negative_values.any()):  # a unit set that takes both signs (a non-negative one never gets here)
-                if negative[k] is None:
-                    negative[k] = _Stats(s.n_units, pool)
-                neg = a.keep(negative_values)
-                negative[k].add(neg._replace(values=-neg.values), lab, ids, b * T, s.contexts, edges)
-                a = a.keep(~negative_values)
-            st.add(a, lab, ids, b * T, s.contexts, edges)
+            with clock(s.name):
+                with torch.no_grad():
+                    a = _measured_nonzeros(s.nonzeros(h), T, cfg.skip_first_positions)  # of (N, n)
+                negative_values = a.values < 0
+                if bool(negative_values.any()):  # a set that takes both signs (a non-negative one never gets here)
+                    if negative[k] is None:
+                        negative[k] = _Stats(s.n_units, pool)
+                    neg = a.keep(negative_values)
+                    negative[k].add(neg._replace(values=-neg.values), lab, ids, b * T, s.contexts, edges)
+                    a = a.keep(~negative_values)
+                st.add(a, lab, ids, b * T, s.contexts, edges)
     for st, neg in zip(stats, negative, strict=True):
         if neg is not None:
             st.choose(neg)
@@ -340,7 +373,8 @@ class _Samples(NamedTuple):
 
 
 def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list[Tensor],
-                   top: list[list[tuple[int, int]]], cfg: AnalysisConfig, progress: bool) -> list[_Samples]:
+                   top: list[list[tuple[int, int]]], cfg: AnalysisConfig, progress: bool,
+                   clock: Stopwatch | None = None) -> list[_Samples]:
     """Per set: uniform samples of tokens from each activation interval (j/I max, (j+1)/I max], j < I, per
     unit; the unit's measured activations around each sample and around each of the ``top`` examples (unit,
     global index), ``before`` tokens before to ``after`` after (0 where not measured; from the neighbouring
@@ -362,34 +396,36 @@ def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list
     wanted = [np.array([(u, g, e) for e, (u, g) in enumerate(exs)], dtype=np.int64).reshape(-1, 3) for exs in top]
     wanted = [x[np.argsort(x[:, 1], kind="stable")] for x in wanted]
     top_contexts = [[np.zeros(L, dtype=np.float32)] * len(exs) for exs in top]
-    for b, h in tqdm(mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
+    clock = clock or Stopwatch()
+    for b, h in tqdm(mlp_batches(model, windows, cfg.batch_windows, clock), total=-(-W // cfg.batch_windows),
                      desc="analyze: interval samples", disable=not progress):
         for k, (s, mx) in enumerate(zip(sets, maxima, strict=True)):
             if not s.contexts:
                 continue
-            keys, idx, val, ctx = state[k]
-            with torch.no_grad():
-                full = s.orient_nonzeros(s.nonzeros(h))  # of (N, n), all > 0
-            at0 = torch.full((len(h) // T, s.n_units), -1.0)  # (B, n): position 0 of each window
-            zero = full.rows % T == 0
-            at0[full.rows[zero] // T, full.units[zero]] = full.values[zero].to(at0.dtype)
-            first[k] = torch.cat([first[k], at0]).topk(cfg.top_contexts, dim=0).values
-            a = _measured_nonzeros(full, T, cfg.skip_first_positions)
-            read = a.span_reader()
-            rows, units, v = a.rows, a.units, a.values
-            which = (torch.ceil(v / mx[units].clamp_min(1e-12) * I).long() - 1).clamp(0, I - 1)
-            slot = which * s.n_units + units
-            r = torch.rand(len(v), generator=gen)
-            beat = torch.nonzero(r > keys[-1, slot]).squeeze(1)
-            new_units, new_starts = units[beat], rows[beat] - cfg.before
-            _pool_merge(keys, idx, r[beat], rows[beat] + b * T, slot[beat], extras=[
-                (val, v[beat]),
-                (ctx, lambda pos, read=read, u=new_units, s0=new_starts: read(u[pos], s0[pos], L))])  # entering
-            lo, hi = np.searchsorted(wanted[k][:, 1], [b * T, b * T + len(h)])
-            here = torch.as_tensor(wanted[k][lo:hi])  # (m, 3) the top examples in this batch
-            for e, acts in zip(here[:, 2].tolist(), read(here[:, 0], here[:, 1] - b * T - cfg.before, L).numpy(),
-                               strict=True):
-                top_contexts[k][e] = acts
+            with clock(s.name):
+                keys, idx, val, ctx = state[k]
+                with torch.no_grad():
+                    full = s.orient_nonzeros(s.nonzeros(h))  # of (N, n), all > 0
+                at0 = torch.full((len(h) // T, s.n_units), -1.0)  # (B, n): position 0 of each window
+                zero = full.rows % T == 0
+                at0[full.rows[zero] // T, full.units[zero]] = full.values[zero].to(at0.dtype)
+                first[k] = torch.cat([first[k], at0]).topk(cfg.top_contexts, dim=0).values
+                a = _measured_nonzeros(full, T, cfg.skip_first_positions)
+                read = a.span_reader()
+                rows, units, v = a.rows, a.units, a.values
+                which = (torch.ceil(v / mx[units].clamp_min(1e-12) * I).long() - 1).clamp(0, I - 1)
+                slot = which * s.n_units + units
+                r = torch.rand(len(v), generator=gen)
+                beat = torch.nonzero(r > keys[-1, slot]).squeeze(1)
+                new_units, new_starts = units[beat], rows[beat] - cfg.before
+                _pool_merge(keys, idx, r[beat], rows[beat] + b * T, slot[beat], extras=[
+                    (val, v[beat]),
+                    (ctx, lambda pos, read=read, u=new_units, s0=new_starts: read(u[pos], s0[pos], L))])  # entering
+                lo, hi = np.searchsorted(wanted[k][:, 1], [b * T, b * T + len(h)])
+                here = torch.as_tensor(wanted[k][lo:hi])  # (m, 3) the top examples in this batch
+                for e, acts in zip(here[:, 2].tolist(), read(here[:, 0], here[:, 1] - b * T - cfg.before, L).numpy(),
+                                   strict=True):
+                    top_contexts[k][e] = acts
     out = []
     for (keys, idx, val, ctx), s, f, tc in zip(state, sets, first, top_contexts, strict=True):
         n = s.n_units
@@ -431,7 +467,7 @@ def score_context(cfg: AnalysisConfig, T: int) -> int:
 
 
 def _held_out_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.ndarray, tables: list[Any],
-                   maxima: list[Tensor], cfg: AnalysisConfig, progress: bool
+                   maxima: list[Tensor], cfg: AnalysisConfig, progress: bool, clock: Stopwatch | None = None
                    ) -> tuple[list[dict[str, Tensor]], list[ContextPools]]:
     """Per set: held-out firing counts, activation mass by family, and the sums for each unit's Pearson
     correlation between its activation and its whole token table's prediction (``tables``), all of the
@@ -453,7 +489,8 @@ def _held_out_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.n
     # non-zero only where the unit fires: no dense (N, n) prediction matrix
     tables = [t.astype(np.float32) for t in tables]  # (vocab, n) CSR
     counts = np.zeros(tables[0].shape[0] if tables else 0, dtype=np.int64)  # (vocab,) measured tokens
-    for b, h in tqdm(mlp_batches(model, windows, cfg.batch_windows), total=-(-W // cfg.batch_windows),
+    clock = clock or Stopwatch()
+    for b, h in tqdm(mlp_batches(model, windows, cfg.batch_windows, clock), total=-(-W // cfg.batch_windows),
                      desc="analyze: held-out text", disable=not progress):
         win = windows[b:b + cfg.batch_windows]  # (B, T)
         ids = win.reshape(-1)
@@ -464,17 +501,18 @@ def _held_out_pass(model, sets: list[UnitSet], windows: np.ndarray, labels: np.n
         uniq, inv = np.unique(ids, return_inverse=True)
         inv = torch.as_tensor(inv.reshape(-1))  # (N,) each token's row of uniq
         for s, st, table, pool in zip(sets, acc, tables, pools, strict=True):
-            with torch.no_grad():
-                raw = s.nonzeros(h)  # of (N, n), every position
-            st["raw_aa"].index_add_(0, raw.units, (raw.values * raw.values).double())
-            a = _measured_nonzeros(s.orient_nonzeros(raw), T, skip)  # all > 0
-            st["a"].index_add_(0, a.units, a.values.double())
-            st["aa"].index_add_(0, a.units, (a.values * a.values).double())
-            st["fired"] += torch.bincount(a.units, minlength=s.n_units).double()
-            st["family_mass"] += _family_mass(a, lab)
-            p = torch.as_tensor(table[uniq].toarray())[inv[a.rows], a.units]  # (nnz,) predictions where a fires
-            st["ap"].index_add_(0, a.units, (a.values * p).double())
-            pool.add(a._replace(shape=(len(win), T, s.n_units)), b * (T // C))
+            with clock(s.name):
+                with torch.no_grad():
+                    raw = s.nonzeros(h)  # of (N, n), every position
+                st["raw_aa"].index_add_(0, raw.units, (raw.values * raw.values).double())
+                a = _measured_nonzeros(s.orient_nonzeros(raw), T, skip)  # all > 0
+                st["a"].index_add_(0, a.units, a.values.double())
+                st["aa"].index_add_(0, a.units, (a.values * a.values).double())
+                st["fired"] += torch.bincount(a.units, minlength=s.n_units).double()
+                st["family_mass"] += _family_mass(a, lab)
+                p = torch.as_tensor(table[uniq].toarray())[inv[a.rows], a.units]  # (nnz,) predictions where a fires
+                st["ap"].index_add_(0, a.units, (a.values * p).double())
+                pool.add(a._replace(shape=(len(win), T, s.n_units)), b * (T // C))
     n = W * (T - skip)  # measured tokens
     weights = counts.astype(np.float64)
     for st, table in zip(acc, tables, strict=True):

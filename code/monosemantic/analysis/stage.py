@@ -5,6 +5,7 @@ written as ``analysis/<profile>-features``."""
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,13 +18,14 @@ from ..harvest import spread_windows
 from ..lm import random_lm
 from .families import FAMILY_NAMES
 from .measure import analyze, split_table, token_profiles
-from .passes import AnalysisConfig, mlp_batches
+from .passes import LM_FORWARD, AnalysisConfig, Stopwatch, mlp_batches
 from .units import UnitSet
 
 DEFAULT_PROFILE = "cpu"
 
 # --- the stage ---------------------------------------------------------------------------------------
 
+MEASURE_DTYPE = "float32"  # the LM's forward pass here: the numbers do not change with the machine's bf16 units
 MAIN_SAE = "topk"  # the SAE whose features the chapter shows (the better recipe)
 RANDOM_DICTIONARY = "random"  # the set of random directions with the TopK SAE's encoding
 RANDOM_MODEL = "random-model"  # the set (and sae/<profile>-random-model artifact) of an SAE on a random LM
@@ -66,6 +68,7 @@ def _random_model_set(profile: str, lm_art, log: Callable[[str], None]):
     lm_cfg = LMConfig(**lm_art.config)
     model = (load_weights(weights, lm_cfg) if weights.is_file()
              else random_lm(lm_cfg, int(art.config.get("model_seed", 0))))
+    model.arithmetic = model.arithmetic.replace(dtype=MEASURE_DTYPE)
     return model, UnitSet.from_sae(RANDOM_MODEL, sae_mod.load(art.path)), art
 
 
@@ -123,7 +126,8 @@ def run_stage(profile: str, cfg: AnalysisConfig, stage, progress: bool = True,
     from ..tokenizer import load as load_tokenizer
 
     start = time.perf_counter()
-    model = load_pretrained(profile)
+    clock = Stopwatch()
+    model = load_pretrained(profile, dtype=MEASURE_DTYPE)
     model.eval()
     tokenizer = load_tokenizer()
     lm_art = store.load("lm", profile, "model")
@@ -155,13 +159,14 @@ def run_stage(profile: str, cfg: AnalysisConfig, stage, progress: bool = True,
     held_out, held_docs, held_sources, held_art = _held_out_text(profile, cfg, model.config.context_length, log)
     if held_art is not None:
         inputs.append(held_art)
-    result = analyze(model, tokenizer, sets, train_tokens, held_out, cfg, progress, log)
-    curves, curve_summary = _family_curves(model, result, held_out, held_docs, cfg, progress, log)
+    result = analyze(model, tokenizer, sets, train_tokens, held_out, cfg, progress, log, clock)
+    curves, curve_summary = _family_curves(model, result, held_out, held_docs, cfg, progress, log, clock)
     random_model = _random_model_set(profile, lm_art, log)
     if random_model is not None:
         rm_model, rm_set, rm_art = random_model
         inputs.append(rm_art)
-        result = _merge(result, analyze(rm_model, tokenizer, [rm_set], train_tokens, held_out, cfg, progress, log))
+        result = _merge(result, analyze(rm_model, tokenizer, [rm_set], train_tokens, held_out, cfg, progress, log,
+                                        clock.part(RANDOM_MODEL)))
 
     # feature splitting: the width sweep's dictionaries (weights in cache/work), nearest parents by cosine
     widths: dict[int, Any] = {}
@@ -181,13 +186,15 @@ def run_stage(profile: str, cfg: AnalysisConfig, stage, progress: bool = True,
         log(f"width sweep weights not on this machine ({', '.join(missing)}): splitting tables carried over from "
             f"{carried['from']}, made from the same {sweep.key}")
     else:
-        splits = split_table({n: s.W_dec.detach() for n, s in widths.items()})
-        width_sets = [UnitSet.from_sae(f"width-{n}", s, contexts=False) for n, s in sorted(widths.items())]
-        width_tokens = token_profiles(model, width_sets, train_tokens, min(cfg.explain_tokens, 500_000),
-                                      progress=progress, skip_first_positions=cfg.skip_first_positions)
+        with clock("width sweep"):
+            splits = split_table({n: s.W_dec.detach() for n, s in widths.items()})
+            width_sets = [UnitSet.from_sae(f"width-{n}", s, contexts=False) for n, s in sorted(widths.items())]
+            width_tokens = token_profiles(model, width_sets, train_tokens, min(cfg.explain_tokens, 500_000),
+                                          progress=progress, skip_first_positions=cfg.skip_first_positions)
 
     units = result["units"]
-    controls = control_tables(units, cfg)
+    with clock("controls"):
+        controls = control_tables(units, cfg)
     with store.write("analysis", profile, "features", config=cfg, inputs=inputs) as w:
         drop_control_contexts(result)
         for name in TABLES:
@@ -206,6 +213,11 @@ def run_stage(profile: str, cfg: AnalysisConfig, stage, progress: bool = True,
         w.metrics["held_out_min_source_tokens"] = int(source_table.tokens.min())
         width_tokens.to_parquet(w.dir / "width_top_tokens.parquet", index=False)
         w.wall_time_s = round(time.perf_counter() - start, 1)  # the whole stage, not just this write
+        w.info["lm_forward_dtype"] = (f"{MEASURE_DTYPE}: the LM's forward passes, whatever the machine (the SAEs "
+                                      "encode in float32 too)")
+        w.info["seconds"] = stage_seconds(clock.seconds, w.wall_time_s)
+        w.metrics["seconds_main_sae"] = round(clock.seconds.get(LM_FORWARD, 0.0)
+                                              + clock.seconds.get(MAIN_SAE, 0.0), 1)
         w.metrics.update(summary_metrics(units, cfg))
         w.metrics.update(control_metrics(controls["density_matched"]))
         w.metrics["random_model"] = ("measured" if random_model is not None else
@@ -256,8 +268,18 @@ def _held_out_text(profile: str, cfg: AnalysisConfig, seq_len: int, log: Callabl
     return windows, docs, np.array(["val"] * len(windows)), None
 
 
+def stage_seconds(parts: dict[str, float], whole: float) -> dict[str, float]:
+    """The manifest's ``seconds``: the :class:`Stopwatch` parts (the LM's forward passes, each set's own work,
+    the width sweep, the control tables), ``other`` (the rest: reading inputs, labels, dashboards, writing)
+    and ``whole``, rounded to 0.1 s."""
+    out = {name: round(s, 1) for name, s in sorted(parts.items(), key=lambda kv: -kv[1])}
+    out["other"] = round(max(whole - sum(parts.values()), 0.0), 1)
+    out["whole"] = round(whole, 1)
+    return out
+
+
 def _family_curves(model, result: dict[str, Any], windows: np.ndarray, docs: np.ndarray,
-                   cfg: AnalysisConfig, progress: bool, log: Callable[[str], None]):
+                   cfg: AnalysisConfig, progress: bool, log: Callable[[str], None], clock: Stopwatch):
     """Per family, the best neuron and the best feature of the main SAE (chosen on the explanation text)
     measured on the held-out ``windows``: :func:`monosemantic.family_curves.tables`' (curves, summary)."""
     import pandas as pd
@@ -278,12 +300,13 @@ def _family_curves(model, result: dict[str, Any], windows: np.ndarray, docs: np.
         names.append(s.name)
     labels = result["held_out_labels"]  # (W, T, F), labelled once by analyze
     log(f"analyze: per-family curves of {sum(len(c.pairs) for c in counts)} units on {windows.size:,} held-out tokens")
-    batches = mlp_batches(model, windows, cfg.batch_windows)
+    batches = mlp_batches(model, windows, cfg.batch_windows, clock)
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, total=-(-len(windows) // cfg.batch_windows), desc="analyze: family curves")
-    fc.measure(batches, [s.activations for s in chosen], counts, labels, T, cfg.skip_first_positions)
+    fc.measure(batches, [s.activations for s in chosen], counts, labels, T, cfg.skip_first_positions,
+               timers=[functools.partial(clock, name) for name in names])
     measured = labels[:, cfg.skip_first_positions:].reshape(-1, labels.shape[-1])
     family_tokens = measured.sum(0)
     tabs = [fc.tables(c, [name] * len(c.pairs), FAMILY_NAMES, len(measured), family_tokens, groups=docs,
