@@ -431,6 +431,13 @@ def harvest_dtype(hardware: dict) -> str:
     return "bfloat16" if hardware.get("gpu") or hardware.get("cpu_bf16") else "float32"
 
 
+def analysis_dtype(art) -> str:
+    """The LM's precision in an analysis artifact's passes: float32 since the stage fixed it
+    (``info.lm_forward_dtype``), else what the machine that made it chose (its hardware record)."""
+    pinned = art.manifest.get("info", {}).get("lm_forward_dtype")
+    return pinned.split(":")[0] if pinned else harvest_dtype(art.manifest.get("hardware", {}))
+
+
 def seed_precision(seeds_art, seed0_art) -> dict:
     """How the extra seeds of ``sae/<profile>-seeds`` differ from seed 0 beyond the seed, from the manifests:
     the activations artifact each read (``harvest``, ``harvest0``), the LM's precision in those harvests

@@ -322,3 +322,12 @@ def test_seed_words_name_every_difference_besides_the_seed():
     words = chapter.seed_precision_words(moved, 3)
     assert "seeds 1–2" in words and "Intel Xeon against AMD EPYC" in words and "def5678 against abc1234" in words
     assert "not the seed's alone" in words
+
+
+def test_the_analysis_precision_is_the_pinned_one_else_what_the_machine_chose():
+    pinned = SimpleNamespace(manifest={"info": {"lm_forward_dtype": "float32: whatever the machine"},
+                                       "hardware": {"cpu_bf16": "avx512_bf16"}})
+    older_bf16 = SimpleNamespace(manifest={"hardware": {"compute_dtype": {"lm": {"dtype": "bfloat16"}}}})
+    older_avx2 = SimpleNamespace(manifest={"hardware": {"cpu_flags": ["avx2"]}})
+    assert [chapter.analysis_dtype(a) for a in (pinned, older_bf16, older_avx2)] == ["float32", "bfloat16",
+                                                                                      "float32"]
