@@ -211,7 +211,6 @@ def test_first_pass_statistics_equal_a_direct_dense_computation():
 def _interval_samples_dense(sets, h_batches, maxima, cfg):
     """The interval pass written densely over every (token, unit), as it was before it read non-zeros."""
     I, Sm = cfg.intervals, cfg.interval_samples
-    gen = torch.Generator().manual_seed(cfg.seed)
     out = []
     state = [(torch.full((Sm, I * s.n_units), -1.0), torch.zeros((Sm, I * s.n_units), dtype=torch.int64),
               torch.zeros((Sm, I * s.n_units))) for s in sets]
@@ -223,7 +222,7 @@ def _interval_samples_dense(sets, h_batches, maxima, cfg):
             v = a[rows, units]
             which = (torch.ceil(v / mx[units].clamp_min(1e-12) * I).long() - 1).clamp(0, I - 1)
             slot = which * s.n_units + units
-            r = torch.rand(len(v), generator=gen)
+            r = A.passes.sample_keys(cfg.seed, s.name, rows + b * T, units, s.n_units)
             beat = r > keys[-1, slot]
             _pool_merge_by_full_sort(keys, idx, val, r[beat], rows[beat] + b * T, v[beat], slot[beat])
     for keys, idx, val in state:
@@ -256,6 +255,40 @@ def test_interval_samples_are_the_ones_a_dense_pass_draws_and_come_with_their_co
             t = g % T
             lo, hi = max(0, t - cfg.before), min(T, t + cfg.after + 1)
             assert np.array_equal(A.passes._context_acts(span, t, T, cfg), a[g - t + lo:g - t + hi, u].numpy())
+
+
+def test_interval_samples_of_other_units_stay_when_one_activation_crosses_zero():
+    """What a re-run on another machine can change (one float32 activation on the other side of 0) changes the
+    samples of that unit alone; the keys are a fixed function of seed, set, token and unit, uniform."""
+    model = WindowModel()
+    cfg = A.AnalysisConfig(batch_windows=4, top_contexts=2, intervals=3, interval_samples=2, before=5, after=2)
+    windows = _windows(11, 6)
+    base = _sets()[2]  # the ReLU SAE: non-negative, dense non-zeros
+    h0 = _activations(model, windows[:4])
+    row, unit = [int(i) for i in torch.nonzero(base.encode(h0)[T + 3:] > 0)[0]]  # one firing of the first batch
+    row += T + 3
+
+    def encode(h):  # the same set with that one firing gone (rows of the first batch only)
+        a = base.encode(h).clone()
+        if h.shape[0] == h0.shape[0] and torch.equal(h, h0):
+            a[row, unit] = 0.0
+        return a
+
+    other = A.UnitSet("anchor", encode, base.directions)
+    maxima = [torch.rand(base.n_units) * 2 + 0.5] * 2
+    top = [[(0, 0)]] * 2
+    with torch.no_grad():
+        a, b = A.passes._interval_pass(model, [base, other], windows, maxima, top, cfg, progress=False)
+    moved = torch.nonzero((a.index != b.index).any(dim=(0, 1))).flatten().tolist()
+    assert moved in ([], [unit])  # only the unit whose firing went can lose (or swap) a sample
+    assert (a.values > 0).sum() > base.n_units  # samples were drawn
+    g, u = torch.arange(200_000), torch.zeros(200_000, dtype=torch.long)
+    keys = A.passes.sample_keys(0, "x", g, u, 1)
+    assert torch.equal(keys, A.passes.sample_keys(0, "x", g, u, 1))
+    assert 0 <= keys.min() and keys.max() < 1 and abs(float(keys.mean()) - 0.5) < 0.005
+    assert torch.histc(keys, bins=10, min=0, max=1).min() > 19_000  # uniform: ~20,000 per tenth
+    assert not torch.equal(keys, A.passes.sample_keys(1, "x", g, u, 1))  # the seed and the set name matter
+    assert not torch.equal(keys, A.passes.sample_keys(0, "y", g, u, 1))
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,27 @@ class Stopwatch:
 LM_FORWARD = "lm forward"  # the Stopwatch part of the model's forward passes (shared by every unit set)
 
 
+_M64 = (1 << 64) - 1
+
+
+def sample_keys(seed: int, set_name: str, index: Tensor, units: Tensor, n_units: int) -> Tensor:
+    """Uniform keys in [0, 1) (float32), one per (global token index, unit) of the set ``set_name``: a fixed
+    function of the four (splitmix64 of one 64-bit number made of them), so that a token's key is the same
+    whichever other tokens fire. The interval samples are the largest keys; drawn from a random stream, one
+    number per non-zero, a single activation on the other side of 0 (float32 rounding on another machine)
+    shifted every later draw, and re-running the analysis elsewhere changed 91% of the samples."""
+    import zlib
+
+    base = (seed * 0x9E3779B97F4A7C15 + zlib.crc32(set_name.encode()) * 0xD1B54A32D192ED03) & _M64
+    z = index.numpy().astype(np.uint64) * np.uint64(n_units) + units.numpy().astype(np.uint64) + np.uint64(base)
+    with np.errstate(over="ignore"):  # arithmetic modulo 2^64 is the point
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24))
+
+
 _HIST_EDGES = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 61)[1:]])  # bins of log10 width 0.1, clipped ends
 
 
@@ -386,7 +407,6 @@ def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list
     W, T = windows.shape
     I, S = cfg.intervals, cfg.interval_samples
     L = cfg.before + 1 + cfg.after
-    gen = torch.Generator().manual_seed(cfg.seed)
     # one pool column per (interval, unit): the S largest random keys among the tokens in that interval
     state = [(torch.full((S, I * s.n_units), -1.0), torch.zeros((S, I * s.n_units), dtype=torch.int64),
               torch.zeros((S, I * s.n_units)), torch.zeros((S, I * s.n_units, L) if s.contexts else (0,)))
@@ -415,7 +435,7 @@ def _interval_pass(model, sets: list[UnitSet], windows: np.ndarray, maxima: list
                 rows, units, v = a.rows, a.units, a.values
                 which = (torch.ceil(v / mx[units].clamp_min(1e-12) * I).long() - 1).clamp(0, I - 1)
                 slot = which * s.n_units + units
-                r = torch.rand(len(v), generator=gen)
+                r = sample_keys(cfg.seed, s.name, rows + b * T, units, s.n_units)  # (nnz,) keyed, not drawn
                 beat = torch.nonzero(r > keys[-1, slot]).squeeze(1)
                 new_units, new_starts = units[beat], rows[beat] - cfg.before
                 _pool_merge(keys, idx, r[beat], rows[beat] + b * T, slot[beat], extras=[
