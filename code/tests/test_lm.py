@@ -303,3 +303,25 @@ def test_neuron_statistics_find_the_top_contexts():
             sampled = stats["random_contexts"][stats["random_contexts"].neuron == n]
             assert len(sampled) == min(3, int((acts[:, n] > 0).sum())) and (sampled.activation > 0).all()
             assert len(rows.iloc[0].before) > 0 or rows.iloc[0].token
+
+
+@pytest.mark.parametrize("flushes", [False, True])
+def test_bf16_fused_loss_over_many_chunks_gives_the_fp32_loss_and_gradients_to_bf16_rounding(flushes):
+    """Chunks of 5 of 37 tokens (the last one short), dW and db from one product; over 2,100 tokens the bf16
+    partial sums are flushed to fp32 at 2,048."""
+    from monosemantic.lm_loss import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    N, D, V = (2100 if flushes else 37), 24, 101
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    w = (torch.randn(V, D, generator=g) / 4).requires_grad_()
+    b = (torch.randn(V, generator=g) / 4).requires_grad_()
+    y = torch.randint(0, V, (N,), generator=g)
+    got = LinearCrossEntropy.apply(x, w, b, y, 5 if not flushes else 300, torch.bfloat16, False, True)
+    got_grads = torch.autograd.grad(got, (x, w, b))
+    want = torch.nn.functional.cross_entropy(x @ w.t() + b, y)
+    want_grads = torch.autograd.grad(want, (x, w, b))
+    assert got.item() == pytest.approx(want.item(), rel=1e-2)
+    for a, e in zip(got_grads, want_grads, strict=True):
+        assert (a - e).abs().max() / e.abs().max() < 2e-2
+        assert torch.nn.functional.cosine_similarity(a.flatten(), e.flatten(), dim=0) > 0.999
