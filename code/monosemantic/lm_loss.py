@@ -144,7 +144,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     so G itself is never formed; dW and db come from one product, e^T [x / s, 1 / s, 0...] (V, D + 1 padded to
     a multiple of 16: one read of e instead of two; steps alternated in one process on a 2-core Zen 4,
-    790 -> 767 and 814 -> 795 ms), accumulated in ``dtype`` over ``flush`` tokens, then in fp32. The
+    790 -> 767 and 814 -> 795 ms), accumulated in ``dtype`` over ``flush`` tokens, then in fp32; db's counts
+    are taken off chunk by chunk (its partial sums stay small), dW's onehot(y)^T x once at the end in fp32. The
     gradients kept are the summed loss's; backward scales them by the incoming gradient over N in one pass.
     """
 
@@ -172,6 +173,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             acc = part = None  # [dW | db | 0] (V, width) float32, and its partial sum in dtype over `flush` tokens
             xs = torch.zeros(min(chunk, N), -(-(D + 1) // 16) * 16, dtype=dtype, device=x.device)  # [x/s | 1/s | 0]
             flush = max(chunk, 2048)
+            ones = torch.ones(min(chunk, N), dtype=dtype, device=x.device)
         for start in range(0, N, chunk):
             end = min(start + chunk, N)
             y = targets[start:end]  # (c,)
@@ -190,13 +192,15 @@ class LinearCrossEntropy(torch.autograd.Function):
                 part = torch.mm(ex.t(), xc)  # (V, width)
             else:
                 part.addmm_(ex.t(), xc)
+            # - counts(y) here, so that db's partial sums in dtype stay near the gradient's size (summed
+            # probabilities alone grow with the tokens, and their bf16 rounding grew db's error ~7x)
+            part[:, D].index_add_(0, y, ones[:end - start], alpha=-1)
             if end % flush < chunk or end == N:
                 acc = part.float() if acc is None else acc.add_(part)
                 part = None
         if want_grad:
-            dw, db = acc[:, :D].contiguous(), acc[:, D].contiguous()  # (V, D), (V,)
-            dw.index_add_(0, targets, x, alpha=-1)  # - onehot(y)^T x, all chunks at once
-            db.index_add_(0, targets, torch.ones_like(targets, dtype=torch.float32), alpha=-1)
+            dw, db = acc[:, :D], acc[:, D]  # (V, D), (V,) views: backward's scaling makes them dense
+            dw.index_add_(0, targets, x, alpha=-1)  # - onehot(y)^T x, all chunks at once, in fp32
             ctx.save_for_backward(dx, dw, db)  # the summed loss's gradients; backward divides by N
             ctx.n_tokens = N
         return loss / N
