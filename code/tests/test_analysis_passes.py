@@ -264,24 +264,35 @@ def test_interval_samples_of_other_units_stay_when_one_activation_crosses_zero()
     cfg = A.AnalysisConfig(batch_windows=4, top_contexts=2, intervals=3, interval_samples=2, before=5, after=2)
     windows = _windows(11, 6)
     base = _sets()[2]  # the ReLU SAE: non-negative, dense non-zeros
-    h0 = _activations(model, windows[:4])
-    row, unit = [int(i) for i in torch.nonzero(base.encode(h0)[T + 3:] > 0)[0]]  # one firing of the first batch
-    row += T + 3
+    maxima = [torch.rand(base.n_units) * 2 + 0.5]
+    top = [[(0, 0)]]
 
-    def encode(h):  # the same set with that one firing gone (rows of the first batch only)
-        a = base.encode(h).clone()
-        if h.shape[0] == h0.shape[0] and torch.equal(h, h0):
-            a[row, unit] = 0.0
-        return a
+    def run(s):  # one pass per run, as two runs on two machines
+        with torch.no_grad():
+            return A.passes._interval_pass(model, [s], windows, maxima, top, cfg, progress=False)[0]
 
-    other = A.UnitSet("anchor", encode, base.directions)
-    maxima = [torch.rand(base.n_units) * 2 + 0.5] * 2
-    top = [[(0, 0)]] * 2
-    with torch.no_grad():
-        a, b = A.passes._interval_pass(model, [base, other], windows, maxima, top, cfg, progress=False)
-    moved = torch.nonzero((a.index != b.index).any(dim=(0, 1))).flatten().tolist()
-    assert moved in ([], [unit])  # only the unit whose firing went can lose (or swap) a sample
+    a = run(base)
     assert (a.values > 0).sum() > base.n_units  # samples were drawn
+    j, r, unit = [int(i) for i in torch.nonzero(a.values > 0)[0]]  # a sample, and the token it is
+    g = int(a.index[j, r, unit])
+    b0, row = divmod(g, cfg.batch_windows * T)  # its batch of windows and row there
+    dropped = []
+
+    def encode(h):  # the same set with that one firing gone
+        out = base.encode(h).clone()
+        if h.shape[0] == cfg.batch_windows * T and torch.equal(h, _activations(model, windows[b0 * 4:b0 * 4 + 4])):
+            assert out[row, unit] > 0
+            out[row, unit] = 0.0
+            dropped.append(True)
+        return out
+
+    b = run(A.UnitSet(base.name, encode, base.directions))
+    assert dropped == [True]
+    moved = torch.nonzero((a.index != b.index).any(dim=(0, 1))).flatten().tolist()
+    assert moved == [unit]  # that unit lost a sample; every other unit's samples, values and contexts stay
+    keep = torch.arange(base.n_units) != unit
+    assert torch.equal(a.values[:, :, keep], b.values[:, :, keep])
+    assert torch.equal(a.contexts[:, :, keep], b.contexts[:, :, keep])
     g, u = torch.arange(200_000), torch.zeros(200_000, dtype=torch.long)
     keys = A.passes.sample_keys(0, "x", g, u, 1)
     assert torch.equal(keys, A.passes.sample_keys(0, "x", g, u, 1))
