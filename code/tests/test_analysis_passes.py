@@ -350,3 +350,4 @@ def test_the_stopwatch_sums_each_part_and_keeps_a_prefixed_table_in_the_same_pla
     assert clock.seconds == {"a": 5.5, "random model: a": 0.25}
     assert A.stage_seconds(clock.seconds, whole=7.0) == {"a": 5.5, "random model: a": 0.2, "other": 1.2,
                                                           "whole": 7.0}
+    assert A.stage_seconds(clock.seconds, whole=5.0)["other"] == -0.8  # overlapping parts show, not hidden

@@ -231,9 +231,13 @@ def test_analyze_measures_neurons_and_both_saes_alike_and_tracks_splitting(in_ti
     art = store.load("analysis", "tiny", "features", config=profiles.get("tiny").analysis)
     m = art.metrics
     seconds = art.manifest["info"]["seconds"]  # where the time went: the forward passes and each set's own work
-    assert {"lm forward", "neurons", "topk", "anchor", "random", "random-model: lm forward", "other"} <= set(seconds)
+    assert {"lm forward", "labels", "neurons", "topk", "anchor", "random", "random-model: lm forward",
+            "other"} <= set(seconds)
     assert sum(v for k, v in seconds.items() if k != "whole") == pytest.approx(seconds["whole"], abs=0.5)
-    assert m["seconds_main_sae"] == pytest.approx(seconds["lm forward"] + seconds["topk"], abs=0.2)
+    assert seconds["other"] > -0.5  # the parts do not overlap
+    assert m["seconds_main_sae"] == pytest.approx(seconds["lm forward"] + seconds["labels"] + seconds["topk"],
+                                                  abs=0.2)
+    assert art.manifest["info"]["interval_sampling"].startswith("keyed")
     assert art.manifest["info"]["lm_forward_dtype"].startswith("float32")
     for label in ("features", "neurons", "anchor_features"):
         assert 0 <= m[f"interpretable_fraction_{label}"] <= 1 and m[f"scored_{label}"] > 0

@@ -59,8 +59,9 @@ def analyze(model, tokenizer: TokenTable, sets: list[UnitSet], explain_tokens: n
     val_windows = held_out_windows(val_tokens, T)
     log(f"analyze: {windows.size:,} explanation tokens, {val_windows.size:,} held-out tokens, "
         + ", ".join(f"{s.n_units:,} {s.name}" for s in sets))
-    labels = window_families(tokenizer, windows)
-    val_labels = window_families(tokenizer, val_windows)
+    with clock("labels"):
+        labels = window_families(tokenizer, windows)
+        val_labels = window_families(tokenizer, val_windows)
     stats = _first_pass(model, sets, windows, labels, cfg, progress, clock)
     # from here on every set is read through its units' polarities: oriented activations max(p a, 0)
     sets = [dataclasses.replace(s, polarity=st.polarity) for s, st in zip(sets, stats, strict=True)]
@@ -74,52 +75,56 @@ def analyze(model, tokenizer: TokenTable, sets: list[UnitSet], explain_tokens: n
     examples: list[list[tuple[int, int]]] = []  # per set: (unit, global index), the top ones first
     example_meta: list[list[dict[str, Any]]] = []
     for s, st in zip(sets, stats, strict=True):
-        exs, meta = [], []
-        if s.contexts:
-            docs = document(st.best_i.numpy())  # (pool, n)
-            bv = st.best_v.numpy()
-            for u in range(s.n_units):
-                seen: set[int] = set()
-                for r in range(st.pool):
-                    if bv[r, u] <= 0 or len(seen) == cfg.top_contexts:
-                        break
-                    if docs[r, u] in seen:
-                        continue
-                    seen.add(int(docs[r, u]))
-                    exs.append((u, int(st.best_i[r, u])))
-                    meta.append({"unit": u, "kind": "top", "interval": -1, "rank": len(seen) - 1,
-                                 "activation": float(bv[r, u]), "document": int(docs[r, u])})
-        examples.append(exs)
-        example_meta.append(meta)
+        with clock(s.name):
+            exs, meta = [], []
+            if s.contexts:
+                docs = document(st.best_i.numpy())  # (pool, n)
+                bv = st.best_v.numpy()
+                for u in range(s.n_units):
+                    seen: set[int] = set()
+                    for r in range(st.pool):
+                        if bv[r, u] <= 0 or len(seen) == cfg.top_contexts:
+                            break
+                        if docs[r, u] in seen:
+                            continue
+                        seen.add(int(docs[r, u]))
+                        exs.append((u, int(st.best_i[r, u])))
+                        meta.append({"unit": u, "kind": "top", "interval": -1, "rank": len(seen) - 1,
+                                     "activation": float(bv[r, u]), "document": int(docs[r, u])})
+            examples.append(exs)
+            example_meta.append(meta)
     intervals = _interval_pass(model, sets, windows, maxima, examples, cfg, progress, clock)
     context_acts = [[_context_acts(span, g % T, T, cfg) for (_, g), span in zip(exs, sm.top_contexts, strict=True)]
                     for exs, sm in zip(examples, intervals, strict=True)]
     for s, exs, meta, acts, sm in zip(sets, examples, example_meta, context_acts, intervals, strict=True):
-        if s.contexts:
-            ivv, iii, ivc = sm.values.numpy(), sm.index.numpy(), sm.contexts.numpy()
-            for j in range(cfg.intervals):
-                for r in range(cfg.interval_samples):
-                    for u in np.flatnonzero(ivv[j, r] > 0):
-                        g = int(iii[j, r, u])
-                        exs.append((int(u), g))
-                        meta.append({"unit": int(u), "kind": "interval", "interval": j, "rank": r,
-                                     "activation": float(ivv[j, r, u]), "document": int(document(np.array([g]))[0])})
-                        acts.append(_context_acts(ivc[j, r, u], g % T, T, cfg))
+        with clock(s.name):
+            if s.contexts:
+                ivv, iii, ivc = sm.values.numpy(), sm.index.numpy(), sm.contexts.numpy()
+                for j in range(cfg.intervals):
+                    for r in range(cfg.interval_samples):
+                        for u in np.flatnonzero(ivv[j, r] > 0):
+                            g = int(iii[j, r, u])
+                            exs.append((int(u), g))
+                            meta.append({"unit": int(u), "kind": "interval", "interval": j, "rank": r,
+                                         "activation": float(ivv[j, r, u]),
+                                         "document": int(document(np.array([g]))[0])})
+                            acts.append(_context_acts(ivc[j, r, u], g % T, T, cfg))
 
     skip = cfg.skip_first_positions
     tables, shown_by_set, context_rows = [], [], []
     for s, exs, meta, acts in zip(sets, examples, example_meta, context_acts, strict=True):
-        shown: list[tuple[int, np.ndarray, np.ndarray]] = []
-        for (u, g), m, a in zip(exs, meta, acts, strict=True):
-            t = g % T
-            lo = max(0, t - cfg.before)
-            ids = windows[g // T, lo:lo + len(a)]
-            measured = lo + np.arange(len(a)) >= skip
-            shown.append((u, ids[measured], a[measured]))
-            context_rows.append({"set": s.name, **m, "center": t - lo, "tokens": ids.astype(np.int32),
-                                 "acts": a.astype(np.float16)})
-        tables.append(fit_token_tables(s.n_units, shown, model.config.vocab_size))
-        shown_by_set.append(shown)
+        with clock(s.name):
+            shown: list[tuple[int, np.ndarray, np.ndarray]] = []
+            for (u, g), m, a in zip(exs, meta, acts, strict=True):
+                t = g % T
+                lo = max(0, t - cfg.before)
+                ids = windows[g // T, lo:lo + len(a)]
+                measured = lo + np.arange(len(a)) >= skip
+                shown.append((u, ids[measured], a[measured]))
+                context_rows.append({"set": s.name, **m, "center": t - lo, "tokens": ids.astype(np.int32),
+                                     "acts": a.astype(np.float16)})
+            tables.append(fit_token_tables(s.n_units, shown, model.config.vocab_size))
+            shown_by_set.append(shown)
     held, pools = _held_out_pass(model, sets, val_windows, val_labels, tables, maxima, cfg, progress, clock)
 
     measured_explain = labels[:, skip:].reshape(-1, labels.shape[-1])
@@ -193,16 +198,17 @@ def analyze(model, tokenizer: TokenTable, sets: list[UnitSet], explain_tokens: n
                 token_rows.append(frame)
     neighbour_rows = []
     for s in sets:
-        if s.name == "neurons":
-            continue  # the standard basis: every pair is orthogonal
-        d = torch.nn.functional.normalize(s.directions.float() * s.polarity[:, None], dim=1)
-        cos = d @ d.t()
-        cos.fill_diagonal_(-2.0)
-        v, i = cos.topk(min(cfg.neighbours, s.n_units - 1), dim=1)
-        neighbour_rows.append(pd.DataFrame({
-            "set": s.name, "unit": np.repeat(np.arange(s.n_units), v.shape[1]),
-            "rank": np.tile(np.arange(v.shape[1]), s.n_units), "other": i.reshape(-1).numpy(),
-            "cosine": v.reshape(-1).numpy()}))
+        with clock(s.name):
+            if s.name == "neurons":
+                continue  # the standard basis: every pair is orthogonal
+            d = torch.nn.functional.normalize(s.directions.float() * s.polarity[:, None], dim=1)
+            cos = d @ d.t()
+            cos.fill_diagonal_(-2.0)
+            v, i = cos.topk(min(cfg.neighbours, s.n_units - 1), dim=1)
+            neighbour_rows.append(pd.DataFrame({
+                "set": s.name, "unit": np.repeat(np.arange(s.n_units), v.shape[1]),
+                "rank": np.tile(np.arange(v.shape[1]), s.n_units), "other": i.reshape(-1).numpy(),
+                "cosine": v.reshape(-1).numpy()}))
     units_df = pd.DataFrame(unit_rows)
     contexts_df = pd.DataFrame(context_rows)
     top_tokens_df = pd.concat(token_rows, ignore_index=True) if token_rows else pd.DataFrame()

@@ -48,6 +48,8 @@ LM_FORWARD = "lm forward"  # the Stopwatch part of the model's forward passes (s
 
 
 _M64 = (1 << 64) - 1
+INTERVAL_SAMPLING = ("keyed: the largest of uniform keys that are a splitmix64 hash of (seed, set, token, unit), "
+                     "the same on every machine")  # the manifest's info.interval_sampling (absent: a random stream)
 
 
 def sample_keys(seed: int, set_name: str, index: Tensor, units: Tensor, n_units: int) -> Tensor:

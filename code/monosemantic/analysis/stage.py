@@ -18,7 +18,7 @@ from ..harvest import spread_windows
 from ..lm import random_lm
 from .families import FAMILY_NAMES
 from .measure import analyze, split_table, token_profiles
-from .passes import LM_FORWARD, AnalysisConfig, Stopwatch, mlp_batches
+from .passes import INTERVAL_SAMPLING, LM_FORWARD, AnalysisConfig, Stopwatch, mlp_batches
 from .units import UnitSet
 
 DEFAULT_PROFILE = "cpu"
@@ -216,8 +216,11 @@ def run_stage(profile: str, cfg: AnalysisConfig, stage, progress: bool = True,
         w.info["lm_forward_dtype"] = (f"{MEASURE_DTYPE}: the LM's forward passes, whatever the machine (the SAEs "
                                       "encode in float32 too)")
         w.info["seconds"] = stage_seconds(clock.seconds, w.wall_time_s)
-        w.metrics["seconds_main_sae"] = round(clock.seconds.get(LM_FORWARD, 0.0)
-                                              + clock.seconds.get(MAIN_SAE, 0.0), 1)
+        # the main SAE's share: the forward passes and labels every set needs, and its own timed work; a run of
+        # it alone would add some of `other` (reading inputs, the tables' assembly, the writes)
+        w.metrics["seconds_main_sae"] = round(sum(clock.seconds.get(k, 0.0) for k in (LM_FORWARD, "labels",
+                                                                                        MAIN_SAE)), 1)
+        w.info["interval_sampling"] = INTERVAL_SAMPLING
         w.metrics.update(summary_metrics(units, cfg))
         w.metrics.update(control_metrics(controls["density_matched"]))
         w.metrics["random_model"] = ("measured" if random_model is not None else
@@ -269,11 +272,13 @@ def _held_out_text(profile: str, cfg: AnalysisConfig, seq_len: int, log: Callabl
 
 
 def stage_seconds(parts: dict[str, float], whole: float) -> dict[str, float]:
-    """The manifest's ``seconds``: the :class:`Stopwatch` parts (the LM's forward passes, each set's own work,
-    the width sweep, the control tables), ``other`` (the rest: reading inputs, labels, dashboards, writing)
-    and ``whole``, rounded to 0.1 s."""
+    """The manifest's ``seconds``: the :class:`Stopwatch` parts (the main LM's forward passes, the family labels,
+    each set's own work (its passes, dashboards, explanations and scores, table rows); the random model's
+    forward passes and set, the width sweep with its own forward passes, the control tables), ``other`` (the
+    rest: reading inputs, assembling and writing the tables; negative only if parts overlapped) and
+    ``whole``, rounded to 0.1 s."""
     out = {name: round(s, 1) for name, s in sorted(parts.items(), key=lambda kv: -kv[1])}
-    out["other"] = round(max(whole - sum(parts.values()), 0.0), 1)
+    out["other"] = round(whole - sum(parts.values()), 1)
     out["whole"] = round(whole, 1)
     return out
 
