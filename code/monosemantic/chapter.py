@@ -438,6 +438,13 @@ def analysis_dtype(art) -> str:
     return pinned.split(":")[0] if pinned else harvest_dtype(art.manifest.get("hardware", {}))
 
 
+def keyed_sampling(art) -> bool:
+    """Whether an analysis artifact's dashboard interval samples are keyed by (seed, set, token, unit), the same
+    on every machine (``info.interval_sampling``); else they came from a random stream, one draw per non-zero,
+    which a re-run on another machine does not reproduce."""
+    return str(art.manifest.get("info", {}).get("interval_sampling", "")).startswith("keyed")
+
+
 def seed_precision(seeds_art, seed0_art) -> dict:
     """How the extra seeds of ``sae/<profile>-seeds`` differ from seed 0 beyond the seed, from the manifests:
     the activations artifact each read (``harvest``, ``harvest0``), the LM's precision in those harvests

@@ -199,7 +199,8 @@ def _analysis(a: store.Artifact) -> str:
             f"held-out tokens and the median neuron on {density['neurons']:.1%}, and compared within bins of "
             f"held-out density the difference is {points('specificity', 'matched')} by specificity, "
             f"{points('sim_corr', 'matched')} by explain-then-simulate and {points('detection', 'matched')} by "
-            f"detection, with 95% intervals over units{random_words}{lift_words}. One SAE seed (TopK seed 0) "
+            f"detection, with 95% intervals over units (for one draw of the dashboards' interval samples)"
+            f"{random_words}{lift_words}. One SAE seed (TopK seed 0) "
             f"is scored.")
 
 
@@ -207,6 +208,10 @@ def _analysis(a: store.Artifact) -> str:
 BENCH_ROWS = ("lm train step, batch 32", "sae train step relu+L1 512->4096, batch 896", "sae train step topk",
               "feature density", "sae harvest")
 BENCH_SKIP = ("35% dead", "no dead latents", "without the fused loss")
+# rows whose anchor side is another recipe than ours (the anchor has no TopK step, and harvests one position per
+# sequence): the README says which
+BENCH_ANCHOR_SIDE = {"sae train step topk": "the anchor's side: its ReLU + L1 step",
+                     "sae harvest": "the anchor's side: its recipe, one position per sequence"}
 
 
 def _bench(a: store.Artifact) -> str:
@@ -229,7 +234,9 @@ def _bench(a: store.Artifact) -> str:
     parts = [f"{r['name']}: {r['ratio']:.2f}x ({r['ours']:,.0f} vs {r['anchor']:,.0f} {r['unit']}"
              + (f"; MFU {r['ours_mfu']:.0%} vs {r['anchor_mfu']:.0%}" if r.get("ours_mfu") is not None
                 and r.get("anchor_mfu") is not None else "")
-             + (f"; {r['vs_dense']:.2f}x our dense step" if r.get("vs_dense") is not None else "") + ")"
+             + (f"; {r['vs_dense']:.2f}x our dense step" if r.get("vs_dense") is not None else "")
+             + "".join(f"; {side}" for prefix, side in BENCH_ANCHOR_SIDE.items() if r["name"].startswith(prefix))
+             + ")"
              for r in rows]
     return (f"Speed against the anchor's code on {machine}, same machine, same run (`{a.key}`): "
             + "; ".join(parts) + ".")

@@ -331,3 +331,8 @@ def test_the_analysis_precision_is_the_pinned_one_else_what_the_machine_chose():
     older_avx2 = SimpleNamespace(manifest={"hardware": {"cpu_flags": ["avx2"]}})
     assert [chapter.analysis_dtype(a) for a in (pinned, older_bf16, older_avx2)] == ["float32", "bfloat16",
                                                                                       "float32"]
+
+
+def test_keyed_sampling_is_read_from_the_manifest():
+    keyed = SimpleNamespace(manifest={"info": {"interval_sampling": "keyed: splitmix64 of (seed, set, token, unit)"}})
+    assert chapter.keyed_sampling(keyed) and not chapter.keyed_sampling(SimpleNamespace(manifest={}))
