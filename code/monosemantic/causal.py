@@ -319,11 +319,12 @@ def run_stage(profile: str, cfg: CausalConfig, log=print) -> None:
     from . import heldout, store, tokenizer
     from . import sae as sae_mod
     from .analysis import FAMILY_NAMES, N_VOCAB, logit_effects
+    from .analysis.stage import MEASURE_DTYPE
     from .harvest import HOOK, spread_rows
     from .intervals import bootstrap, group_sums
     from .lm import load_pretrained
 
-    model = load_pretrained(profile, dtype="float32").eval()  # measured alike on every machine
+    model = load_pretrained(profile, dtype=MEASURE_DTYPE).eval()  # measured alike on every machine
     lm_art = store.load("lm", profile, "model")
     sae_art = store.load("sae", profile, cfg.sae)
     sae = sae_mod.load(sae_art.path).eval()
